@@ -1,0 +1,71 @@
+"""Batches as dicts keyed by modality, with a presence mask instead of `None` holes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+TARGET_KEY = "label"
+CONDITION_KEY = "condition"
+RESERVED_KEYS = (TARGET_KEY, CONDITION_KEY)
+
+
+@dataclass
+class Batch:
+    """One batch: `inputs[m]` is modality m for every sample; `present[m]` says which are real."""
+
+    inputs: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    condition: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            inputs={m: x.to(device, non_blocking=True) for m, x in self.inputs.items()},
+            present={m: p.to(device, non_blocking=True) for m, p in self.present.items()},
+            targets=self.targets.to(device, non_blocking=True),
+            condition=None if self.condition is None else self.condition.to(device),
+        )
+
+
+def collate(items: Sequence[Mapping[str, object]]) -> Batch:
+    """Stack dataset items into a `Batch`.
+
+    A modality that an item lacks (key absent or `None`) becomes zeros in its slot and a
+    `False` in `present`, so every tensor in the batch keeps one shape.
+    """
+    if not items:
+        raise ValueError("collate received an empty list of items")
+    modalities = sorted({k for item in items for k in item if k not in RESERVED_KEYS})
+    inputs: dict[str, torch.Tensor] = {}
+    present: dict[str, torch.Tensor] = {}
+    for modality in modalities:
+        values = [item.get(modality) for item in items]
+        real = [torch.as_tensor(v) for v in values if v is not None]
+        if not real:
+            raise ValueError(f"modality '{modality}' is missing from every item of the batch")
+        shape = real[0].shape
+        for i, v in enumerate(values):
+            if v is not None and torch.as_tensor(v).shape != shape:
+                raise ValueError(
+                    f"modality '{modality}': item {i} has shape {tuple(torch.as_tensor(v).shape)}, "
+                    f"expected {tuple(shape)} like the first item in the batch"
+                )
+        filler = torch.zeros_like(real[0])
+        inputs[modality] = torch.stack(
+            [torch.as_tensor(v) if v is not None else filler for v in values]
+        )
+        present[modality] = torch.tensor([v is not None for v in values], dtype=torch.bool)
+    for i, item in enumerate(items):
+        if TARGET_KEY not in item:
+            raise KeyError(f"item {i} has no '{TARGET_KEY}'; keys are {sorted(item)}")
+    targets = torch.as_tensor([item[TARGET_KEY] for item in items])
+    condition = None
+    if any(CONDITION_KEY in item for item in items):
+        condition = torch.as_tensor([item[CONDITION_KEY] for item in items])
+    return Batch(inputs=inputs, present=present, targets=targets, condition=condition)

@@ -1,0 +1,1 @@
+"""Entry points: thin scripts that turn Hydra configs into library objects and run them."""

@@ -1,0 +1,125 @@
+"""Typed schema for the config groups, checked before anything runs.
+
+A typo'd key or a value of the wrong type fails here with the key's full name, instead
+of minutes into training. Model components stay free-form: they are `_target_` objects
+whose own signatures are checked when Hydra instantiates them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "data.avdigits.AVDigits"
+    seed: int = 0
+    fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    clip_seconds: float = 1.0
+    occlusion: list[float] = field(default_factory=lambda: [0.4, 0.8])
+    image_noise_std: float = 0.3
+    audio_snr_db: list[float] = field(default_factory=lambda: [-12.0, -3.0])
+    max_samples: int | None = None
+    speech_path: str = "data/assets/avdigits_speech.npz"
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    reuse: bool = True
+
+
+@dataclass
+class FuseConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"
+    batch_size: int = 64
+    num_workers: int = 0
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"
+    project: str = "fusion"
+    group: str | None = None
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    output_dir: str = "outputs"
+    pretrained_dir: str = "outputs/pretrained"
+
+
+@dataclass
+class ModelConfig:
+    encoders: dict[str, Any] = field(default_factory=dict)
+    fusion: Any = None
+    head: Any = None
+    num_classes: int = 10
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    task_name: str = "avdigits"
+    seed: int = 0
+    tags: list[str] = field(default_factory=list)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Merge `cfg` onto the schema; raise `ConfigError` naming the first bad key."""
+    try:
+        checked = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"config key '{key}': {reason}") from None
+    if checked.logger.mode not in ("online", "offline", "disabled"):
+        raise ConfigError(
+            f"config key 'logger.mode': expected online, offline or disabled, "
+            f"got '{checked.logger.mode}'"
+        )
+    for group, section in (("trainer.pretrain", checked.trainer.pretrain),
+                           ("trainer.fuse", checked.trainer.fuse)):
+        if section.epochs < 1:
+            raise ConfigError(f"config key '{group}.epochs': expected >= 1, got {section.epochs}")
+    if checked.trainer.batch_size < 1:
+        raise ConfigError(
+            f"config key 'trainer.batch_size': expected >= 1, got {checked.trainer.batch_size}"
+        )
+    if not checked.model.encoders:
+        raise ConfigError("config key 'model.encoders': expected at least one encoder")
+    return checked
+
+
+def register_resolvers() -> None:
+    """`${run_id:}`: host and process id, stable within a process, unique across jobs."""
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver(
+            "run_id", lambda: f"{socket.gethostname()}-{os.getpid()}", use_cache=True
+        )

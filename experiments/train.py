@@ -1,0 +1,232 @@
+"""Main job: pretrain one encoder per modality, then freeze them and train the fusion.
+
+    python -m experiments.train                              # the default experiment
+    python -m experiments.train model/fusion=concat          # another fuser
+    python -m experiments.train trainer.fuse.epochs=20 seed=1
+
+Stage 1 trains each encoder with a linear head on its own modality and saves it under
+`paths.pretrained_dir`, keyed by a fingerprint of everything that shaped it, so a later run
+with the same settings reuses it. Stage 2 loads those checkpoints into fresh encoders,
+freezes them, trains the fuser and head, and evaluates every model on the test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from data.avdigits import SPLITS
+from data.collate import collate
+from experiments.schema import ConfigError, register_resolvers, validate
+from fusion.encoders.base import Encoder
+from fusion.fusers import ConcatFuser
+from fusion.heads import ClassificationHead
+from fusion.model import MultimodalModel
+from fusion.tracking import Tracker
+from fusion.training import evaluate, fit, load_checkpoint, save_checkpoint, set_seed
+from fusion.weights import load_weights
+
+log = logging.getLogger("fusion")
+register_resolvers()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'trainer.device': '{name}' requested but CUDA is unavailable")
+    return torch.device(name)
+
+
+def make_loaders(cfg: DictConfig) -> dict[str, DataLoader]:
+    loaders = {}
+    for split in SPLITS:
+        dataset = instantiate(cfg.data, split=split)
+        loaders[split] = DataLoader(
+            dataset,
+            batch_size=cfg.trainer.batch_size,
+            shuffle=split == "train",
+            collate_fn=collate,
+            num_workers=cfg.trainer.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+    return loaders
+
+
+def build_encoder(cfg: DictConfig, modality: str) -> Encoder:
+    return instantiate(cfg.model.encoders[modality])
+
+
+def unimodal_model(encoder: Encoder, modality: str, num_classes: int) -> MultimodalModel:
+    """Stage-1 model: the encoder and a linear classifier on its features."""
+    return MultimodalModel.build(
+        {modality: encoder}, fuser=ConcatFuser, head=ClassificationHead, num_classes=num_classes
+    )
+
+
+def fingerprint(cfg: DictConfig, modality: str) -> str:
+    """Hash of everything that shapes a stage-1 encoder: its config, the data, the recipe."""
+    parts = {
+        "encoder": OmegaConf.to_container(cfg.model.encoders[modality], resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "pretrain": OmegaConf.to_container(cfg.trainer.pretrain, resolve=True),
+        "batch_size": cfg.trainer.batch_size,
+        "seed": cfg.seed,
+    }
+    parts["data"].pop("speech_path", None)
+    parts["pretrain"].pop("reuse", None)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrain_encoder(
+    cfg: DictConfig,
+    modality: str,
+    loaders: dict[str, DataLoader],
+    device: torch.device,
+    tracker: Tracker,
+) -> tuple[Path, MultimodalModel]:
+    """Stage 1 for one modality; returns the checkpoint and the trained unimodal model."""
+    key = fingerprint(cfg, modality)
+    path = Path(cfg.paths.pretrained_dir) / f"{modality}-{key}.pt"
+    model = unimodal_model(build_encoder(cfg, modality), modality, cfg.model.num_classes)
+    model.to(device)
+    if cfg.trainer.pretrain.reuse and path.is_file():
+        state = load_checkpoint(path, required=("model", "fingerprint"))
+        if state["fingerprint"] == key:
+            load_weights(model, state["model"])
+            log.info("stage 1 [%s]: reusing %s", modality, path)
+            return path, model
+        log.info("stage 1 [%s]: %s has another fingerprint, retraining", modality, path)
+    set_seed(cfg.seed)
+    log.info("stage 1 [%s]: training encoder\n%s", modality, model.summary())
+    pre = cfg.trainer.pretrain
+    best = fit(
+        model,
+        loaders["train"],
+        loaders["val"],
+        epochs=pre.epochs,
+        lr=pre.lr,
+        weight_decay=pre.weight_decay,
+        device=device,
+        on_epoch=lambda _, m: tracker.log({f"pretrain/{modality}/{k}": v for k, v in m.items()}),
+        desc=f"pretrain {modality}",
+    )
+    state = {"model": model.cpu().state_dict(), "fingerprint": key, "best": best}
+    save_checkpoint(path, state)
+    model.to(device)
+    return path, model
+
+
+def fused_model(
+    cfg: DictConfig, checkpoints: dict[str, Path], device: torch.device
+) -> MultimodalModel:
+    """Stage-2 model: fresh encoders loaded from the stage-1 checkpoints and frozen."""
+    encoders = {}
+    for modality, path in checkpoints.items():
+        encoder = build_encoder(cfg, modality)
+        state = load_checkpoint(path, required=("model",))
+        load_weights(encoder, state["model"], prefix=f"encoders.{modality}.")
+        encoders[modality] = encoder.freeze()
+    model = MultimodalModel.build(
+        encoders,
+        fuser=instantiate(cfg.model.fusion),
+        head=instantiate(cfg.model.head),
+        num_classes=cfg.model.num_classes,
+    )
+    return model.to(device)
+
+
+def results_table(rows: dict[str, dict[str, float]]) -> str:
+    lines = ["| model | val accuracy | test accuracy |", "|---|---:|---:|"]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | {metrics['val']:.2%} | {metrics['test']:.2%} |")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Both stages and the final evaluation; returns the summary written to `summary.json`."""
+    device = resolve_device(cfg.trainer.device)
+    set_seed(cfg.seed)
+    loaders = make_loaders(cfg)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    tracker = Tracker(
+        run_dir,
+        mode=cfg.logger.mode,
+        project=cfg.logger.project,
+        group=cfg.logger.group,
+        name=run_dir.name,
+        tags=cfg.tags,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    try:
+        rows: dict[str, dict[str, float]] = {}
+        checkpoints = {}
+        for modality in cfg.model.encoders:
+            checkpoints[modality], unimodal = pretrain_encoder(
+                cfg, modality, loaders, device, tracker
+            )
+            rows[f"{modality} only"] = {
+                split: evaluate(unimodal, loaders[split], device).accuracy
+                for split in ("val", "test")
+            }
+
+        set_seed(cfg.seed)
+        model = fused_model(cfg, checkpoints, device)
+        fuser_name = type(model.fuser).__name__
+        log.info("stage 2: training %s with frozen encoders\n%s", fuser_name, model.summary())
+        fuse = cfg.trainer.fuse
+        fit(
+            model,
+            loaders["train"],
+            loaders["val"],
+            epochs=fuse.epochs,
+            lr=fuse.lr,
+            weight_decay=fuse.weight_decay,
+            device=device,
+            on_epoch=lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()}),
+            desc="fuse",
+        )
+        rows[f"fused ({fuser_name})"] = {
+            split: evaluate(model, loaders[split], device).accuracy for split in ("val", "test")
+        }
+        best_single = max(v["test"] for k, v in rows.items() if k.endswith(" only"))
+        summary: dict[str, Any] = {}
+        for name, metrics in rows.items():
+            slug = name.split(" (")[0].replace(" ", "_")
+            summary[f"val/{slug}/accuracy"] = metrics["val"]
+            summary[f"test/{slug}/accuracy"] = metrics["test"]
+        summary["test/fusion_gain"] = rows[f"fused ({fuser_name})"]["test"] - best_single
+        summary["fuser"] = fuser_name
+        summary["checkpoints"] = {m: str(p) for m, p in checkpoints.items()}
+        tracker.update_summary(summary)
+        print(results_table(rows))
+        print(f"run directory: {run_dir}")
+        return summary
+    finally:
+        tracker.finish()
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        cfg = validate(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""fusion: pretrained encoders per modality, fusers, heads, and the model that routes between them."""

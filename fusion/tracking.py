@@ -1,0 +1,82 @@
+"""Experiment tracking: W&B when wanted, and always the run directory.
+
+Every metric goes to `metrics.jsonl` and the final numbers to `summary.json` in the run
+directory, so results can be aggregated without W&B or an account. W&B runs `offline` by
+default (sync later with `wandb sync`), `online` when asked, or `disabled`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Tracker:
+    """Logs metrics and a final summary to the run directory and, unless disabled, to W&B."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        mode: str = "offline",
+        project: str = "fusion",
+        name: str | None = None,
+        group: str | None = None,
+        tags: Sequence[str] = (),
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if mode not in WANDB_MODES:
+            raise ValueError(f"logger.mode must be one of {WANDB_MODES}, got '{mode}'")
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.summary_path = self.run_dir / "summary.json"
+        self._summary: dict[str, Any] = {}
+        self._wandb_run = None
+        if mode != "disabled":
+            import wandb
+
+            self._wandb_run = wandb.init(
+                mode=mode,
+                project=project,
+                name=name,
+                group=group,
+                tags=list(tags),
+                config=dict(config or {}),
+                dir=str(self.run_dir),
+                reinit="finish_previous",
+            )
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        record = {k: _jsonable(v) for k, v in metrics.items()}
+        if step is not None:
+            record["step"] = step
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log(dict(metrics), step=step)
+
+    def update_summary(self, metrics: Mapping[str, Any]) -> None:
+        """Merge `metrics` into `summary.json` (rewritten whole each time) and the W&B summary."""
+        self._summary.update({k: _jsonable(v) for k, v in metrics.items()})
+        tmp = self.summary_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self._summary, indent=2) + "\n")
+        tmp.replace(self.summary_path)
+        if self._wandb_run is not None:
+            self._wandb_run.summary.update(dict(metrics))
+
+    def finish(self) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
