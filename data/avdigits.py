@@ -10,6 +10,7 @@ so that neither modality alone suffices and fusing them pays.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ def load_speech_clips(path: str | Path = SPEECH_ASSET) -> SpeechClips:
                 f"{path}: 'offsets' has {len(offsets)} entries, expected {len(digits) + 1} "
                 "(one more than the number of clips)"
             )
-        clips = [waveforms[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        clips = [waveforms[a:b] for a, b in itertools.pairwise(offsets)]
         return SpeechClips(
             clips=clips,
             digits=digits,
@@ -83,15 +84,21 @@ def stratified_split(
 
 def _check_range(name: str, value: Sequence[float], low: float, high: float) -> tuple[float, float]:
     if len(value) != 2 or not low <= value[0] <= value[1] <= high:
-        raise ValueError(f"{name} must be [min, max] with {low} <= min <= max <= {high}, got {value}")
+        raise ValueError(
+            f"{name} must be [min, max] with {low} <= min <= max <= {high}, got {value}"
+        )
     return float(value[0]), float(value[1])
 
 
 class AVDigits(Dataset):
     """One split of AV-Digits; items are `{"image": [1, 8, 8], "audio": [T], "label": int}`.
 
-    All degradations are drawn once from `seed` when the split is built, so every epoch
-    and every run sees the same samples.
+    Validation and test samples are drawn once from `seed` (paired clip, occlusion, noise),
+    so every evaluation sees the same samples. Training samples, when `augment` is on (the
+    default for the train split), get a new clip of the same digit and new degradations at
+    every access, drawn from torch's global generator: the encoders cannot memorize the
+    noise, so their training features stay as unreliable as their test features, which is
+    what the fusion stage must learn to weigh. Seeding torch makes this reproducible.
     """
 
     def __init__(
@@ -101,9 +108,10 @@ class AVDigits(Dataset):
         seed: int = 0,
         fractions: Sequence[float] = (0.6, 0.2, 0.2),
         clip_seconds: float = 1.0,
-        occlusion: Sequence[float] = (0.4, 0.8),
+        occlusion: Sequence[float] = (0.2, 0.6),
         image_noise_std: float = 0.3,
-        audio_snr_db: Sequence[float] = (-12.0, -3.0),
+        audio_snr_db: Sequence[float] = (-10.0, 0.0),
+        augment: bool | None = None,
         max_samples: int | None = None,
         speech_path: str | Path = SPEECH_ASSET,
     ) -> None:
@@ -119,10 +127,17 @@ class AVDigits(Dataset):
         self.occlusion = _check_range("occlusion", occlusion, 0.0, 1.0)
         self.image_noise_std = float(image_noise_std)
         self.audio_snr_db = _check_range("audio_snr_db", audio_snr_db, -60.0, 60.0)
+        self.augment = split == "train" if augment is None else bool(augment)
 
         speech = load_speech_clips(speech_path)
         self.sample_rate = speech.sample_rate
-        self.clip_samples = int(round(clip_seconds * speech.sample_rate))
+        self.clip_samples = round(clip_seconds * speech.sample_rate)
+        longest = max(len(c) for c in speech.clips)
+        if longest > self.clip_samples:
+            raise ValueError(
+                f"clip_seconds={clip_seconds} is shorter than the longest clip "
+                f"({longest / speech.sample_rate:.2f} s)"
+            )
         split_id = SPLITS.index(split)
         digits = load_digits()
         image_part = stratified_split(digits.target, fractions, np.random.default_rng(seed))
@@ -134,57 +149,75 @@ class AVDigits(Dataset):
         self.speakers = np.sort(speaker_part[split_id])
         self.speaker_names = [str(speech.speaker_names[s]) for s in self.speakers]
 
-        rng = np.random.default_rng([seed, 2, split_id])
-        labels = digits.target[image_idx].astype(np.int64)
-        clip_ids = self._pair_clips(speech, labels, rng)
-        self.images = self._degrade_images(digits.images[image_idx] / 16.0, rng)
-        self.audio = self._degrade_audio([speech.clips[i] for i in clip_ids], rng)
-        self.labels = torch.from_numpy(labels)
-        self.clip_ids = clip_ids
-
-    def _pair_clips(
-        self, speech: SpeechClips, labels: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
+        self.labels = torch.from_numpy(digits.target[image_idx].astype(np.int64))
+        self.clean_images = torch.from_numpy(digits.images[image_idx] / 16.0).float().unsqueeze(1)
         in_split = np.isin(speech.speakers, self.speakers)
-        pool = {d: np.flatnonzero(in_split & (speech.digits == d)) for d in range(10)}
-        for d, ids in pool.items():
-            if len(ids) == 0:
-                raise ValueError(f"no '{self.split}' speaker says digit {d} in the speech asset")
-        return np.array([rng.choice(pool[int(label)]) for label in labels], dtype=np.int64)
+        self.clips = [torch.from_numpy(c) for c in speech.clips]
+        self.clip_pool = [
+            torch.from_numpy(np.flatnonzero(in_split & (speech.digits == d))) for d in range(10)
+        ]
+        for d, pool in enumerate(self.clip_pool):
+            if len(pool) == 0:
+                raise ValueError(f"no '{split}' speaker says digit {d} in {speech_path}")
+        if not self.augment:
+            generator = torch.Generator().manual_seed(seed * len(SPLITS) + split_id)
+            samples = [self._draw(i, generator) for i in range(len(self.labels))]
+            self.images = torch.stack([image for image, _ in samples])
+            self.audio = torch.stack([audio for _, audio in samples])
 
-    def _degrade_images(self, images: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """Blank a random square covering a random fraction of the image, then add noise."""
-        height, width = IMAGE_SIZE
-        out = images.astype(np.float32).copy()
-        low, high = self.occlusion
-        for img in out:
-            side = int(round(np.sqrt(rng.uniform(low, high)) * height))
-            if side > 0:
-                top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
-                img[top : top + side, left : left + side] = 0.0
-        out += rng.normal(0.0, self.image_noise_std, out.shape).astype(np.float32)
-        return torch.from_numpy(out).unsqueeze(1)
-
-    def _degrade_audio(self, clips: list[np.ndarray], rng: np.random.Generator) -> torch.Tensor:
-        """Place each clip at a random offset in a fixed window, add white noise at a random SNR."""
-        out = np.zeros((len(clips), self.clip_samples), dtype=np.float32)
-        low, high = self.audio_snr_db
-        for row, clip in zip(out, clips, strict=True):
-            if len(clip) > self.clip_samples:
-                start = (len(clip) - self.clip_samples) // 2
-                clip = clip[start : start + self.clip_samples]
-            offset = rng.integers(0, self.clip_samples - len(clip) + 1)
-            row[offset : offset + len(clip)] = clip
-            noise_power = np.mean(clip**2) / 10 ** (rng.uniform(low, high) / 10)
-            row += rng.normal(0.0, np.sqrt(noise_power), self.clip_samples).astype(np.float32)
-        return torch.from_numpy(out)
+    def _draw(
+        self, index: int, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair sample `index` with a clip of its digit and degrade both."""
+        pool = self.clip_pool[int(self.labels[index])]
+        clip = self.clips[int(pool[torch.randint(len(pool), (), generator=generator)])]
+        image = occlude_and_noise(
+            self.clean_images[index], self.occlusion, self.image_noise_std, generator
+        )
+        audio = place_and_noise(clip, self.clip_samples, self.audio_snr_db, generator)
+        return image, audio
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        return {
-            "image": self.images[index],
-            "audio": self.audio[index],
-            "label": int(self.labels[index]),
-        }
+        if self.augment:
+            image, audio = self._draw(index, None)
+        else:
+            image, audio = self.images[index], self.audio[index]
+        return {"image": image, "audio": audio, "label": int(self.labels[index])}
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def occlude_and_noise(
+    image: torch.Tensor,
+    area: tuple[float, float],
+    noise_std: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Blank a random square covering a fraction of the image drawn from `area`, add noise."""
+    out = image.clone()
+    height, width = out.shape[-2:]
+    side = round((_uniform(*area, generator) ** 0.5) * min(height, width))
+    if side > 0:
+        top = int(torch.randint(height - side + 1, (), generator=generator))
+        left = int(torch.randint(width - side + 1, (), generator=generator))
+        out[..., top : top + side, left : left + side] = 0.0
+    return out + noise_std * torch.randn(out.shape, generator=generator)
+
+
+def place_and_noise(
+    clip: torch.Tensor,
+    length: int,
+    snr_db: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Put the clip at a random offset in a `length` window, add white noise at a random SNR."""
+    out = torch.zeros(length)
+    offset = int(torch.randint(length - len(clip) + 1, (), generator=generator))
+    out[offset : offset + len(clip)] = clip
+    noise_power = clip.pow(2).mean() / 10 ** (_uniform(*snr_db, generator) / 10)
+    return out + noise_power.sqrt() * torch.randn(length, generator=generator)

@@ -26,9 +26,10 @@ class DataConfig:
     seed: int = 0
     fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     clip_seconds: float = 1.0
-    occlusion: list[float] = field(default_factory=lambda: [0.4, 0.8])
+    occlusion: list[float] = field(default_factory=lambda: [0.2, 0.6])
     image_noise_std: float = 0.3
-    audio_snr_db: list[float] = field(default_factory=lambda: [-12.0, -3.0])
+    audio_snr_db: list[float] = field(default_factory=lambda: [-10.0, 0.0])
+    augment: bool | None = None
     max_samples: int | None = None
     speech_path: str = "data/assets/avdigits_speech.npz"
 
@@ -104,8 +105,10 @@ def validate(cfg: DictConfig) -> DictConfig:
             f"config key 'logger.mode': expected online, offline or disabled, "
             f"got '{checked.logger.mode}'"
         )
-    for group, section in (("trainer.pretrain", checked.trainer.pretrain),
-                           ("trainer.fuse", checked.trainer.fuse)):
+    for group, section in (
+        ("trainer.pretrain", checked.trainer.pretrain),
+        ("trainer.fuse", checked.trainer.fuse),
+    ):
         if section.epochs < 1:
             raise ConfigError(f"config key '{group}.epochs': expected >= 1, got {section.epochs}")
     if checked.trainer.batch_size < 1:

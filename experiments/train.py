@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'trainer.device': '{name}' requested but CUDA is unavailable")
+        raise ConfigError(
+            f"config key 'trainer.device': '{name}' requested but CUDA is unavailable"
+        )
     return torch.device(name)
 
 

@@ -62,7 +62,9 @@ class ConcatFuser(Fuser):
         self.out_dim = proj_dim or total
 
     def forward(
-        self, features: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None
+        self,
+        features: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         xs, _ = self.masked_features(features, present)
         return self.proj(torch.cat(xs, dim=1))
@@ -86,7 +88,9 @@ class GatedFuser(Fuser):
         self.out_dim = dim
 
     def forward(
-        self, features: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None
+        self,
+        features: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         xs, mask = self.masked_features(features, present)
         hidden = torch.stack(

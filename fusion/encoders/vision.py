@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from fusion.encoders.base import Encoder
 from fusion import surgery
+from fusion.encoders.base import Encoder
 
 
 class Standardize(nn.Module):

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+
+from data.avdigits import SPEECH_ASSET, AVDigits, load_speech_clips, stratified_split
+
+
+def test_items_are_dicts_of_modalities(avdigits_val):
+    item = avdigits_val[0]
+    assert set(item) == {"image", "audio", "label"}
+    assert item["image"].shape == (1, 8, 8)
+    assert item["audio"].shape == (avdigits_val.clip_samples,)
+    assert 0 <= item["label"] <= 9
+
+
+def test_speech_asset_is_complete():
+    speech = load_speech_clips()
+    assert speech.sample_rate == 8000
+    per_speaker = {(s, d) for s, d in zip(speech.speakers, speech.digits, strict=True)}
+    assert len(per_speaker) == len(speech.speaker_names) * 10
+
+
+def test_splits_partition_images_and_speakers():
+    splits = {s: AVDigits(s, augment=False) for s in ("train", "val", "test")}
+    assert sum(len(d) for d in splits.values()) == 1797
+    speakers = [set(d.speakers) for d in splits.values()]
+    assert not (speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2])
+    # every digit is present in each split, in about the same proportion
+    for d in splits.values():
+        counts = torch.bincount(d.labels, minlength=10)
+        assert counts.min() > 0.8 * counts.float().mean()
+
+
+def test_clips_say_the_labelled_digit():
+    speech = load_speech_clips()
+    dataset = AVDigits("test", max_samples=50)
+    for pool, digit in zip(dataset.clip_pool, range(10), strict=True):
+        assert set(speech.digits[pool.numpy()]) == {digit}
+        assert set(speech.speakers[pool.numpy()]) <= set(dataset.speakers)
+
+
+def test_eval_splits_are_fixed_and_train_is_redrawn():
+    a, b = AVDigits("val", max_samples=10), AVDigits("val", max_samples=10)
+    assert torch.equal(a[3]["audio"], b[3]["audio"]) and torch.equal(a[3]["image"], b[3]["image"])
+    train = AVDigits("train", max_samples=10)
+    first, second = train[0], train[0]
+    assert first["label"] == second["label"]
+    assert not torch.equal(first["image"], second["image"])
+    torch.manual_seed(5)
+    x = train[1]["audio"]
+    torch.manual_seed(5)
+    assert torch.equal(x, train[1]["audio"])
+
+
+def test_degradation_strength_follows_config():
+    clean = AVDigits("val", max_samples=30, occlusion=(0.0, 0.0), image_noise_std=0.0)
+    noisy = AVDigits("val", max_samples=30, image_noise_std=0.5)
+    assert torch.allclose(clean.images, clean.clean_images)
+    assert (noisy.images - noisy.clean_images).std() > 0.4
+
+
+def test_stratified_split_is_a_partition():
+    labels = np.repeat(np.arange(3), 10)
+    parts = stratified_split(labels, (0.5, 0.3, 0.2), np.random.default_rng(0))
+    joined = np.sort(np.concatenate(parts))
+    assert np.array_equal(joined, np.arange(30))
+    assert [len(p) for p in parts] == [15, 9, 6]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"split": "dev"}, "split must be one of"),
+        ({"occlusion": (0.8, 0.2)}, "occlusion must be"),
+        ({"audio_snr_db": (0.0,)}, "audio_snr_db must be"),
+        ({"fractions": (0.5, 0.5, 0.5)}, "fractions must be"),
+        ({"clip_seconds": 0.3}, "clip_seconds=0.3 is shorter"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AVDigits(**kwargs)
+
+
+def test_missing_asset_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make speech"):
+        AVDigits("val", speech_path=tmp_path / "nope.npz")
+
+
+def test_asset_with_missing_arrays_is_rejected(tmp_path):
+    bad = tmp_path / "bad.npz"
+    with np.load(SPEECH_ASSET) as npz:
+        np.savez(bad, **{k: npz[k] for k in npz.files if k != "offsets"})
+    with pytest.raises(ValueError, match=r"lacks arrays \['offsets'\]"):
+        load_speech_clips(bad)

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from data.collate import collate
+
+
+def test_collate_builds_dicts_keyed_by_modality(avdigits_val):
+    batch = collate([avdigits_val[i] for i in range(4)])
+    assert set(batch.inputs) == {"audio", "image"}
+    assert batch.inputs["image"].shape == (4, 1, 8, 8)
+    assert batch.inputs["audio"].shape == (4, avdigits_val.clip_samples)
+    assert batch.targets.shape == (4,) and batch.targets.dtype == torch.int64
+    assert all(p.all() for p in batch.present.values())
+    assert batch.condition is None and len(batch) == 4
+
+
+def test_missing_modality_becomes_mask_and_zeros():
+    items = [
+        {"image": torch.ones(2), "audio": torch.ones(3), "label": 0},
+        {"image": torch.ones(2), "audio": None, "label": 1},
+        {"image": torch.ones(2), "label": 2},
+    ]
+    batch = collate(items)
+    assert batch.present["audio"].tolist() == [True, False, False]
+    assert batch.inputs["audio"][1:].abs().sum() == 0
+
+
+def test_condition_is_collected():
+    batch = collate([{"x": torch.zeros(1), "label": 0, "condition": 1}] * 2)
+    assert batch.condition.tolist() == [1, 1]
+
+
+def test_shape_mismatch_names_modality_and_shapes():
+    items = [{"audio": torch.zeros(8), "label": 0}, {"audio": torch.zeros(6), "label": 0}]
+    with pytest.raises(
+        ValueError, match=r"modality 'audio': item 1 has shape \(6,\), expected \(8,\)"
+    ):
+        collate(items)
+
+
+def test_missing_label_is_named():
+    with pytest.raises(KeyError, match="item 0 has no 'label'"):
+        collate([{"audio": torch.zeros(8)}])

@@ -1,0 +1,83 @@
+import pytest
+import torch
+from torch import nn
+
+from fusion.encoders.base import Encoder
+from fusion.fusers import ConcatFuser, GatedFuser
+from fusion.heads import ClassificationHead
+from fusion.model import MultimodalModel
+
+
+class Scale(nn.Module):
+    """A recognisable backbone: multiplies its input by a fixed factor."""
+
+    def __init__(self, factor: float, dim: int) -> None:
+        super().__init__()
+        self.factor = factor
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.proj(x.flatten(1)) * self.factor
+
+
+def tiny_model(fuser=ConcatFuser):
+    encoders = {
+        "image": Encoder(Scale(1.0, 4), input_shape=(1, 2, 2)),
+        "audio": Encoder(Scale(-1.0, 6), input_shape=(6,)),
+    }
+    return MultimodalModel.build(encoders, fuser=fuser, head=ClassificationHead, num_classes=3)
+
+
+def test_each_modality_goes_through_its_own_encoder():
+    model = tiny_model()
+    inputs = {"image": torch.randn(2, 1, 2, 2), "audio": torch.randn(2, 6)}
+    features = model.encode(inputs)
+    assert torch.allclose(features["image"], model.encoders["image"](inputs["image"]))
+    assert torch.allclose(features["audio"], model.encoders["audio"](inputs["audio"]))
+    # the input dict's order does not matter: the name is the route
+    reversed_inputs = dict(reversed(list(inputs.items())))
+    assert torch.allclose(model(inputs), model(reversed_inputs))
+
+
+def test_sizes_flow_from_encoders_to_head():
+    model = tiny_model(GatedFuser)
+    assert model.fuser.in_dims == {"image": 4, "audio": 6}
+    assert model.head.in_dim == model.fuser.out_dim
+
+
+def test_all_trainable_parameters_learn():
+    model = tiny_model(GatedFuser)
+    out = model({"image": torch.randn(3, 1, 2, 2), "audio": torch.randn(3, 6)})
+    nn.functional.cross_entropy(out, torch.tensor([0, 1, 2])).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_missing_modality_is_named():
+    model = tiny_model()
+    with pytest.raises(
+        KeyError, match=r"needs modality 'audio', but the batch only has \['image'\]"
+    ):
+        model({"image": torch.randn(2, 1, 2, 2)})
+
+
+def test_wrong_shape_names_modality_expected_and_received():
+    model = tiny_model()
+    with pytest.raises(
+        ValueError, match=r"modality 'audio': expected a tensor of shape \[batch, 6\], got \[2, 5\]"
+    ):
+        model({"image": torch.randn(2, 1, 2, 2), "audio": torch.randn(2, 5)})
+
+
+def test_fuser_for_other_modalities_is_rejected():
+    encoders = {"image": Encoder(Scale(1.0, 4), input_shape=(4,))}
+    with pytest.raises(ValueError, match="fuser was built for modalities"):
+        MultimodalModel(encoders, ConcatFuser({"audio": 4}), ClassificationHead(4, 2))
+
+
+def test_summary_counts_frozen_parameters():
+    model = tiny_model()
+    model.encoders["image"].freeze()
+    text = model.summary()
+    assert "encoders.image" in text and "total" in text
+    line = next(row for row in text.splitlines() if row.startswith("encoders.image"))
+    assert line.split()[-1] == "0"

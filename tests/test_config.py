@@ -1,0 +1,46 @@
+"""The real Hydra configs compose, validate, and reject bad keys by name."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from experiments.schema import ConfigError, validate
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FUSIONS = sorted(p.stem for p in (CONFIGS / "model" / "fusion").glob("*.yaml"))
+
+
+def load(*overrides):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=["paths.root_dir=.", *overrides])
+
+
+def test_default_config_validates():
+    cfg = validate(load())
+    assert cfg.trainer.batch_size == 64 and set(cfg.model.encoders) == {"image", "audio"}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_config_builds_a_fuser(fusion):
+    cfg = validate(load(f"model/fusion={fusion}"))
+    fuser = instantiate(cfg.model.fusion)(in_dims={"image": 8, "audio": 4})
+    assert fuser.out_dim > 0
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"'trainer.batch_size'.*'abc'"):
+        validate(load("trainer.batch_size=abc"))
+
+
+def test_unknown_added_key_is_named():
+    with pytest.raises(ConfigError, match=r"'trainer.epochz'"):
+        validate(load("+trainer.epochz=3"))
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"'logger.mode'"):
+        validate(load("logger.mode=cloud"))
+    with pytest.raises(ConfigError, match=r"'trainer.fuse.epochs': expected >= 1"):
+        validate(load("trainer.fuse.epochs=0"))

@@ -1,0 +1,69 @@
+"""End to end: the real entry point, composed by Hydra, on a tiny subset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "logger.mode=disabled",
+    "data.max_samples=48",
+    "trainer.batch_size=24",
+    "trainer.pretrain.epochs=1",
+    "trainer.fuse.epochs=2",
+]
+
+
+def train(tmp_path, name, *overrides):
+    run_dir = tmp_path / name
+    cmd = [
+        sys.executable, "-m", "experiments.train",
+        f"paths.output_dir={tmp_path}", f"hydra.run.dir={run_dir}", *TINY, *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return result, run_dir
+
+
+def test_main_job_end_to_end_and_checkpoint_reuse(tmp_path):
+    first, run_dir = train(tmp_path, "first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("test/image_only/accuracy", "test/audio_only/accuracy", "test/fused/accuracy"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["fuser"] == "GatedFuser"
+    assert "| fused (GatedFuser) |" in first.stdout and str(run_dir) in first.stdout
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()
+    checkpoints = sorted((tmp_path / "pretrained").glob("*.pt"))
+    assert [p.name.split("-")[0] for p in checkpoints] == ["audio", "image"]
+
+    # another fuser reuses the stage-1 encoders, since nothing that shaped them changed
+    second, run_dir = train(tmp_path, "second", "model/fusion=concat")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("reusing") == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["fuser"] == "ConcatFuser"
+    assert sorted((tmp_path / "pretrained").glob("*.pt")) == checkpoints
+
+
+def test_same_seed_same_metrics(tmp_path):
+    runs = [
+        train(tmp_path / str(i), "run", "data.max_samples=24", "trainer.fuse.epochs=1")
+        for i in range(2)
+    ]
+    for result, _ in runs:
+        assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((d / "summary.json").read_text()) for _, d in runs]
+    for summary in summaries:
+        summary.pop("checkpoints")
+    assert summaries[0] == summaries[1]
+
+
+def test_config_typo_stops_before_training(tmp_path):
+    result, _ = train(tmp_path, "typo", "trainer.epochz=3")
+    assert result.returncode != 0
+    assert "trainer.epochz" in result.stderr
+    result, _ = train(tmp_path, "type", "trainer.pretrain.epochs=many")
+    assert result.returncode == 2
+    assert "config key 'trainer.pretrain.epochs'" in result.stderr
+    assert not (tmp_path / "pretrained").exists()
