@@ -108,7 +108,7 @@ class AVDigits(Dataset):
         seed: int = 0,
         fractions: Sequence[float] = (0.6, 0.2, 0.2),
         clip_seconds: float = 1.0,
-        occlusion: Sequence[float] = (0.2, 0.6),
+        occlusion: Sequence[float] = (0.1, 0.5),
         image_noise_std: float = 0.3,
         audio_snr_db: Sequence[float] = (-10.0, 0.0),
         augment: bool | None = None,

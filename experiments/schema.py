@@ -26,7 +26,7 @@ class DataConfig:
     seed: int = 0
     fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     clip_seconds: float = 1.0
-    occlusion: list[float] = field(default_factory=lambda: [0.2, 0.6])
+    occlusion: list[float] = field(default_factory=lambda: [0.1, 0.5])
     image_noise_std: float = 0.3
     audio_snr_db: list[float] = field(default_factory=lambda: [-10.0, 0.0])
     augment: bool | None = None
@@ -36,7 +36,7 @@ class DataConfig:
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 8
+    epochs: int = 12
     lr: float = 2e-3
     weight_decay: float = 1e-4
     reuse: bool = True

@@ -212,11 +212,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary["fuser"] = fuser_name
         summary["checkpoints"] = {m: str(p) for m, p in checkpoints.items()}
         tracker.update_summary(summary)
-        print(results_table(rows))
-        print(f"run directory: {run_dir}")
-        return summary
     finally:
-        tracker.finish()
+        wandb_line = tracker.finish()
+    print(results_table(rows))
+    if wandb_line:
+        print(wandb_line)
+    print(f"run directory: {run_dir}")
+    return summary
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

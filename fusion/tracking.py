@@ -44,6 +44,8 @@ class Tracker:
         self.summary_path = self.run_dir / "summary.json"
         self._summary: dict[str, Any] = {}
         self._wandb_run = None
+        self.wandb_dir: Path | None = None
+        self.mode = mode
         if mode != "disabled":
             import wandb
 
@@ -56,7 +58,9 @@ class Tracker:
                 config=dict(config or {}),
                 dir=str(self.run_dir),
                 reinit="finish_previous",
+                settings=wandb.Settings(silent=True),
             )
+            self.wandb_dir = Path(self._wandb_run.dir).parent
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         record = {k: _jsonable(v) for k, v in metrics.items()}
@@ -76,7 +80,13 @@ class Tracker:
         if self._wandb_run is not None:
             self._wandb_run.summary.update(dict(metrics))
 
-    def finish(self) -> None:
-        if self._wandb_run is not None:
-            self._wandb_run.finish()
-            self._wandb_run = None
+    def finish(self) -> str | None:
+        """Close the W&B run; return a line telling the user where it went, if anywhere."""
+        if self._wandb_run is None:
+            return None
+        url = self._wandb_run.url if self.mode == "online" else None
+        self._wandb_run.finish()
+        self._wandb_run = None
+        if url is None:
+            return f"W&B offline run saved; upload it with: wandb sync {self.wandb_dir}"
+        return f"W&B run: {url}"
