@@ -1,0 +1,75 @@
+import torch
+from torch import nn
+
+from data.collate import Batch
+from fusion.encoders.base import Encoder
+from fusion.fusers import GatedFuser
+from fusion.heads import ClassificationHead
+from fusion.model import MultimodalModel
+from fusion.training import evaluate, fit
+
+
+def separable_batches(n_batches=6, batch=32):
+    """Two modalities; the label is readable from either one."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n_batches):
+        y = torch.randint(0, 3, (batch,), generator=generator)
+        a = nn.functional.one_hot(y, 3).float() + 0.1 * torch.randn(batch, 3, generator=generator)
+        b = torch.randn(batch, 4, generator=generator)
+        b[:, 0] += y.float()
+        batches.append(
+            Batch(
+                inputs={"a": a, "b": b},
+                present={
+                    "a": torch.ones(batch, dtype=torch.bool),
+                    "b": torch.ones(batch, dtype=torch.bool),
+                },
+                targets=y,
+            )
+        )
+    return batches
+
+
+def model_with_bn(freeze_a=False):
+    enc_a = Encoder(nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU()), input_shape=(3,))
+    enc_b = Encoder(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), input_shape=(4,))
+    if freeze_a:
+        enc_a.freeze()
+    return MultimodalModel.build(
+        {"a": enc_a, "b": enc_b}, fuser=GatedFuser, head=ClassificationHead, num_classes=3
+    )
+
+
+def test_fit_learns_and_keeps_best_epoch():
+    torch.manual_seed(0)
+    batches = separable_batches()
+    model = model_with_bn()
+    before = evaluate(model, batches, torch.device("cpu"))
+    history = []
+    best = fit(
+        model, batches, batches, epochs=5, lr=1e-2, weight_decay=0.0,
+        device=torch.device("cpu"), on_epoch=lambda e, m: history.append(m),
+    )  # fmt: skip
+    after = evaluate(model, batches, torch.device("cpu"))
+    assert len(history) == 5 and after.accuracy > 0.9 > before.accuracy
+    assert best["val/accuracy"] == max(m["val/accuracy"] for m in history) == after.accuracy
+
+
+def test_frozen_encoder_is_untouched_by_training():
+    torch.manual_seed(0)
+    model = model_with_bn(freeze_a=True)
+    frozen = {k: v.clone() for k, v in model.encoders["a"].state_dict().items()}
+    trained = {k: v.clone() for k, v in model.encoders["b"].state_dict().items()}
+    fit(
+        model,
+        separable_batches(),
+        separable_batches(2),
+        epochs=2,
+        lr=1e-2,
+        weight_decay=0.0,
+        device=torch.device("cpu"),
+    )
+    for key, value in model.encoders["a"].state_dict().items():
+        assert torch.equal(value, frozen[key]), key  # weights and batch-norm statistics
+    assert any(not torch.equal(v, trained[k]) for k, v in model.encoders["b"].state_dict().items())
