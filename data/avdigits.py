@@ -113,7 +113,7 @@ class AVDigits(Dataset):
         audio_snr_db: Sequence[float] = (-10.0, 0.0),
         augment: bool | None = None,
         max_samples: int | None = None,
-        speech_path: str | Path = SPEECH_ASSET,
+        speech_path: str | Path | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
@@ -129,6 +129,7 @@ class AVDigits(Dataset):
         self.audio_snr_db = _check_range("audio_snr_db", audio_snr_db, -60.0, 60.0)
         self.augment = split == "train" if augment is None else bool(augment)
 
+        speech_path = SPEECH_ASSET if speech_path is None else speech_path
         speech = load_speech_clips(speech_path)
         self.sample_rate = speech.sample_rate
         self.clip_samples = round(clip_seconds * speech.sample_rate)

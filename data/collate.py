@@ -16,7 +16,7 @@ RESERVED_KEYS = (TARGET_KEY, CONDITION_KEY)
 class Batch:
     """One batch: `inputs[m]` is modality m for every sample; `present[m]` says which are real."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor | list[str]]
     present: dict[str, torch.Tensor]
     targets: torch.Tensor
     condition: torch.Tensor | None = None
@@ -26,7 +26,10 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
-            inputs={m: x.to(device, non_blocking=True) for m, x in self.inputs.items()},
+            inputs={
+                m: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+                for m, x in self.inputs.items()
+            },
             present={m: p.to(device, non_blocking=True) for m, p in self.present.items()},
             targets=self.targets.to(device, non_blocking=True),
             condition=None if self.condition is None else self.condition.to(device),
@@ -37,7 +40,8 @@ def collate(items: Sequence[Mapping[str, object]]) -> Batch:
     """Stack dataset items into a `Batch`.
 
     A modality that an item lacks (key absent or `None`) becomes zeros in its slot and a
-    `False` in `present`, so every tensor in the batch keeps one shape.
+    `False` in `present`, so every tensor in the batch keeps one shape. Text stays a list of
+    strings (an empty string where absent): its encoder tokenizes it.
     """
     if not items:
         raise ValueError("collate received an empty list of items")
@@ -46,9 +50,14 @@ def collate(items: Sequence[Mapping[str, object]]) -> Batch:
     present: dict[str, torch.Tensor] = {}
     for modality in modalities:
         values = [item.get(modality) for item in items]
-        real = [torch.as_tensor(v) for v in values if v is not None]
+        present[modality] = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        real = [v for v in values if v is not None]
         if not real:
             raise ValueError(f"modality '{modality}' is missing from every item of the batch")
+        if all(isinstance(v, str) for v in real):
+            inputs[modality] = [v if v is not None else "" for v in values]
+            continue
+        real = [torch.as_tensor(v) for v in real]
         shape = real[0].shape
         for i, v in enumerate(values):
             if v is not None and torch.as_tensor(v).shape != shape:
@@ -60,7 +69,6 @@ def collate(items: Sequence[Mapping[str, object]]) -> Batch:
         inputs[modality] = torch.stack(
             [torch.as_tensor(v) if v is not None else filler for v in values]
         )
-        present[modality] = torch.tensor([v is not None for v in values], dtype=torch.bool)
     for i, item in enumerate(items):
         if TARGET_KEY not in item:
             raise KeyError(f"item {i} has no '{TARGET_KEY}'; keys are {sorted(item)}")

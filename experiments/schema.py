@@ -31,7 +31,7 @@ class DataConfig:
     audio_snr_db: list[float] = field(default_factory=lambda: [-10.0, 0.0])
     augment: bool | None = None
     max_samples: int | None = None
-    speech_path: str = "data/assets/avdigits_speech.npz"
+    speech_path: str | None = None
 
 
 @dataclass
@@ -67,7 +67,6 @@ class LoggerConfig:
 
 @dataclass
 class PathsConfig:
-    root_dir: str = "."
     output_dir: str = "outputs"
     pretrained_dir: str = "outputs/pretrained"
 

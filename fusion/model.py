@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,28 +54,22 @@ class MultimodalModel(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.encoders)
 
-    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
         for modality, encoder in self.encoders.items():
             if modality not in inputs:
                 raise KeyError(
                     f"the model needs modality '{modality}', but the batch only has "
                     f"{sorted(inputs)}"
                 )
-            x = inputs[modality]
-            if tuple(x.shape[1:]) != encoder.input_shape:
-                raise ValueError(
-                    f"modality '{modality}': expected a tensor of shape "
-                    f"[batch, {', '.join(map(str, encoder.input_shape))}], "
-                    f"got {list(x.shape)}"
-                )
+            encoder.check_input(inputs[modality], modality)
 
-    def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         self.check_inputs(inputs)
         return {m: encoder(inputs[m]) for m, encoder in self.encoders.items()}
 
     def forward(
         self,
-        inputs: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, Any],
         present: Mapping[str, torch.Tensor] | None = None,
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -14,7 +14,7 @@ FUSIONS = sorted(p.stem for p in (CONFIGS / "model" / "fusion").glob("*.yaml"))
 
 def load(*overrides):
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=["paths.root_dir=.", *overrides])
+        return compose("train", overrides=list(overrides))
 
 
 def test_default_config_validates():

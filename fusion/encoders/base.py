@@ -1,8 +1,9 @@
-"""The Encoder contract: raw modality tensor in, feature vector out, sizes known up front."""
+"""The Encoder contract: raw modality input in, features out, sizes known up front."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,41 +12,73 @@ from fusion.surgery import set_trainable
 
 
 class Encoder(nn.Module):
-    """Preprocessing + backbone for one modality, with its input and output sizes known.
+    """Preprocessing + backbone for one modality, with its input and output shapes known.
 
     `input_shape` is the per-sample shape the encoder accepts (no batch dimension), so a
-    model can reject a wrong tensor with a message that names the modality. `out_dim` is
-    found by a dry run through the backbone, never computed by hand.
+    model can reject a wrong tensor with a message that names the modality; it is `None`
+    for inputs that are not tensors (text as a list of strings). `out_shape` is found by a
+    dry run on `example_input()`, never computed by hand: `(D,)` for a vector, `(T, D)` for
+    a token sequence, `(C, H, W)` for a feature map.
+
+    Subclasses for non-tensor inputs override `example_input`; everything else lives in the
+    `preprocess` and `backbone` modules, so `forward` stays `backbone(preprocess(x))`.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
-        input_shape: Sequence[int],
+        input_shape: Sequence[int] | None,
         preprocess: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.preprocess = preprocess if preprocess is not None else nn.Identity()
         self.backbone = backbone
-        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.frozen = False
-        self.out_dim = self._infer_out_dim()
+        self.out_shape = self._infer_out_shape()
+
+    @property
+    def out_dim(self) -> int:
+        """Feature size: the vector length, the token width, or the map's channels."""
+        if len(self.out_shape) == 2:
+            return self.out_shape[-1]
+        return self.out_shape[0]
+
+    def example_input(self, batch_size: int = 2) -> Any:
+        """A batch the encoder accepts, for dry runs (shape inference, model summaries)."""
+        if self.input_shape is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no input_shape; override example_input()"
+            )
+        return torch.zeros(batch_size, *self.input_shape)
 
     @torch.no_grad()
-    def _infer_out_dim(self) -> int:
+    def _infer_out_shape(self) -> tuple[int, ...]:
         was_training = self.training
         self.eval()
-        probe = torch.zeros(2, *self.input_shape)
-        out = self.forward(probe)
+        out = self.forward(self.example_input(2))
         self.train(was_training)
-        if out.dim() != 2:
+        if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3, 4):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
-                f"{type(self.backbone).__name__} produced features of shape {tuple(out.shape)}; "
-                "an Encoder must produce [batch, features]"
+                f"{type(self.backbone).__name__} produced {shape}; an Encoder must produce "
+                "[batch, D], [batch, T, D] or [batch, C, H, W]"
             )
-        return int(out.shape[1])
+        return tuple(out.shape[1:])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: Any, modality: str) -> None:
+        """Raise a message naming `modality` when `x` does not fit `input_shape`."""
+        if self.input_shape is None:
+            return
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"modality '{modality}': expected a tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"modality '{modality}': expected a tensor of shape "
+                f"[batch, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}"
+            )
+
+    def forward(self, x: Any) -> torch.Tensor:
         return self.backbone(self.preprocess(x))
 
     def freeze(self) -> Encoder:

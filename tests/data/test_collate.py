@@ -41,3 +41,11 @@ def test_shape_mismatch_names_modality_and_shapes():
 def test_missing_label_is_named():
     with pytest.raises(KeyError, match="item 0 has no 'label'"):
         collate([{"audio": torch.zeros(8)}])
+
+
+def test_text_stays_a_list_of_strings():
+    items = [{"text": "one", "label": 1}, {"text": None, "label": 2}, {"text": "three", "label": 3}]
+    batch = collate(items)
+    assert batch.inputs["text"] == ["one", "", "three"]
+    assert batch.present["text"].tolist() == [True, False, True]
+    assert batch.to("cpu").inputs["text"] == ["one", "", "three"]
