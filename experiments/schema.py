@@ -35,18 +35,32 @@ class DataConfig:
 
 
 @dataclass
-class PretrainConfig:
+class UnfreezeConfig:
+    start_epoch: int = 1
+    every: int = 1
+    stages_per_step: int = 1
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    weight_decay_for: dict[str, float] = field(default_factory=dict)
+    layer_decay: float | None = None
+
+
+@dataclass
+class PretrainConfig(StageConfig):
     epochs: int = 12
     lr: float = 2e-3
-    weight_decay: float = 1e-4
     reuse: bool = True
 
 
 @dataclass
-class FuseConfig:
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+class FuseConfig(StageConfig):
+    unfreeze: UnfreezeConfig | None = None
 
 
 @dataclass

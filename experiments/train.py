@@ -33,6 +33,7 @@ from fusion.encoders.base import Encoder
 from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead
 from fusion.model import MultimodalModel
+from fusion.surgery import GradualUnfreezing, param_groups, set_trainable
 from fusion.tracking import Tracker
 from fusion.training import evaluate, fit, load_checkpoint, save_checkpoint, set_seed
 from fusion.weights import load_weights
@@ -111,7 +112,9 @@ def pretrain_encoder(
             return path, model
         log.info("stage 1 [%s]: %s has another fingerprint, retraining", modality, path)
     set_seed(cfg.seed)
-    log.info("stage 1 [%s]: training encoder\n%s", modality, model.summary())
+    summary = model.summary()
+    tracker.log_text(f"model_summary_{modality}", summary)
+    log.info("stage 1 [%s]: training encoder\n%s", modality, summary)
     pre = cfg.trainer.pretrain
     best = fit(
         model,
@@ -120,6 +123,7 @@ def pretrain_encoder(
         epochs=pre.epochs,
         lr=pre.lr,
         weight_decay=pre.weight_decay,
+        groups=optimizer_groups(model, pre),
         device=device,
         on_epoch=lambda _, m: tracker.log({f"pretrain/{modality}/{k}": v for k, v in m.items()}),
         desc=f"pretrain {modality}",
@@ -130,16 +134,55 @@ def pretrain_encoder(
     return path, model
 
 
+def optimizer_groups(model: MultimodalModel, stage: DictConfig) -> list[dict]:
+    """Parameter groups for one stage: lr multipliers, L2 per part, layer-wise decay."""
+    return param_groups(
+        model,
+        lr=stage.lr,
+        weight_decay=stage.weight_decay,
+        lr_mult=stage.lr_mult,
+        weight_decay_for=stage.weight_decay_for,
+        layer_decay=stage.layer_decay,
+        decay_roots=[f"encoders.{m}.backbone" for m in model.encoders],
+    )
+
+
+def unfreeze_schedule(model: MultimodalModel, unfreeze: DictConfig | None):
+    """A `before_epoch` hook thawing each encoder's backbone stages, last ones first."""
+    if unfreeze is None:
+        return None
+    schedules = [
+        GradualUnfreezing(encoder.backbone, **unfreeze) for encoder in model.encoders.values()
+    ]
+
+    def step(epoch: int) -> None:
+        for modality, schedule in zip(model.encoders, schedules, strict=True):
+            thawed = schedule.step(epoch)
+            log.info("epoch %d: %s backbone stages trainable: %s", epoch, modality, thawed)
+
+    return step
+
+
 def fused_model(
     cfg: DictConfig, checkpoints: dict[str, Path], device: torch.device
 ) -> MultimodalModel:
-    """Stage-2 model: fresh encoders loaded from the stage-1 checkpoints and frozen."""
+    """Stage-2 model: fresh encoders loaded from the stage-1 checkpoints and frozen.
+
+    With `trainer.fuse.unfreeze`, the encoders start frozen parameter by parameter instead,
+    so that the schedule can thaw their backbones' stages (frozen batch norms keep their
+    statistics until their stage thaws).
+    """
     encoders = {}
     for modality, path in checkpoints.items():
         encoder = build_encoder(cfg, modality)
         state = load_checkpoint(path, required=("model",))
-        load_weights(encoder, state["model"], prefix=f"encoders.{modality}.")
-        encoders[modality] = encoder.freeze()
+        report = load_weights(encoder, state["model"], prefix=f"encoders.{modality}.")
+        log.info("stage 2 [%s]: %s", modality, report)
+        if cfg.trainer.fuse.unfreeze is None:
+            encoder.freeze()
+        else:
+            set_trainable(encoder, False)
+        encoders[modality] = encoder
     model = MultimodalModel.build(
         encoders,
         fuser=instantiate(cfg.model.fusion),
@@ -186,7 +229,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         set_seed(cfg.seed)
         model = fused_model(cfg, checkpoints, device)
         fuser_name = type(model.fuser).__name__
-        log.info("stage 2: training %s with frozen encoders\n%s", fuser_name, model.summary())
+        summary_text = model.summary()
+        tracker.log_text("model_summary", summary_text)
+        log.info("stage 2: training %s with frozen encoders\n%s", fuser_name, summary_text)
         fuse = cfg.trainer.fuse
         fit(
             model,
@@ -195,6 +240,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             epochs=fuse.epochs,
             lr=fuse.lr,
             weight_decay=fuse.weight_decay,
+            groups=optimizer_groups(model, fuse),
+            before_epoch=unfreeze_schedule(model, fuse.unfreeze),
             device=device,
             on_epoch=lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()}),
             desc="fuse",

@@ -10,7 +10,7 @@ from torch import nn
 
 from fusion.encoders.base import Encoder
 from fusion.fusers import Fuser
-from fusion.surgery import count_parameters
+from fusion.summary import summarize
 
 FuserFactory = Callable[..., Fuser]
 HeadFactory = Callable[..., nn.Module]
@@ -77,14 +77,16 @@ class MultimodalModel(nn.Module):
         fused = self.fuser(features, present)
         return self.head(fused, condition)
 
-    def summary(self) -> str:
-        """One line per part with its parameter counts (total / trainable)."""
-        rows = [(f"encoders.{m}", enc) for m, enc in self.encoders.items()]
-        rows += [("fuser", self.fuser), ("head", self.head)]
-        lines = [f"{'part':<18}{'type':<22}{'params':>12}{'trainable':>12}"]
-        for name, module in [*rows, ("total", self)]:
-            lines.append(
-                f"{name:<18}{type(module).__name__:<22}"
-                f"{count_parameters(module):>12,}{count_parameters(module, True):>12,}"
-            )
-        return "\n".join(lines)
+    def example_inputs(self, batch_size: int = 2) -> dict[str, Any]:
+        """A batch every encoder accepts, on the model's device, for dry runs."""
+        device = next(self.parameters()).device
+        return {
+            m: x.to(device) if isinstance(x, torch.Tensor) else x
+            for m, enc in self.encoders.items()
+            for x in [enc.example_input(batch_size)]
+        }
+
+    def summary(self, max_depth: int = 4) -> str:
+        """Keras-style table: each module's type, output shape, parameters, trainable."""
+        inputs = self.example_inputs()
+        return summarize(self, lambda: self(inputs), max_depth=max_depth)

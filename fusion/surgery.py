@@ -6,7 +6,8 @@ through here, so encoders never poke at a model's private layout themselves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,19 +29,41 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def remove_classifier(model: nn.Module) -> str:
-    """Replace the model's final classifier with `nn.Identity`, whatever the model calls it.
+def find_classifier(model: nn.Module) -> str:
+    """Dotted name of the model's final classification layer, whatever the model calls it.
 
-    Returns the attribute name that was replaced, so a caller can report what it removed.
+    The classifier attribute is found by its conventional name (`fc`, `classifier`, `head`,
+    `heads`); inside a container (VGG's and ConvNeXt's `classifier`, ViT's `heads`) it is
+    the last `nn.Linear`, so the norm and flatten layers before it are kept.
     """
     for name in CLASSIFIER_NAMES:
-        if isinstance(getattr(model, name, None), nn.Module):
-            replace_module(model, name, nn.Identity())
+        attr = getattr(model, name, None)
+        if isinstance(attr, nn.Linear):
             return name
+        if isinstance(attr, nn.Module):
+            linears = [n for n, m in attr.named_modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return f"{name}.{linears[-1]}"
     raise ValueError(
-        f"{type(model).__name__} has no classifier attribute among {CLASSIFIER_NAMES}; "
+        f"{type(model).__name__} has no classifier among {CLASSIFIER_NAMES}; "
         f"its top-level children are {[n for n, _ in model.named_children()]}"
     )
+
+
+def remove_classifier(model: nn.Module) -> str:
+    """Replace the final classifier with `nn.Identity`; return its dotted name."""
+    name = find_classifier(model)
+    replace_module(model, name, nn.Identity())
+    return name
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> nn.Linear:
+    """Swap the final classifier for a fresh `nn.Linear` with the same input size."""
+    name = find_classifier(model)
+    old = model.get_submodule(name)
+    new = nn.Linear(old.in_features, num_classes).to(old.weight.device)
+    replace_module(model, name, new)
+    return new
 
 
 def first_module_of_type(model: nn.Module, kind: type[nn.Module]) -> tuple[str, nn.Module]:
@@ -125,6 +148,224 @@ def set_trainable(modules: nn.Module | Iterable[nn.Module], trainable: bool) -> 
     for module in modules:
         for param in module.parameters():
             param.requires_grad_(trainable)
+
+
+def set_trainable_by_pattern(
+    model: nn.Module, patterns: str | Sequence[str], trainable: bool
+) -> list[str]:
+    """Freeze or unfreeze the parameters whose names match any glob pattern.
+
+    Returns the names it changed; a pattern that matches nothing is an error that lists a
+    few parameter names, since a silent no-op is how "frozen" layers end up training.
+    """
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    names = [name for name, _ in model.named_parameters()]
+    changed = []
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(
+                f"pattern '{pattern}' matches no parameter of {type(model).__name__}; "
+                f"names look like {names[:4]} ... {names[-2:]}"
+            )
+        changed += hits
+    params = dict(model.named_parameters())
+    for name in changed:
+        params[name].requires_grad_(trainable)
+    return changed
+
+
+def stages(model: nn.Module, min_stages: int = 4) -> list[tuple[str, nn.Module]]:
+    """The model's blocks in forward order, for "freeze all but the last N" and layer decay.
+
+    Top-level children that own parameters are the stages; while there are fewer than
+    `min_stages`, the largest container among them is expanded into its children (so a
+    MobileNet's `features` or a ViT's `encoder.layers` become one stage per block).
+    """
+    found = [(n, m) for n, m in model.named_children() if _has_params(m)]
+    while len(found) < min_stages:
+        sizes = [count_parameters(m) if len(list(m.children())) > 1 else -1 for _, m in found]
+        if not sizes or max(sizes) < 0:
+            break
+        i = sizes.index(max(sizes))
+        name, container = found[i]
+        children = [(f"{name}.{n}", m) for n, m in container.named_children() if _has_params(m)]
+        found[i : i + 1] = children
+    return found
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def freeze_all_but_last(model: nn.Module, n: int) -> list[str]:
+    """Freeze every stage but the last `n` (n=0 freezes all); return the trainable stages."""
+    found = stages(model)
+    if not 0 <= n <= len(found):
+        raise ValueError(
+            f"cannot keep the last {n} stages trainable: {type(model).__name__} has "
+            f"{len(found)} stages {[name for name, _ in found]}"
+        )
+    set_trainable(model, False)
+    keep = found[len(found) - n :] if n else []
+    set_trainable([m for _, m in keep], True)
+    return [name for name, _ in keep]
+
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Put batch norms whose affine parameters are all frozen in eval mode.
+
+    Called after every `train()`: a frozen batch-norm layer must keep its running
+    statistics, or "frozen" layers would still change as the model trains.
+    """
+    for module in model.modules():
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+        if is_bn and not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+class GradualUnfreezing:
+    """Unfreeze a model's stages from the last to the first as training progresses.
+
+    From `start_epoch`, every `every` epochs `stages_per_step` more stages become
+    trainable (ULMFiT's schedule). The optimizer should hold all parameters from the
+    start; frozen ones have no gradient, so it leaves them untouched until they thaw.
+    """
+
+    def __init__(
+        self, model: nn.Module, start_epoch: int = 1, every: int = 1, stages_per_step: int = 1
+    ) -> None:
+        if start_epoch < 1 or every < 1 or stages_per_step < 1:
+            raise ValueError(
+                "start_epoch, every and stages_per_step must be >= 1, got "
+                f"{start_epoch}, {every}, {stages_per_step}"
+            )
+        self.model = model
+        self.stages = stages(model)
+        self.start_epoch, self.every, self.stages_per_step = start_epoch, every, stages_per_step
+
+    def trainable_stages(self, epoch: int) -> int:
+        if epoch < self.start_epoch:
+            return 0
+        steps = 1 + (epoch - self.start_epoch) // self.every
+        return min(len(self.stages), steps * self.stages_per_step)
+
+    def step(self, epoch: int) -> list[str]:
+        """Apply the schedule for `epoch` (1-based); return the stages now trainable."""
+        n = self.trainable_stages(epoch)
+        set_trainable(self.model, False)
+        thawed = self.stages[len(self.stages) - n :] if n else []
+        set_trainable([m for _, m in thawed], True)
+        return [name for name, _ in thawed]
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    lr_mult: Mapping[str, float] | None = None,
+    weight_decay_for: Mapping[str, float] | None = None,
+    layer_decay: float | None = None,
+    decay_roots: Sequence[str] = ("",),
+    no_decay_norm_bias: bool = True,
+) -> list[dict]:
+    """Optimizer parameter groups with per-part learning rates and weight decay.
+
+    - `lr_mult`: glob pattern on parameter names -> learning-rate multiplier (first match
+      wins), e.g. `{"encoders.*.backbone.*": 0.1}` to fine-tune backbones gently.
+    - `weight_decay_for`: pattern -> weight decay, e.g. L2 on new layers only.
+    - `layer_decay`: layer-wise decay over the stages of each module in `decay_roots`
+      ("" is the whole model); stage i of n gets `layer_decay ** (n - 1 - i)`.
+    - `no_decay_norm_bias`: biases and normalization weights get no weight decay.
+    All parameters are included, frozen ones too, so that unfreezing later needs no new
+    optimizer.
+    """
+    lr_mult = dict(lr_mult or {})
+    weight_decay_for = dict(weight_decay_for or {})
+    stage_scale = {}
+    if layer_decay is not None:
+        for root in decay_roots:
+            stage_scale.update(_layer_decay_scales(model, layer_decay, root))
+    no_decay = _norm_and_bias_names(model) if no_decay_norm_bias else set()
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        mult = next((m for p, m in lr_mult.items() if fnmatch.fnmatchcase(name, p)), 1.0)
+        scale = next((v for prefix, v in stage_scale.items() if name.startswith(prefix)), 1.0)
+        decay = next(
+            (d for p, d in weight_decay_for.items() if fnmatch.fnmatchcase(name, p)), weight_decay
+        )
+        if name in no_decay:
+            decay = 0.0
+        groups.setdefault((lr * mult * scale, decay), []).append(param)
+    return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
+
+
+def _layer_decay_scales(model: nn.Module, layer_decay: float, root: str) -> dict[str, float]:
+    target = model.get_submodule(root) if root else model
+    prefix = f"{root}." if root else ""
+    found = stages(target)
+    n = len(found)
+    return {f"{prefix}{name}.": layer_decay ** (n - 1 - i) for i, (name, _) in enumerate(found)}
+
+
+def _norm_and_bias_names(model: nn.Module) -> set[str]:
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if param_name == "bias" or isinstance(module, NORM_TYPES):
+                names.add(full)
+    return names
+
+
+LAYER_TYPES = ("linear", "conv", "pool", "flatten", "dropout", "relu", "gelu", "batchnorm")
+
+
+def build_layers(specs: Sequence[Mapping[str, object]] | None) -> nn.Sequential | None:
+    """New layers from plain specs, each sized by the layer before it (lazy modules).
+
+    `[{"type": "conv", "channels": 256, "kernel": 3}, {"type": "pool"}, {"type": "flatten"},
+    {"type": "dropout", "p": 0.2}, {"type": "linear", "dim": 128}]`. Input sizes are never
+    written down: `nn.LazyLinear` and `nn.LazyConv2d` learn them at the encoder's dry run.
+    """
+    if not specs:
+        return None
+    layers: list[nn.Module] = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        kind = spec.pop("type", None)
+        try:
+            layers.append(_make_layer(kind, spec))
+        except TypeError as err:
+            raise ValueError(f"layer {i} ({kind}): {err}") from None
+        except KeyError:
+            raise ValueError(
+                f"layer {i}: unknown type '{kind}'; expected one of {LAYER_TYPES}"
+            ) from None
+    return nn.Sequential(*layers)
+
+
+def _make_layer(kind: object, spec: dict) -> nn.Module:
+    factories = {
+        "linear": lambda dim, bias=True: nn.LazyLinear(dim, bias=bias),
+        "conv": lambda channels, kernel=3, stride=1: nn.Sequential(
+            nn.LazyConv2d(channels, kernel, stride=stride, padding=kernel // 2),
+            nn.LazyBatchNorm2d(),
+            nn.ReLU(),
+        ),
+        "pool": lambda kind="avg": (
+            nn.AdaptiveAvgPool2d(1) if kind == "avg" else nn.AdaptiveMaxPool2d(1)
+        ),
+        "flatten": lambda: nn.Flatten(1),
+        "dropout": lambda p=0.1: nn.Dropout(p),
+        "relu": lambda: nn.ReLU(),
+        "gelu": lambda: nn.GELU(),
+        "batchnorm": lambda: nn.LazyBatchNorm1d(),
+    }
+    return factories[kind](**spec)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

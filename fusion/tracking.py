@@ -71,6 +71,14 @@ class Tracker:
         if self._wandb_run is not None:
             self._wandb_run.log(dict(metrics), step=step)
 
+    def log_text(self, name: str, text: str) -> Path:
+        """Save `text` as `<name>.txt` in the run directory, and with the W&B run's files."""
+        path = self.run_dir / f"{name}.txt"
+        path.write_text(text + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.save(str(path), base_path=str(self.run_dir), policy="now")
+        return path
+
     def update_summary(self, metrics: Mapping[str, Any]) -> None:
         """Merge `metrics` into `summary.json` (rewritten whole each time) and the W&B summary."""
         self._summary.update({k: _jsonable(v) for k, v in metrics.items()})

@@ -1,59 +1,404 @@
-"""Load weights into a module and report exactly what matched."""
+"""Load weights from any source into a module, and report exactly what matched.
+
+One entry point, `load_weights`, takes a state dict, a checkpoint file (plain, safetensors,
+Lightning, timm, our trainer's), a torchvision weights enum (or its name) or a torchaudio
+wav2vec2-family bundle. Pretrained weights come through the torch hub cache,
+`$TORCH_HOME/hub/checkpoints/<file name from the url>`, so a file placed there loads offline.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import os
+import pickle
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeAlias
+from urllib.parse import urlparse
 
 import torch
+import torchaudio.pipelines
 from torch import nn
+from torchvision.models import WeightsEnum, get_model_weights, get_weight, list_models
+
+WeightsSource: TypeAlias = (
+    Mapping[str, Any] | str | os.PathLike[str] | WeightsEnum | torchaudio.pipelines.Wav2Vec2Bundle
+)
+Shape: TypeAlias = tuple[int, ...]
+
+# Prefixes that wrappers put in front of every key: DDP, torch.compile, Lightning's usual attribute.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+# Suffixes that make a string a file path rather than a weights name.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
+# Keys only a Lightning checkpoint has next to its "state_dict".
+LIGHTNING_KEYS = ("pytorch-lightning_version", "global_step", "optimizer_states", "loops")
+# Entries that hold the state dict in other checkpoints, in the order to prefer them: timm's
+# train.py writes "state_dict" (+ "state_dict_ema"/"model_ema", preferred as timm's loader does),
+# our trainer and DeiT-style files write "model".
+CONTAINER_ENTRIES = (
+    ("state_dict_ema", "timm"),
+    ("model_ema", "timm"),
+    ("state_dict", "timm"),
+    ("model", "trainer"),
+)
+TORCHAUDIO_MODELS_URL = "https://download.pytorch.org/torchaudio/models/"
+TORCHAUDIO_PREFIX = "torchaudio.pipelines."
+PREVIEW = 5
+MAX_WRAPPERS = 3  # e.g. 'model.module._orig_mod.'
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither in the hub cache nor downloadable (offline machine)."""
+
+    def __init__(self, name: str, url: str, path: Path, reason: BaseException) -> None:
+        self.url, self.path = url, path
+        home = os.environ.get("TORCH_HOME", "unset, so ~/.cache/torch")
+        super().__init__(
+            f"weights {name} are not in the torch hub cache and could not be downloaded "
+            f"({reason}). Download {url} on a machine with network access and place it at\n"
+            f"  {path}\n"
+            f"(the cache directory is torch.hub.get_dir()/checkpoints = {path.parent}, which "
+            f"follows $TORCH_HOME/hub; TORCH_HOME is {home})."
+        )
+
+
+class IncompleteLoadError(ValueError):
+    """A strict load found missing or shape-mismatched keys; the module was left untouched."""
+
+    def __init__(self, report: LoadReport) -> None:
+        self.report = report
+        super().__init__(f"incomplete load (pass strict=False to load what fits):\n{report}")
 
 
 @dataclass
 class LoadReport:
-    """What a load did: keys loaded, and every key that did not fit."""
+    """What a load did: where the weights came from, what loaded, and every key that did not fit."""
 
+    target: str = ""
+    source: str = "state dict"
+    format: str = "state_dict"
+    entry: str | None = None
+    stripped: list[str] = field(default_factory=list)
+    prefix: str = ""
+    renamed: int = 0
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
+    mismatched: dict[str, tuple[Shape, Shape]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
         return not (self.missing or self.mismatched)
 
+    def summary(self) -> str:
+        """Several lines for the run log; lists show their first few keys and a count."""
+        entry = f"['{self.entry}']" if self.entry else ""
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        lines = [
+            f"{self.target} <- {self.source} [{self.format}{entry}]: "
+            f"loaded {len(self.loaded)}/{total} tensors"
+        ]
+        keys = []
+        if self.stripped:
+            keys.append("stripped " + ", ".join(repr(p) for p in self.stripped))
+        if self.prefix:
+            keys.append(f"selected {self.prefix!r}")
+        if self.renamed:
+            keys.append(f"key_map renamed {self.renamed}")
+        if keys:
+            lines.append("  keys: " + "; ".join(keys))
+        mismatched = [f"{k}: checkpoint {s} vs model {t}" for k, (s, t) in self.mismatched.items()]
+        for name, items in (
+            ("missing", self.missing),
+            ("shape-mismatched", mismatched),
+            ("unexpected", self.unexpected),
+        ):
+            if items:
+                lines.append(f"  {len(items)} {name}: {_preview(items)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclass
+class _Weights:
+    """A state dict read from a source, with what the report says about where it came from."""
+
+    state: dict[str, torch.Tensor]
+    source: str
+    format: str
+    entry: str | None = None
+
 
 def load_weights(
     module: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
+    source: WeightsSource,
+    *,
     prefix: str = "",
+    key_map: Mapping[str, str] | None = None,
     strict: bool = True,
 ) -> LoadReport:
-    """Load the entries of `state_dict` under `prefix` into `module`.
+    """Load weights from `source` into `module` and report what matched.
 
-    With `strict`, anything missing or shape-mismatched raises with the offending keys;
-    a silent partial load is the bug this function exists to prevent.
+    Keys go through, in order: `key_map` (regex -> replacement, on the keys as stored), the
+    automatic stripping of wrapper prefixes (kept only when more keys fit the module), and
+    the selection of the sub-tree under `prefix`. With `strict`, anything missing or
+    shape-mismatched raises `IncompleteLoadError` before the module is touched: a silent
+    partial load is the bug this function exists to prevent. Unexpected keys never raise.
     """
-    source = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    weights = _read(source)
+    state, renamed = _apply_key_map(weights.state, key_map or {})
     target = module.state_dict()
-    report = LoadReport()
-    matched = {}
-    for key, value in source.items():
+    roots = WRAPPER_PREFIXES
+    if weights.format == "lightning":  # keys start with the LightningModule's attribute names
+        roots += tuple(sorted({k.split(".")[0] + "." for k in state}))
+    state, stripped = _strip_wrappers(state, target, prefix, roots)
+    state = _select(state, prefix)
+    report = LoadReport(
+        target=type(module).__name__,
+        source=weights.source,
+        format=weights.format,
+        entry=weights.entry,
+        stripped=stripped,
+        prefix=prefix,
+        renamed=renamed,
+    )
+    for key, value in state.items():
         if key not in target:
             report.unexpected.append(key)
         elif target[key].shape != value.shape:
-            report.mismatched.append(
-                f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}"
-            )
+            report.mismatched[key] = (tuple(value.shape), tuple(target[key].shape))
         else:
-            matched[key] = value
             report.loaded.append(key)
-    report.missing = [k for k in target if k not in source]
+    report.missing = [k for k in target if k not in state]
     if strict and not report.complete:
-        raise ValueError(
-            f"loading {type(module).__name__} from prefix '{prefix}' is incomplete: "
-            f"missing {report.missing[:5]}{'...' if len(report.missing) > 5 else ''}, "
-            f"shape-mismatched {report.mismatched[:5]}"
-        )
-    module.load_state_dict(matched, strict=False)
+        raise IncompleteLoadError(report)
+    module.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
+
+
+def _read(source: WeightsSource) -> _Weights:
+    """Turn any supported source into a state dict, detecting the container format."""
+    if isinstance(source, Mapping):
+        return _unpack(source, "state dict")
+    if isinstance(source, WeightsEnum):
+        return _from_torchvision(source)
+    if isinstance(source, torchaudio.pipelines.Wav2Vec2Bundle):
+        return _from_torchaudio(source)
+    if isinstance(source, str) and not _looks_like_path(source):
+        return _read(_weights_by_name(source))
+    if isinstance(source, str | os.PathLike):
+        return _read_file(Path(source).expanduser())
+    raise TypeError(
+        f"cannot load weights from a {type(source).__module__}.{type(source).__qualname__}; "
+        "expected a state-dict mapping, a checkpoint path, a torchvision weights enum member "
+        "or its name, or a torchaudio Wav2Vec2Bundle (for other bundles use bundle.get_model())"
+    )
+
+
+def _looks_like_path(text: str) -> bool:
+    """A string is a path if it exists, has a directory part or a checkpoint suffix."""
+    path = Path(text)
+    return path.exists() or path.name != text or path.suffix.lower() in CHECKPOINT_SUFFIXES
+
+
+def _read_file(path: Path) -> _Weights:
+    """Read a checkpoint file without running pickled code (weights_only)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            return _Weights(load_file(path, device="cpu"), str(path), "safetensors")
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        hint = (
+            "; if it is a trusted checkpoint that pickles Python objects, load it with "
+            "torch.load(path, weights_only=False) and pass the result as the source"
+            if isinstance(err, pickle.UnpicklingError)
+            else ""
+        )
+        raise ValueError(
+            f"{path} could not be read as a checkpoint{hint}\n({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{path} holds a {type(content).__name__}, not a state dict")
+    return _unpack(content, str(path))
+
+
+def _unpack(content: Mapping[str, Any], source: str) -> _Weights:
+    """Find the state dict in a checkpoint, telling the container format apart by its keys."""
+    if _is_state_dict(content):
+        return _Weights(dict(content), source, "state_dict")
+    if any(k in content for k in LIGHTNING_KEYS) and _is_state_dict(content.get("state_dict")):
+        return _Weights(dict(content["state_dict"]), source, "lightning", "state_dict")
+    for entry, fmt in CONTAINER_ENTRIES:
+        if _is_state_dict(content.get(entry)):
+            return _Weights(dict(content[entry]), source, fmt, entry)
+    raise ValueError(
+        f"{source} holds no state dict: expected tensors, or one under "
+        f"{[e for e, _ in CONTAINER_ENTRIES]}; its keys are {_preview(list(map(str, content)))}"
+    )
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
+
+
+def _weights_by_name(name: str) -> WeightsEnum | torchaudio.pipelines.Wav2Vec2Bundle:
+    """Resolve 'ResNet18_Weights.IMAGENET1K_V1' or 'torchaudio.pipelines.WAV2VEC2_BASE'."""
+    if name.startswith(TORCHAUDIO_PREFIX):
+        bundle = getattr(torchaudio.pipelines, name.removeprefix(TORCHAUDIO_PREFIX), None)
+        if isinstance(bundle, torchaudio.pipelines.Wav2Vec2Bundle):
+            return bundle
+        raise ValueError(
+            f"{name!r} is not a torchaudio Wav2Vec2Bundle; close matches: "
+            f"{_close_matches(name, _torchaudio_bundle_names())}"
+        )
+    try:
+        return get_weight(name)
+    except (ValueError, KeyError) as err:
+        raise ValueError(
+            f"{name!r} is neither an existing file nor a torchvision weights name like "
+            f"'ResNet18_Weights.IMAGENET1K_V1'; close matches: "
+            f"{_close_matches(name, _torchvision_weight_names())}"
+        ) from err
+
+
+def _torchvision_weight_names() -> list[str]:
+    return [f"{type(w).__name__}.{w.name}" for m in list_models() for w in get_model_weights(m)]
+
+
+def _torchaudio_bundle_names() -> list[str]:
+    return [
+        TORCHAUDIO_PREFIX + name
+        for name, value in vars(torchaudio.pipelines).items()
+        if isinstance(value, torchaudio.pipelines.Wav2Vec2Bundle)
+    ]
+
+
+def _close_matches(name: str, candidates: list[str]) -> list[str]:
+    """Case-insensitive, since a weights name is easily mistyped in a config in the wrong case."""
+    by_lower = {c.lower(): c for c in candidates}
+    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), by_lower, n=3)]
+
+
+def _from_torchvision(weights: WeightsEnum) -> _Weights:
+    """Read torchvision weights through the hub cache, as torchvision's own builders do."""
+    fetch = partial(weights.get_state_dict, map_location="cpu", weights_only=True, check_hash=True)
+    state = _from_hub(str(weights), weights.url, fetch)
+    return _Weights(dict(state), str(weights), "torchvision")
+
+
+def _from_torchaudio(bundle: torchaudio.pipelines.Wav2Vec2Bundle) -> _Weights:
+    """Read a wav2vec2-family bundle's weights through the hub cache, as bundle.get_model does.
+
+    torchaudio downloads `_path` (relative to its models url unless it is a url) with
+    torch.hub.load_state_dict_from_url; `_get_state_dict` also applies the bundle's own
+    fixes (ASR bundles drop unused output rows). Neither has a public alternative.
+    """
+    path = bundle._path
+    url = path if path.startswith("https") else TORCHAUDIO_MODELS_URL + path
+    fetch = partial(bundle._get_state_dict, {"map_location": "cpu", "weights_only": True})
+    name = Path(urlparse(url).path).name
+    return _Weights(dict(_from_hub(name, url, fetch)), f"torchaudio bundle {name}", "torchaudio")
+
+
+def _from_hub(name: str, url: str, fetch: Callable[[], Mapping[str, Any]]) -> Mapping[str, Any]:
+    """Run a torch hub fetch, turning 'not cached and offline' into where to put the file."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if cached.is_file():
+        try:
+            return fetch()
+        except Exception as err:
+            raise ValueError(
+                f"cached weights {cached} could not be read ({type(err).__name__}: {err}); "
+                "delete the file to download it again"
+            ) from err
+    try:
+        return fetch()
+    except OSError as err:  # URLError, timeouts, refused connections: all OSErrors
+        raise WeightsUnavailableError(name, url, cached, err) from err
+
+
+def _apply_key_map(
+    state: dict[str, torch.Tensor], key_map: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Rename keys with each regex -> replacement in turn; refuse to merge two keys into one."""
+    patterns = [(re.compile(p), r) for p, r in key_map.items()]
+    renamed: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, value in state.items():
+        new = key
+        for pattern, replacement in patterns:
+            new = pattern.sub(replacement, new)
+        if new in origin:
+            raise ValueError(f"key_map maps both {origin[new]!r} and {key!r} to {new!r}")
+        origin[new] = key
+        renamed[new] = value
+    return renamed, sum(new != old for new, old in origin.items())
+
+
+def _strip_wrappers(
+    state: dict[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    prefix: str,
+    roots: tuple[str, ...],
+    depth: int = MAX_WRAPPERS,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip the chain of wrapper prefixes that makes the most keys fit the module.
+
+    A chain is searched, not built greedily, because a first strip may fit nothing by itself
+    ('model._orig_mod.' from a compiled model in Lightning). Ties keep the shorter chain, so
+    keys that legitimately start with 'model.' stay.
+    """
+    best: tuple[dict[str, torch.Tensor], list[str]] = (state, [])
+    best_rank = (_fit(state, target, prefix), 0)
+    if depth == 0:
+        return best
+    for root in roots:
+        if (shorter := _strip(state, root)) is None:
+            continue
+        out, chain = _strip_wrappers(shorter, target, prefix, roots, depth - 1)
+        rank = (_fit(out, target, prefix), -1 - len(chain))
+        if rank > best_rank:
+            best, best_rank = (out, [root, *chain]), rank
+    return best
+
+
+def _strip(state: dict[str, torch.Tensor], root: str) -> dict[str, torch.Tensor] | None:
+    """`state` with `root` removed from the keys that have it; None if nothing or a clash."""
+    out = {k.removeprefix(root): v for k, v in state.items()}
+    return out if len(out) == len(state) and out.keys() != state.keys() else None
+
+
+def _fit(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """How many keys under `prefix` would load: same name and same shape in the module."""
+    under = _under(state, prefix)
+    return sum(k in target and target[k].shape == v.shape for k, v in under.items())
+
+
+def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _select(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The sub-tree under `prefix`; an empty one is a wrong prefix, not an empty load."""
+    under = _under(state, prefix)
+    if prefix and not under:
+        depth = max(prefix.count("."), 1)
+        roots = sorted({".".join(k.split(".")[:depth]) + "." for k in state})
+        raise ValueError(f"no key starts with prefix {prefix!r}; keys start with {_preview(roots)}")
+    return under
+
+
+def _preview(items: list[str]) -> str:
+    shown = ", ".join(items[:PREVIEW])
+    return shown + (f" and {len(items) - PREVIEW} more" if len(items) > PREVIEW else "")

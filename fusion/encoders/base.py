@@ -8,7 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.surgery import set_trainable
+from fusion.surgery import (
+    freeze_all_but_last,
+    freeze_norm_statistics,
+    set_trainable,
+    set_trainable_by_pattern,
+)
 
 
 class Encoder(nn.Module):
@@ -20,8 +25,10 @@ class Encoder(nn.Module):
     dry run on `example_input()`, never computed by hand: `(D,)` for a vector, `(T, D)` for
     a token sequence, `(C, H, W)` for a feature map.
 
-    Subclasses for non-tensor inputs override `example_input`; everything else lives in the
-    `preprocess` and `backbone` modules, so `forward` stays `backbone(preprocess(x))`.
+    The forward pass is `post(backbone(pre(preprocess(x))))`: `preprocess` is fixed input
+    handling (normalization, spectrogram), `pre` and `post` are new trainable layers added
+    before and after the pretrained `backbone` (lazy modules, sized by the dry run).
+    Subclasses for non-tensor inputs override `example_input`.
     """
 
     def __init__(
@@ -29,10 +36,14 @@ class Encoder(nn.Module):
         backbone: nn.Module,
         input_shape: Sequence[int] | None,
         preprocess: nn.Module | None = None,
+        pre: nn.Module | None = None,
+        post: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.preprocess = preprocess if preprocess is not None else nn.Identity()
+        self.pre = pre if pre is not None else nn.Identity()
         self.backbone = backbone
+        self.post = post if post is not None else nn.Identity()
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.frozen = False
         self.out_shape = self._infer_out_shape()
@@ -79,7 +90,7 @@ class Encoder(nn.Module):
             )
 
     def forward(self, x: Any) -> torch.Tensor:
-        return self.backbone(self.preprocess(x))
+        return self.post(self.backbone(self.pre(self.preprocess(x))))
 
     def freeze(self) -> Encoder:
         """Stop training this encoder: no gradients, and eval mode even under `model.train()`.
@@ -97,4 +108,41 @@ class Encoder(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> Encoder:
-        return super().train(mode and not self.frozen)
+        super().train(mode and not self.frozen)
+        freeze_norm_statistics(self)
+        return self
+
+
+FREEZE_CHOICES = ("none", "all", "backbone")
+
+
+def apply_freeze(
+    encoder: Encoder,
+    freeze: bool | str | Sequence[str] | None = None,
+    trainable_stages: int | None = None,
+) -> Encoder:
+    """Freeze part of an encoder, as its config asks.
+
+    `freeze`: `None`/"none" trains everything; "all" (or `True`) freezes the encoder;
+    "backbone" freezes the pretrained backbone but not the new `pre`/`post` layers, and with
+    `trainable_stages=N` keeps its last N stages trainable; a list of glob patterns freezes
+    the matching parameter names (e.g. `["backbone.conv1.*", "backbone.layer1.*"]`).
+    """
+    if freeze is None or freeze is False or freeze == "none":
+        if trainable_stages is not None:
+            raise ValueError("trainable_stages needs freeze='backbone'")
+        return encoder
+    if freeze is True or freeze == "all":
+        return encoder.freeze()
+    if freeze == "backbone":
+        if trainable_stages is None:
+            set_trainable(encoder.backbone, False)
+        else:
+            freeze_all_but_last(encoder.backbone, trainable_stages)
+    elif isinstance(freeze, str):
+        raise ValueError(
+            f"freeze must be one of {FREEZE_CHOICES} or a list of patterns, got '{freeze}'"
+        )
+    else:
+        set_trainable_by_pattern(encoder, list(freeze), False)
+    return encoder.train(encoder.training)

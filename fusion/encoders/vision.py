@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Mapping, Sequence
 
 import torch
+import torchvision
+from einops import rearrange
 from torch import nn
-from torchvision.models import get_model
+from torchvision.models import WeightsEnum, get_model, get_model_weights, get_weight, list_models
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from fusion import surgery
-from fusion.encoders.base import Encoder
+from fusion.encoders.base import Encoder, apply_freeze
+from fusion.weights import load_weights
+
+OUTPUTS = ("pooled", "map", "tokens")
 
 
 class Standardize(nn.Module):
@@ -24,35 +31,225 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class NodeOutput(nn.Module):
+    """An FX feature extractor reduced to the one node it returns, in the form asked for."""
+
+    def __init__(self, extractor: nn.Module, output: str) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.extractor(x)["features"]
+        if self.output == "pooled":
+            return features.mean(dim=(2, 3)) if features.dim() == 4 else features.mean(dim=1)
+        if self.output == "tokens" and features.dim() == 4:
+            return rearrange(features, "b c h w -> b (h w) c")
+        return features
+
+
+def classification_models() -> list[str]:
+    return list_models(module=torchvision.models)
+
+
+def resolve_weights(name: str, weights: str | WeightsEnum | None) -> WeightsEnum | None:
+    """`"DEFAULT"`, `"IMAGENET1K_V1"`, `"ResNet18_Weights.IMAGENET1K_V1"` or an enum -> enum."""
+    if weights is None or isinstance(weights, WeightsEnum):
+        return weights
+    if "." in weights:
+        try:
+            return get_weight(weights)
+        except (ValueError, KeyError, AttributeError):
+            pass
+    enum = get_model_weights(name)
+    try:
+        return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        available = list(dict.fromkeys(["DEFAULT", *enum.__members__]))
+        raise ValueError(
+            f"model '{name}' has no weights '{weights}'; available: {available}"
+        ) from None
+
+
+def build_backbone(name: str, weights: WeightsEnum | None) -> nn.Module:
+    """Build a torchvision model by name, with its weights loaded through `fusion.weights`."""
+    if name not in classification_models():
+        close = difflib.get_close_matches(name, classification_models(), n=5)
+        raise ValueError(f"unknown torchvision model '{name}'; did you mean {close}?")
+    if weights is None:
+        return get_model(name)
+    model = get_model(name, num_classes=len(weights.meta["categories"]))
+    load_weights(model, weights)
+    return model
+
+
+def default_map_node(model: nn.Module) -> str:
+    """The last graph node before the final pooling: the backbone's last feature map."""
+    nodes = get_graph_node_names(model)[1]
+    pools = [i for i, n in enumerate(nodes) if "pool" in n.split(".")[-1]]
+    if not pools:
+        raise ValueError(
+            f"{type(model).__name__} has no final pooling node; pass layer=<node name>, "
+            f"e.g. one of {nodes[-5:]}"
+        )
+    return nodes[pools[-1] - 1]
+
+
+def tap_node(model: nn.Module, layer: str | None, output: str) -> nn.Module:
+    """A module returning graph node `layer` (torchvision's FX feature extraction)."""
+    nodes = get_graph_node_names(model)[1]
+    layer = layer or default_map_node(model)
+    if layer not in nodes:
+        close = difflib.get_close_matches(layer, nodes, n=5, cutoff=0.5)
+        raise ValueError(
+            f"{type(model).__name__} has no node '{layer}'; close matches: {close}; list all "
+            f"{len(nodes)} with torchvision.models.feature_extraction.get_graph_node_names"
+        )
+    return NodeOutput(create_feature_extractor(model, return_nodes={layer: "features"}), output)
+
+
 def build_vision_encoder(
     name: str = "resnet18",
     weights: str | None = None,
+    weights_file: str | None = None,
+    weights_prefix: str | None = None,
+    strict: bool = True,
     in_channels: int = 3,
     image_size: Sequence[int] = (224, 224),
     small_input_stem: bool = False,
+    output: str = "pooled",
+    layer: str | None = None,
+    use_weights_transforms: bool = True,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    pre: Sequence[Mapping] | None = None,
+    post: Sequence[Mapping] | None = None,
+    freeze: bool | str | Sequence[str] | None = None,
+    trainable_stages: int | None = None,
 ) -> Encoder:
-    """A torchvision classifier turned into a feature encoder.
+    """A torchvision classifier turned into a feature encoder, configured in plain arguments.
 
-    The model is built by name with `torchvision.models.get_model`, its classifier is
-    removed, its stem is optionally adapted to small images and to `in_channels`, and
-    standardization is part of the encoder so it consumes raw [0, 1] images.
+    - `weights`: torchvision weights by name (`"DEFAULT"`, `"IMAGENET1K_V1"`), loaded from
+      the torch hub cache; `weights_file`: any checkpoint `fusion.weights` reads.
+    - `output`: "pooled" vector, spatial "map" [C, H, W], or "tokens" [H*W, C]; `layer`
+      taps any graph node instead of the last one.
+    - `small_input_stem` / `in_channels`: stem surgery that keeps pretrained filters.
+    - `pre` / `post`: new layers before / after the backbone (`surgery.build_layers` specs).
+    - `freeze` / `trainable_stages`: see `fusion.encoders.base.apply_freeze`.
+    Preprocessing is part of the encoder, so it consumes raw [0, 1] images: the weights'
+    own `transforms()` when they exist (3 channels), else standardization.
     """
-    backbone = get_model(name, weights=weights)
-    surgery.remove_classifier(backbone)
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got '{output}'")
+    enum = resolve_weights(name, weights)
+    backbone = build_backbone(name, enum)
+    if weights_file is not None:
+        load_weights(backbone, weights_file, prefix=weights_prefix, strict=strict)
     if small_input_stem:
         surgery.adapt_stem_for_small_inputs(backbone)
     surgery.adapt_input_channels(backbone, in_channels)
-    mean = mean if mean is not None else [0.5] * in_channels
-    std = std if std is not None else [0.25] * in_channels
+    if output == "pooled" and layer is None:
+        surgery.remove_classifier(backbone)
+    else:
+        backbone = tap_node(backbone, layer, output)
+    return apply_freeze(
+        Encoder(
+            backbone,
+            input_shape=(in_channels, *image_size),
+            preprocess=image_preprocess(enum, in_channels, mean, std, use_weights_transforms),
+            pre=surgery.build_layers(pre),
+            post=surgery.build_layers(post),
+        ),
+        freeze,
+        trainable_stages,
+    )
+
+
+def image_preprocess(
+    weights: WeightsEnum | None,
+    in_channels: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    use_weights_transforms: bool,
+) -> nn.Module:
+    if weights is not None and use_weights_transforms and in_channels == 3 and mean is None:
+        return weights.transforms()
+    mean = list(mean) if mean is not None else [0.5] * in_channels
+    std = list(std) if std is not None else [0.25] * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(
             f"mean and std need {in_channels} values (one per input channel), "
             f"got {len(mean)} and {len(std)}"
         )
-    return Encoder(
-        backbone,
-        input_shape=(in_channels, *image_size),
-        preprocess=Standardize(mean, std),
+    return Standardize(mean, std)
+
+
+def build_timm_encoder(
+    name: str,
+    pretrained: bool = False,
+    weights_file: str | None = None,
+    strict: bool = True,
+    in_channels: int = 3,
+    image_size: Sequence[int] = (224, 224),
+    output: str = "pooled",
+    feature_index: int = -1,
+    pre: Sequence[Mapping] | None = None,
+    post: Sequence[Mapping] | None = None,
+    freeze: bool | str | Sequence[str] | None = None,
+    trainable_stages: int | None = None,
+) -> Encoder:
+    """A timm model as an encoder (optional extra: `pip install 'fusion[timm]'`).
+
+    "pooled" uses timm's `num_classes=0`; "map" and "tokens" use `features_only` and take
+    the feature level `feature_index`. Normalization comes from the model's pretrained config.
+    """
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError("timm encoders need timm: pip install 'fusion[timm]'") from err
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got '{output}'")
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise ValueError(f"unknown timm model '{name}'; did you mean {close}?")
+    kwargs = {"in_chans": in_channels}
+    if output == "pooled":
+        kwargs["num_classes"] = 0
+    else:
+        kwargs["features_only"] = True
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if weights_file is not None:
+        load_weights(model, weights_file, strict=strict)
+    config = model.pretrained_cfg
+    mean = list(config.get("mean", (0.5,) * 3))
+    std = list(config.get("std", (0.25,) * 3))
+    if len(mean) != in_channels:
+        mean, std = [sum(mean) / len(mean)] * in_channels, [sum(std) / len(std)] * in_channels
+    backbone = model if output == "pooled" else TimmFeatureLevel(model, feature_index, output)
+    return apply_freeze(
+        Encoder(
+            backbone,
+            input_shape=(in_channels, *image_size),
+            preprocess=Standardize(mean, std),
+            pre=surgery.build_layers(pre),
+            post=surgery.build_layers(post),
+        ),
+        freeze,
+        trainable_stages,
     )
+
+
+class TimmFeatureLevel(nn.Module):
+    """One level of a timm `features_only` model, as a map or flattened tokens."""
+
+    def __init__(self, model: nn.Module, index: int, output: str) -> None:
+        super().__init__()
+        self.model = model
+        self.index = index
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model(x)[self.index]
+        if self.output == "tokens":
+            return rearrange(features, "b c h w -> b (h w) c")
+        return features

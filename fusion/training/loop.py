@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data.collate import Batch
+from fusion.surgery import param_groups
 
 
 def set_seed(seed: int) -> None:
@@ -82,24 +83,31 @@ def fit(
     lr: float,
     weight_decay: float,
     device: torch.device,
+    groups: list[dict] | None = None,
+    before_epoch: Callable[[int], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     desc: str = "fit",
 ) -> dict[str, float]:
-    """Train the trainable parameters with AdamW and cosine decay; keep the best on validation.
+    """Train with AdamW and cosine decay; keep the weights of the best validation epoch.
 
-    Returns the best epoch's metrics. The model ends holding that epoch's weights, which is
-    what a researcher evaluates on the test split.
+    `groups` are optimizer parameter groups (`fusion.surgery.param_groups`; by default all
+    parameters, with no weight decay on norms and biases). They may include frozen
+    parameters: those get no gradient and stay untouched until `before_epoch` (a gradual
+    unfreezing schedule, say) makes them trainable. Returns the best epoch's metrics; the
+    model ends holding that epoch's weights, which is what gets evaluated on test.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("fit: the model has no trainable parameters")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups = groups if groups is not None else param_groups(model, lr, weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     best: dict[str, float] = {}
     best_state = None
     for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=None):
+        if before_epoch is not None:
+            before_epoch(epoch)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"{desc}: the model has no trainable parameters at epoch {epoch}")
         train = train_epoch(model, train_batches, optimizer, device, desc=f"{desc} epoch {epoch}")
         scheduler.step()
         val = evaluate(model, val_batches, device)

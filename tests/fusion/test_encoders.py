@@ -31,21 +31,6 @@ def test_logmel_is_level_invariant():
     assert torch.allclose(front(wave), front(10 * wave), atol=1e-3)
 
 
-@pytest.mark.parametrize(
-    ("name", "attr"),
-    [("resnet18", "fc"), ("mobilenet_v3_small", "classifier"), ("vit_b_16", "heads")],
-)
-def test_remove_classifier_finds_it_by_name(name, attr):
-    model = get_model(name)
-    assert surgery.remove_classifier(model) == attr
-    assert isinstance(getattr(model, attr), nn.Identity)
-
-
-def test_remove_classifier_explains_failure():
-    with pytest.raises(ValueError, match="no classifier attribute"):
-        surgery.remove_classifier(nn.Sequential(nn.Linear(2, 2)))
-
-
 def test_one_channel_stem_keeps_pretrained_response():
     model = get_model("resnet18").eval()
     grey = torch.rand(1, 1, 32, 32)
@@ -73,3 +58,49 @@ def test_frozen_encoder_has_no_gradients_and_stays_in_eval():
     enc.unfreeze()
     parent.train()
     assert enc.training and all(p.requires_grad for p in enc.parameters())
+
+
+@pytest.mark.parametrize(
+    ("output", "layer", "shape"),
+    [
+        ("pooled", None, (512,)),
+        ("map", None, (512, 2, 2)),
+        ("tokens", None, (4, 512)),
+        ("pooled", "layer3.1.relu_1", (256,)),
+        ("map", "layer2.0.relu", (128, 8, 8)),
+    ],
+)
+def test_vision_outputs(output, layer, shape):
+    enc = build_vision_encoder("resnet18", image_size=(64, 64), output=output, layer=layer)
+    assert enc.out_shape == shape
+    assert enc(torch.rand(2, 3, 64, 64)).shape == (2, *shape)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "resnt18"}, r"unknown torchvision model 'resnt18'; did you mean \['resnet18'"),
+        (
+            {"weights": "IMAGENET9K"},
+            r"no weights 'IMAGENET9K'; available: \['DEFAULT', 'IMAGENET1K_V1'\]",
+        ),
+        (
+            {"layer": "layer4.1.relu2"},
+            r"no node 'layer4.1.relu2'; close matches: \['layer4.1.relu'",
+        ),
+        ({"output": "grid"}, "output must be one of"),
+    ],
+)
+def test_vision_bad_input_is_explained(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_vision_encoder(**{"name": "resnet18", "image_size": (32, 32), **kwargs})
+
+
+@pytest.mark.parametrize(("output", "shape"), [("pooled", (512,)), ("tokens", (4, 512))])
+def test_timm_encoder(output, shape):
+    from fusion.encoders.vision import build_timm_encoder
+
+    enc = build_timm_encoder("resnet18", in_channels=1, image_size=(64, 64), output=output)
+    assert enc.out_shape == shape
+    with pytest.raises(ValueError, match="unknown timm model 'resnet-18'"):
+        build_timm_encoder("resnet-18")

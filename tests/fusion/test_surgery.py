@@ -1,0 +1,200 @@
+import pytest
+import torch
+from torch import nn
+from torchvision.models import get_model
+
+from fusion import surgery
+from fusion.encoders import build_vision_encoder
+
+
+def small_resnet(**kwargs):
+    return build_vision_encoder(
+        "resnet18", in_channels=1, image_size=(16, 16), small_input_stem=True, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "classifier", "out_dim"),
+    [
+        ("resnet18", "fc", 512),
+        ("mobilenet_v3_small", "classifier.3", 1024),
+        ("convnext_tiny", "classifier.2", 768),
+        ("vgg11", "classifier.6", 4096),
+    ],
+)
+def test_remove_classifier_keeps_a_feature_vector(name, classifier, out_dim):
+    model = get_model(name).eval()
+    assert surgery.remove_classifier(model) == classifier
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, out_dim)
+
+
+def test_vit_classifier_is_found_inside_heads():
+    assert surgery.find_classifier(get_model("vit_b_16")) == "heads.head"
+
+
+def test_replace_classifier_infers_its_input_size():
+    model = get_model("mobilenet_v3_small").eval()
+    surgery.replace_classifier(model, num_classes=7)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_classifier_not_found_is_explained():
+    with pytest.raises(ValueError, match="has no classifier"):
+        surgery.find_classifier(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_stages_follow_forward_order():
+    names = [name for name, _ in surgery.stages(get_model("resnet18"))]
+    assert names == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+    mobilenet = [name for name, _ in surgery.stages(get_model("mobilenet_v3_small"))]
+    assert mobilenet[0] == "features.0" and len(mobilenet) > 10
+
+
+def test_freeze_by_pattern_and_errors():
+    model = get_model("resnet18")
+    changed = surgery.set_trainable_by_pattern(model, ["conv1.*", "layer1.*"], False)
+    assert "conv1.weight" in changed and "layer1.0.conv1.weight" in changed
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == set(changed)
+    with pytest.raises(ValueError, match=r"pattern 'layer9\.\*' matches no parameter"):
+        surgery.set_trainable_by_pattern(model, "layer9.*", False)
+
+
+def test_freeze_all_but_last():
+    model = get_model("resnet18")
+    assert surgery.freeze_all_but_last(model, 2) == ["layer4", "fc"]
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4", "fc"}
+    with pytest.raises(ValueError, match="has 7 stages"):
+        surgery.freeze_all_but_last(model, 8)
+
+
+def train_steps(module, inputs, steps=3):
+    optimizer = torch.optim.SGD(surgery.param_groups(module, lr=0.1, weight_decay=0.0), lr=0.1)
+    module.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        module(inputs).pow(2).mean().backward()
+        optimizer.step()
+
+
+def test_frozen_backbone_and_its_batchnorm_stay_put_while_new_layers_train():
+    encoder = small_resnet(freeze="backbone", post=[{"type": "linear", "dim": 8}])
+    backbone = {k: v.clone() for k, v in encoder.backbone.state_dict().items()}
+    post = {k: v.clone() for k, v in encoder.post.state_dict().items()}
+    train_steps(encoder, torch.rand(4, 1, 16, 16))
+    for key, value in encoder.backbone.state_dict().items():
+        assert torch.equal(value, backbone[key]), key  # weights and running statistics
+    assert all(not torch.equal(v, post[k]) for k, v in encoder.post.state_dict().items())
+
+
+def test_trainable_stages_thaw_only_the_last_ones():
+    encoder = small_resnet(freeze="backbone", trainable_stages=1)
+    layer1 = {k: v.clone() for k, v in encoder.backbone.layer1.state_dict().items()}
+    layer4 = encoder.backbone.layer4.state_dict()["0.conv1.weight"].clone()
+    train_steps(encoder, torch.rand(4, 1, 16, 16))
+    assert all(torch.equal(v, layer1[k]) for k, v in encoder.backbone.layer1.state_dict().items())
+    assert not torch.equal(encoder.backbone.layer4.state_dict()["0.conv1.weight"], layer4)
+    assert not encoder.backbone.layer1[0].bn1.training and encoder.backbone.layer4[0].bn1.training
+
+
+def test_freeze_patterns_from_config():
+    encoder = small_resnet(freeze=["backbone.conv1.*", "backbone.bn1.*"])
+    assert not encoder.backbone.conv1.weight.requires_grad
+    assert encoder.backbone.layer1[0].conv1.weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"freeze": "most"}, "freeze must be one of"),
+        ({"trainable_stages": 2}, "trainable_stages needs freeze='backbone'"),
+    ],
+)
+def test_bad_freeze_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_resnet(**kwargs)
+
+
+def test_gradual_unfreezing_thaws_from_the_top():
+    model = get_model("resnet18")
+    schedule = surgery.GradualUnfreezing(model, start_epoch=2, every=2, stages_per_step=1)
+    assert [schedule.trainable_stages(e) for e in range(1, 7)] == [0, 1, 1, 2, 2, 3]
+    assert schedule.step(1) == [] and not any(p.requires_grad for p in model.parameters())
+    assert schedule.step(4) == ["layer4", "fc"]
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4", "fc"}
+
+
+def test_optimizer_leaves_frozen_parameters_until_they_thaw():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    schedule = surgery.GradualUnfreezing(model)
+    optimizer = torch.optim.AdamW(surgery.param_groups(model, lr=0.1, weight_decay=0.1))
+    first = model[0].weight.clone()
+    for epoch in (1, 2):
+        schedule.step(epoch)
+        optimizer.zero_grad()
+        model(torch.rand(4, 3)).sum().backward()
+        optimizer.step()
+        assert torch.equal(model[0].weight, first) == (epoch == 1)
+
+
+def test_param_groups_multipliers_decay_and_coverage():
+    encoder = small_resnet(post=[{"type": "linear", "dim": 4}])
+    groups = surgery.param_groups(
+        encoder,
+        lr=1.0,
+        weight_decay=0.01,
+        lr_mult={"backbone.*": 0.1},
+        weight_decay_for={"post.*": 0.5},
+    )
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in encoder.parameters())  # each exactly once
+    lookup = {id(p): g for g in groups for p in g["params"]}
+    assert lookup[id(encoder.backbone.conv1.weight)]["lr"] == pytest.approx(0.1)
+    assert lookup[id(encoder.backbone.bn1.weight)]["weight_decay"] == 0.0
+    assert lookup[id(encoder.post[0].weight)]["weight_decay"] == 0.5
+    assert lookup[id(encoder.post[0].bias)]["weight_decay"] == 0.0
+
+
+def test_layer_wise_decay_shrinks_towards_the_input():
+    model = nn.ModuleDict({"backbone": get_model("resnet18")})
+    groups = surgery.param_groups(
+        model, lr=1.0, weight_decay=0.0, layer_decay=0.5, decay_roots=["backbone"]
+    )
+    lookup = {id(p): g["lr"] for g in groups for p in g["params"]}
+    backbone = model["backbone"]
+    assert lookup[id(backbone.fc.weight)] == 1.0
+    assert lookup[id(backbone.layer4[0].conv1.weight)] == 0.5
+    assert lookup[id(backbone.conv1.weight)] == 0.5**6
+
+
+def test_new_layers_learn_their_input_sizes():
+    encoder = build_vision_encoder(
+        "resnet18",
+        image_size=(32, 32),
+        output="map",
+        pre=[{"type": "conv", "channels": 3, "kernel": 1}],
+        post=[
+            {"type": "conv", "channels": 32},
+            {"type": "pool", "kind": "max"},
+            {"type": "flatten"},
+            {"type": "dropout", "p": 0.2},
+            {"type": "linear", "dim": 16},
+        ],
+    )
+    assert encoder.out_shape == (16,)
+    assert not any(isinstance(p, nn.parameter.UninitializedParameter) for p in encoder.parameters())
+    assert encoder.post[0][0].weight.shape == (32, 512, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"type": "transformer"}, "unknown type 'transformer'"),
+        ({"type": "linear", "width": 3}, r"layer 0 \(linear\)"),
+    ],
+)
+def test_bad_layer_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        surgery.build_layers([spec])
