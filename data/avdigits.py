@@ -93,6 +93,9 @@ def _check_range(name: str, value: Sequence[float], low: float, high: float) -> 
 class AVDigits(Dataset):
     """One split of AV-Digits; items are `{"image": [1, 8, 8], "audio": [T], "label": int}`.
 
+    With `text_accuracy`, items also carry a third modality, `"text"`: a short caption
+    that guesses the digit, right with that probability (the tri-modal example).
+
     Validation and test samples are drawn once from `seed` (paired clip, occlusion, noise),
     so every evaluation sees the same samples. Training samples, when `augment` is on (the
     default for the train split), get a new clip of the same digit and new degradations at
@@ -112,6 +115,7 @@ class AVDigits(Dataset):
         image_noise_std: float = 0.3,
         audio_snr_db: Sequence[float] = (-10.0, 0.0),
         augment: bool | None = None,
+        text_accuracy: float | None = None,
         max_samples: int | None = None,
         speech_path: str | Path | None = None,
     ) -> None:
@@ -121,6 +125,8 @@ class AVDigits(Dataset):
             raise ValueError(f"fractions must be 3 positive numbers summing to 1, got {fractions}")
         if image_noise_std < 0:
             raise ValueError(f"image_noise_std must be >= 0, got {image_noise_std}")
+        if text_accuracy is not None and not 0.0 <= text_accuracy <= 1.0:
+            raise ValueError(f"text_accuracy must be in [0, 1] or None, got {text_accuracy}")
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
         self.split = split
@@ -128,6 +134,7 @@ class AVDigits(Dataset):
         self.image_noise_std = float(image_noise_std)
         self.audio_snr_db = _check_range("audio_snr_db", audio_snr_db, -60.0, 60.0)
         self.augment = split == "train" if augment is None else bool(augment)
+        self.text_accuracy = text_accuracy
 
         speech_path = SPEECH_ASSET if speech_path is None else speech_path
         speech = load_speech_clips(speech_path)
@@ -162,31 +169,56 @@ class AVDigits(Dataset):
                 raise ValueError(f"no '{split}' speaker says digit {d} in {speech_path}")
         if not self.augment:
             generator = torch.Generator().manual_seed(seed * len(SPLITS) + split_id)
-            samples = [self._draw(i, generator) for i in range(len(self.labels))]
-            self.images = torch.stack([image for image, _ in samples])
-            self.audio = torch.stack([audio for _, audio in samples])
+            self.fixed = [self._draw(i, generator) for i in range(len(self.labels))]
 
-    def _draw(
-        self, index: int, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pair sample `index` with a clip of its digit and degrade both."""
-        pool = self.clip_pool[int(self.labels[index])]
+    def _draw(self, index: int, generator: torch.Generator | None) -> dict[str, object]:
+        """Pair sample `index` with a clip (and a caption) of its digit and degrade them."""
+        label = int(self.labels[index])
+        pool = self.clip_pool[label]
         clip = self.clips[int(pool[torch.randint(len(pool), (), generator=generator)])]
-        image = occlude_and_noise(
-            self.clean_images[index], self.occlusion, self.image_noise_std, generator
-        )
-        audio = place_and_noise(clip, self.clip_samples, self.audio_snr_db, generator)
-        return image, audio
+        item: dict[str, object] = {
+            "image": occlude_and_noise(
+                self.clean_images[index], self.occlusion, self.image_noise_std, generator
+            ),
+            "audio": place_and_noise(clip, self.clip_samples, self.audio_snr_db, generator),
+            "label": label,
+        }
+        if self.text_accuracy is not None:
+            item["text"] = noisy_caption(label, self.text_accuracy, generator)
+        return item
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        if self.augment:
-            image, audio = self._draw(index, None)
-        else:
-            image, audio = self.images[index], self.audio[index]
-        return {"image": image, "audio": audio, "label": int(self.labels[index])}
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return self._draw(index, None) if self.augment else self.fixed[index]
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTIONS = (
+    "I think it is a {}.",
+    "Looks like {} to me.",
+    "Probably the number {}.",
+    "The digit {}, maybe.",
+    "{}?",
+    "My guess would be {}.",
+)
+
+
+def noisy_caption(
+    label: int, accuracy: float, generator: torch.Generator | None = None
+) -> str:
+    """A short guess at the digit that names the right one with probability `accuracy`.
+
+    Otherwise it names one of the nine others. Templates vary, and the digit appears as a
+    word or a numeral, so a text encoder has to read rather than match a fixed string.
+    """
+    guess = label
+    if float(torch.rand((), generator=generator)) >= accuracy:
+        guess = (label + 1 + int(torch.randint(9, (), generator=generator))) % 10
+    template = CAPTIONS[int(torch.randint(len(CAPTIONS), (), generator=generator))]
+    as_word = bool(torch.rand((), generator=generator) < 0.5)
+    return template.format(DIGIT_WORDS[guess] if as_word else str(guess))
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:

@@ -30,6 +30,7 @@ class DataConfig:
     image_noise_std: float = 0.3
     audio_snr_db: list[float] = field(default_factory=lambda: [-10.0, 0.0])
     augment: bool | None = None
+    text_accuracy: float | None = None
     max_samples: int | None = None
     speech_path: str | None = None
 

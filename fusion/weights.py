@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import torch
 import torchaudio.pipelines
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights, get_weight, list_models
 
@@ -75,11 +76,17 @@ class IncompleteLoadError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What a load did: where the weights came from, what loaded, and every key that did not fit."""
+    """What a load did: where the weights came from, what loaded, and every key that did not fit.
 
-    target: str = ""
-    source: str = "state dict"
-    format: str = "state_dict"
+    `format` is the detected container ("state_dict", "safetensors", "lightning", "timm",
+    "trainer", "torchvision", "torchaudio") and `entry` the checkpoint key that held the state
+    dict; `stripped` the wrapper prefixes removed; `mismatched` maps a key to its
+    (checkpoint shape, model shape).
+    """
+
+    target: str
+    source: str
+    format: str
     entry: str | None = None
     stripped: list[str] = field(default_factory=list)
     prefix: str = ""
@@ -138,18 +145,23 @@ def load_weights(
     module: nn.Module,
     source: WeightsSource,
     *,
-    prefix: str = "",
+    prefix: str | None = None,
     key_map: Mapping[str, str] | None = None,
     strict: bool = True,
 ) -> LoadReport:
     """Load weights from `source` into `module` and report what matched.
 
+    `source` is a state dict or a checkpoint dict holding one; a path to a .pt/.pth/.bin,
+    .safetensors, Lightning .ckpt, timm or fusion-trainer checkpoint; a torchvision weights
+    enum member or its name ("ResNet18_Weights.IMAGENET1K_V1"); or a torchaudio Wav2Vec2Bundle
+    or its name ("torchaudio.pipelines.WAV2VEC2_BASE"). Files are read with weights_only.
     Keys go through, in order: `key_map` (regex -> replacement, on the keys as stored), the
     automatic stripping of wrapper prefixes (kept only when more keys fit the module), and
-    the selection of the sub-tree under `prefix`. With `strict`, anything missing or
+    the selection of the sub-tree under `prefix` (None: the whole state dict). With `strict`, anything missing or
     shape-mismatched raises `IncompleteLoadError` before the module is touched: a silent
     partial load is the bug this function exists to prevent. Unexpected keys never raise.
     """
+    prefix = prefix or ""
     weights = _read(source)
     state, renamed = _apply_key_map(weights.state, key_map or {})
     target = module.state_dict()
@@ -184,7 +196,7 @@ def load_weights(
 def _read(source: WeightsSource) -> _Weights:
     """Turn any supported source into a state dict, detecting the container format."""
     if isinstance(source, Mapping):
-        return _unpack(source, "state dict")
+        return _unpack(source, "mapping")
     if isinstance(source, WeightsEnum):
         return _from_torchvision(source)
     if isinstance(source, torchaudio.pipelines.Wav2Vec2Bundle):
@@ -208,13 +220,11 @@ def _looks_like_path(text: str) -> bool:
 
 def _read_file(path: Path) -> _Weights:
     """Read a checkpoint file without running pickled code (weights_only)."""
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            return _Weights(load_file(path, device="cpu"), str(path), "safetensors")
+            return _Weights(load_safetensors(path, device="cpu"), str(path), "safetensors")
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         hint = (
@@ -356,7 +366,8 @@ def _strip_wrappers(
     """Strip the chain of wrapper prefixes that makes the most keys fit the module.
 
     A chain is searched, not built greedily, because a first strip may fit nothing by itself
-    ('model._orig_mod.' from a compiled model in Lightning). Ties keep the shorter chain, so
+    ('model._orig_mod.' from a compiled model in Lightning). `roots` (wrappers, plus Lightning
+    attribute names) are tried first, wrappers inside them. Ties keep the shorter chain, so
     keys that legitimately start with 'model.' stay.
     """
     best: tuple[dict[str, torch.Tensor], list[str]] = (state, [])
@@ -366,7 +377,7 @@ def _strip_wrappers(
     for root in roots:
         if (shorter := _strip(state, root)) is None:
             continue
-        out, chain = _strip_wrappers(shorter, target, prefix, roots, depth - 1)
+        out, chain = _strip_wrappers(shorter, target, prefix, WRAPPER_PREFIXES, depth - 1)
         rank = (_fit(out, target, prefix), -1 - len(chain))
         if rank > best_rank:
             best, best_rank = (out, [root, *chain]), rank

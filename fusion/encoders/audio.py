@@ -7,6 +7,7 @@ so a dataset never has to know what rate a model was trained at.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urlparse
@@ -16,10 +17,10 @@ import torchaudio
 from torch import nn
 from torchaudio.models import wav2vec2_model, wavlm_model
 from torchaudio.pipelines import Wav2Vec2Bundle
-from torchvision.models import get_model
 
 from fusion import surgery
-from fusion.encoders.base import Encoder
+from fusion.encoders.base import Encoder, apply_freeze
+from fusion.encoders.vision import build_backbone, resolve_weights
 from fusion.weights import load_weights
 
 FRONT_ENDS = ("logmel", "mfcc")
@@ -149,6 +150,9 @@ def build_spectrogram_encoder(
     front_end: str = "logmel",
     n_mfcc: int = 20,
     input_sample_rate: int | None = None,
+    post: Sequence[Mapping] | None = None,
+    freeze: bool | str | Sequence[str] | None = None,
+    trainable_stages: int | None = None,
 ) -> Encoder:
     """A log-mel or MFCC front end and a torchvision CNN (any, by name) whose stem takes one channel.
 
@@ -161,11 +165,17 @@ def build_spectrogram_encoder(
         spectral = MFCCFeatures(sample_rate, n_fft, hop_length, n_mels, n_mfcc)
     else:
         raise ValueError(f"front_end must be one of {FRONT_ENDS}, got {front_end!r}")
-    net = get_model(backbone, weights=weights)
+    net = build_backbone(backbone, resolve_weights(backbone, weights))
     surgery.remove_classifier(net)
     surgery.adapt_input_channels(net, 1)
     preprocess = _chain(_resampler(input_sample_rate, sample_rate), spectral)
-    return Encoder(net, input_shape=(clip_samples,), preprocess=preprocess)
+    encoder = Encoder(
+        net,
+        input_shape=(clip_samples,),
+        preprocess=preprocess,
+        post=surgery.build_layers(post),
+    )
+    return apply_freeze(encoder, freeze, trainable_stages)
 
 
 def build_ssl_speech_encoder(
@@ -175,6 +185,9 @@ def build_ssl_speech_encoder(
     pooling: str = "mean",
     input_sample_rate: int | None = None,
     clip_samples: int = 16000,
+    post: Sequence[Mapping] | None = None,
+    freeze: bool | str | Sequence[str] | None = None,
+    trainable_stages: int | None = None,
 ) -> Encoder:
     """A torchaudio speech SSL model (wav2vec 2.0, HuBERT, WavLM) as an encoder.
 
@@ -208,9 +221,13 @@ def build_ssl_speech_encoder(
         _resampler(input_sample_rate, sample_rate),
         WaveformStandardization() if spec._normalize_waveform else None,
     )
-    return Encoder(
-        SSLSpeechBackbone(model, layer, pool), input_shape=(clip_samples,), preprocess=preprocess
+    encoder = Encoder(
+        SSLSpeechBackbone(model, layer, pool),
+        input_shape=(clip_samples,),
+        preprocess=preprocess,
+        post=surgery.build_layers(post),
     )
+    return apply_freeze(encoder, freeze, trainable_stages)
 
 
 def ssl_weights_path(bundle: str) -> Path:

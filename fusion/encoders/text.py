@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion import surgery
-from fusion.encoders.base import Encoder
+from fusion.encoders.base import Encoder, apply_freeze
 
 POOLINGS = ("mean", "cls")
 OUTPUTS = ("pooled", "tokens")
@@ -106,8 +106,8 @@ class TransformerTextBackbone(nn.Module):
 class TextEncoder(Encoder):
     """An Encoder whose input is a list of strings (one per sample; "" where text is absent)."""
 
-    def __init__(self, backbone: TransformerTextBackbone) -> None:
-        super().__init__(backbone, input_shape=None)
+    def __init__(self, backbone: TransformerTextBackbone, post: nn.Module | None = None) -> None:
+        super().__init__(backbone, input_shape=None, post=post)
 
     def example_input(self, batch_size: int = 2) -> list[str]:
         return [f"An example sentence, number {i}." for i in range(batch_size)]
@@ -161,6 +161,9 @@ def build_text_encoder(
     max_length: int = 128,
     normalize: bool = False,
     output: Literal["pooled", "tokens"] = "pooled",
+    post: Sequence[Mapping] | None = None,
+    freeze: bool | str | Sequence[str] | None = None,
+    trainable_stages: int | None = None,
 ) -> TextEncoder:
     """A pretrained Hugging Face text model as an Encoder of list[str].
 
@@ -168,7 +171,8 @@ def build_text_encoder(
     already in the Hugging Face cache: loading never touches the network. `output="pooled"`
     gives [B, D] (`pooling` "mean" over real tokens, or "cls" = token 0; `normalize` makes
     it unit length); `output="tokens"` gives [B, max_length, D] with zeros at padding, and
-    `encoder.padding_mask(texts)` says where that padding is.
+    `encoder.padding_mask(texts)` says where that padding is. `post`, `freeze` and
+    `trainable_stages` are the surgery options every encoder builder shares.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got '{pooling}'")
@@ -204,4 +208,5 @@ def build_text_encoder(
     if limit is not None and max_length > limit:
         raise ValueError(f"max_length {max_length} exceeds the {limit} positions of {source}")
     backbone = TransformerTextBackbone(model, tokenizer, pooling, output, max_length, normalize)
-    return TextEncoder(backbone)
+    encoder = TextEncoder(backbone, post=surgery.build_layers(post))
+    return apply_freeze(encoder, freeze, trainable_stages)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from fusion.encoders.base import Encoder, apply_freeze
 from fusion.weights import load_weights
 
 OUTPUTS = ("pooled", "map", "tokens")
+log = logging.getLogger(__name__)
 
 
 class Standardize(nn.Module):
@@ -79,7 +81,7 @@ def build_backbone(name: str, weights: WeightsEnum | None) -> nn.Module:
     if weights is None:
         return get_model(name)
     model = get_model(name, num_classes=len(weights.meta["categories"]))
-    load_weights(model, weights)
+    log.info("%s", load_weights(model, weights))
     return model
 
 
@@ -144,7 +146,7 @@ def build_vision_encoder(
     enum = resolve_weights(name, weights)
     backbone = build_backbone(name, enum)
     if weights_file is not None:
-        load_weights(backbone, weights_file, prefix=weights_prefix, strict=strict)
+        log.info("%s", load_weights(backbone, weights_file, prefix=weights_prefix, strict=strict))
     if small_input_stem:
         surgery.adapt_stem_for_small_inputs(backbone)
     surgery.adapt_input_channels(backbone, in_channels)
@@ -219,7 +221,7 @@ def build_timm_encoder(
         kwargs["features_only"] = True
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if weights_file is not None:
-        load_weights(model, weights_file, strict=strict)
+        log.info("%s", load_weights(model, weights_file, strict=strict))
     config = model.pretrained_cfg
     mean = list(config.get("mean", (0.5,) * 3))
     std = list(config.get("std", (0.25,) * 3))

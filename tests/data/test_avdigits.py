@@ -55,8 +55,10 @@ def test_eval_splits_are_fixed_and_train_is_redrawn():
 def test_degradation_strength_follows_config():
     clean = AVDigits("val", max_samples=30, occlusion=(0.0, 0.0), image_noise_std=0.0)
     noisy = AVDigits("val", max_samples=30, image_noise_std=0.5)
-    assert torch.allclose(clean.images, clean.clean_images)
-    assert (noisy.images - noisy.clean_images).std() > 0.4
+    clean_images = torch.stack([item["image"] for item in clean])
+    noisy_images = torch.stack([item["image"] for item in noisy])
+    assert torch.allclose(clean_images, clean.clean_images)
+    assert (noisy_images - noisy.clean_images).std() > 0.4
 
 
 def test_stratified_split_is_a_partition():
@@ -93,3 +95,17 @@ def test_asset_with_missing_arrays_is_rejected(tmp_path):
         np.savez(bad, **{k: npz[k] for k in npz.files if k != "offsets"})
     with pytest.raises(ValueError, match=r"lacks arrays \['offsets'\]"):
         load_speech_clips(bad)
+
+
+def test_text_modality_guesses_the_digit_at_the_asked_rate():
+    dataset = AVDigits("test", text_accuracy=0.6)
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    right = 0
+    for item in dataset:
+        named = [d for d in range(10) if words[d] in item["text"] or str(d) in item["text"]]
+        assert len(named) == 1, item["text"]
+        right += named[0] == item["label"]
+    assert 0.5 < right / len(dataset) < 0.7
+    assert "text" not in AVDigits("test", max_samples=2)[0]
+    with pytest.raises(ValueError, match="text_accuracy must be in"):
+        AVDigits("test", text_accuracy=1.5)

@@ -74,10 +74,11 @@ def test_fuser_for_other_modalities_is_rejected():
         MultimodalModel(encoders, ConcatFuser({"audio": 4}), ClassificationHead(4, 2))
 
 
-def test_summary_counts_frozen_parameters():
+def test_summary_lists_shapes_parameters_and_frozen_parts():
     model = tiny_model()
     model.encoders["image"].freeze()
-    text = model.summary()
-    assert "encoders.image" in text and "total" in text
-    line = next(row for row in text.splitlines() if row.startswith("encoders.image"))
-    assert line.split()[-1] == "0"
+    rows = {line.split()[0]: line.split() for line in model.summary().splitlines()[2:-2]}
+    assert rows["image"][1:] == ["Encoder", "[4]", "20", "no"]
+    assert rows["audio"][1:] == ["Encoder", "[6]", "42", "yes"]
+    assert rows["head"][2] == "[3]"
+    assert model.summary().splitlines()[-1] == "total parameters: 95   trainable: 75   frozen: 20"

@@ -64,6 +64,7 @@ def test_load_with_prefix_reports_what_loaded():
     report = load_weights(target, state, prefix="encoders.x.")
     assert sorted(report.loaded) == ["0.bias", "0.weight"] and report.complete
     assert torch.equal(target[0].weight, source[0].weight)
+    assert load_weights(target, source.state_dict(), prefix=None).prefix == ""  # None: no sub-tree
 
 
 def test_incomplete_load_fails_loudly_and_leaves_the_module_untouched():
