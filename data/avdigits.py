@@ -205,9 +205,7 @@ CAPTIONS = (
 )
 
 
-def noisy_caption(
-    label: int, accuracy: float, generator: torch.Generator | None = None
-) -> str:
+def noisy_caption(label: int, accuracy: float, generator: torch.Generator | None = None) -> str:
     """A short guess at the digit that names the right one with probability `accuracy`.
 
     Otherwise it names one of the nine others. Templates vary, and the digit appears as a

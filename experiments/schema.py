@@ -47,8 +47,8 @@ class StageConfig:
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    lr_mult: dict[str, float] = field(default_factory=dict)
-    weight_decay_for: dict[str, float] = field(default_factory=dict)
+    lr_mult: dict[str, float] | None = None
+    weight_decay_for: dict[str, float] | None = None
     layer_decay: float | None = None
 
 

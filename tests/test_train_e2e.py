@@ -67,3 +67,19 @@ def test_config_typo_stops_before_training(tmp_path):
     assert result.returncode == 2
     assert "config key 'trainer.pretrain.epochs'" in result.stderr
     assert not (tmp_path / "pretrained").exists()
+
+
+def test_trimodal_experiment_with_gradual_unfreezing(tmp_path):
+    result, run_dir = train(
+        tmp_path,
+        "tri",
+        "experiment=avdigits_trimodal",
+        "trainer.fuse.unfreeze={start_epoch: 2, every: 1, stages_per_step: 1}",
+        "trainer.pretrain.lr_mult={encoders.*.backbone.*: 0.5}",
+        "trainer.fuse.layer_decay=0.8",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"test/text_only/accuracy", "test/fused/accuracy"} <= set(summary)
+    assert "epoch 2: text backbone stages trainable" in result.stdout
+    assert "text" in (run_dir / "model_summary.txt").read_text()

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -104,3 +106,24 @@ def test_timm_encoder(output, shape):
     assert enc.out_shape == shape
     with pytest.raises(ValueError, match="unknown timm model 'resnet-18'"):
         build_timm_encoder("resnet-18")
+
+
+def test_vision_weights_by_name_load_from_the_hub_cache(torch_home):
+    from torchvision.models import ResNet18_Weights
+    from torchvision.transforms._presets import ImageClassification
+
+    reference = get_model("resnet18").eval()
+    torch.save(reference.state_dict(), torch_home / Path(ResNet18_Weights.IMAGENET1K_V1.url).name)
+    enc = build_vision_encoder("resnet18", weights="IMAGENET1K_V1", image_size=(64, 64)).eval()
+    assert isinstance(enc.preprocess, ImageClassification)  # the weights' own transforms
+    x = torch.rand(2, 3, 64, 64)
+    reference.fc = nn.Identity()
+    assert torch.equal(enc(x), reference(enc.preprocess(x)))
+
+
+def test_vision_weights_missing_offline_say_where_to_put_them(torch_home):
+    from fusion.weights import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match="TORCH_HOME") as err:
+        build_vision_encoder("resnet18", weights="DEFAULT")
+    assert str(torch_home) in str(err.value)

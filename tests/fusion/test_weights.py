@@ -1,5 +1,4 @@
 from pathlib import Path
-from urllib.error import URLError
 
 import pytest
 import torch
@@ -40,21 +39,6 @@ def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
 
 def prefixed(state: dict, prefix: str) -> dict:
     return {prefix + k: v for k, v in state.items()}
-
-
-@pytest.fixture
-def torch_home(tmp_path, monkeypatch) -> Path:
-    """An empty hub cache, and a download that fails at once like an offline machine's."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    assert Path(torch.hub.get_dir()) == tmp_path / "torch" / "hub"  # nobody called set_dir
-
-    def offline(url, *args, **kwargs):
-        raise URLError("network disabled in tests")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    return checkpoints
 
 
 def test_load_with_prefix_reports_what_loaded():
