@@ -7,10 +7,8 @@ so a dataset never has to know what rate a model was trained at.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from urllib.error import URLError
-from urllib.parse import urlparse
 
 import torch
 import torchaudio
@@ -27,8 +25,8 @@ FRONT_ENDS = ("logmel", "mfcc")
 POOLINGS = ("mean", "max", "first", "none")
 # torchaudio's bundles name the constructor of their architecture by a string.
 _SSL_FACTORIES = {"Wav2Vec2": wav2vec2_model, "WavLM": wavlm_model}
-# Where torchaudio.pipelines fetch bundle files given by name rather than by URL.
-_TORCHAUDIO_MODELS_URL = "https://download.pytorch.org/torchaudio/models/"
+# Checkpoint keys of a bundle's transformer layers; the number is the layer's index.
+_SSL_LAYER_KEY = re.compile(r"encoder\.transformer\.layers\.(\d+)\.")
 
 
 class LogMelSpectrogram(nn.Module):
@@ -196,8 +194,10 @@ def build_ssl_speech_encoder(
     are not built at all, so they neither cost memory nor sit untrained under DDP.
     `pooling="none"` gives the frame sequence [B, T, D] for attention fusers. Inputs at
     `input_sample_rate` (default: the bundle's) are resampled to the bundle's rate;
-    `clip_samples` counts samples at the input rate. Pretrained weights come from
-    torchaudio's cache (see `ssl_weights_path`), downloaded there when missing.
+    `clip_samples` counts samples at the input rate. Pretrained weights come through
+    `fusion.weights.load_weights` from torchaudio's cache, `$TORCH_HOME/hub/checkpoints`,
+    downloaded there when missing; offline and not cached, `WeightsUnavailableError` names
+    the file to place there.
     """
     spec = _ssl_bundle(bundle)
     params = spec._params
@@ -210,12 +210,11 @@ def build_ssl_speech_encoder(
         )
     layer %= n_layers
     pool = FramePooling(pooling)  # validates `pooling` before the slow construction
-    state_dict = _ssl_state_dict(bundle, spec) if pretrained else None
     model = _SSL_FACTORIES[spec._model_type](
         **{**params, "encoder_num_layers": layer + 1, "aux_num_out": None}
     )
-    if state_dict is not None:
-        _load_ssl_weights(model, state_dict, bundle, kept_layers=layer + 1)
+    if pretrained:
+        _load_ssl_weights(model, spec, bundle, kept_layers=layer + 1)
     sample_rate = int(spec.sample_rate)
     preprocess = _chain(
         _resampler(input_sample_rate, sample_rate),
@@ -228,16 +227,6 @@ def build_ssl_speech_encoder(
         post=surgery.build_layers(post),
     )
     return apply_freeze(encoder, freeze, trainable_stages)
-
-
-def ssl_weights_path(bundle: str) -> Path:
-    """The file torchaudio reads `bundle`'s weights from: `$TORCH_HOME/hub/checkpoints/<file>`.
-
-    torchaudio fetches them with `torch.hub.load_state_dict_from_url`, which caches by the
-    URL's file name in `torch.hub.get_dir()/checkpoints` (TORCH_HOME defaults to
-    ~/.cache/torch), so a file placed there is used without any network access.
-    """
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(_ssl_url(bundle)).path).name
 
 
 def ssl_bundle_names() -> list[str]:
@@ -255,48 +244,28 @@ def _ssl_bundle(name: str) -> Wav2Vec2Bundle:
     return getattr(torchaudio.pipelines, name)
 
 
-def _ssl_url(bundle: str) -> str:
-    path = _ssl_bundle(bundle)._path
-    return path if path.startswith("https") else _TORCHAUDIO_MODELS_URL + path
-
-
-def _ssl_state_dict(name: str, bundle: Wav2Vec2Bundle) -> dict[str, torch.Tensor]:
-    """The bundle's weights through torchaudio's own loader, so its cache is shared.
-
-    Offline, the failed download becomes one message saying which file to put where.
-    """
-    try:
-        return bundle._get_state_dict(None)
-    except (URLError, ConnectionError, TimeoutError) as err:
-        path = ssl_weights_path(name)
-        reason = getattr(err, "reason", err)
-        raise FileNotFoundError(
-            f"pretrained weights for torchaudio bundle {name} are not cached and could not be "
-            f"downloaded ({reason}). Download {_ssl_url(name)} on a machine with network access "
-            f"and place it as {path.name} in {path.parent} (torch.hub's cache: "
-            "$TORCH_HOME/hub/checkpoints, TORCH_HOME defaulting to ~/.cache/torch), "
-            "or pass pretrained=False."
-        ) from None
-
-
 def _load_ssl_weights(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], bundle: str, kept_layers: int
+    model: nn.Module, spec: Wav2Vec2Bundle, bundle: str, kept_layers: int
 ) -> None:
-    """Load a bundle checkpoint into a model built without its CTC head and later layers."""
-    kept = {k: v for k, v in state_dict.items() if not _is_dropped(k, kept_layers)}
-    report = load_weights(model, kept)
-    if report.unexpected:
+    """Load a bundle's checkpoint into a model built without its CTC head and later layers.
+
+    Those dropped parts come back as unexpected keys, which is expected; any other unexpected
+    key means the checkpoint does not fit the architecture (missing or shape-mismatched keys
+    already raise in `load_weights`).
+    """
+    report = load_weights(model, spec)
+    misfits = [k for k in report.unexpected if not _is_dropped(k, kept_layers)]
+    if misfits:
         raise ValueError(
-            f"the checkpoint of bundle {bundle} does not fit its architecture: unexpected keys "
-            f"{report.unexpected[:5]}"
+            f"the checkpoint of bundle {bundle} ({report.source}) does not fit its "
+            f"architecture: {len(misfits)} unexpected keys, e.g. {misfits[:5]}"
         )
 
 
 def _is_dropped(key: str, kept_layers: int) -> bool:
     """Whether a checkpoint key belongs to the CTC head or a transformer layer past the readout."""
-    prefix = "encoder.transformer.layers."
-    if key.startswith(prefix):
-        return int(key[len(prefix) :].split(".", 1)[0]) >= kept_layers
+    if match := _SSL_LAYER_KEY.match(key):
+        return int(match[1]) >= kept_layers
     return key.startswith("aux.")
 
 

@@ -10,12 +10,8 @@ from omegaconf import OmegaConf
 from torchaudio.models import wav2vec2_model
 
 from fusion.encoders import LogMelSpectrogram, build_spectrogram_encoder
-from fusion.encoders.audio import (
-    FramePooling,
-    MFCCFeatures,
-    build_ssl_speech_encoder,
-    ssl_weights_path,
-)
+from fusion.encoders.audio import FramePooling, MFCCFeatures, build_ssl_speech_encoder
+from fusion.weights import IncompleteLoadError, WeightsUnavailableError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 AUDIO_DIR = CONFIGS / "model" / "encoder" / "audio"
@@ -170,9 +166,9 @@ def test_ssl_encoder_every_parameter_trains():
 def test_ssl_pretrained_offline_names_the_file_to_place(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     expected = tmp_path / "hub" / "checkpoints" / WAV2VEC2_FILE
-    assert ssl_weights_path("WAV2VEC2_BASE") == expected
-    with pytest.raises(FileNotFoundError) as info:
-        build_ssl_speech_encoder("WAV2VEC2_BASE", clip_samples=CLIP_16K)
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_ssl_speech_encoder("WAV2VEC2_BASE", layer=0, clip_samples=CLIP_16K)
+    assert info.value.path == expected
     message = str(info.value)
     assert WAV2VEC2_FILE in message and str(expected.parent) in message
     assert "TORCH_HOME" in message
@@ -182,9 +178,44 @@ def test_ssl_pretrained_offline_names_the_file_to_place(tmp_path, monkeypatch):
     ("bundle", "file"),
     [("HUBERT_BASE", "hubert_fairseq_base_ls960.pth"), ("MMS_FA", "model.pt")],  # MMS_FA: a URL
 )
-def test_ssl_weights_path_is_torch_hub_checkpoints(bundle, file, tmp_path, monkeypatch):
+def test_ssl_weights_come_from_torch_hub_checkpoints(bundle, file, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert ssl_weights_path(bundle) == tmp_path / "hub" / "checkpoints" / file
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_ssl_speech_encoder(bundle, layer=0, clip_samples=CLIP_16K)
+    assert info.value.path == tmp_path / "hub" / "checkpoints" / file
+
+
+def _cache_one_layer_checkpoint(torch_home, edit):
+    """Cache a WAV2VEC2_BASE checkpoint of layer 0 only, changed by `edit`, as the bundle's file."""
+    params = {**torchaudio.pipelines.WAV2VEC2_BASE._params, "encoder_num_layers": 1}
+    state = edit(wav2vec2_model(**params).state_dict())
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(state, checkpoints / WAV2VEC2_FILE)
+
+
+def test_ssl_checkpoint_may_hold_a_ctc_head(tmp_path, monkeypatch):
+    """The bundle's CTC head (aux.*) is not built, so its keys are expected to be left over."""
+    head = {"aux.weight": torch.zeros(29, 768), "aux.bias": torch.zeros(29)}
+    _cache_one_layer_checkpoint(tmp_path, lambda state: {**state, **head})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    enc = build_ssl_speech_encoder(layer=0, clip_samples=CLIP_16K)
+    assert enc.out_shape == (768,)
+
+
+def test_ssl_checkpoint_with_foreign_keys_does_not_fit(tmp_path, monkeypatch):
+    extra = {"encoder.adapter.weight": torch.zeros(3)}
+    _cache_one_layer_checkpoint(tmp_path, lambda state: {**state, **extra})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match=r"does not fit.*'encoder\.adapter\.weight'"):
+        build_ssl_speech_encoder(layer=0, clip_samples=CLIP_16K)
+
+
+def test_ssl_checkpoint_missing_a_kept_layer_does_not_load(tmp_path, monkeypatch):
+    _cache_one_layer_checkpoint(tmp_path, lambda state: state)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(IncompleteLoadError, match=r"missing.*encoder\.transformer\.layers\.1\."):
+        build_ssl_speech_encoder(layer=1, clip_samples=CLIP_16K)
 
 
 def test_ssl_unknown_bundle_lists_close_matches():
