@@ -1,9 +1,4 @@
-"""Fusion modules behind one contract.
-
-A fuser is built from `in_dims` (modality -> feature size), exposes `out_dim`, and is called
-as `fuser(features, present)`. A missing modality changes nothing but its `present` mask:
-its features are zeroed before use, so the output cannot depend on what the tensor holds.
-"""
+"""Concatenation and the gated multimodal unit."""
 
 from __future__ import annotations
 
@@ -12,38 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-
-class Fuser(nn.Module):
-    """Base class: fixes the modality order and checks the features it receives."""
-
-    def __init__(self, in_dims: Mapping[str, int]) -> None:
-        super().__init__()
-        if not in_dims:
-            raise ValueError("a fuser needs at least one modality in in_dims")
-        self.in_dims = dict(in_dims)
-        self.modalities = list(in_dims)
-        self.out_dim: int
-
-    def masked_features(
-        self, features: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Features in modality order with absent samples zeroed, and the mask [B, M]."""
-        xs, masks = [], []
-        for m in self.modalities:
-            if m not in features:
-                raise KeyError(f"fuser expects modality '{m}', got features for {sorted(features)}")
-            x = features[m]
-            if x.dim() != 2 or x.shape[1] != self.in_dims[m]:
-                raise ValueError(
-                    f"modality '{m}': fuser expects features [batch, {self.in_dims[m]}], "
-                    f"got {tuple(x.shape)}"
-                )
-            mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            if present is not None and m in present:
-                mask = present[m].to(device=x.device, dtype=torch.bool)
-            xs.append(torch.where(mask[:, None], x, torch.zeros_like(x)))
-            masks.append(mask)
-        return xs, torch.stack(masks, dim=1)
+from fusion.fusers.base import Fuser
 
 
 class ConcatFuser(Fuser):
@@ -66,7 +30,7 @@ class ConcatFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, _ = self.masked_features(features, present)
+        xs, _ = self.vectors(features, present)
         return self.proj(torch.cat(xs, dim=1))
 
 
@@ -92,7 +56,7 @@ class GatedFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.masked_features(features, present)
+        xs, mask = self.vectors(features, present)
         hidden = torch.stack(
             [torch.tanh(self.proj[m](x)) for m, x in zip(self.modalities, xs, strict=True)], dim=1
         )  # [B, M, dim]

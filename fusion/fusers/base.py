@@ -1,0 +1,106 @@
+"""The fuser contract, and the masking every fuser shares.
+
+A fuser is built from `in_dims` (modality -> feature size), exposes `out_dim`, and is called
+as `fuser(features, present)`. `features[m]` is a vector batch [B, D] or a token batch
+[B, T, D]; `present[m]` is a bool mask [B] (is the modality there for this sample) or, for
+tokens, [B, T] (which tokens are real). A missing modality changes nothing but its mask:
+fusers never read an absent modality's values, so the output cannot depend on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+Features = Mapping[str, torch.Tensor]
+Present = Mapping[str, torch.Tensor] | None
+
+
+class Fuser(nn.Module):
+    """Base class: fixes the modality order (that of `in_dims`) and checks its inputs."""
+
+    def __init__(self, in_dims: Mapping[str, int]) -> None:
+        super().__init__()
+        if not in_dims:
+            raise ValueError("a fuser needs at least one modality in in_dims")
+        bad = {m: d for m, d in in_dims.items() if not isinstance(d, int) or d < 1}
+        if bad:
+            raise ValueError(f"in_dims must be positive integers, got {bad}")
+        self.in_dims = dict(in_dims)
+        self.modalities = list(in_dims)
+        self.out_dim: int
+
+    def check(self, features: Features, present: Present) -> None:
+        """Every expected modality is there with its declared size; `present` names no other."""
+        for m in self.modalities:
+            if m not in features:
+                raise KeyError(f"fuser expects modality '{m}', got features for {sorted(features)}")
+            x = features[m]
+            if x.dim() not in (2, 3) or x.shape[-1] != self.in_dims[m]:
+                raise ValueError(
+                    f"modality '{m}': fuser expects features [batch, {self.in_dims[m]}] or "
+                    f"[batch, tokens, {self.in_dims[m]}], got {list(x.shape)}"
+                )
+        unknown = sorted(set(present or {}) - set(self.modalities))
+        if unknown:
+            raise KeyError(
+                f"present names modalities {unknown} that this fuser does not fuse "
+                f"(it fuses {self.modalities})"
+            )
+
+    def token_mask(self, modality: str, x: torch.Tensor, present: Present) -> torch.Tensor:
+        """Bool mask [B, T] of the real tokens of `x` ([B, D] counts as one token)."""
+        batch, tokens = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
+        mask = torch.ones(batch, tokens, dtype=torch.bool, device=x.device)
+        if present is None or modality not in present:
+            return mask
+        p = present[modality].to(device=x.device, dtype=torch.bool)
+        if p.dim() == 1 and p.shape[0] == batch:
+            return mask & p[:, None]
+        if p.shape == (batch, tokens):
+            return p
+        raise ValueError(
+            f"modality '{modality}': present mask has shape {list(p.shape)}, expected "
+            f"[{batch}] or [{batch}, {tokens}]"
+        )
+
+    def vectors(
+        self, features: Features, present: Present
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Features as vectors [B, D] in modality order, absent ones zeroed, and the mask [B, M].
+
+        Token inputs are averaged over their real tokens, so every vector fuser also
+        accepts token sequences.
+        """
+        self.check(features, present)
+        xs, masks = [], []
+        for m in self.modalities:
+            x = features[m]
+            tokens = self.token_mask(m, x, present)
+            if x.dim() == 3:
+                weights = tokens.unsqueeze(-1).to(x.dtype)
+                x = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            mask = tokens.any(dim=1)
+            xs.append(torch.where(mask[:, None], x, torch.zeros_like(x)))
+            masks.append(mask)
+        return xs, torch.stack(masks, dim=1)
+
+    def tokens(
+        self, features: Features, present: Present
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Features as token sequences [B, T, D] (a vector is one token) with masks [B, T].
+
+        Padded or absent tokens are zeroed, so their values cannot leak through anything
+        that forgets the mask.
+        """
+        self.check(features, present)
+        xs, masks = [], []
+        for m in self.modalities:
+            x = features[m]
+            x = x.unsqueeze(1) if x.dim() == 2 else x
+            mask = self.token_mask(m, x, present)
+            xs.append(torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x)))
+            masks.append(mask)
+        return xs, masks
