@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 SPEECH_ASSET = Path(__file__).resolve().parent / "assets" / "avdigits_speech.npz"
 SPLITS = ("train", "val", "test")
 MODALITIES = ("image", "audio")
+TASKS = ("digit", "same", "which", "multitask")
 IMAGE_SIZE = (8, 8)
 
 
@@ -93,6 +94,12 @@ def _check_range(name: str, value: Sequence[float], low: float, high: float) -> 
 class AVDigits(Dataset):
     """One split of AV-Digits; items are `{"image": [1, 8, 8], "audio": [T], "label": int}`.
 
+    `task` picks what is asked: `digit` (the written digit; the clip says the same one),
+    `same` (do the written and the spoken digit agree? an interaction of both modalities),
+    `which` (a per-sample `condition` asks for the written (0) or the spoken (1) digit) or
+    `multitask` (a dict label with all three). Every item also carries `modality_targets`,
+    the digit each modality shows, for pretraining one encoder per modality.
+
     With `text_accuracy`, items also carry a third modality, `"text"`: a short caption
     that guesses the digit, right with that probability (the tri-modal example).
 
@@ -116,11 +123,17 @@ class AVDigits(Dataset):
         audio_snr_db: Sequence[float] = (-10.0, 0.0),
         augment: bool | None = None,
         text_accuracy: float | None = None,
+        task: str = "digit",
+        same_prob: float = 0.5,
         max_samples: int | None = None,
         speech_path: str | Path | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got '{task}'")
+        if not 0.0 <= same_prob <= 1.0:
+            raise ValueError(f"same_prob must be in [0, 1], got {same_prob}")
         if len(fractions) != 3 or min(fractions) <= 0 or not np.isclose(sum(fractions), 1.0):
             raise ValueError(f"fractions must be 3 positive numbers summing to 1, got {fractions}")
         if image_noise_std < 0:
@@ -135,6 +148,8 @@ class AVDigits(Dataset):
         self.audio_snr_db = _check_range("audio_snr_db", audio_snr_db, -60.0, 60.0)
         self.augment = split == "train" if augment is None else bool(augment)
         self.text_accuracy = text_accuracy
+        self.task = task
+        self.same_prob = same_prob
 
         speech_path = SPEECH_ASSET if speech_path is None else speech_path
         speech = load_speech_clips(speech_path)
@@ -171,20 +186,52 @@ class AVDigits(Dataset):
             generator = torch.Generator().manual_seed(seed * len(SPLITS) + split_id)
             self.fixed = [self._draw(i, generator) for i in range(len(self.labels))]
 
+    modality_classes = 10  # each modality's own target is the digit it shows
+
+    @property
+    def num_classes(self) -> int | dict[str, int]:
+        """Output sizes the task needs: one int, or one per task for `multitask`."""
+        if self.task == "multitask":
+            return {"written": 10, "spoken": 10, "same": 2}
+        return 2 if self.task == "same" else 10
+
+    @property
+    def num_conditions(self) -> int | None:
+        return 2 if self.task == "which" else None
+
     def _draw(self, index: int, generator: torch.Generator | None) -> dict[str, object]:
-        """Pair sample `index` with a clip (and a caption) of its digit and degrade them."""
-        label = int(self.labels[index])
-        pool = self.clip_pool[label]
+        """Pair sample `index` with a clip (and a caption), degrade them, and label the task.
+
+        For the `digit` task the clip says the written digit. For the others it says it
+        with probability `same_prob`, and another digit otherwise, so that `same` (are the
+        written and the spoken digit the same?) can only be answered from both modalities.
+        """
+        written = int(self.labels[index])
+        spoken = written
+        if self.task != "digit" and float(torch.rand((), generator=generator)) >= self.same_prob:
+            spoken = (written + 1 + int(torch.randint(9, (), generator=generator))) % 10
+        pool = self.clip_pool[spoken]
         clip = self.clips[int(pool[torch.randint(len(pool), (), generator=generator)])]
         item: dict[str, object] = {
             "image": occlude_and_noise(
                 self.clean_images[index], self.occlusion, self.image_noise_std, generator
             ),
             "audio": place_and_noise(clip, self.clip_samples, self.audio_snr_db, generator),
-            "label": label,
+            "modality_targets": {"image": written, "audio": spoken},
         }
         if self.text_accuracy is not None:
-            item["text"] = noisy_caption(label, self.text_accuracy, generator)
+            item["text"] = noisy_caption(written, self.text_accuracy, generator)
+            item["modality_targets"]["text"] = written
+        same = int(written == spoken)
+        if self.task == "digit":
+            item["label"] = written
+        elif self.task == "same":
+            item["label"] = same
+        elif self.task == "which":
+            item["condition"] = int(torch.randint(2, (), generator=generator))
+            item["label"] = spoken if item["condition"] else written
+        else:
+            item["label"] = {"written": written, "spoken": spoken, "same": same}
         return item
 
     def __len__(self) -> int:

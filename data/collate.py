@@ -9,7 +9,8 @@ import torch
 
 TARGET_KEY = "label"
 CONDITION_KEY = "condition"
-RESERVED_KEYS = (TARGET_KEY, CONDITION_KEY)
+MODALITY_TARGETS_KEY = "modality_targets"
+RESERVED_KEYS = (TARGET_KEY, CONDITION_KEY, MODALITY_TARGETS_KEY)
 
 
 @dataclass
@@ -18,11 +19,12 @@ class Batch:
 
     inputs: dict[str, torch.Tensor | list[str]]
     present: dict[str, torch.Tensor]
-    targets: torch.Tensor
+    targets: torch.Tensor | dict[str, torch.Tensor]
     condition: torch.Tensor | None = None
+    modality_targets: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
-        return int(self.targets.shape[0])
+        return len(next(iter(self.present.values())))
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -31,9 +33,29 @@ class Batch:
                 for m, x in self.inputs.items()
             },
             present={m: p.to(device, non_blocking=True) for m, p in self.present.items()},
-            targets=self.targets.to(device, non_blocking=True),
+            targets=_to(self.targets, device),
             condition=None if self.condition is None else self.condition.to(device),
+            modality_targets=_to(self.modality_targets, device),
         )
+
+
+def _to(value, device):
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in value.items()}
+    return value.to(device, non_blocking=True)
+
+
+def _stack_labels(name: str, values: list) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Labels as one tensor, or a dict of tensors when each item's label is a dict."""
+    if isinstance(values[0], Mapping):
+        keys = list(values[0])
+        for i, v in enumerate(values):
+            if not isinstance(v, Mapping) or list(v) != keys:
+                raise ValueError(f"item {i}: '{name}' should have the keys {keys}, got {v}")
+        return {k: torch.as_tensor([v[k] for v in values]) for k in keys}
+    return torch.as_tensor(values)
 
 
 def collate(items: Sequence[Mapping[str, object]]) -> Batch:
@@ -72,8 +94,16 @@ def collate(items: Sequence[Mapping[str, object]]) -> Batch:
     for i, item in enumerate(items):
         if TARGET_KEY not in item:
             raise KeyError(f"item {i} has no '{TARGET_KEY}'; keys are {sorted(item)}")
-    targets = torch.as_tensor([item[TARGET_KEY] for item in items])
+    targets = _stack_labels(TARGET_KEY, [item[TARGET_KEY] for item in items])
     condition = None
     if any(CONDITION_KEY in item for item in items):
+        missing = [i for i, item in enumerate(items) if CONDITION_KEY not in item]
+        if missing:
+            raise KeyError(f"items {missing} have no '{CONDITION_KEY}' while others do")
         condition = torch.as_tensor([item[CONDITION_KEY] for item in items])
-    return Batch(inputs=inputs, present=present, targets=targets, condition=condition)
+    modality_targets = None
+    if MODALITY_TARGETS_KEY in items[0]:
+        modality_targets = _stack_labels(
+            MODALITY_TARGETS_KEY, [item[MODALITY_TARGETS_KEY] for item in items]
+        )
+    return Batch(inputs, present, targets, condition, modality_targets)

@@ -31,6 +31,8 @@ class DataConfig:
     audio_snr_db: list[float] = field(default_factory=lambda: [-10.0, 0.0])
     augment: bool | None = None
     text_accuracy: float | None = None
+    task: str = "digit"
+    same_prob: float = 0.5
     max_samples: int | None = None
     speech_path: str | None = None
 
@@ -91,7 +93,8 @@ class ModelConfig:
     encoders: dict[str, Any] = field(default_factory=dict)
     fusion: Any = None
     head: Any = None
-    num_classes: int = 10
+    num_classes: Any = None
+    modality_dropout: dict[str, float] | None = None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from data.avdigits import SPLITS
-from data.collate import collate
+from data.collate import Batch, collate
 from experiments.schema import ConfigError, register_resolvers, validate
 from fusion.encoders.base import Encoder
 from fusion.fusers import ConcatFuser
@@ -35,7 +35,14 @@ from fusion.heads import ClassificationHead
 from fusion.model import MultimodalModel
 from fusion.surgery import GradualUnfreezing, param_groups, set_trainable
 from fusion.tracking import Tracker
-from fusion.training import evaluate, fit, load_checkpoint, save_checkpoint, set_seed
+from fusion.training import (
+    EpochMetrics,
+    evaluate,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+    set_seed,
+)
 from fusion.weights import load_weights
 
 log = logging.getLogger("fusion")
@@ -87,9 +94,22 @@ def fingerprint(cfg: DictConfig, modality: str) -> str:
         "batch_size": cfg.trainer.batch_size,
         "seed": cfg.seed,
     }
-    parts["data"].pop("speech_path", None)
+    # An encoder learns its own modality's digits, whatever task the fusion stage asks for.
+    for key in ("speech_path", "task", "same_prob"):
+        parts["data"].pop(key, None)
     parts["pretrain"].pop("reuse", None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def modality_targets(modality: str):
+    """Stage-1 labels: the modality's own target when the data gives one, else the label."""
+
+    def targets(batch: Batch) -> torch.Tensor | dict[str, torch.Tensor]:
+        if batch.modality_targets is not None and modality in batch.modality_targets:
+            return batch.modality_targets[modality]
+        return batch.targets
+
+    return targets
 
 
 def pretrain_encoder(
@@ -102,7 +122,9 @@ def pretrain_encoder(
     """Stage 1 for one modality; returns the checkpoint and the trained unimodal model."""
     key = fingerprint(cfg, modality)
     path = Path(cfg.paths.pretrained_dir) / f"{modality}-{key}.pt"
-    model = unimodal_model(build_encoder(cfg, modality), modality, cfg.model.num_classes)
+    dataset = loaders["train"].dataset
+    num_classes = getattr(dataset, "modality_classes", None) or dataset.num_classes
+    model = unimodal_model(build_encoder(cfg, modality), modality, num_classes)
     model.to(device)
     if cfg.trainer.pretrain.reuse and path.is_file():
         state = load_checkpoint(path, required=("model", "fingerprint"))
@@ -124,6 +146,7 @@ def pretrain_encoder(
         lr=pre.lr,
         weight_decay=pre.weight_decay,
         groups=optimizer_groups(model, pre),
+        targets=modality_targets(modality),
         device=device,
         on_epoch=lambda _, m: tracker.log({f"pretrain/{modality}/{k}": v for k, v in m.items()}),
         desc=f"pretrain {modality}",
@@ -164,7 +187,10 @@ def unfreeze_schedule(model: MultimodalModel, unfreeze: DictConfig | None):
 
 
 def fused_model(
-    cfg: DictConfig, checkpoints: dict[str, Path], device: torch.device
+    cfg: DictConfig,
+    checkpoints: dict[str, Path],
+    num_classes: int | dict[str, int],
+    device: torch.device,
 ) -> MultimodalModel:
     """Stage-2 model: fresh encoders loaded from the stage-1 checkpoints and frozen.
 
@@ -187,16 +213,38 @@ def fused_model(
         encoders,
         fuser=instantiate(cfg.model.fusion),
         head=instantiate(cfg.model.head),
-        num_classes=cfg.model.num_classes,
+        num_classes=num_classes,
+        modality_dropout=cfg.model.modality_dropout,
     )
     return model.to(device)
 
 
-def results_table(rows: dict[str, dict[str, float]]) -> str:
-    lines = ["| model | val accuracy | test accuracy |", "|---|---:|---:|"]
-    for name, metrics in rows.items():
-        lines.append(f"| {name} | {metrics['val']:.2%} | {metrics['test']:.2%} |")
+def results_table(rows: dict[str, tuple[str, dict[str, EpochMetrics]]]) -> str:
+    lines = ["| model | target | val accuracy | test accuracy |", "|---|---|---:|---:|"]
+    for name, (target, metrics) in rows.items():
+        lines.append(
+            f"| {name} | {target} | {metrics['val'].accuracy:.2%} | {metrics['test'].accuracy:.2%} |"
+        )
     return "\n".join(lines)
+
+
+def run_summary(
+    rows: dict[str, tuple[str, dict[str, EpochMetrics]]], fused: str, comparable: bool
+) -> dict[str, Any]:
+    """Flat `split/model/metric` entries; the fusion gain when all rows share one target."""
+    summary: dict[str, Any] = {}
+    for name, (_, metrics) in rows.items():
+        slug = name.split(" (")[0].replace(" ", "_")
+        for split, m in metrics.items():
+            summary.update(m.as_dict(f"{split}/{slug}"))
+    if comparable:
+        best_single = max(m["test"].accuracy for n, (_, m) in rows.items() if n != fused)
+        summary["test/fusion_gain"] = rows[fused][1]["test"].accuracy - best_single
+    return summary
+
+
+def evaluate_splits(model: MultimodalModel, loaders, device, **kwargs) -> dict[str, EpochMetrics]:
+    return {split: evaluate(model, loaders[split], device, **kwargs) for split in ("val", "test")}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -204,6 +252,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     device = resolve_device(cfg.trainer.device)
     set_seed(cfg.seed)
     loaders = make_loaders(cfg)
+    dataset = loaders["train"].dataset
+    task = getattr(dataset, "task", "label")
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     tracker = Tracker(
         run_dir,
@@ -215,24 +265,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     try:
-        rows: dict[str, dict[str, float]] = {}
+        rows: dict[str, tuple[str, dict[str, EpochMetrics]]] = {}
         checkpoints = {}
         for modality in cfg.model.encoders:
             checkpoints[modality], unimodal = pretrain_encoder(
                 cfg, modality, loaders, device, tracker
             )
-            rows[f"{modality} only"] = {
-                split: evaluate(unimodal, loaders[split], device).accuracy
-                for split in ("val", "test")
-            }
+            metrics = evaluate_splits(unimodal, loaders, device, targets=modality_targets(modality))
+            rows[f"{modality} only"] = (f"{modality}'s digit", metrics)
 
         set_seed(cfg.seed)
-        model = fused_model(cfg, checkpoints, device)
+        num_classes = cfg.model.num_classes or dataset.num_classes
+        model = fused_model(cfg, checkpoints, num_classes, device)
         fuser_name = type(model.fuser).__name__
         summary_text = model.summary()
         tracker.log_text("model_summary", summary_text)
         log.info("stage 2: training %s with frozen encoders\n%s", fuser_name, summary_text)
         fuse = cfg.trainer.fuse
+        loss_weights = getattr(model.head, "loss_weights", None)
         fit(
             model,
             loaders["train"],
@@ -241,22 +291,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             lr=fuse.lr,
             weight_decay=fuse.weight_decay,
             groups=optimizer_groups(model, fuse),
+            loss_weights=loss_weights,
             before_epoch=unfreeze_schedule(model, fuse.unfreeze),
             device=device,
             on_epoch=lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()}),
             desc="fuse",
         )
-        rows[f"fused ({fuser_name})"] = {
-            split: evaluate(model, loaders[split], device).accuracy for split in ("val", "test")
-        }
-        best_single = max(v["test"] for k, v in rows.items() if k.endswith(" only"))
-        summary: dict[str, Any] = {}
-        for name, metrics in rows.items():
-            slug = name.split(" (")[0].replace(" ", "_")
-            summary[f"val/{slug}/accuracy"] = metrics["val"]
-            summary[f"test/{slug}/accuracy"] = metrics["test"]
-        summary["test/fusion_gain"] = rows[f"fused ({fuser_name})"]["test"] - best_single
-        summary["fuser"] = fuser_name
+        fused = f"fused ({fuser_name})"
+        rows[fused] = (task, evaluate_splits(model, loaders, device, loss_weights=loss_weights))
+        summary = run_summary(rows, fused, comparable=task == "digit")
+        summary.update(fuser=fuser_name, head=type(model.head).__name__, task=task)
         summary["checkpoints"] = {m: str(p) for m, p in checkpoints.items()}
         tracker.update_summary(summary)
     finally:

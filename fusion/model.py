@@ -24,13 +24,20 @@ class MultimodalModel(nn.Module):
     tensor fails with the modality's name rather than deep inside a convolution.
     """
 
-    def __init__(self, encoders: Mapping[str, Encoder], fuser: Fuser, head: nn.Module) -> None:
+    def __init__(
+        self,
+        encoders: Mapping[str, Encoder],
+        fuser: Fuser,
+        head: nn.Module,
+        modality_dropout: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__()
         if not encoders:
             raise ValueError("MultimodalModel needs at least one encoder")
         self.encoders = nn.ModuleDict(dict(encoders))
         self.fuser = fuser
         self.head = head
+        self.modality_dropout = ModalityDropout(modality_dropout or {}, list(encoders))
         if list(fuser.in_dims) != list(self.encoders):
             raise ValueError(
                 f"fuser was built for modalities {list(fuser.in_dims)}, "
@@ -43,12 +50,22 @@ class MultimodalModel(nn.Module):
         encoders: Mapping[str, Encoder],
         fuser: FuserFactory,
         head: HeadFactory,
-        num_classes: int,
+        num_classes: int | Mapping[str, int],
+        modality_dropout: Mapping[str, float] | None = None,
     ) -> MultimodalModel:
-        """Wire factories together, feeding each one the sizes of the part before it."""
-        fuser_module = fuser(in_dims={m: enc.out_dim for m, enc in encoders.items()})
-        head_module = head(in_dim=fuser_module.out_dim, num_classes=num_classes)
-        return cls(encoders, fuser_module, head_module)
+        """Wire factories together, feeding each one the sizes of the part before it.
+
+        A fuser that already produces predictions (late fusion) is given `num_classes`
+        and followed by a pass-through head instead of `head`.
+        """
+        in_dims = {m: enc.out_dim for m, enc in encoders.items()}
+        if getattr(_target_class(fuser), "produces_logits", False):
+            fuser_module = fuser(in_dims=in_dims, num_classes=num_classes)
+            head_module = PassThroughHead()
+        else:
+            fuser_module = fuser(in_dims=in_dims)
+            head_module = head(in_dim=fuser_module.out_dim, num_classes=num_classes)
+        return cls(encoders, fuser_module, head_module, modality_dropout)
 
     @property
     def modalities(self) -> list[str]:
@@ -74,6 +91,10 @@ class MultimodalModel(nn.Module):
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         features = self.encode(inputs)
+        if present is not None:  # a batch may carry modalities this model does not use
+            present = {m: p for m, p in present.items() if m in self.encoders}
+        if self.training:
+            present = self.modality_dropout(present, len(next(iter(features.values()))))
         fused = self.fuser(features, present)
         return self.head(fused, condition)
 
@@ -90,3 +111,61 @@ class MultimodalModel(nn.Module):
         """Keras-style table: each module's type, output shape, parameters, trainable."""
         inputs = self.example_inputs()
         return summarize(self, lambda: self(inputs), max_depth=max_depth)
+
+
+class PassThroughHead(nn.Module):
+    """The head after a fuser that already predicts (late fusion)."""
+
+    def forward(self, fused: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return fused
+
+
+def _target_class(factory: Callable) -> object:
+    """The class a factory builds (a class, or a `functools.partial` of one)."""
+    return getattr(factory, "func", factory)
+
+
+class ModalityDropout(nn.Module):
+    """Drop whole modalities during training by clearing their `present` mask.
+
+    Each modality is dropped with its own probability, independently per sample; a sample
+    that would lose every modality it has keeps them all, so no sample is left empty.
+    """
+
+    def __init__(self, rates: Mapping[str, float], modalities: list[str]) -> None:
+        super().__init__()
+        unknown = sorted(set(rates) - set(modalities))
+        if unknown:
+            raise ValueError(
+                f"modality_dropout names modalities {unknown} the model does not have "
+                f"(it has {modalities})"
+            )
+        bad = {m: p for m, p in rates.items() if not 0.0 <= p < 1.0}
+        if bad:
+            raise ValueError(f"modality_dropout rates must be in [0, 1), got {bad}")
+        self.rates = {m: float(p) for m, p in rates.items() if p > 0}
+        self.modalities = modalities
+
+    def forward(
+        self, present: Mapping[str, torch.Tensor] | None, batch_size: int
+    ) -> Mapping[str, torch.Tensor] | None:
+        if not self.rates:
+            return present
+        present = dict(present or {})
+        device = next(iter(present.values())).device if present else None
+        before = {
+            m: present.get(m, torch.ones(batch_size, dtype=torch.bool, device=device))
+            for m in self.rates
+        }
+        after = {}
+        for m, mask in before.items():
+            keep = torch.rand(batch_size, device=mask.device) >= self.rates[m]
+            after[m] = mask & keep.view(-1, *[1] * (mask.dim() - 1))  # [B] or token masks [B, T]
+        masks = {**present, **after}
+        always = [m for m in self.modalities if m not in masks]  # no mask: present everywhere
+        left = [p.reshape(batch_size, -1).any(1) for p in masks.values()]
+        kept = torch.stack(left, dim=1).any(dim=1) | bool(always)
+        for m in after:
+            restore = kept.view(-1, *[1] * (after[m].dim() - 1))
+            present[m] = torch.where(restore, after[m], before[m])
+        return present

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from tqdm.auto import tqdm
 from data.collate import Batch
 from fusion.surgery import param_groups
 
+Outputs = torch.Tensor | dict[str, torch.Tensor]
+TargetFn = Callable[[Batch], torch.Tensor | dict[str, torch.Tensor]]
+
 
 def set_seed(seed: int) -> None:
     """Seed every generator a run touches, so the same seed gives the same metrics on CPU."""
@@ -23,33 +26,94 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def batch_targets(batch: Batch) -> torch.Tensor | dict[str, torch.Tensor]:
+    return batch.targets
+
+
 @dataclass
 class EpochMetrics:
+    """Mean loss, accuracy (the mean over tasks for multi-task heads), and each task's."""
+
     loss: float
     accuracy: float
+    tasks: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}/loss": self.loss, f"{prefix}/accuracy": self.accuracy}
+        out.update({f"{prefix}/{task}/accuracy": acc for task, acc in self.tasks.items()})
+        return out
 
 
-def _step_metrics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
-    correct = int((logits.argmax(dim=1) == targets).sum())
-    return loss, correct
+def batch_loss(
+    outputs: Outputs,
+    targets: torch.Tensor | dict[str, torch.Tensor],
+    loss_weights: Mapping[str, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Summed cross-entropy (weighted per task) and the number of correct predictions per task.
+
+    A single-task model is the task "". A branching head's dict of logits is matched to the
+    batch's dict of labels by task name.
+    """
+    if not isinstance(outputs, dict):
+        if isinstance(targets, dict):
+            raise ValueError(f"the head gives one output but the labels have tasks {list(targets)}")
+        outputs, targets = {"": outputs}, {"": targets}
+    elif not isinstance(targets, dict) or set(outputs) - set(targets):
+        have = list(targets) if isinstance(targets, dict) else "a single label"
+        raise ValueError(f"the head predicts tasks {list(outputs)} but the labels have {have}")
+    loss = torch.zeros(())
+    hits = {}
+    for task, logits in outputs.items():
+        weight = (loss_weights or {}).get(task, 1.0)
+        y = targets[task]
+        loss = loss + weight * nn.functional.cross_entropy(logits, y, reduction="sum")
+        hits[task] = int((logits.argmax(dim=1) == y).sum())
+    return loss, hits
+
+
+class _Tally:
+    """Running sums over an epoch."""
+
+    def __init__(self) -> None:
+        self.loss, self.count, self.hits = 0.0, 0, {}
+
+    def add(self, loss: torch.Tensor, hits: dict[str, int], n: int) -> None:
+        self.loss += loss.item()
+        self.count += n
+        for task, h in hits.items():
+            self.hits[task] = self.hits.get(task, 0) + h
+
+    def metrics(self) -> EpochMetrics:
+        if self.count == 0:
+            raise ValueError("no batches to compute metrics over")
+        per_task = {task: h / self.count for task, h in self.hits.items()}
+        return EpochMetrics(
+            loss=self.loss / self.count,
+            accuracy=sum(per_task.values()) / len(per_task),
+            tasks={t: a for t, a in per_task.items() if t},
+        )
+
+
+def forward(model: nn.Module, batch: Batch) -> Outputs:
+    return model(batch.inputs, batch.present, batch.condition)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> EpochMetrics:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    device: torch.device,
+    targets: TargetFn = batch_targets,
+    loss_weights: Mapping[str, float] | None = None,
+) -> EpochMetrics:
     """Mean loss and accuracy of `model` over `batches`."""
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    tally = _Tally()
     for batch in batches:
         batch = batch.to(device)
-        logits = model(batch.inputs, batch.present, batch.condition)
-        loss, hits = _step_metrics(logits, batch.targets)
-        total_loss += loss.item()
-        correct += hits
-        count += len(batch)
-    if count == 0:
-        raise ValueError("evaluate received no batches")
-    return EpochMetrics(loss=total_loss / count, accuracy=correct / count)
+        loss, hits = batch_loss(forward(model, batch), targets(batch), loss_weights)
+        tally.add(loss, hits, len(batch))
+    return tally.metrics()
 
 
 def train_epoch(
@@ -57,21 +121,20 @@ def train_epoch(
     batches: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    targets: TargetFn = batch_targets,
+    loss_weights: Mapping[str, float] | None = None,
     desc: str = "train",
 ) -> EpochMetrics:
     model.train()
-    total_loss, correct, count = 0.0, 0, 0
+    tally = _Tally()
     for batch in tqdm(batches, desc=desc, leave=False, disable=None):
         batch = batch.to(device)
-        logits = model(batch.inputs, batch.present, batch.condition)
-        loss, hits = _step_metrics(logits, batch.targets)
+        loss, hits = batch_loss(forward(model, batch), targets(batch), loss_weights)
         optimizer.zero_grad(set_to_none=True)
         (loss / len(batch)).backward()
         optimizer.step()
-        total_loss += loss.item()
-        correct += hits
-        count += len(batch)
-    return EpochMetrics(loss=total_loss / count, accuracy=correct / count)
+        tally.add(loss.detach(), hits, len(batch))
+    return tally.metrics()
 
 
 def fit(
@@ -84,6 +147,8 @@ def fit(
     weight_decay: float,
     device: torch.device,
     groups: list[dict] | None = None,
+    targets: TargetFn = batch_targets,
+    loss_weights: Mapping[str, float] | None = None,
     before_epoch: Callable[[int], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     desc: str = "fit",
@@ -93,8 +158,9 @@ def fit(
     `groups` are optimizer parameter groups (`fusion.surgery.param_groups`; by default all
     parameters, with no weight decay on norms and biases). They may include frozen
     parameters: those get no gradient and stay untouched until `before_epoch` (a gradual
-    unfreezing schedule, say) makes them trainable. Returns the best epoch's metrics; the
-    model ends holding that epoch's weights, which is what gets evaluated on test.
+    unfreezing schedule, say) makes them trainable. `targets` picks the labels from a batch
+    (by default `batch.targets`), and `loss_weights` weighs a branching head's tasks.
+    Returns the best epoch's metrics; the model ends holding that epoch's weights.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -108,16 +174,12 @@ def fit(
             before_epoch(epoch)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{desc}: the model has no trainable parameters at epoch {epoch}")
-        train = train_epoch(model, train_batches, optimizer, device, desc=f"{desc} epoch {epoch}")
+        train = train_epoch(
+            model, train_batches, optimizer, device, targets, loss_weights, f"{desc} {epoch}"
+        )
         scheduler.step()
-        val = evaluate(model, val_batches, device)
-        metrics = {
-            "epoch": epoch,
-            "train/loss": train.loss,
-            "train/accuracy": train.accuracy,
-            "val/loss": val.loss,
-            "val/accuracy": val.accuracy,
-        }
+        val = evaluate(model, val_batches, device, targets, loss_weights)
+        metrics = {"epoch": epoch, **train.as_dict("train"), **val.as_dict("val")}
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if not best or val.accuracy > best["val/accuracy"]:

@@ -7,7 +7,8 @@ from data.avdigits import SPEECH_ASSET, AVDigits, load_speech_clips, stratified_
 
 def test_items_are_dicts_of_modalities(avdigits_val):
     item = avdigits_val[0]
-    assert set(item) == {"image", "audio", "label"}
+    assert set(item) == {"image", "audio", "label", "modality_targets"}
+    assert item["modality_targets"] == {"image": item["label"], "audio": item["label"]}
     assert item["image"].shape == (1, 8, 8)
     assert item["audio"].shape == (avdigits_val.clip_samples,)
     assert 0 <= item["label"] <= 9
@@ -109,3 +110,33 @@ def test_text_modality_guesses_the_digit_at_the_asked_rate():
     assert "text" not in AVDigits("test", max_samples=2)[0]
     with pytest.raises(ValueError, match="text_accuracy must be in"):
         AVDigits("test", text_accuracy=1.5)
+
+
+def test_interaction_and_conditional_tasks():
+    same = AVDigits("test", task="same")
+    labels = [item["label"] for item in same]
+    for item in same:
+        targets = item["modality_targets"]
+        assert item["label"] == int(targets["image"] == targets["audio"])
+    assert 0.4 < sum(labels) / len(labels) < 0.6 and same.num_classes == 2
+
+    which = AVDigits("test", task="which", max_samples=200)
+    assert which.num_conditions == 2
+    for item in which:
+        asked = "audio" if item["condition"] else "image"
+        assert item["label"] == item["modality_targets"][asked]
+
+    multi = AVDigits("val", task="multitask", max_samples=5)
+    assert set(multi[0]["label"]) == set(multi.num_classes) == {"written", "spoken", "same"}
+    with pytest.raises(ValueError, match="task must be one of"):
+        AVDigits("val", task="parity")
+
+
+def test_collate_stacks_dict_labels_and_conditions():
+    from data.collate import collate
+
+    batch = collate([AVDigits("val", task="multitask", max_samples=4)[i] for i in range(4)])
+    assert set(batch.targets) == {"written", "spoken", "same"}
+    assert batch.modality_targets["audio"].shape == (4,)
+    batch = collate([AVDigits("val", task="which", max_samples=4)[i] for i in range(4)])
+    assert batch.condition.shape == (4,) and batch.targets.shape == (4,)

@@ -82,3 +82,40 @@ def test_summary_lists_shapes_parameters_and_frozen_parts():
     assert rows["audio"][1:] == ["Encoder", "[6]", "42", "yes"]
     assert rows["head"][2] == "[3]"
     assert model.summary().splitlines()[-1] == "total parameters: 95   trainable: 75   frozen: 20"
+
+
+def test_modality_dropout_drops_at_its_rate_but_never_everything():
+    from fusion.model import ModalityDropout
+
+    dropout = ModalityDropout({"image": 0.5, "audio": 0.5}, ["image", "audio"])
+    present = dropout(None, 10_000)
+    image, audio = present["image"], present["audio"]
+    assert (image | audio).all()
+    assert 0.23 < (~image).float().mean() < 0.27  # dropped (0.5) while audio is kept (0.5)
+    partial = {"image": torch.tensor([True, False]), "audio": torch.tensor([False, True])}
+    for _ in range(20):
+        out = dropout(partial, 2)
+        assert (out["image"] | out["audio"]).all()
+        assert not (out["image"] & ~partial["image"]).any()  # never brings back a missing one
+
+
+def test_modality_dropout_only_in_training_and_validated():
+    model = MultimodalModel.build(
+        {
+            "image": Encoder(Scale(1.0, 4), input_shape=(1, 2, 2)),
+            "audio": Encoder(Scale(-1.0, 6), input_shape=(6,)),
+        },
+        fuser=ConcatFuser,
+        head=ClassificationHead,
+        num_classes=3,
+        modality_dropout={"audio": 0.9},
+    )
+    inputs = {"image": torch.randn(64, 1, 2, 2), "audio": torch.randn(64, 6)}
+    model.eval()
+    assert torch.equal(model(inputs), model(inputs))
+    model.train()
+    assert not torch.equal(model(inputs), model(inputs))
+    with pytest.raises(ValueError, match=r"names modalities \['text'\]"):
+        MultimodalModel.build(
+            dict(model.encoders), ConcatFuser, ClassificationHead, 3, modality_dropout={"text": 0.1}
+        )
