@@ -10,6 +10,7 @@ from experiments.schema import ConfigError, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FUSIONS = sorted(p.stem for p in (CONFIGS / "model" / "fusion").glob("*.yaml"))
+HEADS = sorted(p.stem for p in (CONFIGS / "model" / "head").glob("*.yaml"))
 
 
 def load(*overrides):
@@ -25,8 +26,17 @@ def test_default_config_validates():
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_fusion_config_builds_a_fuser(fusion):
     cfg = validate(load(f"model/fusion={fusion}"))
-    fuser = instantiate(cfg.model.fusion)(in_dims={"image": 8, "audio": 4})
+    factory = instantiate(cfg.model.fusion)
+    extra = {"num_classes": 10} if getattr(factory.func, "produces_logits", False) else {}
+    fuser = factory(in_dims={"image": 8, "audio": 4}, **extra)
     assert fuser.out_dim > 0
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_config_builds_a_head(head):
+    cfg = validate(load(f"model/head={head}"))
+    num_classes = {"written": 10, "same": 2} if head == "multitask" else 10
+    assert instantiate(cfg.model.head)(in_dim=8, num_classes=num_classes) is not None
 
 
 def test_wrong_type_is_named():

@@ -64,3 +64,123 @@ class GatedFuser(Fuser):
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
         weights = torch.softmax(logits, dim=1) * mask[:, :, None]  # all-absent rows -> zeros
         return self.dropout((weights * hidden).sum(dim=1))
+
+
+def check_positive(name: str, value: int) -> None:
+    """Reject a size that is not a positive integer, naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_dropout(value: float) -> None:
+    """Reject a dropout probability outside [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {value!r}")
+
+
+class _ProjectedFuser(Fuser):
+    """Shared start of the pooling fusers: each modality linearly projected to one size `dim`."""
+
+    def __init__(self, in_dims: Mapping[str, int], dim: int, dropout: float) -> None:
+        super().__init__(in_dims)
+        check_positive("dim", dim)
+        check_dropout(dropout)
+        self.proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in self.in_dims.items()})
+        self.dropout = nn.Dropout(dropout)
+        self.dim = dim
+        self.out_dim = dim
+
+    def project(
+        self, features: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected features [B, M, dim], zero where a modality is absent, and the mask [B, M].
+
+        The zeroing is after the projection, so an absent modality does not add its bias.
+        """
+        xs, mask = self.vectors(features, present)
+        hidden = torch.stack(
+            [self.proj[m](x) for m, x in zip(self.modalities, xs, strict=True)], dim=1
+        )
+        return torch.where(mask[:, :, None], hidden, torch.zeros_like(hidden)), mask
+
+
+class SumFuser(_ProjectedFuser):
+    """Project every modality to `dim` and add them: the simplest additive fusion baseline.
+
+    Cheap, and the output size does not grow with the number of modalities. An absent
+    modality adds nothing, so the output's scale follows how many are present; use
+    `MeanFuser` when it should not.
+    """
+
+    def __init__(self, in_dims: Mapping[str, int], dim: int = 256, dropout: float = 0.0) -> None:
+        super().__init__(in_dims, dim, dropout)
+
+    def forward(
+        self,
+        features: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        hidden, _ = self.project(features, present)
+        return self.dropout(hidden.sum(dim=1))
+
+
+class MeanFuser(_ProjectedFuser):
+    """Project every modality to `dim` and average over the modalities present per sample.
+
+    Averaging rather than adding keeps the output's scale the same whatever subset of
+    modalities a sample has, the idea behind the mean over available modalities in HeMIS
+    (Havaei et al., 2016). A sample with none present gets zeros.
+    """
+
+    def __init__(self, in_dims: Mapping[str, int], dim: int = 256, dropout: float = 0.0) -> None:
+        super().__init__(in_dims, dim, dropout)
+
+    def forward(
+        self,
+        features: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        hidden, mask = self.project(features, present)
+        count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+        return self.dropout(hidden.sum(dim=1) / count)
+
+
+class AttentionFuser(_ProjectedFuser):
+    """Attention over modalities: a weighted sum whose weights depend on each sample's content.
+
+    Modality attention after Hori et al. (2017, "Attention-Based Multimodal Fusion for Video
+    Description"), without a decoder query: a small MLP shared by all modalities scores each
+    projected modality, and a softmax over the modalities present gives the weights, so an
+    absent modality gets weight 0 and the others are renormalized (all absent: zeros). The
+    weights of the last forward are kept, detached, in `last_weights` [B, M] for inspection.
+    """
+
+    last_weights: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_dims: Mapping[str, int],
+        dim: int = 256,
+        hidden: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(in_dims, dim, dropout)
+        check_positive("hidden", hidden)
+        # No bias on the last layer: the softmax ignores a score shift shared by all
+        # modalities, so such a bias could never learn.
+        self.scorer = nn.Sequential(
+            nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1, bias=False)
+        )
+        self.last_weights = None
+
+    def forward(
+        self,
+        features: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        hidden, mask = self.project(features, present)
+        scores = self.scorer(hidden).squeeze(-1)  # [B, M]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=1) * mask  # all-absent rows -> zeros
+        self.last_weights = weights.detach()
+        return self.dropout((weights[:, :, None] * hidden).sum(dim=1))

@@ -1,21 +1,40 @@
 import pytest
 import torch
 
-from fusion.fusers import ConcatFuser, GatedFuser
+from fusion.fusers.film import FiLMFuser
+from fusion.fusers.simple import (
+    AttentionFuser,
+    ConcatFuser,
+    GatedFuser,
+    MeanFuser,
+    SumFuser,
+)
 
 DIMS = {
     2: {"image": 6, "audio": 4},
     3: {"image": 6, "audio": 4, "text": 5},
 }
 FUSERS = [
-    (ConcatFuser, {}),
-    (ConcatFuser, {"proj_dim": 7}),
-    (GatedFuser, {"dim": 8}),
+    pytest.param(ConcatFuser, {}, id="concat"),
+    pytest.param(ConcatFuser, {"proj_dim": 7}, id="concat-proj"),
+    pytest.param(GatedFuser, {"dim": 8}, id="gated"),
+    pytest.param(SumFuser, {"dim": 8}, id="sum"),
+    pytest.param(MeanFuser, {"dim": 8}, id="mean"),
+    pytest.param(AttentionFuser, {"dim": 8, "hidden": 3}, id="attention"),
+    # The contract tests alter "audio": as conditioner, then as a modulated modality.
+    pytest.param(FiLMFuser, {"conditioner": "audio", "dim": 8}, id="film-audio"),
+    pytest.param(FiLMFuser, {"conditioner": "image", "dim": 8}, id="film-image"),
+    pytest.param(FiLMFuser, {"conditioner": "audio", "dim": None}, id="film-unprojected"),
 ]
 
 
-def features(dims, batch=5):
-    return {m: torch.randn(batch, d, requires_grad=True) for m, d in dims.items()}
+def features(dims, batch=5, tokens=None):
+    shape = (batch,) if tokens is None else (batch, tokens)
+    return {m: torch.randn(*shape, d, requires_grad=True) for m, d in dims.items()}
+
+
+def only(dims, modality, batch=3):
+    return {m: torch.full((batch,), m == modality) for m in dims}
 
 
 @pytest.mark.parametrize("n_modalities", [2, 3])
@@ -24,6 +43,21 @@ def test_output_shape(cls, kwargs, n_modalities):
     fuser = cls(DIMS[n_modalities], **kwargs)
     out = fuser(features(DIMS[n_modalities]))
     assert out.shape == (5, fuser.out_dim)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), FUSERS)
+def test_token_inputs_ignore_padding(cls, kwargs):
+    dims = DIMS[3]
+    fuser = cls(dims, **kwargs).eval()
+    feats = features(dims, batch=2, tokens=4)
+    present = {m: torch.ones(2, 4, dtype=torch.bool) for m in dims}
+    present["audio"][:, 2:] = False  # the last two audio tokens are padding
+    present["text"] = torch.tensor([True, False])  # [B] masks work for tokens too
+    out = fuser(feats, present)
+    assert out.shape == (2, fuser.out_dim)
+    padded = feats["audio"].detach().clone()
+    padded[:, 2:] += 100
+    assert torch.allclose(fuser(dict(feats, audio=padded), present), out)
 
 
 @pytest.mark.parametrize("n_modalities", [2, 3])
@@ -53,28 +87,109 @@ def test_absent_modality_has_no_influence(cls, kwargs, n_modalities):
     assert not torch.allclose(out[~absent], out_altered[~absent])
 
 
-def test_gated_weights_renormalize_over_present_modalities():
-    dims = DIMS[2]
-    fuser = GatedFuser(dims, dim=8).eval()
-    feats = features(dims, batch=3)
-    only_image = {
-        "image": torch.ones(3, dtype=torch.bool),
-        "audio": torch.zeros(3, dtype=torch.bool),
-    }
-    expected = torch.tanh(fuser.proj["image"](feats["image"]))
-    assert torch.allclose(fuser(feats, only_image), expected, atol=1e-6)
-
-
-def test_all_absent_gives_finite_output():
-    fuser = GatedFuser(DIMS[2], dim=8)
+@pytest.mark.parametrize(("cls", "kwargs"), FUSERS)
+def test_all_absent_gives_finite_output(cls, kwargs):
+    fuser = cls(DIMS[2], **kwargs)
     none = {m: torch.zeros(2, dtype=torch.bool) for m in DIMS[2]}
     out = fuser(features(DIMS[2], batch=2), none)
     assert torch.isfinite(out).all()
 
 
-def test_wrong_feature_size_names_the_modality():
-    fuser = ConcatFuser(DIMS[2])
+@pytest.mark.parametrize(("cls", "kwargs"), FUSERS)
+def test_wrong_feature_size_names_the_modality(cls, kwargs):
+    fuser = cls(DIMS[2], **kwargs)
     with pytest.raises(ValueError, match=r"modality 'audio': fuser expects features \[batch, 4\]"):
         fuser({"image": torch.randn(2, 6), "audio": torch.randn(2, 3)})
     with pytest.raises(KeyError, match="fuser expects modality 'audio'"):
         fuser({"image": torch.randn(2, 6)})
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), FUSERS)
+def test_unknown_modality_in_present_is_named(cls, kwargs):
+    fuser = cls(DIMS[2], **kwargs)
+    with pytest.raises(KeyError, match=r"\['text'\]"):
+        fuser(features(DIMS[2], batch=2), {"text": torch.ones(2, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "argument"),
+    [
+        (SumFuser, {"dim": 0}, "dim"),
+        (MeanFuser, {"dropout": 1.0}, "dropout"),
+        (AttentionFuser, {"hidden": -1}, "hidden"),
+        (AttentionFuser, {"dim": 2.5}, "dim"),
+        (FiLMFuser, {"conditioner": "audio", "dim": 0}, "dim"),
+        (FiLMFuser, {"conditioner": "text"}, r"conditioner.*\['image', 'audio'\].*'text'"),
+    ],
+)
+def test_bad_constructor_argument_is_named(cls, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        cls(DIMS[2], **kwargs)
+
+
+def test_gated_weights_renormalize_over_present_modalities():
+    dims = DIMS[2]
+    fuser = GatedFuser(dims, dim=8).eval()
+    feats = features(dims, batch=3)
+    expected = torch.tanh(fuser.proj["image"](feats["image"]))
+    assert torch.allclose(fuser(feats, only(dims, "image")), expected, atol=1e-6)
+
+
+def test_sum_and_mean_pool_over_present_modalities():
+    dims = DIMS[3]
+    sum_fuser, mean_fuser = SumFuser(dims, dim=8), MeanFuser(dims, dim=8)
+    mean_fuser.load_state_dict(sum_fuser.state_dict())
+    feats = features(dims, batch=3)
+    projected = {m: sum_fuser.proj[m](x) for m, x in feats.items()}
+    present = {m: torch.ones(3, dtype=torch.bool) for m in dims}
+    present["text"] = torch.tensor([True, False, False])
+    present["audio"] = torch.tensor([True, True, False])
+    summed = sum_fuser(feats, present)
+    assert torch.allclose(summed[0], sum(p[0] for p in projected.values()), atol=1e-6)
+    assert torch.allclose(summed[1], projected["image"][1] + projected["audio"][1], atol=1e-6)
+    assert torch.allclose(summed[2], projected["image"][2], atol=1e-6)
+    means = mean_fuser(feats, present)
+    assert torch.allclose(means, summed / torch.tensor([[3.0], [2.0], [1.0]]), atol=1e-6)
+    none = {m: torch.zeros(3, dtype=torch.bool) for m in dims}
+    assert torch.equal(mean_fuser(feats, none), torch.zeros(3, 8))
+
+
+def test_attention_weights_renormalize_over_present_modalities():
+    dims = DIMS[3]
+    fuser = AttentionFuser(dims, dim=8, hidden=4).eval()
+    feats = features(dims, batch=3)
+    fuser(feats)
+    assert fuser.last_weights.shape == (3, 3) and not fuser.last_weights.requires_grad
+    assert torch.allclose(fuser.last_weights.sum(dim=1), torch.ones(3))
+    out = fuser(feats, only(dims, "audio"))
+    assert torch.equal(fuser.last_weights, torch.tensor([[0.0, 1.0, 0.0]] * 3))
+    assert torch.allclose(out, fuser.proj["audio"](feats["audio"]), atol=1e-6)
+    out = fuser(feats, {m: torch.zeros(3, dtype=torch.bool) for m in dims})
+    assert torch.equal(fuser.last_weights, torch.zeros(3, 3))
+    assert torch.equal(out, torch.zeros(3, 8))
+
+
+def test_film_is_the_identity_without_a_conditioner():
+    dims = DIMS[3]
+    fuser = FiLMFuser(dims, conditioner="audio", dim=8)
+    assert fuser.out_dim == 16
+    feats = features(dims, batch=3)
+    unmodulated = torch.cat([fuser.proj[m](feats[m]) for m in ("image", "text")], dim=1)
+    present = {"audio": torch.zeros(3, dtype=torch.bool)}
+    assert torch.allclose(fuser(feats, present), unmodulated, atol=1e-6)
+    # gamma = 1 + linear(c) with a zero bias: a zero conditioner leaves features as they are.
+    assert torch.allclose(fuser(dict(feats, audio=torch.zeros(3, 4))), unmodulated, atol=1e-6)
+
+
+def test_film_drops_an_absent_modulated_modality_and_keeps_sizes_unprojected():
+    dims = DIMS[3]
+    fuser = FiLMFuser(dims, conditioner="audio", dim=None)
+    assert fuser.out_dim == dims["image"] + dims["text"]
+    out = fuser(features(dims, batch=3), {"text": torch.zeros(3, dtype=torch.bool)})
+    assert torch.equal(out[:, dims["image"] :], torch.zeros(3, dims["text"]))
+    assert out[:, : dims["image"]].abs().sum() > 0
+
+
+def test_film_needs_two_modalities():
+    with pytest.raises(ValueError, match="at least two modalities"):
+        FiLMFuser({"audio": 4}, conditioner="audio")

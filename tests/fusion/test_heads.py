@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from fusion.heads import ClassificationHead
+from fusion.heads import (
+    ClassificationHead,
+    ConditionalHead,
+    MixtureOfExpertsHead,
+    MultiTaskHead,
+)
 
 
 @pytest.mark.parametrize("hidden", [(), (16,), (16, 8)])
@@ -16,3 +21,131 @@ def test_head_shapes_and_gradients(hidden):
 def test_unknown_activation_is_named():
     with pytest.raises(ValueError, match="activation must be one of"):
         ClassificationHead(4, 2, hidden=(3,), activation="swishy")
+
+
+def test_classification_head_names_bad_sizes():
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        ClassificationHead(4, 0)
+    with pytest.raises(ValueError, match="every size in hidden must be a positive integer"):
+        ClassificationHead(4, 2, hidden=(3, -1))
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        ClassificationHead(4, 2, dropout=1.5)
+
+
+def assert_every_parameter_trains(module):
+    for name, param in module.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+# --- MultiTaskHead
+
+
+@pytest.mark.parametrize(("shared", "hidden"), [((), ()), ((16,), (8,))])
+def test_multitask_shapes_and_gradients(shared, hidden):
+    head = MultiTaskHead(12, {"digit": 10, "speaker": 3}, hidden=hidden, shared=shared)
+    out = head(torch.randn(4, 12))
+    assert list(out) == head.tasks == ["digit", "speaker"]
+    assert out["digit"].shape == (4, 10) and out["speaker"].shape == (4, 3)
+    sum(logits.pow(2).sum() for logits in out.values()).backward()
+    assert_every_parameter_trains(head)
+
+
+def test_multitask_loss_weights_default_to_one():
+    head = MultiTaskHead(4, {"a": 2, "b": 3})
+    assert head.loss_weights == {"a": 1.0, "b": 1.0}
+    assert MultiTaskHead(4, {"a": 2, "b": 3}, loss_weights={"b": 0.5}).loss_weights == {
+        "a": 1.0,
+        "b": 0.5,
+    }
+
+
+def test_multitask_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"loss_weights names unknown tasks \['c'\]"):
+        MultiTaskHead(4, {"a": 2, "b": 3}, loss_weights={"c": 1.0})
+    with pytest.raises(ValueError, match="loss_weights must be non-negative"):
+        MultiTaskHead(4, {"a": 2}, loss_weights={"a": -1.0})
+    with pytest.raises(ValueError, match="num_classes must map each task name"):
+        MultiTaskHead(4, 3)
+    with pytest.raises(ValueError, match="task names in num_classes"):
+        MultiTaskHead(4, {"a.b": 3})
+    with pytest.raises(ValueError, match="every size in shared"):
+        MultiTaskHead(4, {"a": 3}, shared=(0,))
+
+
+# --- ConditionalHead
+
+
+def test_conditional_shapes_and_gradients():
+    head = ConditionalHead(12, 5, num_conditions=3, hidden=(8,))
+    out = head(torch.randn(6, 12), torch.tensor([0, 1, 2, 2, 1, 0]))
+    assert out.shape == (6, 5)
+    out.pow(2).sum().backward()
+    assert_every_parameter_trains(head)
+
+
+def test_absent_condition_gets_a_zero_gradient_not_none():
+    """DDP without find_unused_parameters needs every parameter in every backward pass."""
+    head = ConditionalHead(4, 2, num_conditions=3)
+    head(torch.randn(3, 4), torch.tensor([0, 0, 2])).sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+    assert all(p.grad.abs().sum() == 0 for p in head.heads[1].parameters())
+
+
+def test_conditional_matches_a_per_sample_loop():
+    """Not bit-exact: batched matmuls reduce in another order than one-row ones (MKL gemm vs
+    gemv), about 1 ulp apart, so compare in float64 where a wrong route is off by O(1)."""
+    torch.manual_seed(0)
+    head = ConditionalHead(12, 5, num_conditions=3, hidden=(16,), dropout=0.5).double().eval()
+    x = torch.randn(9, 12, dtype=torch.float64)
+    condition = torch.tensor([2, 0, 1, 1, 2, 0, 0, 2, 1])
+    expected = torch.cat([head.heads[c](x[i : i + 1]) for i, c in enumerate(condition.tolist())])
+    torch.testing.assert_close(head(x, condition), expected, rtol=0, atol=1e-12)
+
+
+def test_conditional_condition_errors():
+    head = ConditionalHead(4, 2, num_conditions=2)
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="ConditionalHead needs a condition"):
+        head(x)
+    with pytest.raises(
+        ValueError, match=r"condition values \[-1, 5\] are outside \[0, 2\).*2 heads"
+    ):
+        head(x, torch.tensor([5, 0, -1]))
+    with pytest.raises(ValueError, match=r"condition must have shape \[3\]"):
+        head(x, torch.tensor([[0, 1, 0]]))
+    with pytest.raises(ValueError, match="condition must hold integer ids"):
+        head(x, torch.tensor([0.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="one int shared by every condition"):
+        ConditionalHead(4, {"a": 2}, num_conditions=2)
+    with pytest.raises(ValueError, match="num_conditions must be a positive integer"):
+        ConditionalHead(4, 2, num_conditions=0)
+
+
+# --- MixtureOfExpertsHead
+
+
+def test_moe_shapes_gradients_and_gate():
+    head = MixtureOfExpertsHead(12, 5, num_experts=3, hidden=(8,), temperature=0.5)
+    out = head(torch.randn(4, 12))
+    assert out.shape == (4, 5)
+    assert head.last_gate.shape == (4, 3) and not head.last_gate.requires_grad
+    torch.testing.assert_close(head.last_gate.sum(dim=1), torch.ones(4))
+    out.pow(2).sum().backward()
+    assert_every_parameter_trains(head)
+
+
+def test_moe_with_a_one_hot_gate_is_that_expert():
+    head = MixtureOfExpertsHead(6, 3, num_experts=4, hidden=(8,)).eval()
+    with torch.no_grad():
+        head.gate.weight.zero_()
+        head.gate.bias.copy_(torch.tensor([-torch.inf, -torch.inf, 0.0, -torch.inf]))
+    x = torch.randn(5, 6)
+    assert torch.equal(head(x), head.experts[2](x))
+    assert torch.equal(head.last_gate, torch.tensor([0.0, 0.0, 1.0, 0.0]).expand(5, 4))
+
+
+def test_moe_errors_name_the_argument():
+    with pytest.raises(ValueError, match="num_experts must be a positive integer"):
+        MixtureOfExpertsHead(4, 2, num_experts=0)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        MixtureOfExpertsHead(4, 2, temperature=0.0)
