@@ -110,7 +110,8 @@ class MultimodalModel(nn.Module):
     def summary(self, max_depth: int = 4) -> str:
         """Keras-style table: each module's type, output shape, parameters, trainable."""
         inputs = self.example_inputs()
-        return summarize(self, lambda: self(inputs), max_depth=max_depth)
+        condition = torch.zeros(2, dtype=torch.long, device=next(self.parameters()).device)
+        return summarize(self, lambda: self(inputs, condition=condition), max_depth=max_depth)
 
 
 class PassThroughHead(nn.Module):

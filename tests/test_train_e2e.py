@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "logger.mode=disabled",
@@ -15,10 +17,10 @@ TINY = [
 ]
 
 
-def train(tmp_path, name, *overrides):
+def train(tmp_path, name, *overrides, multirun=False):
     run_dir = tmp_path / name
     cmd = [
-        sys.executable, "-m", "experiments.train",
+        sys.executable, "-m", "experiments.train", *(["--multirun"] if multirun else []),
         f"paths.output_dir={tmp_path}", f"hydra.run.dir={run_dir}", *TINY, *overrides,
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -83,3 +85,50 @@ def test_trimodal_experiment_with_gradual_unfreezing(tmp_path):
     assert {"test/text_only/accuracy", "test/fused/accuracy"} <= set(summary)
     assert "epoch 2: text backbone stages trainable" in result.stdout
     assert "text" in (run_dir / "model_summary.txt").read_text()
+
+
+@pytest.mark.slow
+def test_every_fuser_trains_through_the_entry_point(tmp_path):
+    fusions = sorted(p.stem for p in (ROOT / "configs" / "model" / "fusion").glob("*.yaml"))
+    result, _ = train(
+        tmp_path,
+        "unused",
+        f"model/fusion={','.join(fusions)}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "data.max_samples=24",
+        "trainer.fuse.epochs=1",
+        multirun=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fusers = {
+        json.loads(p.read_text())["fuser"] for p in (tmp_path / "sweep").glob("*/summary.json")
+    }
+    assert len(fusers) == len(fusions)
+
+
+def test_tasks_with_branching_and_conditional_heads(tmp_path):
+    runs = {
+        "which": ("data.task=which", "model/head=conditional", "model/fusion=lmf",
+                  "model.modality_dropout={image: 0.3, audio: 0.3}"),
+        "multi": ("data.task=multitask", "model/head=multitask", "model/fusion=transformer",
+                  "model.head.loss_weights={same: 2.0}"),
+        "same": ("data.task=same", "model/fusion=late", "model.fusion.combine=probs"),
+    }  # fmt: skip
+    for name, overrides in runs.items():
+        result, run_dir = train(tmp_path, name, "data.max_samples=24", *overrides)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert 0.0 <= summary["test/fused/accuracy"] <= 1.0
+    multi = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert {"test/fused/written/accuracy", "test/fused/same/accuracy"} <= set(multi)
+    assert (
+        json.loads((tmp_path / "which" / "summary.json").read_text())["head"] == "ConditionalHead"
+    )
+
+
+def test_condition_out_of_range_is_named(tmp_path):
+    result, _ = train(
+        tmp_path, "bad", "data.task=which", "model/head=conditional", "model.head.num_conditions=1"
+    )
+    assert result.returncode != 0
+    assert "condition" in result.stderr and "1 head" in result.stderr
