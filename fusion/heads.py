@@ -7,20 +7,14 @@ logits keyed by task, which the trainer matches to the batch's labels by name.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from fusion.checks import dropout_rate, positive_int
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
-
-
-def _positive_int(name: str, value: object) -> int:
-    """Integers from configs or numpy counts are fine; bools and floats are mistakes."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _mlp_layers(
@@ -32,12 +26,11 @@ def _mlp_layers(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got '{activation}'")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    dropout_rate(dropout)
     layers: list[nn.Module] = []
-    width = _positive_int("in_dim", in_dim)
+    width = positive_int("in_dim", in_dim)
     for size in widths:
-        size = _positive_int(f"every size in {name}", size)
+        size = positive_int(f"every size in {name}", size)
         layers += [nn.Linear(width, size), ACTIVATIONS[activation](), nn.Dropout(dropout)]
         width = size
     return layers, width
@@ -55,7 +48,7 @@ class ClassificationHead(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        num_classes = _positive_int("num_classes", num_classes)
+        num_classes = positive_int("num_classes", num_classes)
         layers, width = _mlp_layers(in_dim, hidden, activation, dropout, "hidden")
         layers.append(nn.Linear(width, num_classes))
         self.mlp = nn.Sequential(*layers)
@@ -156,7 +149,7 @@ class ConditionalHead(nn.Module):
                 "ConditionalHead takes num_classes as one int shared by every condition, got a "
                 "mapping; use MultiTaskHead for one set of classes per task"
             )
-        self.num_conditions = _positive_int("num_conditions", num_conditions)
+        self.num_conditions = positive_int("num_conditions", num_conditions)
         self.heads = nn.ModuleList(
             ClassificationHead(in_dim, num_classes, hidden, activation, dropout)
             for _ in range(self.num_conditions)
@@ -221,7 +214,7 @@ class MixtureOfExpertsHead(nn.Module):
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        num_experts = _positive_int("num_experts", num_experts)
+        num_experts = positive_int("num_experts", num_experts)
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")
         self.experts = nn.ModuleList(

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fusion.checks import dropout_rate
 from fusion.encoders.base import Encoder
 from fusion.heads import ACTIVATIONS
 
@@ -101,8 +102,7 @@ def build_tabular_encoder(
         raise ValueError(f"embedding_dim must be >= 1 or None, got {embedding_dim}")
     if any(h < 1 for h in hidden):
         raise ValueError(f"hidden sizes must be >= 1, got {list(hidden)}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    dropout_rate(dropout)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got '{activation}'")
     dims = [embedding_dim or default_embedding_dim(c) for c in cards]

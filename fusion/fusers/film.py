@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from fusion.checks import positive_int
 from fusion.fusers.base import Fuser
-from fusion.fusers.simple import check_positive
 
 
 class FiLMFuser(Fuser):
@@ -34,7 +34,7 @@ class FiLMFuser(Fuser):
                 f"modulate), got {self.modalities}"
             )
         if dim is not None:
-            check_positive("dim", dim)
+            positive_int("dim", dim)
         self.conditioner = conditioner
         self.modulated = [m for m in self.modalities if m != conditioner]
         sizes = {m: dim or self.in_dims[m] for m in self.modulated}

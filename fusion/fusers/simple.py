@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from fusion.checks import dropout_rate, positive_int
 from fusion.fusers.base import Fuser
 
 
@@ -66,25 +67,13 @@ class GatedFuser(Fuser):
         return self.dropout((weights * hidden).sum(dim=1))
 
 
-def check_positive(name: str, value: int) -> None:
-    """Reject a size that is not a positive integer, naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_dropout(value: float) -> None:
-    """Reject a dropout probability outside [0, 1)."""
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {value!r}")
-
-
 class _ProjectedFuser(Fuser):
     """Shared start of the pooling fusers: each modality linearly projected to one size `dim`."""
 
     def __init__(self, in_dims: Mapping[str, int], dim: int, dropout: float) -> None:
         super().__init__(in_dims)
-        check_positive("dim", dim)
-        check_dropout(dropout)
+        positive_int("dim", dim)
+        dropout_rate(dropout)
         self.proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in self.in_dims.items()})
         self.dropout = nn.Dropout(dropout)
         self.dim = dim
@@ -165,7 +154,7 @@ class AttentionFuser(_ProjectedFuser):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(in_dims, dim, dropout)
-        check_positive("hidden", hidden)
+        positive_int("hidden", hidden)
         # No bias on the last layer: the softmax ignores a score shift shared by all
         # modalities, so such a bias could never learn.
         self.scorer = nn.Sequential(

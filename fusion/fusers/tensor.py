@@ -13,22 +13,10 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
+from fusion.checks import dropout_rate, positive_int
 from fusion.fusers.base import Fuser
 
 MAX_TENSOR_SIZE = 2**20
-
-
-def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _check_dropout(dropout: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
 def _extend(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -63,9 +51,9 @@ class TensorFuser(Fuser):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(in_dims)
-        _check_positive("dim_per_modality", dim_per_modality, allow_none=True)
-        _check_positive("out_dim", out_dim, allow_none=True)
-        _check_dropout(dropout)
+        positive_int("dim_per_modality", dim_per_modality, allow_none=True)
+        positive_int("out_dim", out_dim, allow_none=True)
+        dropout_rate(dropout)
         dims = {m: dim_per_modality or d for m, d in self.in_dims.items()}
         tensor_size = math.prod(d + 1 for d in dims.values())
         if tensor_size > MAX_TENSOR_SIZE:
@@ -113,8 +101,8 @@ class LowRankFuser(Fuser):
 
     def __init__(self, in_dims: Mapping[str, int], out_dim: int = 128, rank: int = 4) -> None:
         super().__init__(in_dims)
-        _check_positive("out_dim", out_dim)
-        _check_positive("rank", rank)
+        positive_int("out_dim", out_dim)
+        positive_int("rank", rank)
         self.factors = nn.ParameterList(
             [nn.Parameter(self._init_factor(rank, d, out_dim)) for d in self.in_dims.values()]
         )
@@ -179,8 +167,8 @@ class BilinearFuser(Fuser):
                 f"in_dims must name at least two modalities for a bilinear fuser, got "
                 f"{self.modalities}"
             )
-        _check_positive("out_dim", out_dim)
-        _check_positive("rank", rank, allow_none=True)
+        positive_int("out_dim", out_dim)
+        positive_int("rank", rank, allow_none=True)
         context_dim = self.in_dims[self.modalities[0]]
         rest_dim = sum(self.in_dims[m] for m in self.modalities[1:])
         # Inits give each bilinear term unit variance for unit-variance inputs.

@@ -14,18 +14,17 @@ import torch
 from einops import repeat
 from torch import nn
 
+from fusion.checks import dropout_rate, positive_int
 from fusion.fusers.base import Fuser
 
 
 def _check_attention_args(dim: int, heads: int, depth: int, dropout: float) -> None:
     """Fail at construction, naming the argument, rather than deep inside nn.MultiheadAttention."""
     for name, value in (("dim", dim), ("heads", heads), ("depth", depth)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_int(name, value)
     if dim % heads:
         raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    dropout_rate(dropout)
 
 
 def _learned_token(*shape: int) -> nn.Parameter:

@@ -1,0 +1,22 @@
+"""Argument checks shared by fusers and heads: fail at construction, naming the argument."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def positive_int(name: str, value: object, allow_none: bool = False) -> int | None:
+    """Integers from configs or numpy counts are fine; bools, floats and values < 1 are not."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        allowed = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return int(value)
+
+
+def dropout_rate(value: float, name: str = "dropout") -> float:
+    """A dropout probability in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
