@@ -316,10 +316,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     try:
         cfg = validate(cfg)
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":
