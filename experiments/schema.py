@@ -73,6 +73,8 @@ class TrainerConfig:
     num_workers: int = 0
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    resume: str | None = None
+    stop_after_epochs: int | None = None
 
 
 @dataclass

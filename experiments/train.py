@@ -59,6 +59,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def reseed(seed: int, loaders: dict[str, DataLoader]) -> None:
+    """Start a stage from the seed alone: its result must not depend on what ran before it
+    (a stage-1 encoder trained now or reused from the cache draws different numbers)."""
+    set_seed(seed)
+    loaders["train"].generator.manual_seed(seed)
+
+
 def make_loaders(cfg: DictConfig) -> dict[str, DataLoader]:
     loaders = {}
     for split in SPLITS:
@@ -133,7 +140,7 @@ def pretrain_encoder(
             log.info("stage 1 [%s]: reusing %s", modality, path)
             return path, model
         log.info("stage 1 [%s]: %s has another fingerprint, retraining", modality, path)
-    set_seed(cfg.seed)
+    reseed(cfg.seed, loaders)
     summary = model.summary()
     tracker.log_text(f"model_summary_{modality}", summary)
     log.info("stage 1 [%s]: training encoder\n%s", modality, summary)
@@ -150,7 +157,7 @@ def pretrain_encoder(
         device=device,
         on_epoch=lambda _, m: tracker.log({f"pretrain/{modality}/{k}": v for k, v in m.items()}),
         desc=f"pretrain {modality}",
-    )
+    ).best
     state = {"model": model.cpu().state_dict(), "fingerprint": key, "best": best}
     save_checkpoint(path, state)
     model.to(device)
@@ -219,6 +226,28 @@ def fused_model(
     return model.to(device)
 
 
+FUSE_STATE = "fuse_state.pt"
+
+
+def resume_state(cfg: DictConfig) -> dict | None:
+    """The stage-2 state to continue from: `trainer.resume` is a run directory or a file."""
+    if cfg.trainer.resume is None:
+        return None
+    path = Path(cfg.trainer.resume)
+    if path.is_dir():
+        path = path / "checkpoints" / FUSE_STATE
+    if not path.is_file():
+        raise ConfigError(f"config key 'trainer.resume': no stage-2 state at {path}")
+    state = load_checkpoint(path, required=("epoch", "epochs", "model", "optimizer", "rng"))
+    if state["epochs"] != cfg.trainer.fuse.epochs:
+        raise ConfigError(
+            f"config key 'trainer.resume': {path} was written for trainer.fuse.epochs="
+            f"{state['epochs']}, this run asks for {cfg.trainer.fuse.epochs}"
+        )
+    log.info("stage 2: resuming from %s after epoch %d", path, state["epoch"])
+    return state
+
+
 def results_table(rows: dict[str, tuple[str, dict[str, EpochMetrics]]]) -> str:
     lines = ["| model | target | val accuracy | test accuracy |", "|---|---|---:|---:|"]
     for name, (target, metrics) in rows.items():
@@ -274,7 +303,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             metrics = evaluate_splits(unimodal, loaders, device, targets=modality_targets(modality))
             rows[f"{modality} only"] = (f"{modality}'s digit", metrics)
 
-        set_seed(cfg.seed)
+        reseed(cfg.seed, loaders)
         num_classes = cfg.model.num_classes or dataset.num_classes
         model = fused_model(cfg, checkpoints, num_classes, device)
         fuser_name = type(model.fuser).__name__
@@ -283,7 +312,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         log.info("stage 2: training %s with frozen encoders\n%s", fuser_name, summary_text)
         fuse = cfg.trainer.fuse
         loss_weights = getattr(model.head, "loss_weights", None)
-        fit(
+        result = fit(
             model,
             loaders["train"],
             loaders["val"],
@@ -295,7 +324,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             before_epoch=unfreeze_schedule(model, fuse.unfreeze),
             device=device,
             on_epoch=lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()}),
+            state_path=run_dir / "checkpoints" / FUSE_STATE,
+            resume=resume_state(cfg),
+            stop_after=cfg.trainer.stop_after_epochs,
+            generators=[loaders["train"].generator],
             desc="fuse",
+        )
+        if not result.finished:
+            print(
+                f"stopped after epoch {result.epochs_done} of {fuse.epochs}; continue with "
+                f"python -m experiments.train ... trainer.resume={run_dir}"
+            )
+            return {}
+        save_checkpoint(
+            run_dir / "checkpoints" / "best.pt",
+            {"model": model.state_dict(), "config": OmegaConf.to_container(cfg), **result.best},
         )
         fused = f"fused ({fuser_name})"
         rows[fused] = (task, evaluate_splits(model, loaders, device, loss_weights=loss_weights))

@@ -132,3 +132,19 @@ def test_condition_out_of_range_is_named(tmp_path):
     )
     assert result.returncode != 0
     assert "condition" in result.stderr and "1 head" in result.stderr
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    epochs = ("trainer.fuse.epochs=3", "data.max_samples=32")
+    straight, straight_dir = train(tmp_path, "straight", *epochs)
+    stopped, stopped_dir = train(tmp_path, "stopped", *epochs, "trainer.stop_after_epochs=1")
+    assert stopped.returncode == 0 and "stopped after epoch 1 of 3" in stopped.stdout
+    assert not (stopped_dir / "summary.json").exists()
+    resumed, resumed_dir = train(tmp_path, "resumed", *epochs, f"trainer.resume={stopped_dir}")
+    for result in (straight, resumed):
+        assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (straight_dir, resumed_dir)]
+    assert summaries[0] == summaries[1]
+    assert (resumed_dir / "checkpoints" / "best.pt").is_file()
+    bad, _ = train(tmp_path, "bad", "trainer.fuse.epochs=5", f"trainer.resume={stopped_dir}")
+    assert bad.returncode == 2 and "trainer.fuse.epochs=3" in bad.stderr

@@ -1,6 +1,14 @@
 """Training: the loop, evaluation, and checkpoints."""
 
 from fusion.training.checkpoint import load_checkpoint, save_checkpoint
-from fusion.training.loop import EpochMetrics, evaluate, fit, set_seed
+from fusion.training.loop import EpochMetrics, FitResult, evaluate, fit, set_seed
 
-__all__ = ["EpochMetrics", "evaluate", "fit", "load_checkpoint", "save_checkpoint", "set_seed"]
+__all__ = [
+    "EpochMetrics",
+    "FitResult",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "save_checkpoint",
+    "set_seed",
+]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from data.collate import Batch
 from fusion.surgery import param_groups
+from fusion.training.checkpoint import save_checkpoint
 
 Outputs = torch.Tensor | dict[str, torch.Tensor]
 TargetFn = Callable[[Batch], torch.Tensor | dict[str, torch.Tensor]]
@@ -137,6 +139,38 @@ def train_epoch(
     return tally.metrics()
 
 
+@dataclass
+class FitResult:
+    """The best validation epoch's metrics, and whether every epoch has run."""
+
+    best: dict[str, float]
+    epochs_done: int
+    finished: bool
+
+
+def rng_state(generators: Sequence[torch.Generator] = ()) -> dict:
+    """Every random state a run draws from, so that a resumed run draws the same numbers.
+
+    Only tensors and plain Python values, so checkpoints load with `weights_only=True`.
+    """
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def set_rng_state(state: dict, generators: Sequence[torch.Generator] = ()) -> None:
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    for generator, saved in zip(generators, state["generators"], strict=True):
+        generator.set_state(saved)
+
+
 def fit(
     model: nn.Module,
     train_batches: Iterable[Batch],
@@ -151,8 +185,12 @@ def fit(
     loss_weights: Mapping[str, float] | None = None,
     before_epoch: Callable[[int], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    state_path: Path | None = None,
+    resume: dict | None = None,
+    stop_after: int | None = None,
+    generators: Sequence[torch.Generator] = (),
     desc: str = "fit",
-) -> dict[str, float]:
+) -> FitResult:
     """Train with AdamW and cosine decay; keep the weights of the best validation epoch.
 
     `groups` are optimizer parameter groups (`fusion.surgery.param_groups`; by default all
@@ -160,7 +198,13 @@ def fit(
     parameters: those get no gradient and stay untouched until `before_epoch` (a gradual
     unfreezing schedule, say) makes them trainable. `targets` picks the labels from a batch
     (by default `batch.targets`), and `loss_weights` weighs a branching head's tasks.
-    Returns the best epoch's metrics; the model ends holding that epoch's weights.
+
+    Resumable: after every epoch the whole state (model, optimizer, scheduler, best epoch,
+    random states including `generators`, such as a data loader's) is written atomically
+    to `state_path`; `resume` continues from such a state and ends exactly where an
+    uninterrupted run would (on CPU). `stop_after` ends this call after that many epochs,
+    e.g. to fit a cluster's time slot, leaving a state to resume from.
+    When every epoch has run, the model holds the best epoch's weights.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -169,7 +213,15 @@ def fit(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     best: dict[str, float] = {}
     best_state = None
-    for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=None):
+    start = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        best, best_state = resume["best"], resume["best_model"]
+        set_rng_state(resume["rng"], generators)
+        start = resume["epoch"] + 1
+    for epoch in tqdm(range(start, epochs + 1), desc=desc, disable=None):
         if before_epoch is not None:
             before_epoch(epoch)
         if not any(p.requires_grad for p in model.parameters()):
@@ -185,5 +237,21 @@ def fit(
         if not best or val.accuracy > best["val/accuracy"]:
             best = metrics
             best_state = copy.deepcopy(model.state_dict())
+        if state_path is not None:
+            save_checkpoint(
+                state_path,
+                {
+                    "epoch": epoch,
+                    "epochs": epochs,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best": best,
+                    "best_model": best_state,
+                    "rng": rng_state(generators),
+                },
+            )
+        if stop_after is not None and epoch - start + 1 >= stop_after and epoch < epochs:
+            return FitResult(best, epoch, finished=False)
     model.load_state_dict(best_state)
-    return best
+    return FitResult(best, epochs, finished=True)

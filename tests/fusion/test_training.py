@@ -50,7 +50,7 @@ def test_fit_learns_and_keeps_best_epoch():
     best = fit(
         model, batches, batches, epochs=5, lr=1e-2, weight_decay=0.0,
         device=torch.device("cpu"), on_epoch=lambda e, m: history.append(m),
-    )  # fmt: skip
+    ).best  # fmt: skip
     after = evaluate(model, batches, torch.device("cpu"))
     assert len(history) == 5 and after.accuracy > 0.9 > before.accuracy
     assert best["val/accuracy"] == max(m["val/accuracy"] for m in history) == after.accuracy
@@ -73,3 +73,25 @@ def test_frozen_encoder_is_untouched_by_training():
     for key, value in model.encoders["a"].state_dict().items():
         assert torch.equal(value, frozen[key]), key  # weights and batch-norm statistics
     assert any(not torch.equal(v, trained[k]) for k, v in model.encoders["b"].state_dict().items())
+
+
+def test_resumed_fit_ends_where_an_uninterrupted_one_does(tmp_path):
+    from fusion.training import load_checkpoint
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        model = model_with_bn()
+        result = fit(
+            model, separable_batches(), separable_batches(2), epochs=4, lr=1e-2,
+            weight_decay=0.01, device=torch.device("cpu"), **kwargs,
+        )  # fmt: skip
+        return model, result
+
+    straight, _ = run()
+    _, stopped = run(state_path=tmp_path / "state.pt", stop_after=2)
+    assert not stopped.finished and stopped.epochs_done == 2
+    torch.manual_seed(123)  # whatever happened in between, the state restores the generators
+    resumed, result = run(resume=load_checkpoint(tmp_path / "state.pt"))
+    assert result.finished
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
