@@ -16,12 +16,14 @@ import hashlib
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -276,8 +278,13 @@ def evaluate_splits(model: MultimodalModel, loaders, device, **kwargs) -> dict[s
     return {split: evaluate(model, loaders[split], device, **kwargs) for split in ("val", "test")}
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Both stages and the final evaluation; returns the summary written to `summary.json`."""
+def run(
+    cfg: DictConfig, run_dir: Path, group: str | None = None, tags: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Both stages and the final evaluation; returns the summary written to `summary.json`.
+
+    `group` and `tags` label the W&B run (a multirun's sweep, the values it overrides).
+    """
     device = resolve_device(cfg.trainer.device)
     set_seed(cfg.seed)
     loaders = make_loaders(cfg)
@@ -288,9 +295,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         run_dir,
         mode=cfg.logger.mode,
         project=cfg.logger.project,
-        group=cfg.logger.group,
+        group=cfg.logger.group or group,
         name=run_dir.name,
-        tags=cfg.tags,
+        tags=[*cfg.tags, *tags],
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     try:
@@ -355,11 +362,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def override_tags(hydra_cfg: DictConfig) -> list[str]:
+    """The command line's overrides as W&B tags (W&B caps a tag at 64 characters)."""
+    skip = ("hydra.", "logger.", "paths.", "trainer.resume")
+    return [o[:64] for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(skip)]
+
+
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         cfg = validate(cfg)
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+        run(cfg, Path(hydra_cfg.runtime.output_dir), sweep, override_tags(hydra_cfg))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

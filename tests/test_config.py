@@ -54,3 +54,18 @@ def test_bad_value_is_named():
         validate(load("logger.mode=cloud"))
     with pytest.raises(ConfigError, match=r"'trainer.fuse.epochs': expected >= 1"):
         validate(load("trainer.fuse.epochs=0"))
+
+
+def test_overrides_become_wandb_tags():
+    from omegaconf import OmegaConf
+
+    from experiments.train import override_tags
+
+    hydra_cfg = OmegaConf.create(
+        {
+            "overrides": {
+                "task": ["model/fusion=lmf", "seed=1", "logger.mode=offline", "+x=" + "y" * 80]
+            }
+        }
+    )
+    assert override_tags(hydra_cfg) == ["model/fusion=lmf", "seed=1", ("+x=" + "y" * 80)[:64]]
