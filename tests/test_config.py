@@ -69,3 +69,29 @@ def test_overrides_become_wandb_tags():
         }
     )
     assert override_tags(hydra_cfg) == ["model/fusion=lmf", "seed=1", ("+x=" + "y" * 80)[:64]]
+
+
+@pytest.mark.parametrize(
+    ("preset", "runs"),
+    [("ablation_fusion", 36), ("ablation_freezing", 6), ("ablation_modality_dropout", 12)],
+)
+def test_ablation_presets_expand_to_valid_runs(preset, runs):
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    choices = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    combos = list(itertools.product(*choices))
+    assert len(combos) == runs
+    for combo in combos[:: max(1, runs // 6)]:
+        validate(load(f"experiment={preset}", *combo))
+
+
+def test_debug_makes_a_run_tiny():
+    cfg = validate(load("debug=default"))
+    assert cfg.data.max_samples == 32 and cfg.trainer.fuse.epochs == 1
+    assert cfg.logger.mode == "disabled"
