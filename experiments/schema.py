@@ -82,6 +82,8 @@ class LoggerConfig:
     mode: str = "offline"
     project: str = "fusion"
     group: str | None = None
+    watch: str | None = None
+    log_every_n_steps: int = 10
 
 
 @dataclass
@@ -130,6 +132,11 @@ def validate(cfg: DictConfig) -> DictConfig:
     ):
         if section.epochs < 1:
             raise ConfigError(f"config key '{group}.epochs': expected >= 1, got {section.epochs}")
+    if checked.logger.watch not in (None, "gradients", "parameters", "all"):
+        raise ConfigError(
+            "config key 'logger.watch': expected null, gradients, parameters or all, "
+            f"got '{checked.logger.watch}'"
+        )
     if checked.trainer.batch_size < 1:
         raise ConfigError(
             f"config key 'trainer.batch_size': expected >= 1, got {checked.trainer.batch_size}"

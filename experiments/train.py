@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from fusion.training import (
     evaluate,
     fit,
     load_checkpoint,
+    predict,
     save_checkpoint,
     set_seed,
 )
@@ -158,6 +159,7 @@ def pretrain_encoder(
         targets=modality_targets(modality),
         device=device,
         on_epoch=lambda _, m: tracker.log({f"pretrain/{modality}/{k}": v for k, v in m.items()}),
+        on_step=step_logger(tracker, f"pretrain/{modality}", cfg.logger.log_every_n_steps),
         desc=f"pretrain {modality}",
     ).best
     state = {"model": model.cpu().state_dict(), "fingerprint": key, "best": best}
@@ -229,6 +231,19 @@ def fused_model(
 
 
 FUSE_STATE = "fuse_state.pt"
+
+
+def step_logger(tracker: Tracker, prefix: str, every: int):
+    """An `on_step` hook logging the training loss every `every` steps."""
+    step = 0
+
+    def log_step(loss: float) -> None:
+        nonlocal step
+        step += 1
+        if step % every == 0:
+            tracker.log({f"{prefix}/step": step, f"{prefix}/train/step_loss": loss})
+
+    return log_step
 
 
 def resume_state(cfg: DictConfig) -> dict | None:
@@ -319,6 +334,7 @@ def run(
         log.info("stage 2: training %s with frozen encoders\n%s", fuser_name, summary_text)
         fuse = cfg.trainer.fuse
         loss_weights = getattr(model.head, "loss_weights", None)
+        tracker.watch(model, cfg.logger.watch)
         result = fit(
             model,
             loaders["train"],
@@ -331,6 +347,7 @@ def run(
             before_epoch=unfreeze_schedule(model, fuse.unfreeze),
             device=device,
             on_epoch=lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()}),
+            on_step=step_logger(tracker, "fuse", cfg.logger.log_every_n_steps),
             state_path=run_dir / "checkpoints" / FUSE_STATE,
             resume=resume_state(cfg),
             stop_after=cfg.trainer.stop_after_epochs,
@@ -343,10 +360,16 @@ def run(
                 f"python -m experiments.train ... trainer.resume={run_dir}"
             )
             return {}
-        save_checkpoint(
+        best_path = save_checkpoint(
             run_dir / "checkpoints" / "best.pt",
             {"model": model.state_dict(), "config": OmegaConf.to_container(cfg), **result.best},
         )
+        tracker.log_artifact(best_path, f"model-{run_dir.name}")
+        for name, (true, pred) in predict(model, loaders["test"], device).items():
+            classes = num_classes[name] if isinstance(num_classes, Mapping) else num_classes
+            tracker.log_confusion_matrix(
+                f"confusion_test{'_' + name if name else ''}", true, pred, classes
+            )
         fused = f"fused ({fuser_name})"
         rows[fused] = (task, evaluate_splits(model, loaders, device, loss_weights=loss_weights))
         summary = run_summary(rows, fused, comparable=task == "digit")
@@ -358,7 +381,7 @@ def run(
     print(results_table(rows))
     if wandb_line:
         print(wandb_line)
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run_dir}  |  fused test accuracy: {summary['test/fused/accuracy']:.2%}")
     return summary
 
 

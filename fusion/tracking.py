@@ -79,6 +79,41 @@ class Tracker:
             self._wandb_run.save(str(path), base_path=str(self.run_dir), policy="now")
         return path
 
+    def log_confusion_matrix(
+        self, name: str, targets: Sequence[int], predictions: Sequence[int], num_classes: int
+    ) -> Path:
+        """Save the confusion matrix (rows: true class, columns: predicted) as JSON, and to W&B."""
+        matrix = [[0] * num_classes for _ in range(num_classes)]
+        for t, p in zip(targets, predictions, strict=True):
+            matrix[int(t)][int(p)] += 1
+        path = self.run_dir / f"{name.replace('/', '_')}.json"
+        path.write_text(
+            json.dumps({"rows": "true class", "columns": "predicted", "matrix": matrix})
+        )
+        if self._wandb_run is not None:
+            import wandb
+
+            plot = wandb.plot.confusion_matrix(
+                y_true=[int(t) for t in targets], preds=[int(p) for p in predictions]
+            )
+            self._wandb_run.log({name: plot})
+        return path
+
+    def log_artifact(self, path: Path, name: str, kind: str = "model") -> None:
+        """Attach a file (the best checkpoint) to the W&B run as a versioned artifact."""
+        if self._wandb_run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name, type=kind)
+        artifact.add_file(str(path))
+        self._wandb_run.log_artifact(artifact)
+
+    def watch(self, model: Any, log: str | None, log_freq: int = 100) -> None:
+        """W&B gradient (and parameter) histograms: `log` is "gradients", "parameters", "all"."""
+        if self._wandb_run is not None and log is not None:
+            self._wandb_run.watch(model, log=log, log_freq=log_freq)
+
     def update_summary(self, metrics: Mapping[str, Any]) -> None:
         """Merge `metrics` into `summary.json` (rewritten whole each time) and the W&B summary."""
         self._summary.update({k: _jsonable(v) for k, v in metrics.items()})

@@ -148,3 +148,21 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert (resumed_dir / "checkpoints" / "best.pt").is_file()
     bad, _ = train(tmp_path, "bad", "trainer.fuse.epochs=5", f"trainer.resume={stopped_dir}")
     assert bad.returncode == 2 and "trainer.fuse.epochs=3" in bad.stderr
+
+
+def test_offline_wandb_run_with_confusion_matrix_artifact_and_gradients(tmp_path):
+    result, run_dir = train(
+        tmp_path,
+        "wandb",
+        "logger.mode=offline",
+        "logger.watch=gradients",
+        "logger.log_every_n_steps=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))  # what `wandb sync` uploads
+    assert "wandb sync" in result.stdout and "fused test accuracy" in result.stdout
+    matrix = json.loads((run_dir / "confusion_test.json").read_text())["matrix"]
+    assert len(matrix) == 10 and sum(map(sum, matrix)) == 48  # every test sample counted once
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("fuse/train/step_loss" in record for record in steps)

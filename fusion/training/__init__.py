@@ -1,7 +1,7 @@
 """Training: the loop, evaluation, and checkpoints."""
 
 from fusion.training.checkpoint import load_checkpoint, save_checkpoint
-from fusion.training.loop import EpochMetrics, FitResult, evaluate, fit, set_seed
+from fusion.training.loop import EpochMetrics, FitResult, evaluate, fit, predict, set_seed
 
 __all__ = [
     "EpochMetrics",
@@ -9,6 +9,7 @@ __all__ = [
     "evaluate",
     "fit",
     "load_checkpoint",
+    "predict",
     "save_checkpoint",
     "set_seed",
 ]

@@ -118,6 +118,28 @@ def evaluate(
     return tally.metrics()
 
 
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    device: torch.device,
+    targets: TargetFn = batch_targets,
+) -> dict[str, tuple[list[int], list[int]]]:
+    """(true, predicted) classes per task ("" for a single-task model), for confusion matrices."""
+    model.eval()
+    out: dict[str, tuple[list[int], list[int]]] = {}
+    for batch in batches:
+        batch = batch.to(device)
+        outputs, labels = forward(model, batch), targets(batch)
+        if not isinstance(outputs, dict):
+            outputs, labels = {"": outputs}, {"": labels}
+        for task, logits in outputs.items():
+            true, pred = out.setdefault(task, ([], []))
+            true += labels[task].tolist()
+            pred += logits.argmax(dim=1).tolist()
+    return out
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -126,6 +148,7 @@ def train_epoch(
     targets: TargetFn = batch_targets,
     loss_weights: Mapping[str, float] | None = None,
     desc: str = "train",
+    on_step: Callable[[float], None] | None = None,
 ) -> EpochMetrics:
     model.train()
     tally = _Tally()
@@ -136,6 +159,8 @@ def train_epoch(
         (loss / len(batch)).backward()
         optimizer.step()
         tally.add(loss.detach(), hits, len(batch))
+        if on_step is not None:
+            on_step(loss.item() / len(batch))
     return tally.metrics()
 
 
@@ -185,6 +210,7 @@ def fit(
     loss_weights: Mapping[str, float] | None = None,
     before_epoch: Callable[[int], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[float], None] | None = None,
     state_path: Path | None = None,
     resume: dict | None = None,
     stop_after: int | None = None,
@@ -198,6 +224,7 @@ def fit(
     parameters: those get no gradient and stay untouched until `before_epoch` (a gradual
     unfreezing schedule, say) makes them trainable. `targets` picks the labels from a batch
     (by default `batch.targets`), and `loss_weights` weighs a branching head's tasks.
+    `on_step` gets each training step's mean loss; `on_epoch` each epoch's metrics.
 
     Resumable: after every epoch the whole state (model, optimizer, scheduler, best epoch,
     random states including `generators`, such as a data loader's) is written atomically
@@ -227,7 +254,14 @@ def fit(
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{desc}: the model has no trainable parameters at epoch {epoch}")
         train = train_epoch(
-            model, train_batches, optimizer, device, targets, loss_weights, f"{desc} {epoch}"
+            model,
+            train_batches,
+            optimizer,
+            device,
+            targets,
+            loss_weights,
+            f"{desc} {epoch}",
+            on_step,
         )
         scheduler.step()
         val = evaluate(model, val_batches, device, targets, loss_weights)
