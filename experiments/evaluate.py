@@ -229,7 +229,7 @@ def plot_robustness(report: dict[str, Any], path: Path) -> None:
         ax.axhline(entry["dropped"], color=color, linestyle="--", label=f"{m} dropped")
     ax.set_xlabel("noise std / input std")
     ax.set_ylabel(f"{report['split']} accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(-0.02, 1.02)  # keep a line at 0 or 1 visible
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

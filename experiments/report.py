@@ -109,13 +109,20 @@ def config_keys(runs: list[Run]) -> list[str]:
     return sorted({k for run in runs for k in run.config})
 
 
-def cell(scores: list[float]) -> str:
+def is_fraction(metric: str) -> bool:
+    """Accuracies and gains read as percentages; losses and other values as numbers."""
+    return "accuracy" in metric or "gain" in metric
+
+
+def cell(scores: list[float], percent: bool = True) -> str:
     """Mean, with the standard deviation over seeds and the run count when there are several."""
     if not scores:
         return "-"
+    fmt = ".2%" if percent else ".4f"
     if len(scores) == 1:
-        return f"{scores[0]:.2%}"
-    return f"{statistics.mean(scores):.2%} ± {statistics.stdev(scores):.2%} (n={len(scores)})"
+        return f"{scores[0]:{fmt}}"
+    mean, std = statistics.mean(scores), statistics.stdev(scores)
+    return f"{mean:{fmt}} ± {std:{fmt}} (n={len(scores)})"
 
 
 def table(runs: list[Run], metric: str, pivot: str | None = None) -> str:
@@ -136,7 +143,8 @@ def table(runs: list[Run], metric: str, pivot: str | None = None) -> str:
         "|" + "---|" * len(keys) + "---:|" * len(columns),
     ]
     for values, by_column in sorted(groups.items()):
-        lines.append("| " + " | ".join([*values, *(cell(by_column[c]) for c in columns)]) + " |")
+        cells = [cell(by_column[c], is_fraction(metric)) for c in columns]
+        lines.append("| " + " | ".join([*values, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -226,13 +234,14 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
             capsize=3,
         )
     for i, e in enumerate(entries):
-        text = cell([r["value"] for r in e["runs"]])
+        text = cell([r["value"] for r in e["runs"]], is_fraction(report["metric"]))
         ax.text(1.01, i, text, transform=ax.get_yaxis_transform(), va="center", fontsize=8)
     ax.set_yticks(rows, [label(e["config"], report["keys"]) for e in entries], fontsize=8)
     ax.invert_yaxis()
     ax.set_ylabel(", ".join(report["keys"]))
     ax.set_xlabel(report["metric"])
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    if is_fraction(report["metric"]):
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(f"{report['metric']}: mean ± std over seeds")
     figure.savefig(path, dpi=120)
