@@ -27,14 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from data.avdigits import SPLITS
 from data.collate import Batch
 from experiments.schema import ConfigError
-from experiments.train import FUSE_STATE, build_encoder, make_loaders, reseed, resolve_device
+from experiments.train import (
+    FUSE_STATE,
+    build_encoder,
+    build_fused,
+    make_loaders,
+    reseed,
+    resolve_device,
+    task_classes,
+)
 from fusion.model import MultimodalModel
 from fusion.training import EpochMetrics, evaluate, load_checkpoint
 from fusion.weights import load_weights
@@ -74,13 +81,7 @@ def rebuild_model(
 ) -> MultimodalModel:
     """The stage-2 model as `train.fused_model` wires it, with every weight from `state`."""
     encoders = {modality: build_encoder(cfg, modality) for modality in cfg.model.encoders}
-    model = MultimodalModel.build(
-        encoders,
-        fuser=instantiate(cfg.model.fusion),
-        head=instantiate(cfg.model.head),
-        num_classes=num_classes,
-        modality_dropout=cfg.model.modality_dropout,
-    )
+    model = build_fused(cfg, encoders, num_classes)
     load_weights(model, state)
     return model
 
@@ -108,25 +109,19 @@ def add_noise(modality: str, std: float, seed: int) -> Perturbation:
     return apply
 
 
-def input_stds(batches: Iterable[Batch], modalities: Sequence[str]) -> dict[str, float | None]:
-    """Each tensor modality's std over the samples that have it; None for non-tensor inputs."""
-    moments = {m: [0, 0.0, 0.0] for m in modalities}  # count, sum, sum of squares
-    stds: dict[str, float | None] = {}
+def input_std(batches: Iterable[Batch], modality: str) -> float | None:
+    """The modality's input std over the samples that have it; None for non-tensor inputs."""
+    count, total, squares = 0, 0.0, 0.0
     for batch in batches:
-        for m in modalities:
-            x = batch.inputs[m]
-            if not isinstance(x, torch.Tensor):
-                stds[m] = None
-                continue
-            x = x[batch.present[m]].double()
-            moments[m][0] += x.numel()
-            moments[m][1] += float(x.sum())
-            moments[m][2] += float(x.pow(2).sum())
-    for m, (count, total, squares) in moments.items():
-        if m not in stds:
-            mean = total / max(count, 1)
-            stds[m] = math.sqrt(max(squares / max(count, 1) - mean**2, 0.0))
-    return stds
+        x = batch.inputs[modality]
+        if not isinstance(x, torch.Tensor):
+            return None
+        x = x[batch.present[modality]].double()
+        count += x.numel()
+        total += float(x.sum())
+        squares += float(x.pow(2).sum())
+    mean = total / max(count, 1)
+    return math.sqrt(max(squares / max(count, 1) - mean**2, 0.0))
 
 
 class Evaluator:
@@ -159,7 +154,7 @@ class Evaluator:
 def robustness(evaluator: Evaluator, levels: Sequence[float]) -> dict[str, Any]:
     """Accuracy per modality when dropped and at each noise level, with the clean accuracy."""
     modalities = evaluator.model.modalities
-    stds = input_stds(evaluator.batches(), modalities)
+    stds = {m: input_std(evaluator.batches(), m) for m in modalities}
     report: dict[str, Any] = {
         "split": evaluator.split,
         "seed": evaluator.seed,
@@ -267,7 +262,7 @@ def run(args: argparse.Namespace) -> None:
     cfg, state = load_run(args.run_dir)
     out = args.out or args.run_dir / "eval"
     loaders = make_loaders(cfg)
-    num_classes = cfg.model.num_classes or loaders[args.split].dataset.num_classes
+    num_classes = task_classes(cfg, loaders[args.split].dataset)
     model = rebuild_model(cfg, state["model"], num_classes)
     evaluator = Evaluator(model, loaders, args.split, cfg.seed, resolve_device(args.device))
     metrics = evaluator()

@@ -197,6 +197,24 @@ def unfreeze_schedule(model: MultimodalModel, unfreeze: DictConfig | None):
     return step
 
 
+def build_fused(
+    cfg: DictConfig, encoders: dict[str, Encoder], num_classes: int | dict[str, int]
+) -> MultimodalModel:
+    """Encoders, the configured fuser and head, and modality dropout, wired together."""
+    return MultimodalModel.build(
+        encoders,
+        fuser=instantiate(cfg.model.fusion),
+        head=instantiate(cfg.model.head),
+        num_classes=num_classes,
+        modality_dropout=cfg.model.modality_dropout,
+    )
+
+
+def task_classes(cfg: DictConfig, dataset) -> int | dict[str, int]:
+    """The output sizes stage 2 needs: from the config if set, else what the data asks."""
+    return cfg.model.num_classes or dataset.num_classes
+
+
 def fused_model(
     cfg: DictConfig,
     checkpoints: dict[str, Path],
@@ -220,14 +238,7 @@ def fused_model(
         else:
             set_trainable(encoder, False)
         encoders[modality] = encoder
-    model = MultimodalModel.build(
-        encoders,
-        fuser=instantiate(cfg.model.fusion),
-        head=instantiate(cfg.model.head),
-        num_classes=num_classes,
-        modality_dropout=cfg.model.modality_dropout,
-    )
-    return model.to(device)
+    return build_fused(cfg, encoders, num_classes).to(device)
 
 
 FUSE_STATE = "fuse_state.pt"
@@ -326,7 +337,7 @@ def run(
             rows[f"{modality} only"] = (f"{modality}'s digit", metrics)
 
         reseed(cfg.seed, loaders)
-        num_classes = cfg.model.num_classes or dataset.num_classes
+        num_classes = task_classes(cfg, dataset)
         model = fused_model(cfg, checkpoints, num_classes, device)
         fuser_name = type(model.fuser).__name__
         summary_text = model.summary()
