@@ -166,3 +166,27 @@ def test_offline_wandb_run_with_confusion_matrix_artifact_and_gradients(tmp_path
     assert len(matrix) == 10 and sum(map(sum, matrix)) == 48  # every test sample counted once
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("fuse/train/step_loss" in record for record in steps)
+
+
+def test_two_value_multirun_then_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    result, _ = train(
+        tmp_path,
+        "unused",
+        "model/fusion=concat,sum",
+        f"hydra.sweep.dir={sweep}",
+        "data.max_samples=24",
+        "trainer.fuse.epochs=1",
+        multirun=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
+    assert runs == ["0", "1"]  # one directory and one summary per run
+    report = subprocess.run(
+        [sys.executable, "-m", "experiments.report", str(sweep)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "| concat |" in report.stdout and "| sum |" in report.stdout
+    assert (sweep / "report" / "table.md").read_text().strip() == report.stdout.strip()
+    assert (sweep / "report" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
