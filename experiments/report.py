@@ -307,6 +307,39 @@ def write_report(report: dict[str, Any], table_text: str, out_dir: Path) -> list
     return paths
 
 
+def push_to_wandb(report: dict[str, Any], images: list[Path], mode: str, project: str) -> str:
+    """Log the aggregated table (and the plots) as a W&B run of its own, `job_type=report`."""
+    import wandb
+
+    columns = [*report["keys"], "mean", "std", "n"]
+    rows = [
+        [
+            *(entry["config"].get(k, "") for k in report["keys"]),
+            entry["mean"],
+            entry["std"],
+            entry["n"],
+        ]
+        for entry in report["configurations"].values()
+    ]
+    run = wandb.init(
+        project=project,
+        job_type="report",
+        mode=mode,
+        dir=str(images[0].parent) if images else None,
+        config={"metric": report["metric"]},
+        settings=wandb.Settings(silent=True),
+    )
+    run.log(
+        {
+            "report/table": wandb.Table(columns=columns, data=rows),
+            **{f"report/{p.stem}": wandb.Image(str(p)) for p in images if p.suffix == ".png"},
+        }
+    )
+    where = run.url if mode == "online" else str(Path(run.dir).parent)
+    run.finish()
+    return where
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="a sweep or runs directory")
@@ -318,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="where plots, table.md and report.json go (default: <root>/report)",
     )
+    parser.add_argument(
+        "--wandb",
+        choices=("online", "offline"),
+        help="also log the table and plots as a W&B run (online needs an account)",
+    )
+    parser.add_argument("--project", default="fusion", help="W&B project for --wandb")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.root)
@@ -328,10 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table_text = table(runs, args.metric, args.pivot)
     print(table_text)
-    paths = write_report(
-        aggregate(runs, args.metric), table_text, args.plots or args.root / "report"
-    )
+    report = aggregate(runs, args.metric)
+    paths = write_report(report, table_text, args.plots or args.root / "report")
     print("wrote:", *paths, sep="\n  ", file=sys.stderr)
+    if args.wandb:
+        note(f"W&B report run: {push_to_wandb(report, paths, args.wandb, args.project)}")
     return 0
 
 

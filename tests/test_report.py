@@ -109,3 +109,11 @@ def test_report_errors_name_the_problem(tmp_path, capsys):
     assert main([str(tmp_path), "--pivot", "data.task"]) == 2
     assert "no run sets 'data.task'; the runs set: model/fusion" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_report_can_be_pushed_to_wandb_offline(tmp_path, capsys):
+    fake_run(tmp_path, "0", ["model/fusion=concat", "seed=0"], 0.8)
+    fake_run(tmp_path, "1", ["model/fusion=concat", "seed=1"], 0.9)
+    assert main([str(tmp_path), "--wandb", "offline"]) == 0
+    assert "W&B report run:" in capsys.readouterr().err
+    assert list((tmp_path / "report" / "wandb").glob("offline-run-*/run-*.wandb"))
