@@ -60,6 +60,11 @@ class MultimodalModel(nn.Module):
         """
         in_dims = {m: enc.out_dim for m, enc in encoders.items()}
         if getattr(_target_class(fuser), "produces_logits", False):
+            if isinstance(num_classes, Mapping):
+                raise ValueError(
+                    f"late fusion predicts one set of classes, but the task has several "
+                    f"({sorted(num_classes)}); use another fuser with model/head=multitask"
+                )
             fuser_module = fuser(in_dims=in_dims, num_classes=num_classes)
             head_module = PassThroughHead()
         else:

@@ -119,3 +119,11 @@ def test_modality_dropout_only_in_training_and_validated():
         MultimodalModel.build(
             dict(model.encoders), ConcatFuser, ClassificationHead, 3, modality_dropout={"text": 0.1}
         )
+
+
+def test_late_fusion_with_several_tasks_is_explained():
+    from fusion.fusers import LateFusion
+
+    encoders = {"image": Encoder(Scale(1.0, 4), input_shape=(4,))}
+    with pytest.raises(ValueError, match=r"late fusion predicts one set of classes.*multitask"):
+        MultimodalModel.build(encoders, LateFusion, ClassificationHead, {"a": 2, "b": 3})
