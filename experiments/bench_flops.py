@@ -14,7 +14,6 @@ and achieved GFLOP/s = counted FLOPs / median step time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -24,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from experiments.bench_trainer import LR, NUM_CLASSES, image_model, machine_info, synchronize
+from experiments.bench_trainer import LR, NUM_CLASSES, image_model
+from experiments.benchmarking import machine_info, synchronize, write_json
 from fusion.encoders import build_spectrogram_encoder
 from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead
@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "machine": machine_info(device),
     }
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

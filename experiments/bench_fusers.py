@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from experiments.bench_routing import (
+from experiments.benchmarking import (
     default_device,
     machine_info,
     markdown_table,

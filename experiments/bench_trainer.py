@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +29,7 @@ from torch import nn
 import fusion.training.loop as loop
 from data.avdigits import AVDigits
 from data.collate import Batch, collate
+from experiments.benchmarking import machine_info, synchronize, write_json
 from fusion.encoders import build_vision_encoder
 from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead
@@ -38,35 +37,6 @@ from fusion.model import MultimodalModel
 
 LR = 2e-3  # configs/trainer's stage-1 learning rate
 NUM_CLASSES = 10
-
-
-def machine_info(device: torch.device) -> dict[str, object]:
-    """What a timing depends on, so numbers from different machines are not compared blindly."""
-    info: dict[str, object] = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timer stops when the work is done, not when it is queued."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def image_model(seed: int = 0) -> MultimodalModel:
@@ -205,9 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "machine": machine_info(device),
     }
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 
