@@ -70,7 +70,7 @@ class GatedFuser(Fuser):
 class _ProjectedFuser(Fuser):
     """Shared start of the pooling fusers: each modality linearly projected to one size `dim`."""
 
-    def __init__(self, in_dims: Mapping[str, int], dim: int, dropout: float) -> None:
+    def __init__(self, in_dims: Mapping[str, int], dim: int = 256, dropout: float = 0.0) -> None:
         super().__init__(in_dims)
         positive_int("dim", dim)
         dropout_rate(dropout)
@@ -101,9 +101,6 @@ class SumFuser(_ProjectedFuser):
     `MeanFuser` when it should not.
     """
 
-    def __init__(self, in_dims: Mapping[str, int], dim: int = 256, dropout: float = 0.0) -> None:
-        super().__init__(in_dims, dim, dropout)
-
     def forward(
         self,
         features: Mapping[str, torch.Tensor],
@@ -120,9 +117,6 @@ class MeanFuser(_ProjectedFuser):
     modalities a sample has, the idea behind the mean over available modalities in HeMIS
     (Havaei et al., 2016). A sample with none present gets zeros.
     """
-
-    def __init__(self, in_dims: Mapping[str, int], dim: int = 256, dropout: float = 0.0) -> None:
-        super().__init__(in_dims, dim, dropout)
 
     def forward(
         self,
