@@ -10,7 +10,9 @@ so that neither modality alone suffices and fusing them pays.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ SPLITS = ("train", "val", "test")
 MODALITIES = ("image", "audio")
 TASKS = ("digit", "same", "which", "multitask")
 IMAGE_SIZE = (8, 8)
+DRAW_VERSION = 1  # bump when `_draw` or the degradations change what an item holds
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,20 @@ class AVDigits(Dataset):
             raise ValueError(f"text_accuracy must be in [0, 1] or None, got {text_accuracy}")
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
+        self.settings = {
+            "split": split,
+            "seed": seed,
+            "fractions": list(fractions),
+            "clip_seconds": clip_seconds,
+            "occlusion": list(occlusion),
+            "image_noise_std": image_noise_std,
+            "audio_snr_db": list(audio_snr_db),
+            "augment": augment,
+            "text_accuracy": text_accuracy,
+            "task": task,
+            "same_prob": same_prob,
+            "max_samples": max_samples,
+        }
         self.split = split
         self.occlusion = _check_range("occlusion", occlusion, 0.0, 1.0)
         self.image_noise_std = float(image_noise_std)
@@ -152,6 +169,7 @@ class AVDigits(Dataset):
         self.same_prob = same_prob
 
         speech_path = SPEECH_ASSET if speech_path is None else speech_path
+        self.speech_path = Path(speech_path)
         speech = load_speech_clips(speech_path)
         self.sample_rate = speech.sample_rate
         self.clip_samples = round(clip_seconds * speech.sample_rate)
@@ -187,6 +205,18 @@ class AVDigits(Dataset):
             self.fixed = [self._draw(i, generator) for i in range(len(self.labels))]
 
     modality_classes = 10  # each modality's own target is the digit it shows
+
+    @property
+    def deterministic(self) -> bool:
+        """Items never change without augmentation: what a feature cache needs."""
+        return not self.augment
+
+    def fingerprint(self) -> str:
+        """What determines the items: the settings, the source images, the speech file's
+        bytes, and the version of the drawing code (bump `DRAW_VERSION` when it changes)."""
+        speech = hashlib.sha256(self.speech_path.read_bytes()).hexdigest()
+        images = hashlib.sha256(self.clean_images.numpy().tobytes()).hexdigest()
+        return json.dumps([DRAW_VERSION, self.settings, speech, images], sort_keys=True)
 
     @property
     def num_classes(self) -> int | dict[str, int]:

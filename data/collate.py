@@ -22,6 +22,8 @@ class Batch:
     targets: torch.Tensor | dict[str, torch.Tensor]
     condition: torch.Tensor | None = None
     modality_targets: dict[str, torch.Tensor] | None = None
+    encoded: frozenset[str] = frozenset()
+    """Modalities whose `inputs` are already their encoder's features (a feature cache)."""
 
     def __len__(self) -> int:
         return len(next(iter(self.present.values())))
@@ -36,6 +38,7 @@ class Batch:
             targets=_to(self.targets, device),
             condition=None if self.condition is None else self.condition.to(device),
             modality_targets=_to(self.modality_targets, device),
+            encoded=self.encoded,
         )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from typing import Any
 
 import torch
@@ -76,26 +76,40 @@ class MultimodalModel(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.encoders)
 
-    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+    def check_inputs(self, inputs: Mapping[str, Any], encoded: Set[str] = frozenset()) -> None:
         for modality, encoder in self.encoders.items():
             if modality not in inputs:
                 raise KeyError(
                     f"the model needs modality '{modality}', but the batch only has "
                     f"{sorted(inputs)}"
                 )
-            encoder.check_input(inputs[modality], modality)
+            if modality not in encoded:
+                encoder.check_input(inputs[modality], modality)
+            elif tuple(inputs[modality].shape[1:]) != encoder.out_shape:
+                raise ValueError(
+                    f"modality '{modality}': cached features have shape "
+                    f"{list(inputs[modality].shape)}, the encoder gives "
+                    f"[batch, {', '.join(map(str, encoder.out_shape))}]"
+                )
 
-    def encode(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        self.check_inputs(inputs)
-        return {m: encoder(inputs[m]) for m, encoder in self.encoders.items()}
+    def encode(
+        self, inputs: Mapping[str, Any], encoded: Set[str] = frozenset()
+    ) -> dict[str, torch.Tensor]:
+        """Each modality's features; those in `encoded` already are features (cached)."""
+        self.check_inputs(inputs, encoded)
+        return {
+            m: inputs[m] if m in encoded else encoder(inputs[m])
+            for m, encoder in self.encoders.items()
+        }
 
     def forward(
         self,
         inputs: Mapping[str, Any],
         present: Mapping[str, torch.Tensor] | None = None,
         condition: torch.Tensor | None = None,
+        encoded: Set[str] = frozenset(),
     ) -> torch.Tensor:
-        features = self.encode(inputs)
+        features = self.encode(inputs, encoded)
         if present is not None:  # a batch may carry modalities this model does not use
             present = {m: p for m, p in present.items() if m in self.encoders}
         if self.training:

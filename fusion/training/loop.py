@@ -97,6 +97,8 @@ class _Tally:
 
 
 def forward(model: nn.Module, batch: Batch) -> Outputs:
+    if batch.encoded:
+        return model(batch.inputs, batch.present, batch.condition, encoded=batch.encoded)
     return model(batch.inputs, batch.present, batch.condition)
 
 

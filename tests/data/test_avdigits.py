@@ -140,3 +140,15 @@ def test_collate_stacks_dict_labels_and_conditions():
     assert batch.modality_targets["audio"].shape == (4,)
     batch = collate([AVDigits("val", task="which", max_samples=4)[i] for i in range(4)])
     assert batch.condition.shape == (4,) and batch.targets.shape == (4,)
+
+
+def test_fingerprint_follows_settings_and_determinism_follows_augmentation(avdigits_val):
+    from fusion.training.feature_cache import data_key
+
+    same = AVDigits("val", max_samples=40)
+    assert avdigits_val.deterministic and not AVDigits("train", max_samples=8).deterministic
+    assert AVDigits("train", max_samples=8, augment=False).deterministic
+    assert data_key(same) == data_key(avdigits_val)
+    assert data_key(AVDigits("val", max_samples=40, image_noise_std=0.2)) != data_key(same)
+    assert data_key(AVDigits("val", max_samples=40, seed=1)) != data_key(same)
+    assert data_key(AVDigits("test", max_samples=40)) != data_key(same)

@@ -1,0 +1,303 @@
+"""Features of frozen encoders, computed once per split and read from disk afterwards.
+
+With frozen encoders, a fusion ablation spends nearly all its time re-running the same
+encoders on the same inputs, epoch after epoch and run after run. When an encoder is
+frozen and a split's items are deterministic, its features are a pure function of (the
+encoder's weights and configuration, the data), so they are computed once, written as a
+memory-mapped `.npy` file under a key of exactly those inputs, and every later epoch, run
+and multirun job reads them instead. Change the weights, the encoder's settings or the
+data, and the key changes, so the cache is rebuilt; files appear under their final name
+only once complete (written to a temporary name, then renamed), so a crash mid-write
+never leaves a cache that a later run would trust.
+
+Layout: `<root>/<data key>/labels.pt` (masks, targets, conditions: small, loaded whole)
+and `<root>/<data key>/<modality>-<encoder key>.npy` ([N, *out_shape], float32 or
+float16), read through `np.load(mmap_mode="r")`, so data larger than memory works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from data.collate import Batch, collate
+from fusion.training.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger("fusion")
+
+CACHE_VERSION = 1
+DTYPES = {"float32": np.float32, "float16": np.float16}
+LABEL_FIELDS = ("present", "targets", "condition", "modality_targets")
+
+
+def _update(digest: Any, value: Any) -> None:
+    """Feed a nested value (tensors, arrays, strings, numbers, dicts, lists) to `digest`."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"tensor{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"array{value.dtype}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            digest.update(f"key{key!r}".encode())
+            _update(digest, value[key])
+    elif isinstance(value, list | tuple):
+        digest.update(f"seq{len(value)}".encode())
+        for item in value:
+            _update(digest, item)
+    else:
+        digest.update(repr(value).encode())
+
+
+def fingerprint(*values: Any) -> str:
+    """A short stable hash of nested values: tensors hash by content, not identity."""
+    digest = hashlib.sha256()
+    for value in values:
+        _update(digest, value)
+    return digest.hexdigest()[:20]
+
+
+def encoder_key(encoder: nn.Module, config: Any = None, autocast: str = "float32") -> str:
+    """Everything that shapes an encoder's features: its structure (which includes its
+    preprocessing), every weight and buffer, the caller's `config` (e.g. the encoder's
+    Hydra config, for settings no module attribute shows) and the compute precision."""
+    return fingerprint(CACHE_VERSION, repr(encoder), encoder.state_dict(), config, autocast)
+
+
+def data_key(dataset: Dataset) -> str:
+    """The dataset's `fingerprint()` when it defines one; else a hash of every item.
+
+    Hashing every item reads the raw data once (cheap next to encoding it); a dataset that
+    knows what determines its content (files, settings, seeds) should say so instead.
+    """
+    own = getattr(dataset, "fingerprint", None)
+    if callable(own):
+        return fingerprint(CACHE_VERSION, type(dataset).__name__, own(), len(dataset))
+    digest = hashlib.sha256()
+    for index in range(len(dataset)):
+        _update(digest, dataset[index])
+    return fingerprint(CACHE_VERSION, type(dataset).__name__, digest.hexdigest(), len(dataset))
+
+
+def is_deterministic(dataset: Dataset) -> bool:
+    """Whether the dataset says its items never change (no random augmentation).
+
+    Datasets opt in with a `deterministic` attribute; one that does not say is assumed to
+    draw new items, and is never cached.
+    """
+    return bool(getattr(dataset, "deterministic", False))
+
+
+def is_frozen(encoder: nn.Module) -> bool:
+    """Frozen means fixed features: no trainable parameter, and eval mode under train()."""
+    if any(p.requires_grad for p in encoder.parameters()):
+        return False
+    return bool(getattr(encoder, "frozen", False)) or not encoder.training
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path):
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class FeatureCache:
+    """Encoded splits on disk under `root`, stored as `dtype` ("float32" or "float16")."""
+
+    def __init__(self, root: str | Path, dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"feature cache dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
+        self.root = Path(root)
+        self.dtype = dtype
+
+    def encode(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        modalities: Iterable[str],
+        device: torch.device,
+        *,
+        keys: Mapping[str, str],
+        batch_size: int = 256,
+        collate_fn: Callable = collate,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> EncodedDataset:
+        """`dataset` with `modalities` replaced by their cached features, built if missing.
+
+        `model.encoders[m]` must be frozen and `dataset` deterministic; `keys[m]` is the
+        encoder's `encoder_key`. Missing features (and labels) are computed in one pass;
+        the model's other modalities are still read from `dataset` and encoded live.
+        """
+        cached = list(modalities)
+        if not is_deterministic(dataset):
+            raise ValueError(
+                f"{type(dataset).__name__} is not deterministic (random augmentation?): "
+                "its items change at every access, so their features cannot be cached"
+            )
+        for m in cached:
+            if not is_frozen(model.encoders[m]):
+                raise ValueError(f"modality '{m}': only a frozen encoder's features can be cached")
+        folder = self.root / data_key(dataset)
+        paths = {m: folder / f"{m}-{keys[m]}-{self.dtype}.npy" for m in cached}
+        shapes = {m: (len(dataset), *model.encoders[m].out_shape) for m in cached}
+        labels_path = folder / "labels.pt"
+        missing = [m for m in cached if not self._valid(paths[m], shapes[m])]
+        if missing or not labels_path.is_file():
+            log.info("feature cache: encoding %s into %s", missing, folder)
+            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+            labels = self._build(
+                model, loader, {m: paths[m] for m in missing}, shapes, device, autocast
+            )
+            save_checkpoint(labels_path, labels)
+        else:
+            log.info("feature cache: reading %s from %s", cached, folder)
+        labels = load_checkpoint(labels_path, required=LABEL_FIELDS)
+        features = {m: np.load(paths[m], mmap_mode="r") for m in cached}
+        live = [m for m in model.encoders if m not in features]
+        return EncodedDataset(dataset, features, labels, live, collate_fn)
+
+    def _valid(self, path: Path, shape: tuple[int, ...]) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            stored = np.load(path, mmap_mode="r")
+        except ValueError:
+            return False
+        return stored.shape == shape and stored.dtype == DTYPES[self.dtype]
+
+    @torch.no_grad()
+    def _build(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        paths: dict[str, Path],
+        shapes: dict[str, tuple[int, ...]],
+        device: torch.device,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ) -> dict[str, Any]:
+        """Encode every batch once into memory-mapped files that appear only when complete;
+        return the split's labels, gathered in the same pass."""
+        with contextlib.ExitStack() as stack:
+            tmp = {m: stack.enter_context(_atomic_path(path)) for m, path in paths.items()}
+            arrays = {
+                m: np.lib.format.open_memmap(
+                    tmp[m], mode="w+", dtype=DTYPES[self.dtype], shape=shapes[m]
+                )
+                for m in paths
+            }
+            start = 0
+            labels = []
+            for batch in loader:
+                labels.append(dataclasses.replace(batch, inputs={}))
+                inputs = batch.to(device).inputs
+                with autocast():
+                    for m, array in arrays.items():
+                        features = model.encoders[m](inputs[m])
+                        array[start : start + len(batch)] = features.float().cpu().numpy()
+                start += len(batch)
+            for array in arrays.values():
+                array.flush()
+        return stack_labels(labels)
+
+
+def stack_labels(batches: Iterable[Batch]) -> dict[str, Any]:
+    """Everything but the inputs of every batch, concatenated: masks, targets, conditions."""
+    parts = list(batches)
+    return {
+        "present": _cat([b.present for b in parts]),
+        "targets": _cat([b.targets for b in parts]),
+        "condition": _cat([b.condition for b in parts]),
+        "modality_targets": _cat([b.modality_targets for b in parts]),
+    }
+
+
+def _cat(values: list) -> Any:
+    if values[0] is None:
+        return None
+    if isinstance(values[0], dict):
+        return {k: torch.cat([v[k] for v in values]) for k in values[0]}
+    return torch.cat(values)
+
+
+def _take(value: Any, index: torch.Tensor) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: v[index] for k, v in value.items()}
+    return value[index]
+
+
+def keep_batch(batch: Batch) -> Batch:
+    """The DataLoader `collate_fn` for `EncodedDataset`: its `__getitems__` already batches."""
+    return batch
+
+
+class EncodedDataset(Dataset):
+    """A split whose cached modalities are features read from disk, a batch at a time.
+
+    `__getitems__` (which `DataLoader` calls with a whole batch of indices) reads those rows
+    of each memory-mapped array at once and returns a ready `Batch`, marked `encoded` for
+    the cached modalities. The `live` modalities (encoders not cached) are read from the
+    original dataset and collated as usual; with none, the original items are never read.
+    """
+
+    deterministic = True
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        features: Mapping[str, np.ndarray],
+        labels: Mapping[str, Any],
+        live: Iterable[str] = (),
+        collate_fn: Callable = collate,
+    ) -> None:
+        self.dataset = dataset
+        self.features = dict(features)
+        self.labels = dict(labels)
+        self.live = list(live)
+        self.collate_fn = collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        inputs = {
+            m: torch.from_numpy(np.ascontiguousarray(array[index.numpy()])).float()
+            for m, array in self.features.items()
+        }
+        if self.live:
+            raw = self.collate_fn([self.dataset[i] for i in indices])
+            inputs.update({m: raw.inputs[m] for m in self.live})
+        return Batch(
+            inputs=inputs,
+            present=_take(self.labels["present"], index),
+            targets=_take(self.labels["targets"], index),
+            condition=_take(self.labels["condition"], index),
+            modality_targets=_take(self.labels["modality_targets"], index),
+            encoded=frozenset(self.features),
+        )
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.__getitems__([index])
