@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from data.collate import Batch
 from fusion.surgery import param_groups
 from fusion.training.checkpoint import save_checkpoint
+from fusion.training.precision import FLOAT32, Precision
 
 Outputs = torch.Tensor | dict[str, torch.Tensor]
 TargetFn = Callable[[Batch], torch.Tensor | dict[str, torch.Tensor]]
@@ -109,13 +110,16 @@ def evaluate(
     device: torch.device,
     targets: TargetFn = batch_targets,
     loss_weights: Mapping[str, float] | None = None,
+    precision: Precision = FLOAT32,
 ) -> EpochMetrics:
     """Mean loss and accuracy of `model` over `batches`."""
     model.eval()
     tally = _Tally()
     for batch in batches:
         batch = batch.to(device)
-        loss, hits = batch_loss(forward(model, batch), targets(batch), loss_weights)
+        with precision.autocast():
+            outputs = forward(model, batch)
+        loss, hits = batch_loss(outputs, targets(batch), loss_weights)
         tally.add(loss, hits, len(batch))
     return tally.metrics()
 
@@ -126,13 +130,16 @@ def predict(
     batches: Iterable[Batch],
     device: torch.device,
     targets: TargetFn = batch_targets,
+    precision: Precision = FLOAT32,
 ) -> dict[str, tuple[list[int], list[int]]]:
     """(true, predicted) classes per task ("" for a single-task model), for confusion matrices."""
     model.eval()
     out: dict[str, tuple[list[int], list[int]]] = {}
     for batch in batches:
         batch = batch.to(device)
-        outputs, labels = forward(model, batch), targets(batch)
+        with precision.autocast():
+            outputs = forward(model, batch)
+        labels = targets(batch)
         if not isinstance(outputs, dict):
             outputs, labels = {"": outputs}, {"": labels}
         for task, logits in outputs.items():
@@ -151,15 +158,22 @@ def train_epoch(
     loss_weights: Mapping[str, float] | None = None,
     desc: str = "train",
     on_step: Callable[[float], None] | None = None,
+    precision: Precision = FLOAT32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochMetrics:
+    """One pass over `batches`; `scaler` scales fp16 losses (it passes others through)."""
     model.train()
     tally = _Tally()
+    scaler = scaler or precision.grad_scaler()
     for batch in tqdm(batches, desc=desc, leave=False, disable=None):
         batch = batch.to(device)
-        loss, hits = batch_loss(forward(model, batch), targets(batch), loss_weights)
+        with precision.autocast():
+            outputs = forward(model, batch)
+        loss, hits = batch_loss(outputs, targets(batch), loss_weights)
         optimizer.zero_grad(set_to_none=True)
-        (loss / len(batch)).backward()
-        optimizer.step()
+        scaler.scale(loss / len(batch)).backward()
+        scaler.step(optimizer)
+        scaler.update()
         tally.add(loss.detach(), hits, len(batch))
         if on_step is not None:
             on_step(loss.item() / len(batch))
@@ -217,6 +231,7 @@ def fit(
     resume: dict | None = None,
     stop_after: int | None = None,
     generators: Sequence[torch.Generator] = (),
+    precision: Precision = FLOAT32,
     desc: str = "fit",
 ) -> FitResult:
     """Train with AdamW and cosine decay; keep the weights of the best validation epoch.
@@ -233,13 +248,15 @@ def fit(
     to `state_path`; `resume` continues from such a state and ends exactly where an
     uninterrupted run would (on CPU). `stop_after` ends this call after that many epochs,
     e.g. to fit a cluster's time slot, leaving a state to resume from.
-    When every epoch has run, the model holds the best epoch's weights.
+    `precision` picks float32 or mixed precision (with fp16's gradient scaler saved in
+    the state). When every epoch has run, the model holds the best epoch's weights.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     groups = groups if groups is not None else param_groups(model, lr, weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    scaler = precision.grad_scaler()
     best: dict[str, float] = {}
     best_state = None
     start = 1
@@ -247,6 +264,7 @@ def fit(
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume.get("scaler", {}))
         best, best_state = resume["best"], resume["best_model"]
         set_rng_state(resume["rng"], generators)
         start = resume["epoch"] + 1
@@ -264,9 +282,11 @@ def fit(
             loss_weights,
             f"{desc} {epoch}",
             on_step,
+            precision,
+            scaler,
         )
         scheduler.step()
-        val = evaluate(model, val_batches, device, targets, loss_weights)
+        val = evaluate(model, val_batches, device, targets, loss_weights, precision)
         metrics = {"epoch": epoch, **train.as_dict("train"), **val.as_dict("val")}
         if on_epoch is not None:
             on_epoch(epoch, metrics)
@@ -282,6 +302,7 @@ def fit(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "best": best,
                     "best_model": best_state,
                     "rng": rng_state(generators),

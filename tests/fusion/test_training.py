@@ -95,3 +95,48 @@ def test_resumed_fit_ends_where_an_uninterrupted_one_does(tmp_path):
     assert result.finished
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_bf16_autocast_trains_every_parameter_and_resumes_exactly(tmp_path):
+    from fusion.training import Precision, load_checkpoint
+
+    bf16 = Precision("bf16", "cpu")
+    seen = []
+    model = model_with_bn()
+    model.head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    fit(
+        model, separable_batches(), separable_batches(2), epochs=2, lr=1e-2,
+        weight_decay=0.0, device=torch.device("cpu"), precision=bf16,
+        state_path=tmp_path / "state.pt",
+    )  # fmt: skip
+    assert set(seen) == {torch.bfloat16}
+    assert all(not torch.equal(p, before[k]) for k, p in model.named_parameters()), "untrained"
+    assert "scaler" in load_checkpoint(tmp_path / "state.pt")
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        model = model_with_bn()
+        fit(
+            model, separable_batches(), separable_batches(2), epochs=3, lr=1e-2,
+            weight_decay=0.0, device=torch.device("cpu"), precision=bf16, **kwargs,
+        )  # fmt: skip
+        return model
+
+    straight = run()
+    run(state_path=tmp_path / "half.pt", stop_after=1)
+    resumed = run(resume=load_checkpoint(tmp_path / "half.pt"))
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_fp16_is_refused_off_the_gpu_with_the_alternative():
+    import pytest
+
+    from fusion.training import Precision
+
+    with pytest.raises(ValueError, match="'fp16' needs a CUDA device.*use 'bf16'"):
+        Precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Precision("16-mixed", "cpu")
+    assert not Precision("bf16", "cpu").grad_scaler().is_enabled()
