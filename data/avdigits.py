@@ -27,7 +27,7 @@ SPLITS = ("train", "val", "test")
 MODALITIES = ("image", "audio")
 TASKS = ("digit", "same", "which", "multitask")
 IMAGE_SIZE = (8, 8)
-DRAW_VERSION = 1  # bump when `_draw` or the degradations change what an item holds
+DRAW_VERSION = 2  # bump when `_draw` or the degradations change what an item holds
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,10 @@ class AVDigits(Dataset):
     With `text_accuracy`, items also carry a third modality, `"text"`: a short caption
     that guesses the digit, right with that probability (the tri-modal example).
 
-    Validation and test samples are drawn once from `seed` (paired clip, occlusion, noise),
-    so every evaluation sees the same samples. Training samples, when `augment` is on (the
-    default for the train split), get a new clip of the same digit and new degradations at
+    Validation and test samples are fixed by `seed` (paired clip, occlusion, noise), so
+    every evaluation sees the same samples; `view` picks another fixed draw of the same
+    split (for training on several fixed draws, as `data.views.Views` does). Training
+    samples, when `augment` is on (the default for the train split), get a new clip of the same digit and new degradations at
     every access, drawn from torch's global generator: the encoders cannot memorize the
     noise, so their training features stay as unreliable as their test features, which is
     what the fusion stage must learn to weigh. Seeding torch makes this reproducible.
@@ -130,6 +131,7 @@ class AVDigits(Dataset):
         same_prob: float = 0.5,
         max_samples: int | None = None,
         speech_path: str | Path | None = None,
+        view: int = 0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
@@ -145,6 +147,8 @@ class AVDigits(Dataset):
             raise ValueError(f"text_accuracy must be in [0, 1] or None, got {text_accuracy}")
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
+        if view < 0:
+            raise ValueError(f"view must be >= 0, got {view}")
         self.settings = {
             "split": split,
             "seed": seed,
@@ -158,6 +162,7 @@ class AVDigits(Dataset):
             "task": task,
             "same_prob": same_prob,
             "max_samples": max_samples,
+            "view": view,
         }
         self.split = split
         self.occlusion = _check_range("occlusion", occlusion, 0.0, 1.0)
@@ -200,9 +205,7 @@ class AVDigits(Dataset):
         for d, pool in enumerate(self.clip_pool):
             if len(pool) == 0:
                 raise ValueError(f"no '{split}' speaker says digit {d} in {speech_path}")
-        if not self.augment:
-            generator = torch.Generator().manual_seed(seed * len(SPLITS) + split_id)
-            self.fixed = [self._draw(i, generator) for i in range(len(self.labels))]
+        self.draw_seed = (seed, split_id, view)
 
     modality_classes = 10  # each modality's own target is the digit it shows
 
@@ -268,7 +271,18 @@ class AVDigits(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        return self._draw(index, None) if self.augment else self.fixed[index]
+        if self.augment:
+            return self._draw(index, None)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return self._draw(index, item_generator(*self.draw_seed, index))
+
+
+def item_generator(*key: int) -> torch.Generator:
+    """A generator seeded by `key` alone: a fixed item is drawn the same way at every
+    access, in any order, without holding every drawn item in memory."""
+    seed = np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(seed >> np.uint64(1)))
 
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from fusion.training.distributed import BACKENDS
+from fusion.training.precision import PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -64,13 +69,30 @@ class PretrainConfig(StageConfig):
 @dataclass
 class FuseConfig(StageConfig):
     unfreeze: UnfreezeConfig | None = None
+    views: int | None = 10
+
+
+@dataclass
+class FeatureCacheConfig:
+    enabled: bool = True
+    dtype: str = "float32"
 
 
 @dataclass
 class TrainerConfig:
     device: str = "auto"
+    strategy: str = "single"
+    backend: str = "auto"
+    find_unused_parameters: bool = False
+    precision: str = "32"
+    channels_last: bool = False
+    compile: bool = False
     batch_size: int = 64
     num_workers: int = 0
+    pin_memory: bool | None = None
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     resume: str | None = None
@@ -90,6 +112,7 @@ class LoggerConfig:
 class PathsConfig:
     output_dir: str = "outputs"
     pretrained_dir: str = "outputs/pretrained"
+    feature_cache_dir: str = "outputs/features"
 
 
 @dataclass
@@ -141,14 +164,71 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(
             f"config key 'trainer.batch_size': expected >= 1, got {checked.trainer.batch_size}"
         )
+    trainer = checked.trainer
+    if trainer.precision not in PRECISIONS:
+        raise ConfigError(
+            f"config key 'trainer.precision': expected one of {PRECISIONS}, got '{trainer.precision}'"
+        )
+    if trainer.feature_cache.dtype not in ("float32", "float16"):
+        raise ConfigError(
+            "config key 'trainer.feature_cache.dtype': expected float32 or float16, "
+            f"got '{trainer.feature_cache.dtype}'"
+        )
+    if trainer.strategy not in ("single", "ddp"):
+        raise ConfigError(
+            f"config key 'trainer.strategy': expected single or ddp, got '{trainer.strategy}'"
+        )
+    if trainer.backend not in BACKENDS:
+        raise ConfigError(
+            f"config key 'trainer.backend': expected one of {BACKENDS}, got '{trainer.backend}'"
+        )
+    if trainer.fuse.views is not None and trainer.fuse.views < 1:
+        raise ConfigError(
+            f"config key 'trainer.fuse.views': expected null or >= 1, got {trainer.fuse.views}"
+        )
+    if trainer.num_workers < 0:
+        raise ConfigError(
+            f"config key 'trainer.num_workers': expected >= 0, got {trainer.num_workers}"
+        )
+    for key in ("persistent_workers", "prefetch_factor"):
+        if trainer[key] and trainer.num_workers == 0:
+            raise ConfigError(
+                f"config key 'trainer.{key}': needs worker processes, but trainer.num_workers=0"
+            )
     if not checked.model.encoders:
         raise ConfigError("config key 'model.encoders': expected at least one encoder")
     return checked
 
 
-def register_resolvers() -> None:
-    """`${run_id:}`: host and process id, stable within a process, unique across jobs."""
-    if not OmegaConf.has_resolver("run_id"):
-        OmegaConf.register_new_resolver(
-            "run_id", lambda: f"{socket.gethostname()}-{os.getpid()}", use_cache=True
+def run_id() -> str:
+    """A run directory's name: start time, host and process id, unique across jobs.
+
+    The processes of one distributed run share one directory: under `torchrun` they take
+    rank 0's name from the launcher's store; under `srun` they share the SLURM job and step.
+    """
+    own = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{socket.gethostname()}-{os.getpid()}"
+    if (
+        int(os.environ.get("WORLD_SIZE", 1)) > 1
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    ):
+        from torch.distributed import TCPStore
+
+        store = TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(minutes=5),
         )
+        key = f"fusion/run_id/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+        if int(os.environ["RANK"]) == 0:
+            store.set(key, own)
+        return store.get(key).decode()
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SUBMITIT_EXECUTOR" not in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', 0)}"
+    return own
+
+
+def register_resolvers() -> None:
+    """`${run_id:}`: see `run_id`; resolved once per process."""
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)

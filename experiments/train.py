@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from data.avdigits import SPLITS
+from data.avdigits import DRAW_VERSION, SPLITS
 from data.collate import Batch, collate
 from experiments.schema import ConfigError, register_resolvers, validate
 from fusion.encoders.base import Encoder
@@ -36,9 +36,10 @@ from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead
 from fusion.model import MultimodalModel
 from fusion.surgery import GradualUnfreezing, param_groups, set_trainable
-from fusion.tracking import Tracker
+from fusion.tracking import NullTracker, Tracker
 from fusion.training import (
     EpochMetrics,
+    Precision,
     evaluate,
     fit,
     load_checkpoint,
@@ -46,6 +47,21 @@ from fusion.training import (
     save_checkpoint,
     set_seed,
 )
+from fusion.training.distributed import (
+    SINGLE,
+    Distributed,
+    init_distributed,
+    launched_processes,
+    local_device,
+)
+from fusion.training.feature_cache import (
+    FeatureCache,
+    encoder_key,
+    is_deterministic,
+    is_frozen,
+    keep_batch,
+)
+from fusion.training.sampling import EpochSampler, Views
 from fusion.weights import load_weights
 
 log = logging.getLogger("fusion")
@@ -62,26 +78,146 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def reseed(seed: int, loaders: dict[str, DataLoader]) -> None:
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    try:
+        return Precision.on(name, device)
+    except ValueError as err:
+        raise ConfigError(f"config key 'trainer.precision': {err}") from None
+
+
+def reseed(seed: int, loaders: dict[str, DataLoader], distributed: Distributed = SINGLE) -> None:
     """Start a stage from the seed alone: its result must not depend on what ran before it
-    (a stage-1 encoder trained now or reused from the cache draws different numbers)."""
-    set_seed(seed)
-    loaders["train"].generator.manual_seed(seed)
+    (a stage-1 encoder trained now or reused from the cache draws different numbers).
+    Each process draws its own numbers (augmentation, dropout): the seed plus its rank."""
+    set_seed(seed + distributed.rank)
+    loaders["train"].generator.manual_seed(seed + distributed.rank)
 
 
-def make_loaders(cfg: DictConfig) -> dict[str, DataLoader]:
-    loaders = {}
-    for split in SPLITS:
-        dataset = instantiate(cfg.data, split=split)
-        loaders[split] = DataLoader(
-            dataset,
-            batch_size=cfg.trainer.batch_size,
-            shuffle=split == "train",
-            collate_fn=collate,
-            num_workers=cfg.trainer.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed),
+def per_process_batch(cfg: DictConfig, distributed: Distributed) -> int:
+    """`trainer.batch_size` is the global batch, split evenly over the processes, so that a
+    recipe (batch size, learning rate) means the same on one process or many."""
+    batch, world = cfg.trainer.batch_size, distributed.world_size
+    if batch % world:
+        raise ConfigError(
+            f"config key 'trainer.batch_size': the global batch of {batch} cannot be split "
+            f"evenly over {world} processes"
         )
+    return batch // world
+
+
+def make_loader(
+    cfg: DictConfig,
+    dataset: Dataset,
+    split: str,
+    collate_fn: Callable = collate,
+    distributed: Distributed = SINGLE,
+) -> DataLoader:
+    """Batches of one split (this process's share of them), with the trainer's worker and
+    memory settings.
+
+    The train split is shuffled per epoch by an `EpochSampler` (which also picks the epoch's
+    view when `dataset` is a `Views`); the others are read in order.
+    """
+    trainer = cfg.trainer
+    workers = trainer.num_workers
+    pin = trainer.pin_memory if trainer.pin_memory is not None else torch.cuda.is_available()
+    sampler = EpochSampler(
+        len(dataset),
+        views=getattr(dataset, "num_views", 1),
+        shuffle=split == "train",
+        seed=cfg.seed,
+        rank=distributed.rank,
+        world_size=distributed.world_size,
+        pad=split == "train",
+    )
+    return DataLoader(
+        dataset,
+        batch_size=per_process_batch(cfg, distributed),
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=trainer.persistent_workers and workers > 0,
+        prefetch_factor=trainer.prefetch_factor if workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def make_loaders(cfg: DictConfig, distributed: Distributed = SINGLE) -> dict[str, DataLoader]:
+    """Every split as the data config gives it (the train split augmented by default)."""
+    return {
+        split: make_loader(cfg, instantiate(cfg.data, split=split), split, distributed=distributed)
+        for split in SPLITS
+    }
+
+
+def encoder_keys(cfg: DictConfig, model: MultimodalModel, modalities: list[str]) -> dict[str, str]:
+    """Feature-cache keys: each encoder's weights and structure, its config, the precision."""
+    return {
+        m: encoder_key(
+            model.encoders[m],
+            OmegaConf.to_container(cfg.model.encoders[m], resolve=True),
+            autocast=str(cfg.trainer.precision),
+        )
+        for m in modalities
+    }
+
+
+def cached_loaders(
+    cfg: DictConfig,
+    model: MultimodalModel,
+    datasets: Mapping[str, Dataset],
+    device: torch.device,
+    distributed: Distributed = SINGLE,
+) -> dict[str, DataLoader]:
+    """Loaders that read frozen encoders' features from the cache where a split allows it.
+
+    A split is cached when its items are fixed and `trainer.feature_cache.enabled`; the
+    model's frozen encoders are then skipped (their features come from disk) and any
+    trainable ones still run. Other splits are read and encoded as usual. With several
+    processes, rank 0 encodes and the others read what it wrote.
+    """
+    settings = cfg.trainer.feature_cache
+    frozen = [m for m, encoder in model.encoders.items() if is_frozen(encoder)]
+    if not settings.enabled or not frozen:
+        return {
+            split: make_loader(cfg, dataset, split, distributed=distributed)
+            for split, dataset in datasets.items()
+        }
+    cache = FeatureCache(cfg.paths.feature_cache_dir, dtype=settings.dtype)
+    keys = encoder_keys(cfg, model, frozen)
+    precision = Precision.on(cfg.trainer.precision, device)
+    loaders = {}
+    for split, dataset in datasets.items():
+        if not is_deterministic(dataset):
+            log.info("feature cache: the %s split is augmented, encoding it live", split)
+            loaders[split] = make_loader(cfg, dataset, split, distributed=distributed)
+            continue
+        with distributed.main_first():
+            encoded = cache.encode(
+                model,
+                dataset,
+                frozen,
+                device,
+                keys=keys,
+                batch_size=cfg.trainer.batch_size,
+                autocast=precision.autocast,
+            )
+        loaders[split] = make_loader(cfg, encoded, split, keep_batch, distributed)
     return loaders
+
+
+def fuse_datasets(cfg: DictConfig, loaders: Mapping[str, DataLoader]) -> dict[str, Dataset]:
+    """Stage 2's data. With `trainer.fuse.views=K`, the train split is K fixed draws, epoch e
+    reading draw (e - 1) mod K: fixed items, so frozen features can be cached. With null it
+    is redrawn at every access, as in stage 1."""
+    datasets = {split: loader.dataset for split, loader in loaders.items()}
+    views = cfg.trainer.fuse.views
+    if views is not None:
+        datasets["train"] = Views(
+            [instantiate(cfg.data, split="train", augment=False, view=v) for v in range(views)]
+        )
+    return datasets
 
 
 def build_encoder(cfg: DictConfig, modality: str) -> Encoder:
@@ -103,6 +239,7 @@ def fingerprint(cfg: DictConfig, modality: str) -> str:
         "pretrain": OmegaConf.to_container(cfg.trainer.pretrain, resolve=True),
         "batch_size": cfg.trainer.batch_size,
         "seed": cfg.seed,
+        "draws": DRAW_VERSION,
     }
     # An encoder learns its own modality's digits, whatever task the fusion stage asks for.
     for key in ("speech_path", "task", "same_prob"):
@@ -128,6 +265,7 @@ def pretrain_encoder(
     loaders: dict[str, DataLoader],
     device: torch.device,
     tracker: Tracker,
+    distributed: Distributed = SINGLE,
 ) -> tuple[Path, MultimodalModel]:
     """Stage 1 for one modality; returns the checkpoint and the trained unimodal model."""
     key = fingerprint(cfg, modality)
@@ -136,18 +274,22 @@ def pretrain_encoder(
     num_classes = getattr(dataset, "modality_classes", None) or dataset.num_classes
     model = unimodal_model(build_encoder(cfg, modality), modality, num_classes)
     model.to(device)
+    state = None
     if cfg.trainer.pretrain.reuse and path.is_file():
         state = load_checkpoint(path, required=("model", "fingerprint"))
-        if state["fingerprint"] == key:
-            load_weights(model, state["model"])
-            log.info("stage 1 [%s]: reusing %s", modality, path)
-            return path, model
-        log.info("stage 1 [%s]: %s has another fingerprint, retraining", modality, path)
-    reseed(cfg.seed, loaders)
+        if state["fingerprint"] != key:
+            log.info("stage 1 [%s]: %s has another fingerprint, retraining", modality, path)
+            state = None
+    if distributed.gather(state is not None)[0]:  # every process follows rank 0's choice
+        load_weights(model, state["model"])
+        log.info("stage 1 [%s]: reusing %s", modality, path)
+        return path, model
+    reseed(cfg.seed, loaders, distributed)
     summary = model.summary()
     tracker.log_text(f"model_summary_{modality}", summary)
     log.info("stage 1 [%s]: training encoder\n%s", modality, summary)
     pre = cfg.trainer.pretrain
+    accelerate(model, cfg.trainer)
     best = fit(
         model,
         loaders["train"],
@@ -160,12 +302,29 @@ def pretrain_encoder(
         device=device,
         on_epoch=lambda _, m: tracker.log({f"pretrain/{modality}/{k}": v for k, v in m.items()}),
         on_step=step_logger(tracker, f"pretrain/{modality}", cfg.logger.log_every_n_steps),
+        precision=Precision.on(cfg.trainer.precision, device),
+        distributed=distributed,
+        find_unused_parameters=cfg.trainer.find_unused_parameters,
         desc=f"pretrain {modality}",
     ).best
-    state = {"model": model.cpu().state_dict(), "fingerprint": key, "best": best}
-    save_checkpoint(path, state)
-    model.to(device)
+    if distributed.is_main:
+        state = {"model": model.cpu().state_dict(), "fingerprint": key, "best": best}
+        save_checkpoint(path, state)
+        model.to(device)
+    distributed.barrier()  # the checkpoint exists for every process from here on
     return path, model
+
+
+def accelerate(model: MultimodalModel, trainer: DictConfig) -> None:
+    """Channels-last memory for convolutions and `torch.compile`, as the trainer asks.
+
+    Both keep parameter names (compiling in place adds no `_orig_mod.` prefix), so
+    checkpoints load the same with or without them.
+    """
+    if trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if trainer.compile:
+        model.compile()
 
 
 def optimizer_groups(model: MultimodalModel, stage: DictConfig) -> list[dict]:
@@ -300,43 +459,66 @@ def run_summary(
     return summary
 
 
+def eval_datasets(loaders: Mapping[str, DataLoader]) -> dict[str, Dataset]:
+    return {split: loaders[split].dataset for split in ("val", "test")}
+
+
 def evaluate_splits(model: MultimodalModel, loaders, device, **kwargs) -> dict[str, EpochMetrics]:
     return {split: evaluate(model, loaders[split], device, **kwargs) for split in ("val", "test")}
 
 
 def run(
-    cfg: DictConfig, run_dir: Path, group: str | None = None, tags: Sequence[str] = ()
+    cfg: DictConfig,
+    run_dir: Path,
+    group: str | None = None,
+    tags: Sequence[str] = (),
+    distributed: Distributed = SINGLE,
 ) -> dict[str, Any]:
     """Both stages and the final evaluation; returns the summary written to `summary.json`.
 
     `group` and `tags` label the W&B run (a multirun's sweep, the values it overrides).
+    With `distributed`, every process trains on its share of each batch and rank 0 alone
+    writes files, logs and prints.
     """
-    device = resolve_device(cfg.trainer.device)
+    device = local_device(resolve_device(cfg.trainer.device), distributed)
+    precision = resolve_precision(cfg.trainer.precision, device)
     set_seed(cfg.seed)
-    loaders = make_loaders(cfg)
+    loaders = make_loaders(cfg, distributed)
     dataset = loaders["train"].dataset
     task = getattr(dataset, "task", "label")
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    tracker = Tracker(
-        run_dir,
-        mode=cfg.logger.mode,
-        project=cfg.logger.project,
-        group=cfg.logger.group or group,
-        name=run_dir.name,
-        tags=[*cfg.tags, *tags],
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    if distributed.is_main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        tracker = Tracker(
+            run_dir,
+            mode=cfg.logger.mode,
+            project=cfg.logger.project,
+            group=cfg.logger.group or group,
+            name=run_dir.name,
+            tags=[*cfg.tags, *tags],
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    else:
+        tracker = NullTracker()
     try:
         rows: dict[str, tuple[str, dict[str, EpochMetrics]]] = {}
         checkpoints = {}
         for modality in cfg.model.encoders:
             checkpoints[modality], unimodal = pretrain_encoder(
-                cfg, modality, loaders, device, tracker
+                cfg, modality, loaders, device, tracker, distributed
             )
-            metrics = evaluate_splits(unimodal, loaders, device, targets=modality_targets(modality))
+            unimodal.encoders[modality].freeze()  # only evaluated from here on: cacheable
+            evaluation = cached_loaders(cfg, unimodal, eval_datasets(loaders), device, distributed)
+            metrics = evaluate_splits(
+                unimodal,
+                evaluation,
+                device,
+                targets=modality_targets(modality),
+                precision=precision,
+                distributed=distributed,
+            )
             rows[f"{modality} only"] = (f"{modality}'s digit", metrics)
 
-        reseed(cfg.seed, loaders)
+        reseed(cfg.seed, loaders, distributed)
         num_classes = task_classes(cfg, dataset)
         model = fused_model(cfg, checkpoints, num_classes, device)
         fuser_name = type(model.fuser).__name__
@@ -344,12 +526,14 @@ def run(
         tracker.log_text("model_summary", summary_text)
         log.info("stage 2: training %s with frozen encoders\n%s", fuser_name, summary_text)
         fuse = cfg.trainer.fuse
+        fuse_loaders = cached_loaders(cfg, model, fuse_datasets(cfg, loaders), device, distributed)
         loss_weights = getattr(model.head, "loss_weights", None)
         tracker.watch(model, cfg.logger.watch)
+        accelerate(model, cfg.trainer)
         result = fit(
             model,
-            loaders["train"],
-            loaders["val"],
+            fuse_loaders["train"],
+            fuse_loaders["val"],
             epochs=fuse.epochs,
             lr=fuse.lr,
             weight_decay=fuse.weight_decay,
@@ -362,33 +546,53 @@ def run(
             state_path=run_dir / "checkpoints" / FUSE_STATE,
             resume=resume_state(cfg),
             stop_after=cfg.trainer.stop_after_epochs,
-            generators=[loaders["train"].generator],
+            generators=[fuse_loaders["train"].generator],
+            precision=precision,
+            distributed=distributed,
+            find_unused_parameters=cfg.trainer.find_unused_parameters,
             desc="fuse",
         )
         if not result.finished:
-            print(
-                f"stopped after epoch {result.epochs_done} of {fuse.epochs}; continue with "
-                f"python -m experiments.train ... trainer.resume={run_dir}"
-            )
+            if distributed.is_main:
+                print(
+                    f"stopped after epoch {result.epochs_done} of {fuse.epochs}; continue with "
+                    f"python -m experiments.train ... trainer.resume={run_dir}"
+                )
             return {}
-        best_path = save_checkpoint(
-            run_dir / "checkpoints" / "best.pt",
-            {"model": model.state_dict(), "config": OmegaConf.to_container(cfg), **result.best},
+        if distributed.is_main:
+            best_path = save_checkpoint(
+                run_dir / "checkpoints" / "best.pt",
+                {"model": model.state_dict(), "config": OmegaConf.to_container(cfg), **result.best},
+            )
+            tracker.log_artifact(best_path, f"model-{run_dir.name}")
+        predictions = predict(
+            model, fuse_loaders["test"], device, precision=precision, distributed=distributed
         )
-        tracker.log_artifact(best_path, f"model-{run_dir.name}")
-        for name, (true, pred) in predict(model, loaders["test"], device).items():
+        for name, (true, pred) in predictions.items():
             classes = num_classes[name] if isinstance(num_classes, Mapping) else num_classes
             tracker.log_confusion_matrix(
                 f"confusion_test{'_' + name if name else ''}", true, pred, classes
             )
         fused = f"fused ({fuser_name})"
-        rows[fused] = (task, evaluate_splits(model, loaders, device, loss_weights=loss_weights))
+        rows[fused] = (
+            task,
+            evaluate_splits(
+                model,
+                fuse_loaders,
+                device,
+                loss_weights=loss_weights,
+                precision=precision,
+                distributed=distributed,
+            ),
+        )
         summary = run_summary(rows, fused, comparable=task == "digit")
         summary.update(fuser=fuser_name, head=type(model.head).__name__, task=task)
         summary["checkpoints"] = {m: str(p) for m, p in checkpoints.items()}
         tracker.update_summary(summary)
     finally:
         wandb_line = tracker.finish()
+    if not distributed.is_main:
+        return summary
     print(results_table(rows))
     if wandb_line:
         print(wandb_line)
@@ -402,13 +606,34 @@ def override_tags(hydra_cfg: DictConfig) -> list[str]:
     return [o[:64] for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(skip)]
 
 
+def join_processes(cfg: DictConfig) -> Distributed:
+    """With `trainer.strategy=ddp`, join the processes the launcher started (torchrun, SLURM);
+    quiet every process but rank 0."""
+    if cfg.trainer.strategy != "ddp":
+        if launched_processes() > 1:
+            raise ConfigError(
+                f"config key 'trainer.strategy': {launched_processes()} processes were "
+                "launched, but the strategy is 'single'; add trainer=ddp"
+            )
+        return SINGLE
+    try:
+        distributed = init_distributed(cfg.trainer.backend, resolve_device(cfg.trainer.device))
+    except ValueError as err:
+        raise ConfigError(f"config key 'trainer.backend': {err}") from None
+    if not distributed.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    per_process_batch(cfg, distributed)
+    return distributed
+
+
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         cfg = validate(cfg)
+        distributed = join_processes(cfg)
         hydra_cfg = HydraConfig.get()
         sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
-        run(cfg, Path(hydra_cfg.runtime.output_dir), sweep, override_tags(hydra_cfg))
+        run(cfg, Path(hydra_cfg.runtime.output_dir), sweep, override_tags(hydra_cfg), distributed)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

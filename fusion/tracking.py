@@ -133,3 +133,10 @@ class Tracker:
         if url is None:
             return f"W&B offline run saved; upload it with: wandb sync {self.wandb_dir}"
         return f"W&B run: {url}"
+
+
+class NullTracker:
+    """The tracker of every process but rank 0 in distributed training: it records nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

@@ -43,6 +43,9 @@ def test_main_job_end_to_end_and_checkpoint_reuse(tmp_path):
     second, run_dir = train(tmp_path, "second", "model/fusion=concat")
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("reusing") == 2
+    # ... and the frozen encoders' features: each split was encoded once, by the first run
+    assert first.stdout.count("feature cache: encoding") == 5  # val, test per modality; train
+    assert "feature cache: encoding" not in second.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["fuser"] == "ConcatFuser"
     assert sorted((tmp_path / "pretrained").glob("*.pt")) == checkpoints
@@ -59,6 +62,52 @@ def test_same_seed_same_metrics(tmp_path):
     for summary in summaries:
         summary.pop("checkpoints")
     assert summaries[0] == summaries[1]
+
+
+def test_feature_cache_gives_the_uncached_result(tmp_path):
+    def summary(name, *overrides):
+        result, run_dir = train(tmp_path, name, "model/fusion=lmf", *overrides)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = json.loads((run_dir / "summary.json").read_text())
+        out.pop("checkpoints")
+        return result.stdout, out
+
+    cold_log, cold = summary("cold")
+    warm_log, warm = summary("warm")
+    plain_log, plain = summary("plain", "trainer.feature_cache.enabled=false")
+    assert "encoding" in cold_log and "encoding" not in warm_log and "feature cache" not in plain_log
+    assert warm == cold  # the cold run reads the very files it wrote
+    assert plain.keys() == cold.keys()
+    for key, value in plain.items():
+        assert cold[key] == (value if isinstance(value, str) else pytest.approx(value, abs=1e-5))
+    augmented_log, _ = summary("augmented", "trainer.fuse.views=null")
+    assert "the train split is augmented, encoding it live" in augmented_log
+
+
+def test_bf16_channels_last_and_loader_workers(tmp_path):
+    result, run_dir = train(
+        tmp_path, "fast", "trainer.precision=bf16", "trainer.channels_last=true",
+        "trainer.num_workers=1", "trainer.persistent_workers=true",
+        "trainer.feature_cache.dtype=float16",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 0.0 <= json.loads((run_dir / "summary.json").read_text())["test/fused/accuracy"] <= 1
+    assert list((tmp_path / "features").rglob("*-float16.npy"))
+    result, _ = train(tmp_path, "fp16", "trainer.precision=fp16", "trainer.device=cpu")
+    assert result.returncode == 2
+    assert "config key 'trainer.precision': precision 'fp16' needs a CUDA device" in result.stderr
+    result, _ = train(tmp_path, "workers", "trainer.persistent_workers=true")
+    assert result.returncode == 2 and "trainer.num_workers=0" in result.stderr
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_keeps_checkpoint_names(tmp_path):
+    result, run_dir = train(tmp_path, "compiled", "trainer.compile=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import torch
+
+    state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert not any("_orig_mod" in key for key in state)
 
 
 def test_config_typo_stops_before_training(tmp_path):

@@ -165,7 +165,12 @@ class FeatureCache:
         missing = [m for m in cached if not self._valid(paths[m], shapes[m])]
         if missing or not labels_path.is_file():
             log.info("feature cache: encoding %s into %s", missing, folder)
-            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+            loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                collate_fn=collate_fn,
+                generator=torch.Generator(),  # not the global one: a cache miss draws nothing
+            )
             labels = self._build(
                 model, loader, {m: paths[m] for m in missing}, shapes, device, autocast
             )
@@ -301,3 +306,24 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, index: int) -> Batch:
         return self.__getitems__([index])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle memory maps as their file names (for worker processes), not their data."""
+        state = dict(self.__dict__)
+        state["features"] = {
+            m: _MappedFile(a.filename) if isinstance(a, np.memmap) else a
+            for m, a in self.features.items()
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["features"] = {
+            m: np.load(a.path, mmap_mode="r") if isinstance(a, _MappedFile) else a
+            for m, a in state["features"].items()
+        }
+        self.__dict__.update(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MappedFile:
+    path: str

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from data.collate import Batch
 from fusion.surgery import param_groups
 from fusion.training.checkpoint import save_checkpoint
+from fusion.training.distributed import SINGLE, Distributed
 from fusion.training.precision import FLOAT32, Precision
 
 Outputs = torch.Tensor | dict[str, torch.Tensor]
@@ -86,12 +87,17 @@ class _Tally:
         for task, h in hits.items():
             self.hits[task] = self.hits.get(task, 0) + h
 
-    def metrics(self) -> EpochMetrics:
-        if self.count == 0:
+    def metrics(self, distributed: Distributed = SINGLE) -> EpochMetrics:
+        """The epoch's metrics, over the samples of every process."""
+        tasks = sorted(self.hits)
+        loss, count, *hits = distributed.all_sum(
+            [self.loss, float(self.count), *(float(self.hits[t]) for t in tasks)]
+        )
+        if count == 0:
             raise ValueError("no batches to compute metrics over")
-        per_task = {task: h / self.count for task, h in self.hits.items()}
+        per_task = {task: h / count for task, h in zip(tasks, hits, strict=True)}
         return EpochMetrics(
-            loss=self.loss / self.count,
+            loss=loss / count,
             accuracy=sum(per_task.values()) / len(per_task),
             tasks={t: a for t, a in per_task.items() if t},
         )
@@ -111,8 +117,9 @@ def evaluate(
     targets: TargetFn = batch_targets,
     loss_weights: Mapping[str, float] | None = None,
     precision: Precision = FLOAT32,
+    distributed: Distributed = SINGLE,
 ) -> EpochMetrics:
-    """Mean loss and accuracy of `model` over `batches`."""
+    """Mean loss and accuracy of `model` over `batches` (each process's share of them)."""
     model.eval()
     tally = _Tally()
     for batch in batches:
@@ -121,7 +128,7 @@ def evaluate(
             outputs = forward(model, batch)
         loss, hits = batch_loss(outputs, targets(batch), loss_weights)
         tally.add(loss, hits, len(batch))
-    return tally.metrics()
+    return tally.metrics(distributed)
 
 
 @torch.no_grad()
@@ -131,8 +138,10 @@ def predict(
     device: torch.device,
     targets: TargetFn = batch_targets,
     precision: Precision = FLOAT32,
+    distributed: Distributed = SINGLE,
 ) -> dict[str, tuple[list[int], list[int]]]:
-    """(true, predicted) classes per task ("" for a single-task model), for confusion matrices."""
+    """(true, predicted) classes per task ("" for a single-task model), for confusion matrices;
+    gathered from every process."""
     model.eval()
     out: dict[str, tuple[list[int], list[int]]] = {}
     for batch in batches:
@@ -146,7 +155,13 @@ def predict(
             true, pred = out.setdefault(task, ([], []))
             true += labels[task].tolist()
             pred += logits.argmax(dim=1).tolist()
-    return out
+    merged: dict[str, tuple[list[int], list[int]]] = {}
+    for part in distributed.gather(out):
+        for task, (true, pred) in part.items():
+            merged.setdefault(task, ([], []))
+            merged[task][0].extend(true)
+            merged[task][1].extend(pred)
+    return merged
 
 
 def train_epoch(
@@ -160,6 +175,7 @@ def train_epoch(
     on_step: Callable[[float], None] | None = None,
     precision: Precision = FLOAT32,
     scaler: torch.amp.GradScaler | None = None,
+    distributed: Distributed = SINGLE,
 ) -> EpochMetrics:
     """One pass over `batches`; `scaler` scales fp16 losses (it passes others through)."""
     model.train()
@@ -177,7 +193,7 @@ def train_epoch(
         tally.add(loss.detach(), hits, len(batch))
         if on_step is not None:
             on_step(loss.item() / len(batch))
-    return tally.metrics()
+    return tally.metrics(distributed)
 
 
 @dataclass
@@ -212,6 +228,17 @@ def set_rng_state(state: dict, generators: Sequence[torch.Generator] = ()) -> No
         generator.set_state(saved)
 
 
+def data_parallel(
+    model: nn.Module, device: torch.device, find_unused_parameters: bool = False
+) -> nn.Module:
+    """`model` wrapped for synchronous data-parallel steps; parameters stay shared with it."""
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
+
+
 def fit(
     model: nn.Module,
     train_batches: Iterable[Batch],
@@ -232,6 +259,8 @@ def fit(
     stop_after: int | None = None,
     generators: Sequence[torch.Generator] = (),
     precision: Precision = FLOAT32,
+    distributed: Distributed = SINGLE,
+    find_unused_parameters: bool = False,
     desc: str = "fit",
 ) -> FitResult:
     """Train with AdamW and cosine decay; keep the weights of the best validation epoch.
@@ -241,7 +270,8 @@ def fit(
     parameters: those get no gradient and stay untouched until `before_epoch` (a gradual
     unfreezing schedule, say) makes them trainable. `targets` picks the labels from a batch
     (by default `batch.targets`), and `loss_weights` weighs a branching head's tasks.
-    `on_step` gets each training step's mean loss; `on_epoch` each epoch's metrics.
+    `on_step` gets each training step's mean loss; `on_epoch` each epoch's metrics. A
+    loader's sampler with `set_epoch` (shuffling or sharding per epoch) is told each epoch.
 
     Resumable: after every epoch the whole state (model, optimizer, scheduler, best epoch,
     random states including `generators`, such as a data loader's) is written atomically
@@ -250,6 +280,13 @@ def fit(
     e.g. to fit a cluster's time slot, leaving a state to resume from.
     `precision` picks float32 or mixed precision (with fp16's gradient scaler saved in
     the state). When every epoch has run, the model holds the best epoch's weights.
+
+    With `distributed` (one of several processes, each given its share of the batches),
+    training steps go through DistributedDataParallel, which averages gradients; metrics
+    are summed over processes, rank 0 alone writes the state, and each process's random
+    state is kept in it. Modules here use every parameter in every step (a branch with
+    no samples runs on an empty batch), so `find_unused_parameters` is only for models
+    that do not.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -266,15 +303,28 @@ def fit(
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume.get("scaler", {}))
         best, best_state = resume["best"], resume["best_model"]
-        set_rng_state(resume["rng"], generators)
+        rng = resume["rng"]
+        if distributed.enabled and len(resume.get("rank_rng", [])) == distributed.world_size:
+            rng = resume["rank_rng"][distributed.rank]
+        set_rng_state(rng, generators)
         start = resume["epoch"] + 1
+    sampler = getattr(train_batches, "sampler", None)
+    step_model, trainable = model, None
     for epoch in tqdm(range(start, epochs + 1), desc=desc, disable=None):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         if before_epoch is not None:
             before_epoch(epoch)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{desc}: the model has no trainable parameters at epoch {epoch}")
+        if distributed.enabled and trainable != (
+            now := [p.requires_grad for p in model.parameters()]
+        ):
+            # DDP syncs the parameters that were trainable when it was built: rebuild it
+            # whenever that set changes (gradual unfreezing).
+            step_model, trainable = data_parallel(model, device, find_unused_parameters), now
         train = train_epoch(
-            model,
+            step_model,
             train_batches,
             optimizer,
             device,
@@ -284,16 +334,18 @@ def fit(
             on_step,
             precision,
             scaler,
+            distributed,
         )
         scheduler.step()
-        val = evaluate(model, val_batches, device, targets, loss_weights, precision)
+        val = evaluate(model, val_batches, device, targets, loss_weights, precision, distributed)
         metrics = {"epoch": epoch, **train.as_dict("train"), **val.as_dict("val")}
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if not best or val.accuracy > best["val/accuracy"]:
             best = metrics
             best_state = copy.deepcopy(model.state_dict())
-        if state_path is not None:
+        rank_rng = distributed.gather(rng_state(generators))
+        if state_path is not None and distributed.is_main:
             save_checkpoint(
                 state_path,
                 {
@@ -305,7 +357,8 @@ def fit(
                     "scaler": scaler.state_dict(),
                     "best": best,
                     "best_model": best_state,
-                    "rng": rng_state(generators),
+                    "rng": rank_rng[0],
+                    "rank_rng": rank_rng,
                 },
             )
         if stop_after is not None and epoch - start + 1 >= stop_after and epoch < epochs:

@@ -207,3 +207,15 @@ def test_encoded_dataset_rejects_features_of_the_wrong_shape(tmp_path):
     batch = dataset.__getitems__([0, 1])
     with pytest.raises(ValueError, match=r"modality 'a': cached features have shape \[2, 5\]"):
         evaluate(model, [batch], CPU)
+
+
+def test_pickled_for_a_worker_the_cache_sends_file_names_not_features(tmp_path):
+    import pickle
+
+    dataset = encoded(FeatureCache(tmp_path), build_model(), Pairs(3000))
+    payload = pickle.dumps(dataset.__getstate__()["features"])
+    assert len(payload) < 1000  # 3000 x 8 float32 per modality would be 96 kB each
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert isinstance(copy.features["a"], np.memmap)
+    batch, original = copy.__getitems__([5, 9]), dataset.__getitems__([5, 9])
+    assert torch.equal(batch.inputs["b"], original.inputs["b"])
