@@ -219,3 +219,14 @@ def test_pickled_for_a_worker_the_cache_sends_file_names_not_features(tmp_path):
     assert isinstance(copy.features["a"], np.memmap)
     batch, original = copy.__getitems__([5, 9]), dataset.__getitems__([5, 9])
     assert torch.equal(batch.inputs["b"], original.inputs["b"])
+
+
+def test_the_encoded_dataset_answers_for_the_original(tmp_path):
+    from fusion.training.sampling import Views
+
+    class Described(Pairs):
+        num_classes = 3
+
+    views = Views([Described(12, seed=0), Described(12, seed=1)])
+    cached = encoded(FeatureCache(tmp_path), build_model(), views)
+    assert cached.num_views == 2 and cached.num_classes == 3 and len(cached) == 24

@@ -135,7 +135,7 @@ def test_fp16_is_refused_off_the_gpu_with_the_alternative():
 
     from fusion.training import Precision
 
-    with pytest.raises(ValueError, match="'fp16' needs a CUDA device.*use 'bf16'"):
+    with pytest.raises(ValueError, match=r"'fp16' needs a CUDA device.*use 'bf16'"):
         Precision("fp16", "cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
         Precision("16-mixed", "cpu")
