@@ -75,7 +75,9 @@ def test_feature_cache_gives_the_uncached_result(tmp_path):
     cold_log, cold = summary("cold")
     warm_log, warm = summary("warm")
     plain_log, plain = summary("plain", "trainer.feature_cache.enabled=false")
-    assert "encoding" in cold_log and "encoding" not in warm_log and "feature cache" not in plain_log
+    assert (
+        "encoding" in cold_log and "encoding" not in warm_log and "feature cache" not in plain_log
+    )
     assert warm == cold  # the cold run reads the very files it wrote
     assert plain.keys() == cold.keys()
     for key, value in plain.items():

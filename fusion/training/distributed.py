@@ -57,6 +57,13 @@ class Distributed:
         dist.all_gather_object(out, value)
         return out
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Give every process rank 0's buffers (batch-norm statistics): DDP syncs them before
+        each training forward, so after an epoch each process holds its last batch's."""
+        if self.enabled:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (e.g. writes a cache), then the others (who read it)."""

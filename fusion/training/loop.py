@@ -337,6 +337,7 @@ def fit(
             distributed,
         )
         scheduler.step()
+        distributed.broadcast_buffers(model)
         val = evaluate(model, val_batches, device, targets, loss_weights, precision, distributed)
         metrics = {"epoch": epoch, **train.as_dict("train"), **val.as_dict("val")}
         if on_epoch is not None:

@@ -60,6 +60,8 @@ def test_a_fixed_item_is_the_same_at_every_access_in_any_order():
     for i in range(10):
         dataset[i]
     again = dataset[7]
-    assert torch.equal(later["image"], again["image"]) and torch.equal(later["audio"], again["audio"])
+    assert torch.equal(later["image"], again["image"]) and torch.equal(
+        later["audio"], again["audio"]
+    )
     with pytest.raises(IndexError):
         dataset[10]
