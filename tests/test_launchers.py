@@ -101,3 +101,21 @@ def test_two_jobs_through_the_submitit_local_launcher(tmp_path):
     # each job's stdout lands in submitit's folder inside the sweep, not in the launcher's
     logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2 and all("fused test accuracy" in p.read_text() for p in logs)
+
+
+def test_ddp_job_with_two_tasks_through_the_submitit_local_launcher(tmp_path):
+    """What a SLURM job with two tasks per node does: both tasks run the entry point, take
+    their ranks from submitit's environment, train together and share the job directory."""
+    result, _ = train(
+        tmp_path, "unused", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+        "trainer=ddp", "data.max_samples=24", "trainer.fuse.epochs=1", multirun=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert 0.0 <= summary["test/fused/accuracy"] <= 1.0
+    logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2  # one per task ...
+    assert ["fused test accuracy" in p.read_text() for p in logs] == [True, False]  # rank 0 reports
+    everything = "".join(p.read_text() for p in logs[0].parent.glob("*_log.*"))
+    assert "global_rank=1(2)" in everything
