@@ -40,6 +40,7 @@ from experiments.train import (
     make_loaders,
     reseed,
     resolve_device,
+    resolve_precision,
     task_classes,
 )
 from fusion.model import MultimodalModel
@@ -135,9 +136,11 @@ class Evaluator:
         split: str,
         seed: int,
         device: torch.device,
+        precision: str = "32",
     ) -> None:
         self.model, self.loaders, self.split = model.to(device), loaders, split
         self.seed, self.device = seed, device
+        self.precision = resolve_precision(precision, device)
         self.loss_weights = getattr(model.head, "loss_weights", None)
 
     def batches(self) -> DataLoader:
@@ -148,7 +151,13 @@ class Evaluator:
         batches = self.batches()
         if perturb is not None:
             batches = map(perturb, batches)
-        return evaluate(self.model, batches, self.device, loss_weights=self.loss_weights)
+        return evaluate(
+            self.model,
+            batches,
+            self.device,
+            loss_weights=self.loss_weights,
+            precision=self.precision,
+        )
 
 
 def robustness(evaluator: Evaluator, levels: Sequence[float]) -> dict[str, Any]:
@@ -264,7 +273,9 @@ def run(args: argparse.Namespace) -> None:
     loaders = make_loaders(cfg)
     num_classes = task_classes(cfg, loaders[args.split].dataset)
     model = rebuild_model(cfg, state["model"], num_classes)
-    evaluator = Evaluator(model, loaders, args.split, cfg.seed, resolve_device(args.device))
+    evaluator = Evaluator(
+        model, loaders, args.split, cfg.seed, resolve_device(args.device), cfg.trainer.precision
+    )
     metrics = evaluator()
     print(metrics_table(args.split, metrics))
     write_json(
