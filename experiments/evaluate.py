@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from data.avdigits import SPLITS
 from data.collate import Batch
-from experiments.schema import ConfigError
+from experiments.schema import ConfigError, validate
 from experiments.train import (
     FUSE_STATE,
     build_encoder,
@@ -74,7 +74,8 @@ def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
         else:
             how = "`python -m experiments.train` writes it when stage 2 finishes"
         raise EvaluateError(f"{best} not found: {how}")
-    return OmegaConf.load(config), load_checkpoint(best, required=("model",))
+    # through the schema, so a run from before a setting existed gets its default
+    return validate(OmegaConf.load(config)), load_checkpoint(best, required=("model",))
 
 
 def rebuild_model(
