@@ -2,6 +2,7 @@
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,46 @@ def test_backend_follows_the_device():
         resolve_backend("nccl", torch.device("cpu"))
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("mpi", torch.device("cpu"))
+
+
+FUSION_CONFIGS = sorted(
+    (Path(__file__).resolve().parents[2] / "configs/model/fusion").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("config", FUSION_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("head", ["mlp", "conditional", "multitask", "moe"])
+def test_every_parameter_takes_part_in_every_step(config, head):
+    """What lets DDP run without `find_unused_parameters`: with one modality absent from the
+    whole batch, modality dropout on, and a condition that leaves a head without samples,
+    every trainable parameter of every configured fuser and head still gets a gradient."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    heads = Path(__file__).resolve().parents[2] / "configs/model/head"
+    torch.manual_seed(0)
+    encoders = {
+        "image": Encoder(nn.Linear(5, 6), input_shape=(5,)),
+        "audio": Encoder(nn.Linear(3, 4), input_shape=(3,)),
+    }
+    num_classes = {"written": 3, "same": 2} if head == "multitask" else 3
+    if "late" in config.stem and head != "mlp":
+        pytest.skip("late fusion predicts itself: it takes no head")
+    model = MultimodalModel.build(
+        encoders,
+        instantiate(OmegaConf.load(config)),
+        instantiate(OmegaConf.load(heads / f"{head}.yaml")),
+        num_classes,
+        modality_dropout={"image": 0.5},
+    )
+    batch = 6
+    inputs = {"image": torch.randn(batch, 5), "audio": torch.randn(batch, 3)}
+    present = {
+        "image": torch.ones(batch, dtype=torch.bool),
+        "audio": torch.zeros(batch, dtype=torch.bool),
+    }
+    out = model(inputs, present, condition=torch.zeros(batch, dtype=torch.long))
+    loss = sum(o.sum() for o in out.values()) if isinstance(out, dict) else out.sum()
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
