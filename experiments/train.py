@@ -23,6 +23,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -213,10 +214,18 @@ def fuse_datasets(cfg: DictConfig, loaders: Mapping[str, DataLoader]) -> dict[st
     is redrawn at every access, as in stage 1."""
     datasets = {split: loader.dataset for split, loader in loaders.items()}
     views = cfg.trainer.fuse.views
-    if views is not None:
-        datasets["train"] = Views(
-            [instantiate(cfg.data, split="train", augment=False, view=v) for v in range(views)]
-        )
+    if views is None:
+        return datasets
+    try:
+        draws = [instantiate(cfg.data, split="train", augment=False, view=v) for v in range(views)]
+    except InstantiationException as err:
+        if "'view'" not in str(err) and "'augment'" not in str(err):
+            raise
+        raise ConfigError(
+            f"config key 'trainer.fuse.views': {cfg.data._target_} takes no `augment` and `view` "
+            "arguments to draw fixed views; set trainer.fuse.views=null"
+        ) from None
+    datasets["train"] = Views(draws)
     return datasets
 
 

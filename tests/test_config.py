@@ -95,3 +95,25 @@ def test_debug_makes_a_run_tiny():
     cfg = validate(load("debug=default"))
     assert cfg.data.max_samples == 32 and cfg.trainer.fuse.epochs == 1
     assert cfg.logger.mode == "disabled"
+
+
+class SplitOnly:
+    """A dataset that knows splits but not fixed views."""
+
+    def __init__(self, split):
+        self.split = split
+
+
+def test_views_need_a_dataset_that_draws_them():
+    from omegaconf import OmegaConf
+
+    from experiments.schema import ConfigError
+    from experiments.train import fuse_datasets
+
+    cfg = OmegaConf.create(
+        {"data": {"_target_": f"{__name__}.SplitOnly"}, "trainer": {"fuse": {"views": 2}}}
+    )
+    with pytest.raises(ConfigError, match=r"'trainer.fuse.views': .*SplitOnly takes no"):
+        fuse_datasets(cfg, {})
+    cfg.trainer.fuse.views = None
+    assert fuse_datasets(cfg, {}) == {}
