@@ -228,6 +228,27 @@ def set_rng_state(state: dict, generators: Sequence[torch.Generator] = ()) -> No
         generator.set_state(saved)
 
 
+def frozen_parameters(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def changing_state(model: nn.Module, constant: set[str]) -> dict[str, torch.Tensor]:
+    """The model's state without the `constant` entries (parameters that never train)."""
+    return {k: v for k, v in model.state_dict().items() if k not in constant}
+
+
+def load_changing_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], constant: set[str]
+) -> None:
+    """Load a `changing_state`; anything else missing is an error, as in a strict load."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = sorted(set(missing) - constant)
+    if missing or unexpected:
+        raise ValueError(
+            f"the saved state does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+
+
 def data_parallel(
     model: nn.Module, device: torch.device, find_unused_parameters: bool = False
 ) -> nn.Module:
@@ -296,9 +317,13 @@ def fit(
     scaler = precision.grad_scaler()
     best: dict[str, float] = {}
     best_state = None
+    # Without a schedule that thaws them, frozen parameters never change: the states below
+    # leave them out (they come from where the model was built from, e.g. stage-1
+    # checkpoints), which keeps a per-epoch state small next to large frozen encoders.
+    constant = set() if before_epoch is not None else frozen_parameters(model)
     start = 1
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        load_changing_state(model, resume["model"], constant)
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume.get("scaler", {}))
@@ -344,7 +369,7 @@ def fit(
             on_epoch(epoch, metrics)
         if not best or val.accuracy > best["val/accuracy"]:
             best = metrics
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(changing_state(model, constant))
         rank_rng = distributed.gather(rng_state(generators))
         if state_path is not None and distributed.is_main:
             save_checkpoint(
@@ -352,7 +377,7 @@ def fit(
                 {
                     "epoch": epoch,
                     "epochs": epochs,
-                    "model": model.state_dict(),
+                    "model": changing_state(model, constant),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
@@ -364,5 +389,5 @@ def fit(
             )
         if stop_after is not None and epoch - start + 1 >= stop_after and epoch < epochs:
             return FitResult(best, epoch, finished=False)
-    model.load_state_dict(best_state)
+    load_changing_state(model, best_state, constant)
     return FitResult(best, epochs, finished=True)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -140,3 +141,29 @@ def test_fp16_is_refused_off_the_gpu_with_the_alternative():
     with pytest.raises(ValueError, match="precision must be one of"):
         Precision("16-mixed", "cpu")
     assert not Precision("bf16", "cpu").grad_scaler().is_enabled()
+
+
+def test_frozen_parameters_stay_out_of_the_state_and_resume_still_matches(tmp_path):
+    from fusion.training import load_checkpoint
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        model = model_with_bn(freeze_a=True)
+        fit(
+            model, separable_batches(), separable_batches(2), epochs=3, lr=1e-2,
+            weight_decay=0.0, device=torch.device("cpu"), **kwargs,
+        )  # fmt: skip
+        return model
+
+    straight = run()
+    run(state_path=tmp_path / "state.pt", stop_after=1)
+    state = load_checkpoint(tmp_path / "state.pt")
+    saved = set(state["model"]) | set(state["best_model"])
+    assert not any(k.startswith("encoders.a.backbone.0.") for k in saved)  # frozen weights
+    assert "encoders.a.backbone.1.running_mean" in saved and "encoders.b.backbone.0.weight" in saved
+    resumed = run(resume=state)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    del state["model"]["encoders.b.backbone.0.weight"]
+    with pytest.raises(ValueError, match=r"missing \['encoders.b.backbone.0.weight'\]"):
+        run(resume=state)
