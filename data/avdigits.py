@@ -10,6 +10,7 @@ so that neither modality alone suffices and fusing them pays.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -42,13 +43,21 @@ class SpeechClips:
 
 
 def load_speech_clips(path: str | Path = SPEECH_ASSET) -> SpeechClips:
-    """Read the speech asset written by `data.make_avdigits_speech`, checking its layout."""
-    path = Path(path)
+    """Read the speech asset written by `data.make_avdigits_speech`, checking its layout.
+
+    Read once per process and file version: every split and view shares the clips.
+    """
+    path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(
             f"AV-Digits speech asset not found at {path}; regenerate it with "
             "`make speech` (needs espeak-ng) or point data.speech_path at a copy"
         )
+    return _read_speech_clips(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_speech_clips(path: Path, mtime_ns: int) -> SpeechClips:
     with np.load(path) as npz:
         required = ("waveforms", "offsets", "digits", "speakers", "speaker_names", "sample_rate")
         missing = [k for k in required if k not in npz.files]
@@ -70,6 +79,12 @@ def load_speech_clips(path: str | Path = SPEECH_ASSET) -> SpeechClips:
             speaker_names=npz["speaker_names"],
             sample_rate=int(npz["sample_rate"]),
         )
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_scans():
+    """scikit-learn's digits, read once per process (every split and view uses them)."""
+    return load_digits()
 
 
 def stratified_split(
@@ -185,7 +200,7 @@ class AVDigits(Dataset):
                 f"({longest / speech.sample_rate:.2f} s)"
             )
         split_id = SPLITS.index(split)
-        digits = load_digits()
+        digits = _digit_scans()
         image_part = stratified_split(digits.target, fractions, np.random.default_rng(seed))
         speaker_part = np.split(
             np.random.default_rng([seed, 1]).permutation(len(speech.speaker_names)),
