@@ -152,3 +152,14 @@ def test_fingerprint_follows_settings_and_determinism_follows_augmentation(avdig
     assert data_key(AVDigits("val", max_samples=40, image_noise_std=0.2)) != data_key(same)
     assert data_key(AVDigits("val", max_samples=40, seed=1)) != data_key(same)
     assert data_key(AVDigits("test", max_samples=40)) != data_key(same)
+
+
+def test_digit_scans_are_scikit_learns():
+    from sklearn.datasets import load_digits
+
+    from data.avdigits import digit_scans
+
+    images, labels = digit_scans()
+    reference = load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
