@@ -106,7 +106,8 @@ def is_frozen(encoder: nn.Module) -> bool:
     """Frozen means fixed features: no trainable parameter, and eval mode under train()."""
     if any(p.requires_grad for p in encoder.parameters()):
         return False
-    return bool(getattr(encoder, "frozen", False)) or not encoder.training
+    frozen = getattr(encoder, "frozen", None)  # an Encoder says; a plain module shows it by mode
+    return not encoder.training if frozen is None else bool(frozen)
 
 
 @contextlib.contextmanager

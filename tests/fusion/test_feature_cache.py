@@ -230,3 +230,14 @@ def test_the_encoded_dataset_answers_for_the_original(tmp_path):
     views = Views([Described(12, seed=0), Described(12, seed=1)])
     cached = encoded(FeatureCache(tmp_path), build_model(), views)
     assert cached.num_views == 2 and cached.num_classes == 3 and len(cached) == 24
+
+
+def test_an_encoder_waiting_to_be_thawed_is_not_frozen():
+    from fusion.surgery import set_trainable
+    from fusion.training.feature_cache import is_frozen
+
+    encoder = Encoder(nn.Linear(3, 4), input_shape=(3,))
+    set_trainable(encoder, False)  # gradual unfreezing starts here, and thaws it later
+    assert not is_frozen(encoder.eval())
+    assert is_frozen(encoder.freeze().train())
+    assert is_frozen(nn.Linear(3, 4).requires_grad_(False).eval())
