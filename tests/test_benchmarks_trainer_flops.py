@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from experiments import bench_flops, bench_trainer
 
 
@@ -25,11 +27,16 @@ def test_bench_trainer_writes_json(tmp_path: Path) -> None:
 def test_bench_flops_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "flops.json"
     argv = ["--steps", "1", "--batch-size", "4", "--sizes", "64", "--out", str(out)]
-    bench_flops.main(argv)
+    bench_flops.main([*argv, "--precisions", "32", "bf16"])
     result = json.loads(out.read_text())
-    assert result["peak_gflops"] > 0
+    assert set(result["peak_gflops"]) == {"32", "bf16"}
+    assert min(result["peak_gflops"].values()) > 0
     assert len(result["encoders"]) == 2
-    for r in result["encoders"].values():
-        assert r["gflop_per_step"] > 0 and r["seconds_per_step"] > 0
-        assert r["gflops"] > 0 and r["fraction_of_peak"] > 0
+    for by_precision in result["encoders"].values():
+        assert set(by_precision) == {"32", "bf16"}
+        for r in by_precision.values():
+            assert r["gflop_per_step"] > 0 and r["seconds_per_step"] > 0
+            assert r["gflops"] > 0 and r["fraction_of_peak"] > 0
     assert {"torch", "threads", "cpu"} <= set(result["machine"])
+    with pytest.raises(SystemExit):
+        bench_flops.main([*argv, "--precisions", "fp16"])  # GPU only
