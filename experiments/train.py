@@ -629,6 +629,11 @@ def join_processes(cfg: DictConfig) -> Distributed:
         distributed = init_distributed(cfg.trainer.backend, resolve_device(cfg.trainer.device))
     except ValueError as err:
         raise ConfigError(f"config key 'trainer.backend': {err}") from None
+    if not distributed.enabled:
+        log.warning(
+            "trainer=ddp, but the launcher started one process: training on one; start N "
+            "with `torchrun --nproc-per-node=N -m experiments.train trainer=ddp ...`"
+        )
     if not distributed.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     per_process_batch(cfg, distributed)

@@ -62,3 +62,10 @@ def test_uneven_global_batch_and_missing_strategy_are_named(tmp_path):
     ]  # fmt: skip
     single = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert single.returncode != 0 and "add trainer=ddp" in single.stderr
+    alone = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "trainer=ddp", "debug=default",
+         f"paths.output_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "the launcher started one process: training on one" in alone.stdout
