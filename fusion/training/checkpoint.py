@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` to `path` through a temporary file, so a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed to `path` only if the block succeeds, so a
+    crash never leaves half a file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write `state` to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:

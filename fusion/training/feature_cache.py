@@ -21,8 +21,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from data.collate import Batch, collate
-from fusion.training.checkpoint import load_checkpoint, save_checkpoint
+from fusion.training.checkpoint import atomic_path, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("fusion")
 
@@ -108,19 +106,6 @@ def is_frozen(encoder: nn.Module) -> bool:
         return False
     frozen = getattr(encoder, "frozen", None)  # an Encoder says; a plain module shows it by mode
     return not encoder.training if frozen is None else bool(frozen)
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path):
-    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 class FeatureCache:
@@ -205,7 +190,7 @@ class FeatureCache:
         """Encode every batch once into memory-mapped files that appear only when complete;
         return the split's labels, gathered in the same pass."""
         with contextlib.ExitStack() as stack:
-            tmp = {m: stack.enter_context(_atomic_path(path)) for m, path in paths.items()}
+            tmp = {m: stack.enter_context(atomic_path(path)) for m, path in paths.items()}
             arrays = {
                 m: np.lib.format.open_memmap(
                     tmp[m], mode="w+", dtype=DTYPES[self.dtype], shape=shapes[m]
