@@ -204,7 +204,7 @@ def run_id() -> str:
     """A run directory's name: start time, host and process id, unique across jobs.
 
     The processes of one distributed run share one directory: under `torchrun` they take
-    rank 0's name from the launcher's store; under `srun` they share the SLURM job and step.
+    rank 0's name from the launcher's store; under submitit the launcher names it.
     """
     own = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{socket.gethostname()}-{os.getpid()}"
     if (
@@ -223,8 +223,6 @@ def run_id() -> str:
         if int(os.environ["RANK"]) == 0:
             store.set(key, own)
         return store.get(key).decode()
-    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SUBMITIT_EXECUTOR" not in os.environ:
-        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', 0)}"
     return own
 
 
