@@ -149,7 +149,8 @@ class FeatureCache:
         shapes = {m: (len(dataset), *model.encoders[m].out_shape) for m in cached}
         labels_path = folder / "labels.pt"
         missing = [m for m in cached if not self._valid(paths[m], shapes[m])]
-        if missing or not labels_path.is_file():
+        labels = _read_labels(labels_path)
+        if missing or labels is None:
             log.info("feature cache: encoding %s into %s", missing, folder)
             loader = DataLoader(
                 dataset,
@@ -163,7 +164,6 @@ class FeatureCache:
             save_checkpoint(labels_path, labels)
         else:
             log.info("feature cache: reading %s from %s", cached, folder)
-        labels = load_checkpoint(labels_path, required=LABEL_FIELDS)
         features = {m: np.load(paths[m], mmap_mode="r") for m in cached}
         live = [m for m in model.encoders if m not in features]
         return EncodedDataset(dataset, features, labels, live, collate_fn)
@@ -173,7 +173,7 @@ class FeatureCache:
             return False
         try:
             stored = np.load(path, mmap_mode="r")
-        except ValueError:
+        except (ValueError, OSError, EOFError):  # cut short or overwritten: build it again
             return False
         return stored.shape == shape and stored.dtype == DTYPES[self.dtype]
 
@@ -210,6 +210,14 @@ class FeatureCache:
             for array in arrays.values():
                 array.flush()
         return stack_labels(labels)
+
+
+def _read_labels(path: Path) -> dict[str, Any] | None:
+    """A split's cached labels, or None when they are missing or unreadable (to rebuild)."""
+    try:
+        return load_checkpoint(path, required=LABEL_FIELDS)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def stack_labels(batches: Iterable[Batch]) -> dict[str, Any]:

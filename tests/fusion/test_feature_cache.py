@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -241,3 +243,16 @@ def test_an_encoder_waiting_to_be_thawed_is_not_frozen():
     assert not is_frozen(encoder.eval())
     assert is_frozen(encoder.freeze().train())
     assert is_frozen(nn.Linear(3, 4).requires_grad_(False).eval())
+
+
+def test_corrupt_labels_or_features_are_rebuilt_not_fatal(tmp_path):
+    cache, model = FeatureCache(tmp_path), build_model()
+    first = encoded(cache, model, Pairs(30))
+    expected = first.__getitems__([0, 4])
+    labels = next(tmp_path.rglob("labels.pt"))
+    labels.write_bytes(b"not a checkpoint")
+    Path(first.features["b"].filename).write_bytes(b"\x93NUMPY garbage")
+    del first
+    again = encoded(cache, model, Pairs(30)).__getitems__([0, 4])
+    assert torch.equal(again.targets, expected.targets)
+    assert torch.equal(again.inputs["b"], expected.inputs["b"])
