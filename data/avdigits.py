@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from fusion.data import Modality, MultimodalDataset, Task
 
 SPEECH_ASSET = Path(__file__).resolve().parent / "assets" / "avdigits_speech.npz"
 SPLITS = ("train", "val", "test")
@@ -29,6 +30,9 @@ MODALITIES = ("image", "audio")
 TASKS = ("digit", "same", "which", "multitask")
 IMAGE_SIZE = (8, 8)
 DRAW_VERSION = 2  # bump when `_draw` or the degradations change what an item holds
+DIGIT = Task("multiclass", classes=tuple(str(d) for d in range(10)))
+SAME = Task("binary", classes=("different", "same"))
+IMAGE_MEAN, IMAGE_STD = [0.3], [0.4]  # of the degraded scans, rounded
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def _check_range(name: str, value: Sequence[float], low: float, high: float) -> 
     return float(value[0]), float(value[1])
 
 
-class AVDigits(Dataset):
+class AVDigits(MultimodalDataset):
     """One split of AV-Digits; items are `{"image": [1, 8, 8], "audio": [T], "label": int}`.
 
     `task` picks what is asked: `digit` (the written digit; the clip says the same one),
@@ -237,12 +241,62 @@ class AVDigits(Dataset):
                 raise ValueError(f"no '{split}' speaker says digit {d} in {speech_path}")
         self.draw_seed = (seed, split_id, view)
 
-    modality_classes = 10  # each modality's own target is the digit it shows
+    splits = SPLITS
+
+    @property
+    def modalities(self) -> dict[str, Modality]:
+        """Images `[1, 8, 8]` and clips `[clip_samples]`, plus captions with `text_accuracy`."""
+        out = {
+            "image": Modality(
+                "image",
+                {
+                    "shape": [1, *IMAGE_SIZE],
+                    "in_channels": 1,
+                    "image_size": list(IMAGE_SIZE),
+                    "mean": IMAGE_MEAN,
+                    "std": IMAGE_STD,
+                },
+            ),
+            "audio": Modality(
+                "audio",
+                {
+                    "shape": [self.clip_samples],
+                    "sample_rate": self.sample_rate,
+                    "clip_samples": self.clip_samples,
+                },
+            ),
+        }
+        if self.text_accuracy is not None:
+            out["text"] = Modality("text")
+        return out
+
+    @property
+    def tasks(self) -> dict[str, Task]:
+        """`digit` and `which` ask for a digit, `same` for agreement, `multitask` all three."""
+        if self.task == "multitask":
+            return {"written": DIGIT, "spoken": DIGIT, "same": SAME}
+        return {self.task: SAME if self.task == "same" else DIGIT}
+
+    @property
+    def modality_tasks(self) -> dict[str, tuple[str, Task]]:
+        """What each modality shows, when it is not the label: each encoder is pretrained
+        on its own modality's digit (for `digit`, the label itself)."""
+        if self.task == "digit":
+            return {}
+        own = {"image": "written", "audio": "spoken", "text": "written"}
+        return {m: (own[m], DIGIT) for m in self.modalities}
 
     @property
     def deterministic(self) -> bool:
         """Items never change without augmentation: what a feature cache needs."""
         return not self.augment
+
+    def fixed_view(self, view: int) -> AVDigits:
+        """The `view`-th fixed draw of this split (fresh clips and degradations, the same at
+        every access): stage 2 trains on several such views so features can be cached."""
+        settings = {k: v for k, v in self.settings.items() if k not in ("split", "view")}
+        settings.update(augment=False, speech_path=self.speech_path)
+        return AVDigits(self.split, view=view, **settings)
 
     def fingerprint(self) -> str:
         """What determines the items: the settings, the source images, the speech file's
@@ -250,13 +304,6 @@ class AVDigits(Dataset):
         speech = hashlib.sha256(self.speech_path.read_bytes()).hexdigest()
         images = hashlib.sha256(self.clean_images.numpy().tobytes()).hexdigest()
         return json.dumps([DRAW_VERSION, self.settings, speech, images], sort_keys=True)
-
-    @property
-    def num_classes(self) -> int | dict[str, int]:
-        """Output sizes the task needs: one int, or one per task for `multitask`."""
-        if self.task == "multitask":
-            return {"written": 10, "spoken": 10, "same": 2}
-        return 2 if self.task == "same" else 10
 
     @property
     def num_conditions(self) -> int | None:

@@ -28,7 +28,7 @@ from torch import nn
 
 import fusion.training.loop as loop
 from data.avdigits import AVDigits
-from data.collate import Batch, collate
+from fusion.batch import Batch, collate
 from experiments.benchmarking import machine_info, synchronize, write_json
 from fusion.encoders import build_vision_encoder
 from fusion.fusers import ConcatFuser

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from data.avdigits import SPLITS
-from data.collate import Batch
+from fusion.batch import Batch
 from experiments.schema import ConfigError, validate
 from experiments.train import (
     FUSE_STATE,

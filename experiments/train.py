@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from data.avdigits import DRAW_VERSION, SPLITS
-from data.collate import Batch, collate
+from fusion.batch import Batch, collate
 from experiments.schema import ConfigError, register_resolvers, validate
 from fusion.encoders.base import Encoder
 from fusion.fusers import ConcatFuser

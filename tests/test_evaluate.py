@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.collate import Batch
+from fusion.batch import Batch
 from experiments.evaluate import add_noise, drop, input_std, main, plot_robustness, robustness_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from data.collate import Batch, collate
+from fusion.batch import Batch, collate
 from fusion.training.checkpoint import atomic_path, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("fusion")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from data.collate import Batch
+from fusion.batch import Batch
 from fusion.surgery import param_groups
 from fusion.training.checkpoint import save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed

@@ -133,7 +133,7 @@ def test_interaction_and_conditional_tasks():
 
 
 def test_collate_stacks_dict_labels_and_conditions():
-    from data.collate import collate
+    from fusion.batch import collate
 
     batch = collate([AVDigits("val", task="multitask", max_samples=4)[i] for i in range(4)])
     assert set(batch.targets) == {"written", "spoken", "same"}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from data.collate import collate
+from fusion.batch import collate
 
 
 def test_collate_builds_dicts_keyed_by_modality(avdigits_val):

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from data.collate import collate
+from fusion.batch import collate
 from fusion.encoders.base import Encoder
 from fusion.fusers import GatedFuser
 from fusion.heads import ClassificationHead, ConditionalHead

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from data.collate import collate
+from fusion.batch import collate
 from fusion.encoders.base import Encoder
 from fusion.fusers import GatedFuser
 from fusion.heads import ClassificationHead

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from data.collate import Batch
+from fusion.batch import Batch
 from fusion.encoders.base import Encoder
 from fusion.fusers import GatedFuser
 from fusion.heads import ClassificationHead

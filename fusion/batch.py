@@ -1,0 +1,190 @@
+"""Batches as dicts keyed by modality, with presence masks instead of `None` holes.
+
+`collate` stacks dataset items (see `fusion.data`) into a `Batch`:
+
+- a tensor modality whose items share a shape is stacked, with a `[B]` mask;
+- one whose items differ only in their first dimension (audio `[T]`, feature sequences
+  `[T, D]` of varying length) is zero-padded to the longest, with a `[B, T]` mask that is
+  `True` at real positions;
+- text stays a list of strings (`""` where absent);
+- a missing modality (`None` or no key) is a zero placeholder with `present` `False`,
+  even when every item of the batch lacks it (its shape then comes from the dataset's
+  `Modality.info["shape"]`, or one of the split's items when built by `Collate.for_dataset`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fusion.data import (
+    CONDITION_KEY,
+    MODALITY_TARGETS_KEY,
+    RESERVED_KEYS,
+    TARGET_KEY,
+    Modality,
+)
+
+
+@dataclass
+class Batch:
+    """One batch: `inputs[m]` is modality m for every sample; `present[m]` says which are real
+    (`[B]`, or `[B, T]` for padded sequences)."""
+
+    inputs: dict[str, torch.Tensor | list[str]]
+    present: dict[str, torch.Tensor]
+    targets: torch.Tensor | dict[str, torch.Tensor]
+    condition: torch.Tensor | None = None
+    modality_targets: dict[str, torch.Tensor] | None = None
+    encoded: frozenset[str] = frozenset()
+    """Modalities whose `inputs` are already their encoder's features (a feature cache)."""
+
+    def __len__(self) -> int:
+        return len(next(iter(self.present.values())))
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            inputs={
+                m: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+                for m, x in self.inputs.items()
+            },
+            present={m: p.to(device, non_blocking=True) for m, p in self.present.items()},
+            targets=_to(self.targets, device),
+            condition=None if self.condition is None else self.condition.to(device),
+            modality_targets=_to(self.modality_targets, device),
+            encoded=self.encoded,
+        )
+
+
+def _to(value, device):
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in value.items()}
+    return value.to(device, non_blocking=True)
+
+
+def _stack_labels(name: str, values: list) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Labels as one tensor, or a dict of tensors when each item's label is a dict."""
+    if isinstance(values[0], Mapping):
+        keys = list(values[0])
+        for i, v in enumerate(values):
+            if not isinstance(v, Mapping) or list(v) != keys:
+                raise ValueError(f"item {i}: '{name}' should have the keys {keys}, got {v}")
+        return {k: torch.as_tensor([v[k] for v in values]) for k in keys}
+    return torch.as_tensor(values)
+
+
+def _stack_modality(
+    modality: str, values: list[Any], placeholder: torch.Tensor | str | None
+) -> tuple[torch.Tensor | list[str], torch.Tensor]:
+    """One modality's inputs and presence mask, padded along the first dimension if needed."""
+    present = torch.tensor([v is not None for v in values], dtype=torch.bool)
+    real = [(i, v) for i, v in enumerate(values) if v is not None]
+    if not real:
+        if isinstance(placeholder, str):
+            return [placeholder] * len(values), present
+        if placeholder is None:
+            raise ValueError(
+                f"modality '{modality}' is missing from every item of the batch and its shape "
+                "is unknown: declare it in the dataset's Modality info as 'shape'"
+            )
+        return placeholder.expand(len(values), *placeholder.shape).clone(), present
+    if all(isinstance(v, str) for _, v in real):
+        return [v if v is not None else "" for v in values], present
+    tensors = {i: torch.as_tensor(v) for i, v in real}
+    first_index, first = next(iter(tensors.items()))
+    ragged = False
+    for i, t in tensors.items():
+        if t.shape == first.shape:
+            continue
+        if t.dim() == first.dim() >= 1 and t.shape[1:] == first.shape[1:]:
+            ragged = True
+            continue
+        raise ValueError(
+            f"modality '{modality}': item {i} has shape {tuple(t.shape)}, item {first_index} "
+            f"has {tuple(first.shape)}; items can differ only in their first (length) "
+            "dimension, which is padded"
+        )
+    if not ragged:
+        filler = torch.zeros_like(first)
+        return torch.stack([tensors.get(i, filler) for i in range(len(values))]), present
+    length = max(t.shape[0] for t in tensors.values())
+    out = first.new_zeros(len(values), length, *first.shape[1:])
+    mask = torch.zeros(len(values), length, dtype=torch.bool)
+    for i, t in tensors.items():
+        out[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    return out, mask
+
+
+class Collate:
+    """The DataLoader `collate_fn` for dataset items; see the module docstring.
+
+    `placeholders[m]` stands in for modality m when no item of a batch has it: a tensor of
+    one item's shape, or `""` for text.
+    """
+
+    def __init__(self, placeholders: Mapping[str, torch.Tensor | str] | None = None) -> None:
+        self.placeholders = dict(placeholders or {})
+
+    @classmethod
+    def for_dataset(cls, dataset: Any) -> Collate:
+        """A collate that knows each declared modality's placeholder: its declared shape
+        (`Modality.info["shape"]`, a variable length as 1), else zeros like the first item
+        of the split that has it."""
+        modalities: Mapping[str, Modality] = getattr(dataset, "modalities", {}) or {}
+        placeholders: dict[str, torch.Tensor | str] = {}
+        for name, modality in modalities.items():
+            if modality.kind == "text":
+                placeholders[name] = ""
+            elif "shape" in modality.info:
+                shape = [1 if d is None else int(d) for d in modality.info["shape"]]
+                placeholders[name] = torch.zeros(shape)
+        unknown = [m for m in modalities if m not in placeholders]
+        for index in range(len(dataset)) if unknown else ():
+            item = dataset[index]
+            for m in list(unknown):
+                if item.get(m) is not None:
+                    placeholders[m] = torch.zeros_like(torch.as_tensor(item[m]))
+                    unknown.remove(m)
+            if not unknown:
+                break
+        return cls(placeholders)
+
+    def __call__(self, items: Sequence[Mapping[str, object]]) -> Batch:
+        if not items:
+            raise ValueError("collate received an empty list of items")
+        modalities = sorted(
+            {k for item in items for k in item if k not in RESERVED_KEYS} | set(self.placeholders)
+        )
+        inputs: dict[str, torch.Tensor | list[str]] = {}
+        present: dict[str, torch.Tensor] = {}
+        for modality in modalities:
+            values = [item.get(modality) for item in items]
+            inputs[modality], present[modality] = _stack_modality(
+                modality, values, self.placeholders.get(modality)
+            )
+        for i, item in enumerate(items):
+            if TARGET_KEY not in item:
+                raise KeyError(f"item {i} has no '{TARGET_KEY}'; keys are {sorted(item)}")
+        targets = _stack_labels(TARGET_KEY, [item[TARGET_KEY] for item in items])
+        condition = None
+        if any(CONDITION_KEY in item for item in items):
+            missing = [i for i, item in enumerate(items) if CONDITION_KEY not in item]
+            if missing:
+                raise KeyError(f"items {missing} have no '{CONDITION_KEY}' while others do")
+            condition = torch.as_tensor([item[CONDITION_KEY] for item in items])
+        modality_targets = None
+        if MODALITY_TARGETS_KEY in items[0]:
+            modality_targets = _stack_labels(
+                MODALITY_TARGETS_KEY, [item[MODALITY_TARGETS_KEY] for item in items]
+            )
+        return Batch(inputs, present, targets, condition, modality_targets)
+
+
+collate = Collate()
+"""Collate items whose modalities each appear in at least one item of every batch."""

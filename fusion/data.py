@@ -1,0 +1,174 @@
+"""The dataset contract: what a multimodal dataset declares, and what its items are.
+
+Every part of the recipe (loaders, the feature cache, both training stages, evaluation,
+reports) reads a dataset through this contract alone, so the built-in AV-Digits, the
+manifest dataset (a table of the user's files) and the public-format readers are
+interchangeable.
+
+An item is a dict:
+
+- one entry per modality, keyed by its name: a tensor (image `[C, H, W]`, audio `[T]`,
+  tabular `[F]`, a feature sequence `[T, D]`), a string (text), or `None` when the sample
+  lacks that modality (it becomes a `False` in the batch's presence mask);
+- `"label"`: the target of the dataset's one task, or a dict `{task name: target}`;
+- optionally `"condition"`: an int routing the sample to one head of a conditional head;
+- optionally `"modality_targets"`: `{modality: target}`, the stage-1 target of each
+  modality named in `modality_tasks` (when what a modality shows is not the label).
+
+A dataset object is one split and declares:
+
+- `modalities`: `{name: Modality}` in a stable order (the route each input takes);
+- `tasks`: `{name: Task}`; one entry means `"label"` is a plain value;
+- `splits`: the split names it has, among them `"train"` and `"val"` (the recipe trains on
+  the first and selects the best epoch on the second; every split but train is evaluated);
+- `deterministic`: whether items are fixed (the same at every access), so frozen
+  encoders' features can be cached;
+- `fingerprint()`: a string that changes whenever the items would (files' contents,
+  settings, seeds, code version), keying every cache built from the data.
+
+Optional: `modality_tasks` (`{modality: (target name, Task)}`: stage 1 trains that
+modality's encoder on `item["modality_targets"][modality]` instead of the label; the others
+train on the label), `num_conditions`, and, for a split redrawn at every
+access (augmented), `fixed_view(v)`: the v-th fixed draw of it, which stage 2 trains on so
+that features can be cached (`trainer.fuse.views`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.utils.data import Dataset
+
+MODALITY_KINDS = ("image", "audio", "text", "tabular", "features")
+TASK_KINDS = ("multiclass", "binary", "multilabel", "regression")
+TARGET_KEY = "label"
+CONDITION_KEY = "condition"
+MODALITY_TARGETS_KEY = "modality_targets"
+RESERVED_KEYS = (TARGET_KEY, CONDITION_KEY, MODALITY_TARGETS_KEY)
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One modality of a dataset: its kind and what an encoder needs to size itself.
+
+    `kind` is one of `MODALITY_KINDS`. `info` holds the facts encoders are configured
+    from, under the names of the encoder settings they fill (a `???` in an encoder config
+    is taken from here), and `shape`, one item's shape (`None` for a varying length), which
+    stands in for the modality when a whole batch lacks it. Per kind:
+
+    - image: `shape` [C, H, W], `in_channels`, `image_size` [H, W], `mean` and `std` [C]
+      (of the train split's pixel values, for the encoder's standardization);
+    - audio: `shape` [T], `sample_rate` (Hz), `clip_samples` (T);
+    - text: nothing (a list of strings; the encoder tokenizes);
+    - tabular: `shape` [F], `num_numeric`, `categorical_cardinalities` (numeric columns
+      first, then categorical codes as floats), `columns` (their names, in that order);
+    - features: `shape` [T or None, D], `input_dim` (D).
+    """
+
+    kind: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODALITY_KINDS:
+            raise ValueError(f"modality kind must be one of {MODALITY_KINDS}, got '{self.kind}'")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction target: its kind and its classes (names, in label order).
+
+    Classification targets are class indices into `classes`. A `regression` task has
+    `num_targets` values per sample and no classes.
+    """
+
+    kind: str = "multiclass"
+    classes: tuple[str, ...] = ()
+    num_targets: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task kind must be one of {TASK_KINDS}, got '{self.kind}'")
+        if self.kind in ("multiclass", "binary", "multilabel") and len(self.classes) < 2:
+            raise ValueError(
+                f"a {self.kind} task needs at least 2 classes, got {list(self.classes)}"
+            )
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+
+    @property
+    def num_outputs(self) -> int:
+        """The head's output size for this task."""
+        return self.num_targets if self.kind == "regression" else len(self.classes)
+
+
+class MultimodalDataset(Dataset):
+    """Base class for one split of a multimodal dataset (see the module docstring).
+
+    Subclasses set `modalities`, `tasks`, `splits` and `split`, implement `__len__` and
+    `__getitem__`, and override `fingerprint()` with what determines their items (the
+    default hashes every item, which reads the whole split once).
+    """
+
+    modalities: Mapping[str, Modality]
+    tasks: Mapping[str, Task]
+    splits: Sequence[str] = ("train", "val", "test")
+    split: str
+    deterministic: bool = True
+    modality_tasks: Mapping[str, tuple[str, Task]] = {}
+    num_conditions: int | None = None
+
+    def fingerprint(self) -> str:
+        from fusion.training.feature_cache import item_digest
+
+        return item_digest(self)
+
+    @property
+    def num_classes(self) -> int | dict[str, int]:
+        return output_sizes(self.tasks)
+
+
+def output_sizes(tasks: Mapping[str, Task]) -> int | dict[str, int]:
+    """A head's output size: one int for a single task, else one per task name."""
+    if len(tasks) == 1:
+        return next(iter(tasks.values())).num_outputs
+    return {name: task.num_outputs for name, task in tasks.items()}
+
+
+def check_dataset(dataset: Any, where: str = "dataset") -> None:
+    """Raise a `TypeError` naming every part of the contract `dataset` lacks or gets wrong."""
+    problems = []
+    for name in ("modalities", "tasks", "splits", "split", "deterministic", "fingerprint"):
+        if not hasattr(dataset, name):
+            problems.append(f"no '{name}'")
+    if not problems:
+        if not dataset.modalities or not all(
+            isinstance(m, Modality) for m in dataset.modalities.values()
+        ):
+            problems.append("'modalities' must map each name to a fusion.data.Modality")
+        if not dataset.tasks or not all(isinstance(t, Task) for t in dataset.tasks.values()):
+            problems.append("'tasks' must map each name to a fusion.data.Task")
+        missing = [s for s in ("train", "val") if s not in dataset.splits]
+        if missing:
+            problems.append(f"'splits' {list(dataset.splits)} lacks {missing}")
+        clash = sorted(set(dataset.modalities) & set(RESERVED_KEYS))
+        if clash:
+            problems.append(f"modality names {clash} are reserved item keys")
+        unknown = sorted(set(getattr(dataset, "modality_tasks", {})) - set(dataset.modalities))
+        if unknown:
+            problems.append(f"'modality_tasks' names modalities {unknown} it does not have")
+    if problems:
+        raise TypeError(
+            f"{where} ({type(dataset).__name__}) does not follow the dataset contract "
+            f"(fusion/data.py): {'; '.join(problems)}"
+        )
+
+
+def file_digest(path: Any, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes: caches are keyed on what a file holds, not its name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
