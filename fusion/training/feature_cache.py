@@ -76,19 +76,21 @@ def encoder_key(encoder: nn.Module, config: Any = None, autocast: str = "float32
     return fingerprint(CACHE_VERSION, repr(encoder), encoder.state_dict(), config, autocast)
 
 
-def data_key(dataset: Dataset) -> str:
-    """The dataset's `fingerprint()` when it defines one; else a hash of every item.
-
-    Hashing every item reads the raw data once (cheap next to encoding it); a dataset that
-    knows what determines its content (files, settings, seeds) should say so instead.
-    """
-    own = getattr(dataset, "fingerprint", None)
-    if callable(own):
-        return fingerprint(CACHE_VERSION, type(dataset).__name__, own(), len(dataset))
+def item_digest(dataset: Dataset) -> str:
+    """A hash of every item: for a dataset that cannot say what determines its content.
+    It reads the raw data once (cheap next to encoding it)."""
     digest = hashlib.sha256()
     for index in range(len(dataset)):
         _update(digest, dataset[index])
-    return fingerprint(CACHE_VERSION, type(dataset).__name__, digest.hexdigest(), len(dataset))
+    return digest.hexdigest()
+
+
+def data_key(dataset: Dataset) -> str:
+    """The dataset's `fingerprint()` (see `fusion.data`) when it defines one; else a hash of
+    every item."""
+    own = getattr(dataset, "fingerprint", None)
+    content = own() if callable(own) else item_digest(dataset)
+    return fingerprint(CACHE_VERSION, type(dataset).__name__, content, len(dataset))
 
 
 def is_deterministic(dataset: Dataset) -> bool:
