@@ -28,8 +28,8 @@ from torch import nn
 
 import fusion.training.loop as loop
 from data.avdigits import AVDigits
-from fusion.batch import Batch, collate
 from experiments.benchmarking import machine_info, synchronize, write_json
+from fusion.batch import Batch, collate
 from fusion.encoders import build_vision_encoder
 from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead

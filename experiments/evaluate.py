@@ -18,37 +18,32 @@ run's seed, the same draw for every level, so the curves differ only by the leve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from data.avdigits import SPLITS
-from fusion.batch import Batch
+from experiments.builders import build_datasets, model_spec, trainer_settings
 from experiments.schema import ConfigError, validate
-from experiments.train import (
-    FUSE_STATE,
-    build_encoder,
-    build_fused,
-    make_loaders,
-    reseed,
-    resolve_device,
-    resolve_precision,
-    task_classes,
+from fusion.analysis.robustness import (
+    Evaluator,
+    metrics_table,
+    plot_robustness,
+    robustness,
+    robustness_table,
 )
 from fusion.model import MultimodalModel
-from fusion.training import EpochMetrics, evaluate, load_checkpoint
+from fusion.training import load_checkpoint
+from fusion.training.loaders import make_loaders
+from fusion.training.recipe import FUSE_STATE, ModelSpec, build_model
+from fusion.training.settings import resolve_device
 from fusion.weights import load_weights
 
 DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0, 2.0)
-Perturbation = Callable[[Batch], Batch]
 
 
 class EvaluateError(Exception):
@@ -78,168 +73,12 @@ def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     return validate(OmegaConf.load(config)), load_checkpoint(best, required=("model",))
 
 
-def rebuild_model(
-    cfg: DictConfig, state: dict[str, torch.Tensor], num_classes: int | dict[str, int]
-) -> MultimodalModel:
-    """The stage-2 model as `train.fused_model` wires it, with every weight from `state`."""
-    encoders = {modality: build_encoder(cfg, modality) for modality in cfg.model.encoders}
-    model = build_fused(cfg, encoders, num_classes)
+def rebuild_model(spec: ModelSpec, tasks: Any, state: dict[str, Any]) -> MultimodalModel:
+    """The stage-2 model as the recipe wires it, with every weight from `state`."""
+    encoders = {modality: build() for modality, build in spec.encoders.items()}
+    model = build_model(spec, encoders, tasks)
     load_weights(model, state)
     return model
-
-
-def drop(modality: str) -> Perturbation:
-    """Mark `modality` missing in every sample, as a dataset without it would."""
-
-    def apply(batch: Batch) -> Batch:
-        present = {**batch.present, modality: torch.zeros_like(batch.present[modality])}
-        return dataclasses.replace(batch, present=present)
-
-    return apply
-
-
-def add_noise(modality: str, std: float, seed: int) -> Perturbation:
-    """Add N(0, std^2) to `modality`'s input; a fresh generator per call gives every level
-    the same draw."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def apply(batch: Batch) -> Batch:
-        x = batch.inputs[modality]
-        noisy = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        return dataclasses.replace(batch, inputs={**batch.inputs, modality: noisy})
-
-    return apply
-
-
-def input_std(batches: Iterable[Batch], modality: str) -> float | None:
-    """The modality's input std over the samples that have it; None for non-tensor inputs."""
-    count, total, squares = 0, 0.0, 0.0
-    for batch in batches:
-        x = batch.inputs[modality]
-        if not isinstance(x, torch.Tensor):
-            return None
-        x = x[batch.present[modality]].double()
-        count += x.numel()
-        total += float(x.sum())
-        squares += float(x.pow(2).sum())
-    mean = total / max(count, 1)
-    return math.sqrt(max(squares / max(count, 1) - mean**2, 0.0))
-
-
-class Evaluator:
-    """One model on one split: every pass starts from the run's seed, so passes differ only
-    by their perturbation (the train split's augmentations draw from the global generator)."""
-
-    def __init__(
-        self,
-        model: MultimodalModel,
-        loaders: dict[str, DataLoader],
-        split: str,
-        seed: int,
-        device: torch.device,
-        precision: str = "32",
-    ) -> None:
-        self.model, self.loaders, self.split = model.to(device), loaders, split
-        self.seed, self.device = seed, device
-        self.precision = resolve_precision(precision, device)
-        self.loss_weights = getattr(model.head, "loss_weights", None)
-
-    def batches(self) -> DataLoader:
-        reseed(self.seed, self.loaders)
-        return self.loaders[self.split]
-
-    def __call__(self, perturb: Perturbation | None = None) -> EpochMetrics:
-        batches = self.batches()
-        if perturb is not None:
-            batches = map(perturb, batches)
-        return evaluate(
-            self.model,
-            batches,
-            self.device,
-            loss_weights=self.loss_weights,
-            precision=self.precision,
-        )
-
-
-def robustness(evaluator: Evaluator, levels: Sequence[float]) -> dict[str, Any]:
-    """Accuracy per modality when dropped and at each noise level, with the clean accuracy."""
-    modalities = evaluator.model.modalities
-    stds = {m: input_std(evaluator.batches(), m) for m in modalities}
-    report: dict[str, Any] = {
-        "split": evaluator.split,
-        "seed": evaluator.seed,
-        "levels": list(levels),
-        "clean_accuracy": evaluator().accuracy,
-        "modalities": {},
-    }
-    for m in modalities:
-        entry: dict[str, Any] = {"input_std": stds[m], "dropped": evaluator(drop(m)).accuracy}
-        if stds[m] is None:
-            entry["noise"] = None
-            entry["note"] = "inputs are not tensors (e.g. text); no noise added"
-        else:
-            entry["noise"] = [
-                evaluator(add_noise(m, level * stds[m], evaluator.seed)).accuracy
-                for level in levels
-            ]
-        report["modalities"][m] = entry
-    return report
-
-
-def metrics_table(split: str, metrics: EpochMetrics) -> str:
-    tasks = list(metrics.tasks)
-    lines = [
-        "| split | loss | accuracy |" + "".join(f" {t} |" for t in tasks),
-        "|---|---:|---:|" + "---:|" * len(tasks),
-        f"| {split} | {metrics.loss:.4f} | {metrics.accuracy:.2%} |"
-        + "".join(f" {metrics.tasks[t]:.2%} |" for t in tasks),
-    ]
-    return "\n".join(lines)
-
-
-def robustness_table(report: dict[str, Any]) -> str:
-    """One row per modality: its input std, accuracy at each noise level, and when dropped."""
-    levels = report["levels"]
-    lines = [
-        "| modality | input std |" + "".join(f" noise x{lv:g} |" for lv in levels) + " dropped |",
-        "|---|---:|" + "---:|" * (len(levels) + 1),
-    ]
-    for m, entry in report["modalities"].items():
-        noise = entry["noise"] or ["-"] * len(levels)
-        std = "-" if entry["input_std"] is None else f"{entry['input_std']:.3g}"
-        cells = [f"{a:.2%}" if isinstance(a, float) else a for a in noise]
-        lines.append(f"| {m} | {std} | " + " | ".join(cells) + f" | {entry['dropped']:.2%} |")
-    notes = [f"{m}: {e['note']}" for m, e in report["modalities"].items() if "note" in e]
-    lines.append(f"\nclean accuracy on {report['split']}: {report['clean_accuracy']:.2%}")
-    return "\n".join(lines + notes)
-
-
-def plot_robustness(report: dict[str, Any], path: Path) -> None:
-    """Accuracy against noise level, one line per modality, dashed at its dropped accuracy."""
-    try:
-        import matplotlib
-    except ImportError as err:  # an optional dependency: evaluation runs without it
-        raise EvaluateError(
-            f"{path} needs matplotlib (pip install matplotlib); the JSON results are written"
-        ) from err
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (m, entry) in enumerate(report["modalities"].items()):
-        color = f"C{i}"
-        if entry["noise"] is not None:
-            ax.plot(report["levels"], entry["noise"], "o-", color=color, label=f"{m} noised")
-        ax.axhline(entry["dropped"], color=color, linestyle="--", label=f"{m} dropped")
-    ax.set_xlabel("noise std / input std")
-    ax.set_ylabel(f"{report['split']} accuracy")
-    ax.set_ylim(-0.02, 1.02)  # keep a line at 0 or 1 visible
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -250,7 +89,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a training run's output directory")
-    parser.add_argument("--split", choices=SPLITS, default="test")
+    parser.add_argument("--split", default="test", help="a split of the run's data (default: test)")
     parser.add_argument("--robustness", action="store_true", help="drop and noise each modality")
     parser.add_argument(
         "--levels",
@@ -271,9 +110,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     cfg, state = load_run(args.run_dir)
     out = args.out or args.run_dir / "eval"
-    loaders = make_loaders(cfg)
-    num_classes = task_classes(cfg, loaders[args.split].dataset)
-    model = rebuild_model(cfg, state["model"], num_classes)
+    datasets = build_datasets(cfg.data)
+    if args.split not in datasets:
+        raise EvaluateError(f"--split {args.split}: the data has the splits {list(datasets)}")
+    spec = model_spec(cfg.model, cfg.model.encoders)  # the run's resolved encoder configs
+    train = datasets["train"]
+    model = rebuild_model(spec, train.tasks, state["model"])
+    loaders = make_loaders(datasets, trainer_settings(cfg), cfg.seed)
     evaluator = Evaluator(
         model, loaders, args.split, cfg.seed, resolve_device(args.device), cfg.trainer.precision
     )
@@ -290,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
         },
     )
     if args.robustness:
-        report = robustness(evaluator, args.levels)
+        report = robustness(evaluator, args.levels, train.modalities)
         print(robustness_table(report))
         write_json(out / "robustness.json", report)
         plot_robustness(report, out / "robustness.png")

@@ -35,7 +35,9 @@ that features can be cached (`trainer.fuse.views`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,8 +167,17 @@ def check_dataset(dataset: Any, where: str = "dataset") -> None:
         )
 
 
-def file_digest(path: Any, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes: caches are keyed on what a file holds, not its name."""
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes: caches are keyed on what a file holds, not its name.
+
+    Memoized per process by (path, size, modification time), so asking again is free.
+    """
+    stat = os.stat(path)
+    return _file_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):

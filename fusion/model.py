@@ -20,7 +20,8 @@ class MultimodalModel(nn.Module):
     """Routes `inputs[modality]` through `encoders[modality]`, fuses, and applies the head.
 
     The forward pass is written out in full, so what happens to each modality is visible
-    in one place. Inputs are checked against each encoder's `input_shape` so that a wrong
+    in one place. The fuser sees each modality's output mask (`output_masks`), so padded
+    tokens and absent samples never reach it, whatever their values. Inputs are checked against each encoder's `input_shape` so that a wrong
     tensor fails with the modality's name rather than deep inside a convolution.
     """
 
@@ -93,14 +94,43 @@ class MultimodalModel(nn.Module):
                 )
 
     def encode(
-        self, inputs: Mapping[str, Any], encoded: Set[str] = frozenset()
+        self,
+        inputs: Mapping[str, Any],
+        encoded: Set[str] = frozenset(),
+        present: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Each modality's features; those in `encoded` already are features (cached)."""
+        """Each modality's features; those in `encoded` already are features (cached).
+
+        `present[m]` reaches the encoders that take their input mask (`takes_mask`).
+        """
         self.check_inputs(inputs, encoded)
+        present = present or {}
         return {
-            m: inputs[m] if m in encoded else encoder(inputs[m])
+            m: inputs[m] if m in encoded else encoder.encode(inputs[m], present.get(m))
             for m, encoder in self.encoders.items()
         }
+
+    def output_masks(
+        self,
+        inputs: Mapping[str, Any],
+        present: Mapping[str, torch.Tensor] | None = None,
+        encoded: Set[str] = frozenset(),
+    ) -> dict[str, torch.Tensor]:
+        """The fuser's `present`: each modality's mask of its features, not of its input.
+
+        `encoder.output_mask` turns the input mask ([B] or [B, T], absent: all present) into
+        [B] for vectors or [B, T'] for tokens, False at padding, so an attention fuser never
+        attends to padding. Cached (`encoded`) modalities already carry that mask (see
+        `FeatureCache`); without one they count as present everywhere.
+        """
+        present = present or {}
+        masks = {}
+        for m, encoder in self.encoders.items():
+            if m not in encoded:
+                masks[m] = encoder.output_mask(inputs[m], present.get(m))
+            elif m in present:
+                masks[m] = present[m]
+        return masks
 
     def forward(
         self,
@@ -109,12 +139,11 @@ class MultimodalModel(nn.Module):
         condition: torch.Tensor | None = None,
         encoded: Set[str] = frozenset(),
     ) -> torch.Tensor:
-        features = self.encode(inputs, encoded)
-        if present is not None:  # a batch may carry modalities this model does not use
-            present = {m: p for m, p in present.items() if m in self.encoders}
+        features = self.encode(inputs, encoded, present)
+        masks = self.output_masks(inputs, present, encoded)
         if self.training:
-            present = self.modality_dropout(present, len(next(iter(features.values()))))
-        fused = self.fuser(features, present)
+            masks = self.modality_dropout(masks, len(next(iter(features.values()))))
+        fused = self.fuser(features, masks)
         return self.head(fused, condition)
 
     def example_inputs(self, batch_size: int = 2) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from experiments.builders import build_split, encoder_configs
 from experiments.schema import ConfigError, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -20,7 +21,49 @@ def load(*overrides):
 
 def test_default_config_validates():
     cfg = validate(load())
-    assert cfg.trainer.batch_size == 64 and set(cfg.model.encoders) == {"image", "audio"}
+    assert cfg.trainer.batch_size == 64 and dict(cfg.model.encoders) == {}
+    assert cfg.data._target_ == "data.avdigits.AVDigits"
+
+
+def test_encoders_come_from_the_data_and_are_sized_by_it(avdigits_val):
+    cfg = validate(load())
+    configs = encoder_configs(cfg.model, avdigits_val.modalities)
+    assert list(configs) == ["image", "audio"]  # the data's order
+    image, audio = configs["image"], configs["audio"]
+    assert image.name == "resnet18" and image.in_channels == 1 and list(image.image_size) == [8, 8]
+    assert list(image.mean) == [0.3] and list(image.std) == [0.4]
+    assert audio.sample_rate == 8000 and audio.clip_samples == 8000
+    encoder = instantiate(image)
+    assert encoder.input_shape == (1, 8, 8) and encoder.out_dim == 512
+
+
+def test_an_encoder_is_chosen_per_modality_name(avdigits_val):
+    cfg = validate(
+        load("+model/encoder/audio@model.encoders.audio=mfcc_cnn", "+model.encoders.image.post=[]")
+    )
+    configs = encoder_configs(cfg.model, avdigits_val.modalities)
+    assert configs["audio"].front_end == "mfcc" and configs["audio"].sample_rate == 8000
+    assert configs["image"].name == "resnet18" and list(configs["image"].post) == []
+
+
+def test_an_encoder_for_a_modality_the_data_lacks_is_named(avdigits_val):
+    cfg = validate(load("+model/encoder/image@model.encoders.photo=resnet50"))
+    with pytest.raises(ConfigError, match=r"'model.encoders.photo': the data has no modality"):
+        encoder_configs(cfg.model, avdigits_val.modalities)
+
+
+def test_a_size_the_data_does_not_give_is_named():
+    from fusion.data import Modality
+
+    cfg = validate(load())
+    with pytest.raises(ConfigError, match=r"'model.encoders.scan.in_channels': the encoder needs"):
+        encoder_configs(cfg.model, {"scan": Modality("image", {"image_size": [8, 8]})})
+
+
+def test_unknown_data_setting_is_named_with_close_matches():
+    cfg = validate(load("+data.max_sample=3"))
+    with pytest.raises(ConfigError, match=r"'data.max_sample'.*did you mean \['max_samples'\]"):
+        build_split(cfg.data, "val")
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -97,23 +140,22 @@ def test_debug_makes_a_run_tiny():
     assert cfg.logger.mode == "disabled"
 
 
-class SplitOnly:
-    """A dataset that knows splits but not fixed views."""
+class Augmented:
+    """A split that is redrawn at every access and cannot draw fixed views."""
 
-    def __init__(self, split):
-        self.split = split
+    deterministic = False
 
 
 def test_views_need_a_dataset_that_draws_them():
-    from omegaconf import OmegaConf
+    from fusion.training.loaders import fuse_datasets
 
-    from experiments.schema import ConfigError
-    from experiments.train import fuse_datasets
+    datasets = {"train": Augmented()}
+    with pytest.raises(ConfigError, match=r"'trainer.fuse.views': .*Augmented is augmented"):
+        fuse_datasets(datasets, views=2)
+    assert fuse_datasets(datasets, views=None) == datasets
 
-    cfg = OmegaConf.create(
-        {"data": {"_target_": f"{__name__}.SplitOnly"}, "trainer": {"fuse": {"views": 2}}}
-    )
-    with pytest.raises(ConfigError, match=r"'trainer.fuse.views': .*SplitOnly takes no"):
-        fuse_datasets(cfg, {})
-    cfg.trainer.fuse.views = None
-    assert fuse_datasets(cfg, {}) == {}
+
+def test_a_fixed_train_split_is_not_drawn_as_views(avdigits_val):
+    from fusion.training.loaders import fuse_datasets
+
+    assert fuse_datasets({"train": avdigits_val}, views=10)["train"] is avdigits_val

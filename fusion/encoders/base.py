@@ -29,7 +29,16 @@ class Encoder(nn.Module):
     handling (normalization, spectrogram), `pre` and `post` are new trainable layers added
     before and after the pretrained `backbone` (lazy modules, sized by the dry run).
     Subclasses for non-tensor inputs override `example_input`.
+
+    Masks: `output_mask(x, present)` says which parts of `self(x)` are real, which is what
+    the fuser's `present` must be. An encoder that needs its input mask to ignore padding
+    sets `takes_mask = True` and accepts `forward(x, mask=None)`; `encode(x, present)`
+    calls every encoder the right way.
     """
+
+    takes_mask: bool = False
+    """Whether `forward(x, mask=None)` takes the input's presence mask ([B], or [B, T] for
+    padded inputs), so that padding cannot reach its features."""
 
     def __init__(
         self,
@@ -92,6 +101,36 @@ class Encoder(nn.Module):
     def forward(self, x: Any) -> torch.Tensor:
         return self.post(self.backbone(self.pre(self.preprocess(x))))
 
+    def encode(self, x: Any, present: torch.Tensor | None = None) -> torch.Tensor:
+        """`self(x)`, handing `present` over as `mask` when the encoder takes one.
+
+        The one way the model and the feature cache call an encoder, so an encoder of padded
+        sequences sees its mask wherever it runs.
+        """
+        if self.takes_mask:
+            return self(x, mask=present)
+        return self(x)
+
+    def output_mask(self, x: Any, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool presence mask of `self(x)`: what the fuser's `present` is for this modality.
+
+        `present` is the input's mask: [B], [B, T] for padded inputs, or None (all
+        present). Vector and map outputs get [B] (a sample is there if any of its input
+        positions is); token outputs [B, T'] get that [B] mask on every token. Subclasses
+        whose tokens include padding refine it, so attention never reaches the padding.
+        """
+        samples = sample_mask(present, len(x), self._device(x))
+        if len(self.out_shape) != 2:
+            return samples
+        return samples.unsqueeze(1).repeat(1, self.out_shape[0])
+
+    def _device(self, x: Any) -> torch.device:
+        """Where this encoder's masks belong: its input's device, else its parameters'."""
+        if isinstance(x, torch.Tensor):
+            return x.device
+        parameter = next(self.parameters(), None)
+        return torch.device("cpu") if parameter is None else parameter.device
+
     def freeze(self) -> Encoder:
         """Stop training this encoder: no gradients, and eval mode even under `model.train()`.
 
@@ -111,6 +150,25 @@ class Encoder(nn.Module):
         super().train(mode and not self.frozen)
         freeze_norm_statistics(self)
         return self
+
+
+def sample_mask(
+    present: torch.Tensor | None, batch_size: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """[B] bool: which samples have the modality, from its [B] or padded [B, T] mask.
+
+    A padded sample counts as present when any of its positions is real; `None` means
+    every sample is present.
+    """
+    if present is None:
+        return torch.ones(batch_size, dtype=torch.bool, device=device)
+    if present.dim() not in (1, 2) or present.shape[0] != batch_size:
+        raise ValueError(
+            f"a presence mask must be [{batch_size}] or [{batch_size}, T], "
+            f"got {list(present.shape)}"
+        )
+    present = present.to(dtype=torch.bool)
+    return present if present.dim() == 1 else present.any(dim=1)
 
 
 FREEZE_CHOICES = ("none", "all", "backbone")

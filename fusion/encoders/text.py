@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion import surgery
-from fusion.encoders.base import Encoder, apply_freeze
+from fusion.encoders.base import Encoder, apply_freeze, sample_mask
 
 POOLINGS = ("mean", "cls")
 OUTPUTS = ("pooled", "tokens")
@@ -123,6 +123,18 @@ class TextEncoder(Encoder):
         """[B, T] bool, True at padding, matching `forward(texts)` when `output="tokens"`."""
         return self.backbone.padding_mask(texts)
 
+    def output_mask(self, x: Sequence[str], present: torch.Tensor | None = None) -> torch.Tensor:
+        """Token output: [B, max_length], True at the real tokens of the texts that are there.
+
+        Every text is padded to `max_length`; without this mask an attention fuser would
+        attend to that padding, and a text's prediction would depend on how much of it
+        there is. Pooled output: the [B] mask, as for any vector.
+        """
+        if self.backbone.output != "tokens":
+            return super().output_mask(x, present)
+        real = ~self.padding_mask(x)
+        return real & sample_mask(present, len(x), real.device).to(real.device).unsqueeze(1)
+
 
 def _import_transformers() -> Any:
     try:
@@ -171,7 +183,8 @@ def build_text_encoder(
     already in the Hugging Face cache: loading never touches the network. `output="pooled"`
     gives [B, D] (`pooling` "mean" over real tokens, or "cls" = token 0; `normalize` makes
     it unit length); `output="tokens"` gives [B, max_length, D] with zeros at padding, and
-    `encoder.padding_mask(texts)` says where that padding is. `post`, `freeze` and
+    `encoder.output_mask(texts, present)` says which tokens are real (the model hands it
+    to the fuser as the modality's `present`). `post`, `freeze` and
     `trainable_stages` are the surgery options every encoder builder shares.
     """
     if pooling not in POOLINGS:

@@ -110,6 +110,9 @@ def tap_node(model: nn.Module, layer: str | None, output: str) -> nn.Module:
     return NodeOutput(create_feature_extractor(model, return_nodes={layer: "features"}), output)
 
 
+SMALL_IMAGE = 64
+
+
 def build_vision_encoder(
     name: str = "resnet18",
     weights: str | None = None,
@@ -118,7 +121,7 @@ def build_vision_encoder(
     strict: bool = True,
     in_channels: int = 3,
     image_size: Sequence[int] = (224, 224),
-    small_input_stem: bool = False,
+    small_input_stem: bool | str = False,
     output: str = "pooled",
     layer: str | None = None,
     use_weights_transforms: bool = True,
@@ -135,7 +138,9 @@ def build_vision_encoder(
       the torch hub cache; `weights_file`: any checkpoint `fusion.weights` reads.
     - `output`: "pooled" vector, spatial "map" [C, H, W], or "tokens" [H*W, C]; `layer`
       taps any graph node instead of the last one.
-    - `small_input_stem` / `in_channels`: stem surgery that keeps pretrained filters.
+    - `small_input_stem` / `in_channels`: stem surgery that keeps pretrained filters;
+      `small_input_stem="auto"` adapts the stem when a side of `image_size` is under
+      `SMALL_IMAGE` pixels (where a stride-4 stem would leave too few positions).
     - `pre` / `post`: new layers before / after the backbone (`surgery.build_layers` specs).
     - `freeze` / `trainable_stages`: see `fusion.encoders.base.apply_freeze`.
     Preprocessing is part of the encoder, so it consumes raw [0, 1] images: the weights'
@@ -147,6 +152,12 @@ def build_vision_encoder(
     backbone = build_backbone(name, enum)
     if weights_file is not None:
         log.info("%s", load_weights(backbone, weights_file, prefix=weights_prefix, strict=strict))
+    if small_input_stem == "auto":
+        small_input_stem = min(image_size) < SMALL_IMAGE
+    elif not isinstance(small_input_stem, bool):
+        raise ValueError(
+            f"small_input_stem must be true, false or 'auto', got {small_input_stem!r}"
+        )
     if small_input_stem:
         surgery.adapt_stem_for_small_inputs(backbone)
     surgery.adapt_input_channels(backbone, in_channels)

@@ -19,11 +19,15 @@ class FiLMFuser(Fuser):
     As in the paper, the generator predicts delta-gamma (gamma = 1 + linear(c)) with a zero
     bias, so modulation starts near the identity instead of rescaling features at random.
     When the conditioner is absent for a sample the modulation is the identity, so its
-    values cannot matter; an absent modulated modality contributes zeros.
+    values cannot matter; an absent modulated modality contributes zeros. Without a
+    `conditioner`, the last modality conditions the others.
     """
 
-    def __init__(self, in_dims: Mapping[str, int], conditioner: str, dim: int | None = 256) -> None:
+    def __init__(
+        self, in_dims: Mapping[str, int], conditioner: str | None = None, dim: int | None = 256
+    ) -> None:
         super().__init__(in_dims)
+        conditioner = self.modalities[-1] if conditioner is None else conditioner
         if conditioner not in self.in_dims:
             raise ValueError(
                 f"conditioner must be one of the modalities {self.modalities}, got {conditioner!r}"

@@ -158,12 +158,13 @@ class CrossAttentionFuser(Fuser):
     the projected context tokens over their real tokens (zeros when all context is absent).
     The context half keeps the other modalities' evidence when the query is missing.
     Context tokens carry no position embedding: order should come from their encoders.
+    Without a `query`, the first modality leads.
     """
 
     def __init__(
         self,
         in_dims: Mapping[str, int],
-        query: str,
+        query: str | None = None,
         dim: int = 128,
         heads: int = 4,
         dropout: float = 0.1,
@@ -174,6 +175,7 @@ class CrossAttentionFuser(Fuser):
             raise ValueError(
                 f"CrossAttentionFuser needs at least 2 modalities in in_dims, got {self.modalities}"
             )
+        query = self.modalities[0] if query is None else query
         if query not in self.in_dims:
             raise ValueError(
                 f"query must be one of the modalities {self.modalities}, got {query!r}"

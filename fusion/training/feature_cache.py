@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fusion.batch import Batch, collate
+from fusion.encoders.base import sample_mask
 from fusion.training.checkpoint import atomic_path, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("fusion")
@@ -190,7 +191,11 @@ class FeatureCache:
         autocast: Callable[[], contextlib.AbstractContextManager],
     ) -> dict[str, Any]:
         """Encode every batch once into memory-mapped files that appear only when complete;
-        return the split's labels, gathered in the same pass."""
+        return the split's labels, gathered in the same pass.
+
+        `shapes` names every cached modality, `paths` those to encode now. The labels'
+        masks are those `_stored_present` gives, so they fit every cached modality.
+        """
         with contextlib.ExitStack() as stack:
             tmp = {m: stack.enter_context(atomic_path(path)) for m, path in paths.items()}
             arrays = {
@@ -202,16 +207,40 @@ class FeatureCache:
             start = 0
             labels = []
             for batch in loader:
-                labels.append(dataclasses.replace(batch, inputs={}))
-                inputs = batch.to(device).inputs
+                on_device = batch.to(device)
+                present = self._stored_present(model, on_device, shapes)
+                labels.append(dataclasses.replace(batch, inputs={}, present=present))
                 with autocast():
                     for m, array in arrays.items():
-                        features = model.encoders[m](inputs[m])
+                        encoder = model.encoders[m]
+                        features = encoder.encode(on_device.inputs[m], on_device.present.get(m))
                         array[start : start + len(batch)] = features.float().cpu().numpy()
                 start += len(batch)
             for array in arrays.values():
                 array.flush()
         return stack_labels(labels)
+
+    @staticmethod
+    def _stored_present(
+        model: nn.Module, batch: Batch, cached: Iterable[str]
+    ) -> dict[str, torch.Tensor]:
+        """A batch's masks as the cache stores them (on the CPU), one entry per modality.
+
+        A cached modality's encoder never runs again, so it gets that encoder's output mask
+        ([B], or [B, T'] for tokens): what the fuser needs. Every other modality keeps only
+        its [B] sample mask: a padded [B, T] mask's T changes from batch to batch, so it
+        could not be stacked, and `EncodedDataset` takes a live modality's mask from its
+        freshly collated inputs anyway.
+        """
+        cached = set(cached)
+        return {
+            m: (
+                model.encoders[m].output_mask(batch.inputs[m], p)
+                if m in cached
+                else sample_mask(p, len(p))
+            ).cpu()
+            for m, p in batch.present.items()
+        }
 
 
 def _read_labels(path: Path) -> dict[str, Any] | None:
@@ -261,6 +290,11 @@ class EncodedDataset(Dataset):
     of each memory-mapped array at once and returns a ready `Batch`, marked `encoded` for
     the cached modalities. The `live` modalities (encoders not cached) are read from the
     original dataset and collated as usual; with none, the original items are never read.
+
+    A cached modality's `present` is its encoder's output mask, stored by the cache
+    ([N] for vectors, [N, T'] for token features [N, T', D]), so the model hands it to the
+    fuser as is; a live modality's is the collated one, which its encoder turns into its
+    output mask.
     """
 
     deterministic = True
@@ -278,6 +312,22 @@ class EncodedDataset(Dataset):
         self.labels = dict(labels)
         self.live = list(live)
         self.collate_fn = collate_fn
+        self._check_masks()
+
+    def _check_masks(self) -> None:
+        """Fail when a stored mask does not fit its cached features: a stale cache (masks
+        stored before the cache kept output masks) would let the fuser attend to padding."""
+        for m, array in self.features.items():
+            mask = (self.labels.get("present") or {}).get(m)
+            if mask is None:
+                continue
+            expected = tuple(array.shape[:2]) if array.ndim == 3 else tuple(array.shape[:1])
+            if tuple(mask.shape) != expected:
+                raise ValueError(
+                    f"modality '{m}': the cached mask has shape {list(mask.shape)}, but its "
+                    f"features {list(array.shape)} need {list(expected)}; the labels.pt "
+                    "beside them is stale: delete it to rebuild"
+                )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -294,12 +344,14 @@ class EncodedDataset(Dataset):
             m: torch.from_numpy(np.ascontiguousarray(array[index.numpy()])).float()
             for m, array in self.features.items()
         }
+        present = _take(self.labels["present"], index)
         if self.live:
             raw = self.collate_fn([self.dataset[i] for i in indices])
             inputs.update({m: raw.inputs[m] for m in self.live})
+            present.update({m: raw.present[m] for m in self.live})
         return Batch(
             inputs=inputs,
-            present=_take(self.labels["present"], index),
+            present=present,
             targets=_take(self.labels["targets"], index),
             condition=_take(self.labels["condition"], index),
             modality_targets=_take(self.labels["modality_targets"], index),

@@ -1,0 +1,1 @@
+"""Analyses of trained models: robustness to missing and noisy modalities."""

@@ -1,0 +1,171 @@
+"""Data loaders for the recipe: per-process batches, epoch sampling, fixed views, cached features.
+
+Datasets follow `fusion.data`'s contract. A split whose items are fixed and whose encoders
+are frozen is read from the feature cache; an augmented train split is replaced in stage 2
+by `trainer.fuse.views` fixed draws (`fixed_view`), so it can be cached too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fusion.batch import Collate
+from fusion.model import MultimodalModel
+from fusion.training.distributed import SINGLE, Distributed
+from fusion.training.feature_cache import (
+    FeatureCache,
+    encoder_key,
+    is_deterministic,
+    is_frozen,
+    keep_batch,
+)
+from fusion.training.loop import set_seed
+from fusion.training.precision import Precision
+from fusion.training.sampling import EpochSampler, Views
+from fusion.training.settings import ConfigError, TrainerConfig
+
+log = logging.getLogger("fusion")
+
+
+def per_process_batch(batch_size: int, distributed: Distributed = SINGLE) -> int:
+    """`trainer.batch_size` is the global batch, split evenly over the processes, so that a
+    recipe (batch size, learning rate) means the same on one process or many."""
+    world = distributed.world_size
+    if batch_size % world:
+        raise ConfigError(
+            f"config key 'trainer.batch_size': the global batch of {batch_size} cannot be split "
+            f"evenly over {world} processes"
+        )
+    return batch_size // world
+
+
+def make_loader(
+    dataset: Dataset,
+    split: str,
+    trainer: TrainerConfig,
+    seed: int,
+    collate_fn: Callable | None = None,
+    distributed: Distributed = SINGLE,
+) -> DataLoader:
+    """Batches of one split (this process's share of them), with the trainer's worker and
+    memory settings.
+
+    The train split is shuffled per epoch by an `EpochSampler` (which also picks the epoch's
+    view when `dataset` is a `Views`); the others are read in order. By default items are
+    collated with the placeholders the dataset's modalities declare.
+    """
+    workers = trainer.num_workers
+    pin = trainer.pin_memory if trainer.pin_memory is not None else torch.cuda.is_available()
+    sampler = EpochSampler(
+        len(dataset),
+        views=getattr(dataset, "num_views", 1),
+        shuffle=split == "train",
+        seed=seed,
+        rank=distributed.rank,
+        world_size=distributed.world_size,
+        pad=split == "train",
+    )
+    return DataLoader(
+        dataset,
+        batch_size=per_process_batch(trainer.batch_size, distributed),
+        sampler=sampler,
+        collate_fn=collate_fn or Collate.for_dataset(dataset),
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=trainer.persistent_workers and workers > 0,
+        prefetch_factor=trainer.prefetch_factor if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def make_loaders(
+    datasets: Mapping[str, Dataset],
+    trainer: TrainerConfig,
+    seed: int,
+    distributed: Distributed = SINGLE,
+) -> dict[str, DataLoader]:
+    return {
+        split: make_loader(dataset, split, trainer, seed, distributed=distributed)
+        for split, dataset in datasets.items()
+    }
+
+
+def reseed(seed: int, loaders: Mapping[str, DataLoader], distributed: Distributed = SINGLE) -> None:
+    """Start a stage from the seed alone: its result must not depend on what ran before it
+    (a stage-1 encoder trained now or reused from the cache draws different numbers).
+    Each process draws its own numbers (augmentation, dropout): the seed plus its rank."""
+    set_seed(seed + distributed.rank)
+    loaders["train"].generator.manual_seed(seed + distributed.rank)
+
+
+def fuse_datasets(datasets: Mapping[str, Dataset], views: int | None) -> dict[str, Dataset]:
+    """Stage 2's data. An augmented train split becomes `views` fixed draws, epoch e reading
+    draw (e - 1) mod `views`, so that frozen features can be cached; with `views=None` it is
+    redrawn at every access. A fixed train split is used as it is (cached once)."""
+    datasets = dict(datasets)
+    train = datasets["train"]
+    if views is None or is_deterministic(train):
+        return datasets
+    draw = getattr(train, "fixed_view", None)
+    if draw is None:
+        raise ConfigError(
+            f"config key 'trainer.fuse.views': the train split of {type(train).__name__} is "
+            "augmented but has no fixed_view(v) to draw fixed views from; set "
+            "trainer.fuse.views=null to encode it live every epoch"
+        )
+    datasets["train"] = Views([draw(v) for v in range(views)])
+    return datasets
+
+
+def cached_loaders(
+    model: MultimodalModel,
+    datasets: Mapping[str, Dataset],
+    trainer: TrainerConfig,
+    seed: int,
+    cache_dir: str,
+    encoder_configs: Mapping[str, Any],
+    device: torch.device,
+    distributed: Distributed = SINGLE,
+) -> dict[str, DataLoader]:
+    """Loaders that read frozen encoders' features from the cache where a split allows it.
+
+    A split is cached when its items are fixed and `trainer.feature_cache.enabled`; the
+    model's frozen encoders are then skipped (their features come from disk) and any
+    trainable ones still run. Other splits are read and encoded as usual. With several
+    processes, rank 0 encodes and the others read what it wrote. `encoder_configs[m]` is
+    part of modality m's cache key (settings no module attribute shows).
+    """
+    settings = trainer.feature_cache
+    frozen = [m for m, encoder in model.encoders.items() if is_frozen(encoder)]
+    if not settings.enabled or not frozen:
+        return make_loaders(datasets, trainer, seed, distributed)
+    cache = FeatureCache(cache_dir, dtype=settings.dtype)
+    keys = {
+        m: encoder_key(model.encoders[m], encoder_configs.get(m), autocast=trainer.precision)
+        for m in frozen
+    }
+    precision = Precision.on(trainer.precision, device)
+    loaders = {}
+    for split, dataset in datasets.items():
+        if not is_deterministic(dataset):
+            log.info("feature cache: the %s split is augmented, encoding it live", split)
+            loaders[split] = make_loader(dataset, split, trainer, seed, distributed=distributed)
+            continue
+        with distributed.main_first():
+            encoded = cache.encode(
+                model,
+                dataset,
+                frozen,
+                device,
+                keys=keys,
+                batch_size=trainer.batch_size,
+                collate_fn=Collate.for_dataset(dataset),
+                autocast=precision.autocast,
+            )
+        loaders[split] = make_loader(encoded, split, trainer, seed, keep_batch, distributed)
+    return loaders

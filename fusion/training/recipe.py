@@ -1,0 +1,524 @@
+"""The two-stage transfer-learning recipe, for any dataset on `fusion.data`'s contract.
+
+Stage 1 trains each modality's encoder with a linear head on that modality alone and saves
+it under `pretrained_dir`, keyed by a hash of everything that shaped it (the encoder's
+settings and the files they name, the data's content, the stage-1 target, the recipe,
+the seed and the precision), so a later run with the same inputs reuses it and any change
+retrains it. Stage 2 loads those encoders, freezes them, trains the fuser and head (on
+cached features where it can), and every model is evaluated on every split but train.
+
+Everything here takes plain objects (datasets, builders, `TrainerConfig`); the entry
+points in `experiments/` turn configs into those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from fusion.batch import Batch
+from fusion.data import Task, file_digest, output_sizes
+from fusion.encoders.base import Encoder
+from fusion.fusers import ConcatFuser
+from fusion.heads import ClassificationHead, MultiTaskHead
+from fusion.model import FuserFactory, HeadFactory, MultimodalModel
+from fusion.surgery import GradualUnfreezing, param_groups, set_trainable
+from fusion.tracking import Tracker
+from fusion.training.checkpoint import load_checkpoint, save_checkpoint
+from fusion.training.distributed import SINGLE, Distributed
+from fusion.training.feature_cache import data_key, fingerprint
+from fusion.training.loaders import cached_loaders, fuse_datasets, make_loaders, reseed
+from fusion.training.loop import EpochMetrics, evaluate, fit, predict
+from fusion.training.settings import (
+    ConfigError,
+    StageConfig,
+    TrainerConfig,
+    resolve_precision,
+)
+from fusion.weights import load_weights
+
+log = logging.getLogger("fusion")
+
+FUSE_STATE = "fuse_state.pt"
+CLASSIFICATION = ("multiclass", "binary")
+
+
+@dataclass
+class ModelSpec:
+    """The model's parts as builders: an encoder per modality, the fuser and head factories.
+
+    `encoder_configs[m]` is the configuration encoder m was built from (a plain dict): it
+    keys the stage-1 and feature caches, with the content of every file it names.
+    """
+
+    encoders: Mapping[str, Callable[[], Encoder]]
+    encoder_configs: Mapping[str, Any]
+    fuser: FuserFactory
+    head: HeadFactory
+    modality_dropout: Mapping[str, float] | None = None
+
+
+@dataclass
+class Outputs:
+    """Where a run reads and writes: its own directory and the caches runs share."""
+
+    run_dir: Path
+    pretrained_dir: Path
+    feature_cache_dir: Path
+
+
+@dataclass
+class Row:
+    """One line of the results table: a model, what it predicts, its metrics per split."""
+
+    model: str
+    target: str
+    metrics: dict[str, EpochMetrics]
+    targets: tuple[str, ...]
+
+
+def check_tasks(tasks: Mapping[str, Task]) -> None:
+    """Refuse task kinds the trainer cannot train yet, before anything runs."""
+    other = {name: t.kind for name, t in tasks.items() if t.kind not in CLASSIFICATION}
+    if other:
+        raise ConfigError(
+            f"the data's tasks {other} are not classification tasks; the trainer trains "
+            f"{' and '.join(CLASSIFICATION)} tasks (cross-entropy) so far"
+        )
+
+
+def build_model(
+    spec: ModelSpec, encoders: Mapping[str, Encoder], tasks: Mapping[str, Task]
+) -> MultimodalModel:
+    """Encoders, the configured fuser and head sized for `tasks`, and modality dropout."""
+    return MultimodalModel.build(
+        encoders,
+        fuser=spec.fuser,
+        head=spec.head,
+        num_classes=output_sizes(tasks),
+        modality_dropout=spec.modality_dropout,
+    )
+
+
+def stage1_target(dataset: Any, modality: str) -> tuple[str, dict[str, Task]]:
+    """What stage 1 teaches `modality`'s encoder: its own target when the data declares one
+    (`modality_tasks`), else the dataset's tasks."""
+    own = getattr(dataset, "modality_tasks", {}) or {}
+    if modality in own:
+        name, task = own[modality]
+        return name, {name: task}
+    return ", ".join(dataset.tasks), dict(dataset.tasks)
+
+
+def stage1_labels(dataset: Any, modality: str) -> Callable[[Batch], Any]:
+    """The batch's labels for `modality`'s stage-1 target."""
+    own = modality in (getattr(dataset, "modality_tasks", {}) or {})
+
+    def targets(batch: Batch) -> torch.Tensor | dict[str, torch.Tensor]:
+        if not own:
+            return batch.targets
+        if batch.modality_targets is None or modality not in batch.modality_targets:
+            raise ValueError(
+                f"the data declares a stage-1 target for modality '{modality}', but its items "
+                "carry no modality_targets for it"
+            )
+        return batch.modality_targets[modality]
+
+    return targets
+
+
+def unimodal_model(encoder: Encoder, modality: str, tasks: Mapping[str, Task]) -> MultimodalModel:
+    """Stage-1 model: the encoder and a linear classifier per task on its features."""
+    head = ClassificationHead if len(tasks) == 1 else MultiTaskHead
+    return MultimodalModel.build(
+        {modality: encoder}, fuser=ConcatFuser, head=head, num_classes=output_sizes(tasks)
+    )
+
+
+def with_file_contents(config: Any) -> Any:
+    """`config` with every string that names an existing file paired with its content hash,
+    so a cache keyed on it changes when the file does, not only when its name does."""
+    if isinstance(config, Mapping):
+        return {k: with_file_contents(v) for k, v in config.items()}
+    if isinstance(config, list | tuple):
+        return [with_file_contents(v) for v in config]
+    if isinstance(config, str) and os.path.isfile(config):
+        return {"file": config, "sha256": file_digest(config)}
+    return config
+
+
+def pretrain_key(
+    encoder_config: Any,
+    datasets: Mapping[str, Any],
+    target: tuple[str, dict[str, Task]],
+    trainer: TrainerConfig,
+    seed: int,
+) -> str:
+    """Everything that shapes a stage-1 encoder: its settings and the files they name, the
+    content of the splits it trains and is selected on, its target, the recipe, the seed
+    and the precision."""
+    recipe = dataclasses.asdict(trainer.pretrain)
+    recipe.pop("reuse")
+    return fingerprint(
+        "stage1",
+        with_file_contents(encoder_config),
+        data_key(datasets["train"]),
+        data_key(datasets["val"]),
+        target[0],
+        {name: dataclasses.asdict(task) for name, task in target[1].items()},
+        recipe,
+        trainer.batch_size,
+        seed,
+        trainer.precision,
+    )
+
+
+def optimizer_groups(model: MultimodalModel, stage: StageConfig) -> list[dict]:
+    """Parameter groups for one stage: lr multipliers, L2 per part, layer-wise decay."""
+    return param_groups(
+        model,
+        lr=stage.lr,
+        weight_decay=stage.weight_decay,
+        lr_mult=stage.lr_mult,
+        weight_decay_for=stage.weight_decay_for,
+        layer_decay=stage.layer_decay,
+        decay_roots=[f"encoders.{m}.backbone" for m in model.encoders],
+    )
+
+
+def accelerate(model: MultimodalModel, trainer: TrainerConfig) -> None:
+    """Channels-last memory for convolutions and `torch.compile`, as the trainer asks.
+
+    Both keep parameter names (compiling in place adds no `_orig_mod.` prefix), so
+    checkpoints load the same with or without them.
+    """
+    if trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if trainer.compile:
+        model.compile()
+
+
+def unfreeze_schedule(model: MultimodalModel, unfreeze: Any):
+    """A `before_epoch` hook thawing each encoder's backbone stages, last ones first."""
+    if unfreeze is None:
+        return None
+    settings = dataclasses.asdict(unfreeze) if dataclasses.is_dataclass(unfreeze) else unfreeze
+    schedules = [
+        GradualUnfreezing(encoder.backbone, **settings) for encoder in model.encoders.values()
+    ]
+
+    def step(epoch: int) -> None:
+        for modality, schedule in zip(model.encoders, schedules, strict=True):
+            thawed = schedule.step(epoch)
+            log.info("epoch %d: %s backbone stages trainable: %s", epoch, modality, thawed)
+
+    return step
+
+
+def step_logger(tracker: Tracker, prefix: str, every: int):
+    """An `on_step` hook logging the training loss every `every` steps."""
+    step = 0
+
+    def log_step(loss: float) -> None:
+        nonlocal step
+        step += 1
+        if step % every == 0:
+            tracker.log({f"{prefix}/step": step, f"{prefix}/train/step_loss": loss})
+
+    return log_step
+
+
+def resume_state(resume: str | None, epochs: int) -> dict | None:
+    """The stage-2 state to continue from: `trainer.resume` is a run directory or a file."""
+    if resume is None:
+        return None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / FUSE_STATE
+    if not path.is_file():
+        raise ConfigError(f"config key 'trainer.resume': no stage-2 state at {path}")
+    state = load_checkpoint(path, required=("epoch", "epochs", "model", "optimizer", "rng"))
+    if state["epochs"] != epochs:
+        raise ConfigError(
+            f"config key 'trainer.resume': {path} was written for trainer.fuse.epochs="
+            f"{state['epochs']}, this run asks for {epochs}"
+        )
+    log.info("stage 2: resuming from %s after epoch %d", path, state["epoch"])
+    return state
+
+
+class Recipe:
+    """Both stages and the evaluation of one run.
+
+    `datasets` maps each split name to that split (see `fusion.data`): "train" trains,
+    "val" selects the best epoch, and every split but "train" is evaluated. With
+    `distributed`, every process trains on its share of each batch and rank 0 alone writes
+    files and logs.
+    """
+
+    def __init__(
+        self,
+        datasets: Mapping[str, Any],
+        spec: ModelSpec,
+        trainer: TrainerConfig,
+        seed: int,
+        outputs: Outputs,
+        tracker: Tracker,
+        device: torch.device,
+        distributed: Distributed = SINGLE,
+        log_every_n_steps: int = 10,
+        watch: str | None = None,
+    ) -> None:
+        self.datasets, self.spec, self.trainer, self.seed = dict(datasets), spec, trainer, seed
+        self.outputs, self.tracker, self.device = outputs, tracker, device
+        self.distributed = distributed
+        self.log_every, self.watch = log_every_n_steps, watch
+        self.train_data = self.datasets["train"]
+        self.tasks: dict[str, Task] = dict(self.train_data.tasks)
+        self.eval_splits = [s for s in self.datasets if s != "train"]
+        check_tasks(self.tasks)
+        self.precision = resolve_precision(trainer.precision, device)
+
+    def loaders(self, model: MultimodalModel, datasets: Mapping[str, Any]) -> dict[str, DataLoader]:
+        return cached_loaders(
+            model,
+            datasets,
+            self.trainer,
+            self.seed,
+            str(self.outputs.feature_cache_dir),
+            self.spec.encoder_configs,
+            self.device,
+            self.distributed,
+        )
+
+    def fit_stage(self, model: MultimodalModel, loaders, stage: StageConfig, **kwargs):
+        return fit(
+            model,
+            loaders["train"],
+            loaders["val"],
+            epochs=stage.epochs,
+            lr=stage.lr,
+            weight_decay=stage.weight_decay,
+            groups=optimizer_groups(model, stage),
+            device=self.device,
+            precision=self.precision,
+            distributed=self.distributed,
+            find_unused_parameters=self.trainer.find_unused_parameters,
+            **kwargs,
+        )
+
+    def evaluate(self, model: MultimodalModel, loaders, **kwargs) -> dict[str, EpochMetrics]:
+        return {
+            split: evaluate(
+                model,
+                loaders[split],
+                self.device,
+                precision=self.precision,
+                distributed=self.distributed,
+                **kwargs,
+            )
+            for split in self.eval_splits
+        }
+
+    def pretrain(
+        self, modality: str, loaders: dict[str, DataLoader]
+    ) -> tuple[Path, MultimodalModel]:
+        """Stage 1 for one modality; returns the checkpoint and the trained unimodal model."""
+        target = stage1_target(self.train_data, modality)
+        key = pretrain_key(
+            self.spec.encoder_configs.get(modality), self.datasets, target, self.trainer, self.seed
+        )
+        path = self.outputs.pretrained_dir / f"{modality}-{key}.pt"
+        model = unimodal_model(self.spec.encoders[modality](), modality, target[1])
+        model.to(self.device)
+        state = None
+        if self.trainer.pretrain.reuse and path.is_file():
+            state = load_checkpoint(path, required=("model", "fingerprint"))
+            if state["fingerprint"] != key:
+                log.info("stage 1 [%s]: %s has another fingerprint, retraining", modality, path)
+                state = None
+        if self.distributed.gather(state is not None)[0]:  # every process follows rank 0
+            load_weights(model, state["model"])
+            log.info("stage 1 [%s]: reusing %s", modality, path)
+            return path, model
+        reseed(self.seed, loaders, self.distributed)
+        summary = model.summary()
+        self.tracker.log_text(f"model_summary_{modality}", summary)
+        log.info("stage 1 [%s]: training encoder on %s\n%s", modality, target[0], summary)
+        accelerate(model, self.trainer)
+        tracker = self.tracker
+        best = self.fit_stage(
+            model,
+            loaders,
+            self.trainer.pretrain,
+            targets=stage1_labels(self.train_data, modality),
+            on_epoch=lambda _, m: tracker.log(
+                {f"pretrain/{modality}/{k}": v for k, v in m.items()}
+            ),
+            on_step=step_logger(tracker, f"pretrain/{modality}", self.log_every),
+            desc=f"pretrain {modality}",
+        ).best
+        if self.distributed.is_main:
+            state = {"model": model.cpu().state_dict(), "fingerprint": key, "best": best}
+            save_checkpoint(path, state)
+            model.to(self.device)
+        self.distributed.barrier()  # the checkpoint exists for every process from here on
+        return path, model
+
+    def fused_model(self, checkpoints: Mapping[str, Path]) -> MultimodalModel:
+        """Stage-2 model: fresh encoders loaded from the stage-1 checkpoints and frozen.
+
+        With `trainer.fuse.unfreeze`, the encoders start frozen parameter by parameter
+        instead, so that the schedule can thaw their backbones' stages (frozen batch norms
+        keep their statistics until their stage thaws).
+        """
+        encoders = {}
+        for modality, path in checkpoints.items():
+            encoder = self.spec.encoders[modality]()
+            state = load_checkpoint(path, required=("model",))
+            report = load_weights(encoder, state["model"], prefix=f"encoders.{modality}.")
+            log.info("stage 2 [%s]: %s", modality, report)
+            if self.trainer.fuse.unfreeze is None:
+                encoder.freeze()
+            else:
+                set_trainable(encoder, False)
+            encoders[modality] = encoder
+        return build_model(self.spec, encoders, self.tasks).to(self.device)
+
+    def run(self, checkpoint_extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """Both stages and the evaluation; the run's summary, or None when stage 2 stopped
+        early (`trainer.stop_after_epochs`) and can be resumed. `checkpoint_extra` is stored
+        in `best.pt` beside the weights (the entry point stores the run's config)."""
+        loaders = make_loaders(self.datasets, self.trainer, self.seed, self.distributed)
+        rows: list[Row] = []
+        checkpoints = {}
+        for modality in self.spec.encoders:
+            checkpoints[modality], unimodal = self.pretrain(modality, loaders)
+            unimodal.encoders[modality].freeze()  # only evaluated from here on: cacheable
+            evaluation = self.loaders(unimodal, {s: self.datasets[s] for s in self.eval_splits})
+            name, tasks = stage1_target(self.train_data, modality)
+            metrics = self.evaluate(
+                unimodal, evaluation, targets=stage1_labels(self.train_data, modality)
+            )
+            rows.append(Row(f"{modality} only", name, metrics, tuple(tasks)))
+
+        reseed(self.seed, loaders, self.distributed)
+        model = self.fused_model(checkpoints)
+        fuser_name = type(model.fuser).__name__
+        summary_text = model.summary()
+        self.tracker.log_text("model_summary", summary_text)
+        log.info("stage 2: training %s with frozen encoders\n%s", fuser_name, summary_text)
+        fuse = self.trainer.fuse
+        fuse_loaders = self.loaders(model, fuse_datasets(self.datasets, fuse.views))
+        loss_weights = getattr(model.head, "loss_weights", None)
+        self.tracker.watch(model, self.watch)
+        accelerate(model, self.trainer)
+        tracker = self.tracker
+        run_dir = self.outputs.run_dir
+        result = self.fit_stage(
+            model,
+            fuse_loaders,
+            fuse,
+            loss_weights=loss_weights,
+            before_epoch=unfreeze_schedule(model, fuse.unfreeze),
+            on_epoch=lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()}),
+            on_step=step_logger(tracker, "fuse", self.log_every),
+            state_path=run_dir / "checkpoints" / FUSE_STATE,
+            resume=resume_state(self.trainer.resume, fuse.epochs),
+            stop_after=self.trainer.stop_after_epochs,
+            generators=[fuse_loaders["train"].generator],
+            desc="fuse",
+        )
+        if not result.finished:
+            if self.distributed.is_main:
+                print(
+                    f"stopped after epoch {result.epochs_done} of {fuse.epochs}; continue with "
+                    f"python -m experiments.train ... trainer.resume={run_dir}"
+                )
+            return None
+        if self.distributed.is_main:
+            best_path = save_checkpoint(
+                run_dir / "checkpoints" / "best.pt",
+                {"model": model.state_dict(), **dict(checkpoint_extra or {}), **result.best},
+            )
+            self.tracker.log_artifact(best_path, f"model-{run_dir.name}")
+        self.log_confusion(model, fuse_loaders)
+        fused = Row(
+            f"fused ({fuser_name})",
+            ", ".join(self.tasks),
+            self.evaluate(model, fuse_loaders, loss_weights=loss_weights),
+            tuple(self.tasks),
+        )
+        rows.append(fused)
+        summary = run_summary(rows, fused)
+        summary.update(fuser=fuser_name, head=type(model.head).__name__, tasks=list(self.tasks))
+        summary["checkpoints"] = {m: str(p) for m, p in checkpoints.items()}
+        self.tracker.update_summary(summary)
+        self.rows = rows
+        return summary
+
+    def log_confusion(self, model: MultimodalModel, loaders: Mapping[str, DataLoader]) -> None:
+        """Confusion matrices on the last evaluated split (test when there is one)."""
+        split = self.eval_splits[-1]
+        predictions = predict(
+            model, loaders[split], self.device, precision=self.precision,
+            distributed=self.distributed,
+        )  # fmt: skip
+        for name, (true, pred) in predictions.items():
+            task = self.tasks[name] if name else next(iter(self.tasks.values()))
+            suffix = f"_{name}" if name else ""
+            self.tracker.log_confusion_matrix(
+                f"confusion_{split}{suffix}", true, pred, task.num_outputs
+            )
+
+
+def slug(name: str) -> str:
+    """A row's name as a summary key: `image only` -> `image_only`, `fused (X)` -> `fused`."""
+    return name.split(" (")[0].replace(" ", "_")
+
+
+def run_summary(rows: Sequence[Row], fused: Row) -> dict[str, Any]:
+    """Flat `split/model/metric` entries, and the fusion gain of each task that a unimodal
+    model was trained on too: fused accuracy minus the best unimodal accuracy on it."""
+    summary: dict[str, Any] = {}
+    for row in rows:
+        for split, metrics in row.metrics.items():
+            summary.update(metrics.as_dict(f"{split}/{slug(row.model)}"))
+    for task in fused.targets:
+        rivals = [r for r in rows if r is not fused and task in r.targets]
+        if not rivals:
+            continue
+        for split in fused.metrics:
+            key = (
+                f"{split}/fusion_gain" if len(fused.targets) == 1 else f"{split}/{task}/fusion_gain"
+            )
+            summary[key] = task_accuracy(fused, split, task) - max(
+                task_accuracy(r, split, task) for r in rivals
+            )
+    return summary
+
+
+def task_accuracy(row: Row, split: str, task: str) -> float:
+    metrics = row.metrics[split]
+    return metrics.accuracy if len(row.targets) == 1 else metrics.tasks[task]
+
+
+def results_table(rows: Sequence[Row]) -> str:
+    """Markdown: one line per model, what it predicts, its accuracy on each evaluated split."""
+    splits = list(rows[0].metrics)
+    lines = [
+        "| model | target |" + "".join(f" {s} accuracy |" for s in splits),
+        "|---|---|" + "---:|" * len(splits),
+    ]
+    for row in rows:
+        cells = "".join(f" {row.metrics[s].accuracy:.2%} |" for s in splits)
+        lines.append(f"| {row.model} | {row.target} |{cells}")
+    return "\n".join(lines)

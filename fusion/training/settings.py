@@ -1,0 +1,135 @@
+"""The recipe's settings as plain dataclasses: what `trainer.*` in a config holds.
+
+The library takes these objects, never a Hydra config; `experiments/schema.py` uses the
+same classes as the typed schema, so a config key and a field are one name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fusion.training.distributed import BACKENDS
+from fusion.training.precision import PRECISIONS, Precision
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names its key (`trainer.batch_size`, ...)."""
+
+
+@dataclass
+class UnfreezeConfig:
+    """Gradual unfreezing of the encoders' backbones in stage 2 (`fusion.surgery`)."""
+
+    start_epoch: int = 1
+    every: int = 1
+    stages_per_step: int = 1
+
+
+@dataclass
+class StageConfig:
+    """One training stage: epochs, AdamW with cosine decay, parameter groups."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    lr_mult: dict[str, float] | None = None
+    weight_decay_for: dict[str, float] | None = None
+    layer_decay: float | None = None
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    """Stage 1: each encoder with a linear head on its own modality."""
+
+    epochs: int = 12
+    lr: float = 2e-3
+    reuse: bool = True
+
+
+@dataclass
+class FuseConfig(StageConfig):
+    """Stage 2: encoders frozen (or thawed gradually), fuser and head trained."""
+
+    unfreeze: UnfreezeConfig | None = None
+    views: int | None = 10
+
+
+@dataclass
+class FeatureCacheConfig:
+    enabled: bool = True
+    dtype: str = "float32"
+
+
+@dataclass
+class TrainerConfig:
+    """Devices, precision, loaders, the feature cache and both stages."""
+
+    device: str = "auto"
+    strategy: str = "single"
+    backend: str = "auto"
+    find_unused_parameters: bool = False
+    precision: str = "32"
+    channels_last: bool = False
+    compile: bool = False
+    batch_size: int = 64
+    num_workers: int = 0
+    pin_memory: bool | None = None
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+    resume: str | None = None
+    stop_after_epochs: int | None = None
+
+
+def check_trainer(trainer: TrainerConfig) -> None:
+    """Raise `ConfigError` naming the first `trainer.*` setting that cannot work."""
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"config key 'trainer.{key}': {message}")
+
+    for stage in ("pretrain", "fuse"):
+        epochs = getattr(trainer, stage).epochs
+        if epochs < 1:
+            fail(f"{stage}.epochs", f"expected >= 1, got {epochs}")
+    if trainer.batch_size < 1:
+        fail("batch_size", f"expected >= 1, got {trainer.batch_size}")
+    if trainer.precision not in PRECISIONS:
+        fail("precision", f"expected one of {PRECISIONS}, got '{trainer.precision}'")
+    if trainer.feature_cache.dtype not in ("float32", "float16"):
+        fail(
+            "feature_cache.dtype",
+            f"expected float32 or float16, got '{trainer.feature_cache.dtype}'",
+        )
+    if trainer.strategy not in ("single", "ddp"):
+        fail("strategy", f"expected single or ddp, got '{trainer.strategy}'")
+    if trainer.backend not in BACKENDS:
+        fail("backend", f"expected one of {BACKENDS}, got '{trainer.backend}'")
+    if trainer.fuse.views is not None and trainer.fuse.views < 1:
+        fail("fuse.views", f"expected null or >= 1, got {trainer.fuse.views}")
+    if trainer.num_workers < 0:
+        fail("num_workers", f"expected >= 0, got {trainer.num_workers}")
+    for key in ("persistent_workers", "prefetch_factor"):
+        if getattr(trainer, key) and trainer.num_workers == 0:
+            fail(key, "needs worker processes, but trainer.num_workers=0")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`trainer.device`: auto picks CUDA when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"config key 'trainer.device': '{name}' requested but CUDA is unavailable"
+        )
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    try:
+        return Precision.on(name, device)
+    except ValueError as err:
+        raise ConfigError(f"config key 'trainer.precision': {err}") from None
