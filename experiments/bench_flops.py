@@ -6,7 +6,7 @@
 The peak is the best median GFLOP/s of `torch.mm` over square sizes (2 n^3 FLOPs each), in
 float32 or, for bf16, on bfloat16 matrices. Training steps run under the trainer's
 `Precision` (bf16: autocast), as `trainer.precision` would.
-Each AV-Digits encoder (ResNet-18 on 8x8 grey scans; log-mel ResNet-18 on 1 s of 8 kHz
+Each encoder of the built-in example (ResNet-18 on 8x8 grey scans; log-mel ResNet-18 on 1 s of 8 kHz
 audio), with a linear head, trains for `--steps` timed steps (forward, backward, AdamW
 step) after a warm-up. `FlopCounterMode` counts one step's forward and backward FLOPs
 (matmuls and convolutions; the STFT and the elementwise optimizer step are not counted),
@@ -64,7 +64,7 @@ def matmul_peak(
 
 
 def audio_model(seed: int = 0) -> MultimodalModel:
-    """The AV-Digits audio model as stage 1 trains it (configs/model/encoder/audio/logmel_resnet18)."""
+    """The default data's audio model as stage 1 trains it (configs/model/encoder/audio/logmel_resnet18)."""
     torch.manual_seed(seed)
     encoder = build_spectrogram_encoder(
         sample_rate=8000, clip_samples=8000, n_fft=256, hop_length=160, n_mels=32

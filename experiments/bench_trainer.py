@@ -3,8 +3,8 @@
     python -m experiments.bench_trainer [--steps 30] [--batch-size 64] [--repeats 5]
         [--device cpu] [--out outputs/benchmarks/trainer.json]
 
-Both loops train the same AV-Digits image model (ResNet-18 for 8x8 grey scans, a linear
-head) from the same initial weights, with AdamW at the same learning rate, on the same
+Both loops train the same image model of the built-in example (ResNet-18 for 8x8 grey
+scans, a linear head) from the same initial weights, with AdamW at the same learning rate, on the same
 batches collated once and kept in memory (so data loading is not timed). They alternate,
 swapping which goes first each repeat, after one warm-up each; the table gives the median
 seconds per step and our overhead, ours / plain - 1. tqdm is replaced by a pass-through
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusion.training.loop as loop
-from data.avdigits import AVDigits
 from experiments.benchmarking import machine_info, synchronize, write_json
+from experiments.builders import build_split, compose_config
 from fusion.batch import Batch, collate
 from fusion.encoders import build_vision_encoder
 from fusion.fusers import ConcatFuser
@@ -40,7 +40,7 @@ NUM_CLASSES = 10
 
 
 def image_model(seed: int = 0) -> MultimodalModel:
-    """The AV-Digits image model as stage 1 trains it (configs/model/encoder/image/resnet18_small)."""
+    """The default data's image model as stage 1 trains it (configs/model/encoder/image/resnet18)."""
     torch.manual_seed(seed)
     encoder = build_vision_encoder(
         "resnet18", in_channels=1, image_size=(8, 8), small_input_stem=True, mean=[0.3], std=[0.4]
@@ -53,7 +53,7 @@ def image_model(seed: int = 0) -> MultimodalModel:
 def make_batches(steps: int, batch_size: int, device: torch.device, seed: int = 0) -> list[Batch]:
     """`steps` training batches (cycling over the split as needed), collated once, on `device`."""
     torch.manual_seed(seed)
-    dataset = AVDigits("train")
+    dataset = build_split(compose_config().data, "train")
     order = torch.randperm(len(dataset)).tolist()
     batches = []
     for step in range(steps):

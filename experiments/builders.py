@@ -26,6 +26,17 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ENCODER_DIR = CONFIG_DIR / "model" / "encoder"
 
 
+def compose_config(*overrides: str) -> DictConfig:
+    """The main job's config with `overrides`, composed and validated as the entry point
+    would, for benchmarks and notebooks that need the configured data or model."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.schema import validate
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return validate(compose("train", overrides=list(overrides)))
+
+
 def check_arguments(target: str, settings: Mapping[str, Any], key: str) -> None:
     """Name every setting under `key` that `target` takes no argument for, with close
     matches, before anything is built."""

@@ -83,8 +83,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         )
     if not isinstance(checked.data, DictConfig) or "_target_" not in checked.data:
         raise ConfigError(
-            "config key 'data': expected a dataset config with a _target_ (data=avdigits, "
-            "data=manifest, ...)"
+            "config key 'data': expected a dataset config with a _target_ (data=manifest, ...)"
         )
     check_trainer(OmegaConf.to_object(checked.trainer))
     return checked

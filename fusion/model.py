@@ -20,9 +20,10 @@ class MultimodalModel(nn.Module):
     """Routes `inputs[modality]` through `encoders[modality]`, fuses, and applies the head.
 
     The forward pass is written out in full, so what happens to each modality is visible
-    in one place. The fuser sees each modality's output mask (`output_masks`), so padded
-    tokens and absent samples never reach it, whatever their values. Inputs are checked against each encoder's `input_shape` so that a wrong
-    tensor fails with the modality's name rather than deep inside a convolution.
+    in one place. Inputs are checked against each encoder's `input_shape` so that a wrong
+    tensor fails with the modality's name rather than deep inside a convolution. The fuser
+    gets each modality's output mask (`output_masks`), so padded tokens and absent samples
+    never reach it, whatever their values.
     """
 
     def __init__(

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from fusion.batch import Batch
-from experiments.evaluate import add_noise, drop, input_std, main, plot_robustness, robustness_table
+from experiments.evaluate import main
+from fusion.analysis.robustness import (
+    add_noise,
+    drop,
+    input_std,
+    plot_robustness,
+    robustness_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -150,7 +150,8 @@ class SequenceEncoder(Encoder):
     `mask` is [B, T] bool, True at real steps (what `collate` gives for padded sequences),
     [B] (whole samples present or not), or None (every step real). With `max_length`,
     sequences are cut to their first `max_length` steps and padded up to it, so token
-    output is always [B, max_length, H] (a fixed shape the feature cache can store).
+    output is always [B, max_length, H] (a fixed shape the feature cache can store); the
+    builder requires it for token output.
     """
 
     takes_mask = True
@@ -192,9 +193,7 @@ class SequenceEncoder(Encoder):
             )
         return mask
 
-    def fit_length(
-        self, x: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit_length(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut or pad input and mask to `max_length` steps (unchanged without it)."""
         if self.max_length is None:
             return x, mask
@@ -236,9 +235,9 @@ def build_sequence_encoder(
     `kind="gru"`: `layers` stacked GRU layers of `hidden` units (`bidirectional` doubles
     the output); `kind="transformer"`: `layers` pre-norm transformer layers of width
     `hidden` with `heads` attention heads. `pooling` picks [B, H] ("last", "mean") or
-    [B, T, H] ("none") output; `dropout` applies between layers and to the output.
-    `max_length` cuts longer sequences to their first steps (and fixes token output's
-    length). `post` and `freeze` are the surgery options every encoder builder shares
+    [B, max_length, H] ("none") output; `dropout` applies between layers and to the
+    output. `max_length` cuts longer sequences to their first steps and pads token output
+    to it (required with pooling="none"). `post` and `freeze` are the surgery options every encoder builder shares
     ("backbone" freezes all but `post`).
     """
     input_dim = positive_int("input_dim", input_dim)
@@ -251,6 +250,12 @@ def build_sequence_encoder(
         raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got '{pooling}'")
+    if pooling == "none" and max_length is None:
+        raise ValueError(
+            "pooling='none' (token output) needs max_length: tokens are padded to it, so "
+            "every batch has the shape [B, max_length, H] that out_shape and the feature "
+            "cache rely on"
+        )
     if kind == "gru":
         network: nn.Module = GRUSequence(input_dim, hidden, layers, bidirectional, dropout)
     elif bidirectional:

@@ -10,9 +10,10 @@ data, and the key changes, so the cache is rebuilt; files appear under their fin
 only once complete (written to a temporary name, then renamed), so a crash mid-write
 never leaves a cache that a later run would trust.
 
-Layout: `<root>/<data key>/labels.pt` (masks, targets, conditions: small, loaded whole)
-and `<root>/<data key>/<modality>-<encoder key>.npy` ([N, *out_shape], float32 or
-float16), read through `np.load(mmap_mode="r")`, so data larger than memory works.
+Layout: `<root>/<data key>/labels.pt` (sample masks, targets, conditions: small, loaded
+whole), `<root>/<data key>/<modality>-<encoder key>-<dtype>.npy` ([N, *out_shape], float32
+or float16, read through `np.load(mmap_mode="r")`, so data larger than memory works) and
+`<modality>-<encoder key>-mask.pt`, the encoder's output mask ([N], or [N, T'] for tokens).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from fusion.training.checkpoint import atomic_path, load_checkpoint, save_checkp
 
 log = logging.getLogger("fusion")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: output masks beside the features
 DTYPES = {"float32": np.float32, "float16": np.float16}
 LABEL_FIELDS = ("present", "targets", "condition", "modality_targets")
 
@@ -149,9 +150,11 @@ class FeatureCache:
                 raise ValueError(f"modality '{m}': only a frozen encoder's features can be cached")
         folder = self.root / data_key(dataset)
         paths = {m: folder / f"{m}-{keys[m]}-{self.dtype}.npy" for m in cached}
+        mask_paths = {m: folder / f"{m}-{keys[m]}-mask.pt" for m in cached}
         shapes = {m: (len(dataset), *model.encoders[m].out_shape) for m in cached}
         labels_path = folder / "labels.pt"
-        missing = [m for m in cached if not self._valid(paths[m], shapes[m])]
+        masks = {m: _read_mask(mask_paths[m], shapes[m]) for m in cached}
+        missing = [m for m in cached if masks[m] is None or not self._valid(paths[m], shapes[m])]
         labels = _read_labels(labels_path)
         if missing or labels is None:
             log.info("feature cache: encoding %s into %s", missing, folder)
@@ -161,13 +164,17 @@ class FeatureCache:
                 collate_fn=collate_fn,
                 generator=torch.Generator(),  # not the global one: a cache miss draws nothing
             )
-            labels = self._build(
+            labels, built = self._build(
                 model, loader, {m: paths[m] for m in missing}, shapes, device, autocast
             )
+            for m, mask in built.items():
+                save_checkpoint(mask_paths[m], {"mask": mask})
+                masks[m] = mask
             save_checkpoint(labels_path, labels)
         else:
             log.info("feature cache: reading %s from %s", cached, folder)
         features = {m: np.load(paths[m], mmap_mode="r") for m in cached}
+        labels = {**labels, "present": {**labels["present"], **masks}}
         live = [m for m in model.encoders if m not in features]
         return EncodedDataset(dataset, features, labels, live, collate_fn)
 
@@ -189,12 +196,15 @@ class FeatureCache:
         shapes: dict[str, tuple[int, ...]],
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager],
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Encode every batch once into memory-mapped files that appear only when complete;
-        return the split's labels, gathered in the same pass.
+        return the split's labels, gathered in the same pass, and the output mask of each
+        modality encoded now.
 
-        `shapes` names every cached modality, `paths` those to encode now. The labels'
-        masks are those `_stored_present` gives, so they fit every cached modality.
+        The labels hold each modality's [N] sample mask (a padded [B, T] input mask's T
+        changes from batch to batch, so it could not be stacked). A cached modality's
+        encoder never runs again, so its output mask ([N], or [N, T'] for tokens: what the
+        fuser needs) is kept beside its features, under the same encoder key.
         """
         with contextlib.ExitStack() as stack:
             tmp = {m: stack.enter_context(atomic_path(path)) for m, path in paths.items()}
@@ -205,42 +215,33 @@ class FeatureCache:
                 for m in paths
             }
             start = 0
-            labels = []
+            labels, masks = [], {m: [] for m in paths}
             for batch in loader:
                 on_device = batch.to(device)
-                present = self._stored_present(model, on_device, shapes)
+                present = {m: sample_mask(p, len(p)) for m, p in batch.present.items()}
                 labels.append(dataclasses.replace(batch, inputs={}, present=present))
                 with autocast():
                     for m, array in arrays.items():
                         encoder = model.encoders[m]
-                        features = encoder.encode(on_device.inputs[m], on_device.present.get(m))
+                        x, p = on_device.inputs[m], on_device.present.get(m)
+                        features = encoder.encode(x, p)
                         array[start : start + len(batch)] = features.float().cpu().numpy()
+                        masks[m].append(encoder.output_mask(x, p).cpu())
                 start += len(batch)
             for array in arrays.values():
                 array.flush()
-        return stack_labels(labels)
+        return stack_labels(labels), {m: torch.cat(parts) for m, parts in masks.items()}
 
-    @staticmethod
-    def _stored_present(
-        model: nn.Module, batch: Batch, cached: Iterable[str]
-    ) -> dict[str, torch.Tensor]:
-        """A batch's masks as the cache stores them (on the CPU), one entry per modality.
 
-        A cached modality's encoder never runs again, so it gets that encoder's output mask
-        ([B], or [B, T'] for tokens): what the fuser needs. Every other modality keeps only
-        its [B] sample mask: a padded [B, T] mask's T changes from batch to batch, so it
-        could not be stacked, and `EncodedDataset` takes a live modality's mask from its
-        freshly collated inputs anyway.
-        """
-        cached = set(cached)
-        return {
-            m: (
-                model.encoders[m].output_mask(batch.inputs[m], p)
-                if m in cached
-                else sample_mask(p, len(p))
-            ).cpu()
-            for m, p in batch.present.items()
-        }
+def _read_mask(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A cached modality's output mask, or None when missing, unreadable, or not fitting its
+    features' shape `shape` ([N] for vectors and maps, [N, T'] for tokens): to rebuild."""
+    try:
+        mask = load_checkpoint(path, required=("mask",))["mask"]
+    except (FileNotFoundError, ValueError):
+        return None
+    expected = shape[:2] if len(shape) == 3 else shape[:1]
+    return mask if tuple(mask.shape) == tuple(expected) else None
 
 
 def _read_labels(path: Path) -> dict[str, Any] | None:
@@ -312,22 +313,6 @@ class EncodedDataset(Dataset):
         self.labels = dict(labels)
         self.live = list(live)
         self.collate_fn = collate_fn
-        self._check_masks()
-
-    def _check_masks(self) -> None:
-        """Fail when a stored mask does not fit its cached features: a stale cache (masks
-        stored before the cache kept output masks) would let the fuser attend to padding."""
-        for m, array in self.features.items():
-            mask = (self.labels.get("present") or {}).get(m)
-            if mask is None:
-                continue
-            expected = tuple(array.shape[:2]) if array.ndim == 3 else tuple(array.shape[:1])
-            if tuple(mask.shape) != expected:
-                raise ValueError(
-                    f"modality '{m}': the cached mask has shape {list(mask.shape)}, but its "
-                    f"features {list(array.shape)} need {list(expected)}; the labels.pt "
-                    "beside them is stale: delete it to rebuild"
-                )
 
     def __len__(self) -> int:
         return len(self.dataset)

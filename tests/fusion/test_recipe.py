@@ -1,0 +1,121 @@
+"""The recipe's pieces: stage-1 targets, content-keyed caches, summaries and tables."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from data.avdigits import SPEECH_ASSET, AVDigits
+from fusion.data import Task
+from fusion.training.loop import EpochMetrics
+from fusion.training.recipe import (
+    Row,
+    check_tasks,
+    pretrain_key,
+    results_table,
+    run_summary,
+    stage1_target,
+    with_file_contents,
+)
+from fusion.training.settings import ConfigError, TrainerConfig
+
+ENCODER = {"_target_": "fusion.encoders.build_vision_encoder", "name": "resnet18"}
+
+
+def splits(**settings):
+    return {s: AVDigits(s, max_samples=8, **settings) for s in ("train", "val")}
+
+
+def key(datasets, modality="image", config=ENCODER, trainer=None, seed=0):
+    target = stage1_target(datasets["train"], modality)
+    return pretrain_key(config, datasets, target, trainer or TrainerConfig(), seed)
+
+
+def test_stage1_target_is_what_each_modality_shows():
+    digit, same, multi = (
+        AVDigits("val", max_samples=4, task=t) for t in ("digit", "same", "multitask")
+    )
+    assert stage1_target(digit, "image") == ("digit", {"digit": digit.tasks["digit"]})
+    assert stage1_target(same, "image")[0] == "written"
+    assert stage1_target(same, "audio")[0] == "spoken"
+    assert list(stage1_target(multi, "audio")[1]) == ["spoken"]
+
+
+def test_stage1_key_follows_content_target_recipe_and_precision(tmp_path):
+    base = key(splits())
+    assert key(splits()) == base  # nothing changed
+    copy = tmp_path / "speech.npz"
+    shutil.copy(SPEECH_ASSET, copy)
+    assert key(splits(speech_path=copy)) == base  # same bytes under another name
+    with np.load(SPEECH_ASSET) as npz:
+        arrays = dict(npz)
+    arrays["waveforms"][1000] += 1  # one sample of one clip
+    edited = tmp_path / "edited.npz"
+    np.savez(edited, **arrays)
+    assert key(splits(speech_path=edited)) != base
+    assert key(splits(task="same")) != base  # relabelled data
+    assert key(splits(), trainer=TrainerConfig(precision="bf16")) != base
+    assert key(splits(), seed=1) != base
+    reuse_off = TrainerConfig()
+    reuse_off.pretrain.reuse = False
+    assert key(splits(), trainer=reuse_off) == base  # reusing or not shapes nothing
+
+
+def test_stage1_key_follows_the_content_of_a_weights_file(tmp_path):
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"first")
+    config = {**ENCODER, "weights_file": str(weights)}
+    first = key(splits(), config=config)
+    weights.write_bytes(b"other")
+    assert key(splits(), config=config) != first
+    assert with_file_contents({"a": [str(weights), "x"]})["a"][0]["file"] == str(weights)
+
+
+def test_tasks_the_trainer_cannot_train_are_refused_before_training():
+    check_tasks({"digit": Task(classes=("0", "1", "2"))})
+    with pytest.raises(ConfigError, match=r"\{'score': 'regression'\} are not classification"):
+        check_tasks({"score": Task("regression")})
+
+
+def metrics(val, test, **tasks):
+    return {
+        "val": EpochMetrics(loss=1.0, accuracy=val, tasks=tasks),
+        "test": EpochMetrics(loss=1.0, accuracy=test, tasks=tasks),
+    }
+
+
+def test_fusion_gain_is_reported_for_each_task_a_unimodal_model_shares():
+    image = Row("image only", "digit", metrics(0.6, 0.7), ("digit",))
+    audio = Row("audio only", "digit", metrics(0.8, 0.75), ("digit",))
+    fused = Row("fused (GatedFuser)", "digit", metrics(0.9, 0.9), ("digit",))
+    summary = run_summary([image, audio, fused], fused)
+    assert summary["test/fusion_gain"] == pytest.approx(0.15)
+    assert summary["val/fusion_gain"] == pytest.approx(0.1)
+    assert summary["test/image_only/accuracy"] == 0.7 and summary["test/fused/accuracy"] == 0.9
+
+    written = Row("image only", "written", metrics(0.6, 0.7), ("written",))
+    spoken = Row("audio only", "spoken", metrics(0.8, 0.75), ("spoken",))
+    multi = Row(
+        "fused (X)", "written, spoken, same", metrics(0.9, 0.8, written=0.85, spoken=0.7,
+        same=0.8), ("written", "spoken", "same"),
+    )  # fmt: skip
+    summary = run_summary([written, spoken, multi], multi)
+    assert summary["test/written/fusion_gain"] == pytest.approx(0.15)
+    assert summary["test/spoken/fusion_gain"] == pytest.approx(-0.05)
+    assert "test/same/fusion_gain" not in summary and "test/fusion_gain" not in summary
+
+    same = Row("fused (X)", "same", metrics(0.9, 0.8), ("same",))
+    assert not [k for k in run_summary([written, spoken, same], same) if "gain" in k]
+
+
+def test_results_table_labels_rows_with_the_datas_tasks():
+    rows = [
+        Row("photo only", "species", metrics(0.5, 0.25), ("species",)),
+        Row("fused (ConcatFuser)", "species", metrics(0.75, 1.0), ("species",)),
+    ]
+    assert results_table(rows).splitlines() == [
+        "| model | target | val accuracy | test accuracy |",
+        "|---|---|---:|---:|",
+        "| photo only | species | 50.00% | 25.00% |",
+        "| fused (ConcatFuser) | species | 75.00% | 100.00% |",
+    ]
