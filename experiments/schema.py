@@ -58,7 +58,6 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    task_name: str = "train"
     seed: int = 0
     tags: list[str] = field(default_factory=list)
 

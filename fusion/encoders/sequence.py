@@ -237,8 +237,8 @@ def build_sequence_encoder(
     `hidden` with `heads` attention heads. `pooling` picks [B, H] ("last", "mean") or
     [B, max_length, H] ("none") output; `dropout` applies between layers and to the
     output. `max_length` cuts longer sequences to their first steps and pads token output
-    to it (required with pooling="none"). `post` and `freeze` are the surgery options every encoder builder shares
-    ("backbone" freezes all but `post`).
+    to it (required with pooling="none"). `post` and `freeze` are the surgery options
+    every encoder builder shares ("backbone" freezes all but `post`).
     """
     input_dim = positive_int("input_dim", input_dim)
     hidden = positive_int("hidden", hidden)

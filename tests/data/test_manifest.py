@@ -1,0 +1,367 @@
+import logging
+import math
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile
+import torch
+from torchvision.io import encode_jpeg, encode_png, write_file
+from torchvision.transforms import v2
+
+from data.manifest import ManifestDataset, load_audio, stratified_parts
+from fusion.batch import Collate
+from fusion.data import check_dataset
+
+SPLITS = ("train", "val", "test")
+# data rows (1-based): 4 lacks a photo and a caption, 5 a clip and a weight, 8 a city;
+# 9 has no input at all and 10 no label (both skipped); berlin (7) is never seen in train.
+ROWS = [
+    (1, "img/a.png", "snd/a8k.wav", "a fluffy cat on a sofa", 4.0, "paris", "cat", "train"),
+    (2, "img/b.png", "snd/b16k.wav", "a dog chasing a red ball", 20.0, "lyon", "dog", "train"),
+    (3, "img/c.jpg", "snd/c44k.wav", "small cat asleep in the sun", 3.0, "paris", "cat", "train"),
+    (4, None, "snd/a8k.wav", None, 25.0, "lyon", "dog", "train"),
+    (5, "img/a.png", None, "a big dog by the river", None, "paris", "dog", "train"),
+    (6, "img/b.png", "snd/b16k.wav", "cat at the window", 5.0, "paris", "cat", "validation"),
+    (7, "img/c.jpg", "snd/c44k.wav", "dog on the porch", 30.0, "berlin", "dog", "val"),
+    (8, "img/a.png", "snd/a8k.wav", "tabby with green eyes", 4.5, None, "cat", "test"),
+    (9, None, None, None, None, None, "cat", "test"),
+    (10, "img/b.png", "snd/b16k.wav", "nobody labelled me", 9.0, "lyon", None, "test"),
+    (11, "img/b.png", "snd/b16k.wav", "a puppy with a stick", 12.0, "lyon", "dog", "test"),
+]
+COLUMNS = ["id", "photo", "clip", "caption", "weight_kg", "city", "label", "split"]
+
+
+def sine(seconds: float, rate: int, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * math.pi * freq * t)).astype(np.float32)
+
+
+def write_media(folder) -> None:
+    """PNGs (colour 10x12, grey 6x8), a colour JPEG 16x20, and WAVs at 8 kHz (0.5 s),
+    16 kHz (0.3 s) and 44.1 kHz stereo (0.75 s, right channel silent)."""
+    (folder / "img").mkdir()
+    (folder / "snd").mkdir()
+    g = torch.Generator().manual_seed(0)
+    pixels = {"a.png": (3, 10, 12), "b.png": (1, 6, 8), "c.jpg": (3, 16, 20)}
+    for name, shape in pixels.items():
+        image = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        encoded = encode_png(image) if name.endswith("png") else encode_jpeg(image)
+        write_file(str(folder / "img" / name), encoded)
+    soundfile.write(folder / "snd" / "a8k.wav", sine(0.5, 8000), 8000)
+    soundfile.write(folder / "snd" / "b16k.wav", sine(0.3, 16000), 16000)
+    left = sine(0.75, 44100)
+    stereo = np.stack([left, np.zeros_like(left)], axis=1)
+    soundfile.write(folder / "snd" / "c44k.wav", stereo, 44100)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    write_media(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def frame():
+    return pd.DataFrame(ROWS, columns=COLUMNS)
+
+
+@pytest.fixture
+def manifest(folder, frame):
+    path = folder / "pets.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def build(path, split="train", **settings):
+    return ManifestDataset(split, path=path, target="label", **settings)
+
+
+def same_item(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+                return False
+            if not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def test_columns_become_modalities_of_inferred_kinds(manifest, caplog):
+    with caplog.at_level(logging.INFO, logger="fusion"):
+        train = build(manifest)
+    check_dataset(train)
+    assert {n: m.kind for n, m in train.modalities.items()} == {
+        "photo": "image",
+        "clip": "audio",
+        "caption": "text",
+        "tabular": "tabular",
+    }
+    assert (
+        "id=id | photo=image | clip=audio | caption=text | weight_kg=numeric | "
+        "city=categorical | label=target | split=split" in caplog.text
+    )
+    assert train.tasks == {"label": train.tasks["label"]}
+    assert train.tasks["label"].kind == "binary"
+    assert train.tasks["label"].classes == ("cat", "dog")
+    assert train.deterministic
+
+
+def test_splits_come_from_the_split_column_with_aliases(manifest, caplog):
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        sizes = {s: len(build(manifest, s)) for s in SPLITS}
+    assert sizes == {"train": 5, "val": 2, "test": 2}
+    assert "skipped 2 rows" in caplog.text and "data rows 9, 10" in caplog.text
+    assert caplog.text.count("skipped") == 1  # the table is read once for every split
+
+
+def test_images_are_resized_to_the_first_train_image_with_its_channels(manifest):
+    train = build(manifest)
+    info = train.modalities["photo"].info
+    assert info["shape"] == [3, 10, 12] and info["in_channels"] == 3
+    assert info["image_size"] == [10, 12]
+    for i in (0, 1, 2):  # colour PNG, grey PNG (repeated), colour JPEG (resized)
+        image = train[i]["photo"]
+        assert image.shape == (3, 10, 12) and image.dtype == torch.float32
+        assert 0.0 <= image.min() and image.max() <= 1.0
+    grey = train[1]["photo"]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[0], grey[2])
+    photos = torch.stack([train[i]["photo"] for i in (0, 1, 2, 4)])  # every train photo
+    assert info["mean"] == pytest.approx(photos.mean(dim=(0, 2, 3)).tolist(), abs=1e-5)
+    assert info["std"] == pytest.approx(photos.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-5)
+
+
+def test_image_size_and_channels_settings(manifest):
+    train = build(manifest, image_size=[4, 5], image_channels=1)
+    assert train.modalities["photo"].info["shape"] == [1, 4, 5]
+    assert train[0]["photo"].shape == (1, 4, 5)
+    assert build(manifest, image_size=7)[2]["photo"].shape == (3, 7, 7)
+
+
+def test_audio_is_resampled_mixed_and_padded_to_the_longest_train_clip(manifest, folder):
+    train = build(manifest)
+    info = train.modalities["clip"].info
+    # the longest train clip is 0.75 s, rounded up to 0.8 s at 16 kHz
+    assert info == {"shape": [12800], "sample_rate": 16000, "clip_samples": 12800}
+    clip = train[0]["clip"]  # 0.5 s at 8 kHz: 8000 samples at 16 kHz, then zeros
+    assert clip.shape == (12800,)
+    assert clip[7990:8000].abs().max() > 0 and not clip[8000:].any()
+    stereo = soundfile.read(folder / "snd" / "c44k.wav", dtype="float32")[0]
+    mixed = load_audio(str(folder / "snd" / "c44k.wav"), 44100, 33075, "start")
+    assert torch.allclose(mixed, torch.from_numpy(stereo.mean(axis=1)))
+    centre = load_audio(str(folder / "snd" / "c44k.wav"), 44100, 1000, "center")
+    assert torch.equal(centre, mixed[16037:17037])
+    assert build(manifest, audio_seconds=0.25)[0]["clip"].shape == (4000,)
+
+
+def test_tabular_is_standardized_and_coded_from_the_train_split(manifest):
+    splits = {s: build(manifest, s) for s in SPLITS}
+    info = splits["train"].modalities["tabular"].info
+    assert info == {
+        "shape": [2],
+        "num_numeric": 1,
+        "categorical_cardinalities": [3],  # unknown, lyon, paris
+        "columns": ["weight_kg", "city"],
+    }
+    train = torch.stack([item["tabular"] for item in splits["train"]])
+    weights = train[[0, 1, 2, 3], 0]  # the train rows that have a weight
+    assert weights.mean() == pytest.approx(0.0, abs=1e-6)
+    assert weights.std(unbiased=False) == pytest.approx(1.0, abs=1e-5)
+    assert train[4, 0] == 0.0  # a missing weight is the train mean
+    assert train[:, 1].tolist() == [2.0, 1.0, 2.0, 1.0, 2.0]  # paris 2, lyon 1
+    assert splits["val"][1]["tabular"][1] == 0.0  # berlin was never seen in train
+    assert splits["test"][0]["tabular"][1] == 0.0  # an empty city
+    std = math.sqrt(np.var([4.0, 20.0, 3.0, 25.0]))
+    assert splits["test"][0]["tabular"][0] == pytest.approx((4.5 - 13.0) / std)
+
+
+def test_empty_cells_are_missing_modalities_and_collate_masks_them(manifest):
+    train = build(manifest)
+    items = list(train)
+    assert items[3]["photo"] is None and items[3]["caption"] is None
+    assert items[4]["clip"] is None and items[4]["caption"] == "a big dog by the river"
+    assert [item["label"] for item in items] == [0, 1, 0, 1, 1]
+    batch = Collate.for_dataset(train)(items)
+    assert batch.present["photo"].tolist() == [True, True, True, False, True]
+    assert batch.present["clip"].tolist() == [True, True, True, True, False]
+    assert batch.present["caption"].tolist() == [True, True, True, False, True]
+    assert batch.present["tabular"].all()
+    assert batch.inputs["photo"].shape == (5, 3, 10, 12)
+    assert batch.targets.tolist() == [0, 1, 0, 1, 1]
+
+
+def test_items_are_the_same_across_constructions(manifest):
+    first, second = build(manifest, "val"), build(manifest, "val")
+    for i in range(len(first)):
+        assert same_item(first[i], second[i])
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_jsonl_and_parquet_manifests_read_like_the_csv(manifest, frame, folder, fmt):
+    path = folder / f"pets.{fmt}"
+    if fmt == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    csv, other = build(manifest, "test"), build(path, "test")
+    assert other.modalities == csv.modalities and other.tasks == csv.tasks
+    assert len(other) == len(csv)
+    for i in range(len(csv)):
+        assert same_item(csv[i], other[i])
+
+
+def test_parquet_without_pyarrow_names_the_extra(frame, folder, monkeypatch):
+    path = folder / "pets.parquet"
+    frame.to_parquet(path)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(ImportError, match=r"pets\.parquet needs pyarrow.*fusion\[parquet\]"):
+        build(path)
+
+
+def test_fingerprint_follows_the_referenced_files(manifest, folder):
+    val = build(manifest, "val")
+    assert val.fingerprint() == val.fingerprint() == build(manifest, "val").fingerprint()
+    assert build(manifest, "test").fingerprint() != val.fingerprint()
+    assert build(manifest, "val", image_size=8).fingerprint() != val.fingerprint()
+    before = val.fingerprint()
+    sound = folder / "snd" / "b16k.wav"
+    stat = sound.stat()
+    soundfile.write(sound, sine(0.3, 16000, freq=300.0), 16000)  # same size, new content
+    os.utime(sound, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert val.fingerprint() != before
+
+
+def test_augmentation_is_random_in_train_and_fixed_per_view(manifest):
+    flip = [v2.RandomHorizontalFlip(p=0.5), v2.RandomVerticalFlip(p=0.5)]
+    train = build(manifest, augment=flip)
+    assert not train.deterministic
+    assert build(manifest, "val", augment=flip).deterministic
+    views = [train.fixed_view(v) for v in range(4)]
+    assert all(view.deterministic for view in views)
+    assert same_item(views[1][0], views[1][0])
+    assert same_item(views[1][0], build(manifest, augment=flip).fixed_view(1)[0])
+    draws = [view[0]["photo"] for view in views]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    assert views[0].fingerprint() != views[1].fingerprint()
+
+
+def test_augment_must_be_built_transforms_that_keep_the_shape(manifest):
+    with pytest.raises(TypeError, match=r"augment\[0\] is dict.*Hydra builds it"):
+        build(manifest, augment=[{"_target_": "torchvision.transforms.v2.RandomHorizontalFlip"}])
+    crop = build(manifest, augment=[v2.CenterCrop(4)])
+    with pytest.raises(ValueError, match=r"augment changed modality 'photo'.*size=\[10, 12\]"):
+        crop[0]
+
+
+def test_stratified_split_keeps_fractions_and_label_mix(tmp_path):
+    labels = np.repeat(["a", "b", "c"], [50, 30, 20])
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"x": rng.normal(size=100), "label": rng.permutation(labels)})
+    frame.to_csv(tmp_path / "table.csv", index=False)
+    splits = {s: build(tmp_path / "table.csv", s) for s in SPLITS}
+    assert {s: len(d) for s, d in splits.items()} == {"train": 70, "val": 15, "test": 15}
+    for name, dataset in splits.items():
+        counts = np.bincount([item["label"] for item in dataset], minlength=3)
+        share = len(dataset) / 100
+        assert np.all(np.abs(counts - share * np.array([50, 30, 20])) <= 1), (name, counts)
+    parts = stratified_parts(np.repeat([0, 1], 10), (0.5, 0.25, 0.25), seed=3)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(20))
+    again = stratified_parts(np.repeat([0, 1], 10), (0.5, 0.25, 0.25), seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_column_overrides(manifest):
+    train = build(manifest, columns={"caption": "ignore", "weight_kg": "categorical"})
+    assert list(train.modalities) == ["photo", "clip", "tabular"]
+    info = train.modalities["tabular"].info
+    assert info["num_numeric"] == 0 and info["columns"] == ["weight_kg", "city"]
+    assert info["categorical_cardinalities"] == [5, 3]  # 3, 4, 20, 25 and unknown
+
+
+def test_a_path_leaving_the_folder_is_counted(folder, frame, caplog):
+    sub = folder / "tables"
+    sub.mkdir()
+    for column in ("photo", "clip"):
+        frame[column] = "../" + frame[column]
+    frame.to_csv(sub / "pets.csv", index=False)
+    with caplog.at_level(logging.INFO, logger="fusion"):
+        build(sub / "pets.csv")
+    assert "16 file paths leave its folder through '..'" in caplog.text
+
+
+def test_a_missing_column_is_named_with_close_matches(manifest):
+    with pytest.raises(ValueError, match=r"target: manifest .*pets\.csv has no column 'lable'.*\['label'\]"):
+        ManifestDataset(path=manifest, target="lable")
+    with pytest.raises(ValueError, match=r"columns\.photos: .* no column 'photos'.*\['photo'\]"):
+        build(manifest, columns={"photos": "image"})
+    with pytest.raises(ValueError, match=r"split_column: .* no column 'fold'"):
+        build(manifest, split_column="fold")
+
+
+def test_an_unknown_kind_is_refused(manifest):
+    with pytest.raises(ValueError, match=r"columns\.caption: unknown column kind 'txt'.*'text'"):
+        build(manifest, columns={"caption": "txt"})
+
+
+def test_missing_files_are_reported_together(manifest, folder):
+    for name in ("img/c.jpg", "snd/a8k.wav", "snd/b16k.wav"):  # rows 1-4, 6-8 and 11
+        (folder / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"pets\.csv: 8 referenced files do not exist") as err:
+        build(manifest)
+    message = str(err.value)
+    assert "data row 1, column 'clip'" in message and "data row 3, column 'photo'" in message
+    assert "data row 7" not in message and "and 3 more" in message
+
+
+def test_an_undecodable_file_is_named_with_its_row_and_column(manifest, folder, frame):
+    (folder / "img" / "broken.png").write_bytes(b"not a png")
+    frame.loc[6, "photo"] = "img/broken.png"  # data row 7, in val
+    frame.to_csv(manifest, index=False)
+    val = build(manifest, "val")
+    with pytest.raises(ValueError, match=r"pets\.csv, data row 7, column 'photo': cannot decode .*broken\.png"):
+        val[1]
+    frame.loc[1, "clip"] = "img/broken.png"  # data row 2, in train: read for the clip length
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError, match=r"data row 2, column 'clip': cannot decode .*broken\.png"):
+        build(manifest, columns={"clip": "audio"})
+
+
+def test_bad_split_values_and_empty_splits_are_refused(manifest, frame):
+    frame.loc[2, "split"] = "holdout"
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError, match=r"data row 3, column 'split': the split is 'holdout'"):
+        build(manifest)
+    frame["split"] = frame["split"].replace({"test": "val"})
+    frame.loc[2, "split"] = "train"
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError, match=r"split 'test' has no rows"):
+        build(manifest)
+
+
+def test_targets_that_are_not_classes_are_refused(tmp_path):
+    table = pd.DataFrame({"x": np.arange(30.0), "y": np.full(30, "same")})
+    table.to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(ValueError, match=r"target 'y' in .*one\.csv has one class, \['same'\]"):
+        ManifestDataset(path=tmp_path / "one.csv", target="y")
+    table["y"] = np.linspace(0.0, 1.0, 30)
+    table.to_csv(tmp_path / "float.csv", index=False)
+    with pytest.raises(ValueError, match=r"target 'y' .* regression targets are not supported yet"):
+        ManifestDataset(path=tmp_path / "float.csv", target="y")
+
+
+def test_numeric_classes_sort_as_numbers(tmp_path):
+    table = pd.DataFrame({"x": np.arange(40.0), "y": np.tile([2, 10, 1, 0], 10)})
+    table.to_csv(tmp_path / "t.csv", index=False)
+    assert ManifestDataset(path=tmp_path / "t.csv", target="y").tasks["y"].classes == (
+        "0",
+        "1",
+        "2",
+        "10",
+    )
