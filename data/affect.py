@@ -18,7 +18,9 @@ is all zeros are dropped, and each sample starts at its first word (`trim`): the
 before it are padding in all three modalities. Non-finite feature values (MultiBench
 replaces -inf in audio) become 0, with a count in the log.
 
-A pickle can run code when loaded: read only files from a source you trust.
+A pickle can name any Python callable to run when it is loaded; these are read with an
+allow-list of what MultiBench's files hold (dicts, lists, strings, numbers and numpy
+arrays), so a file that names anything else is refused before any of it runs.
 """
 
 from __future__ import annotations
@@ -96,14 +98,43 @@ def _load_affect(path: str, size: int, mtime_ns: int) -> AffectFile:
     return AffectFile(parts, binary)
 
 
+SAFE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("builtins", "bytearray"),
+    ("_codecs", "encode"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds only plain containers and numpy arrays: a pickle is data, never code."""
+
+    def __init__(self, handle, path: str, **kwargs) -> None:
+        super().__init__(handle, **kwargs)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in SAFE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"{self.path} names {module}.{name}, which an affect pickle never holds "
+                "(only dicts, lists and numpy arrays): refusing to load it"
+            )
+        return super().find_class(module, name)
+
+
 def _unpickle(path: str) -> object:
     """The pickle's object; Python 2 pickles (UR-FUNNY's tools) need latin-1 strings."""
     with open(path, "rb") as handle:
         try:
-            return pickle.load(handle)
+            return _ArrayUnpickler(handle, path).load()
         except UnicodeDecodeError:
             handle.seek(0)
-            return pickle.load(handle, encoding="latin1")
+            return _ArrayUnpickler(handle, path, encoding="latin1").load()
 
 
 def _read_part(part: object, path: str, key: str) -> AffectPart:

@@ -224,3 +224,17 @@ def test_pickle_is_read_once_and_not_carried_by_the_dataset(mosi):
     assert len(dataset) == 3
     copy = pickle.loads(pickle.dumps(dataset))
     assert copy._data is None and torch.equal(copy[2]["text"], dataset[2]["text"])
+
+
+class Payload:
+    """What a hostile pickle would carry: a call made while it is loaded."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_pickle_that_names_code_is_refused_before_it_runs(tmp_path, capsys):
+    path = write_pickle(tmp_path / "evil.pkl", {"train": Payload()})
+    with pytest.raises(pickle.UnpicklingError, match=r"evil.pkl names builtins.print"):
+        Affect("train", path=path)
+    assert "this ran" not in capsys.readouterr().out
