@@ -120,6 +120,7 @@ def test_splits_come_from_the_split_column_with_aliases(manifest, caplog):
     assert sizes == {"train": 5, "val": 2, "test": 2}
     assert "skipped 2 rows" in caplog.text and "data rows 9, 10" in caplog.text
     assert caplog.text.count("skipped") == 1  # the table is read once for every split
+    assert len(build(manifest, max_samples=3)) == 3
 
 
 def test_images_are_resized_to_the_first_train_image_with_its_channels(manifest):
@@ -130,12 +131,14 @@ def test_images_are_resized_to_the_first_train_image_with_its_channels(manifest)
     for i in (0, 1, 2):  # colour PNG, grey PNG (repeated), colour JPEG (resized)
         image = train[i]["photo"]
         assert image.shape == (3, 10, 12) and image.dtype == torch.float32
-        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert image.min() >= 0.0 and image.max() <= 1.0
     grey = train[1]["photo"]
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[0], grey[2])
     photos = torch.stack([train[i]["photo"] for i in (0, 1, 2, 4)])  # every train photo
     assert info["mean"] == pytest.approx(photos.mean(dim=(0, 2, 3)).tolist(), abs=1e-5)
-    assert info["std"] == pytest.approx(photos.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-5)
+    assert info["std"] == pytest.approx(
+        photos.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-5
+    )
 
 
 def test_image_size_and_channels_settings(manifest):
@@ -297,7 +300,9 @@ def test_a_path_leaving_the_folder_is_counted(folder, frame, caplog):
 
 
 def test_a_missing_column_is_named_with_close_matches(manifest):
-    with pytest.raises(ValueError, match=r"target: manifest .*pets\.csv has no column 'lable'.*\['label'\]"):
+    with pytest.raises(
+        ValueError, match=r"target: manifest .*pets\.csv has no column 'lable'.*\['label'\]"
+    ):
         ManifestDataset(path=manifest, target="lable")
     with pytest.raises(ValueError, match=r"columns\.photos: .* no column 'photos'.*\['photo'\]"):
         build(manifest, columns={"photos": "image"})
@@ -313,7 +318,9 @@ def test_an_unknown_kind_is_refused(manifest):
 def test_missing_files_are_reported_together(manifest, folder):
     for name in ("img/c.jpg", "snd/a8k.wav", "snd/b16k.wav"):  # rows 1-4, 6-8 and 11
         (folder / name).unlink()
-    with pytest.raises(FileNotFoundError, match=r"pets\.csv: 8 referenced files do not exist") as err:
+    with pytest.raises(
+        FileNotFoundError, match=r"pets\.csv: 8 referenced files do not exist"
+    ) as err:
         build(manifest)
     message = str(err.value)
     assert "data row 1, column 'clip'" in message and "data row 3, column 'photo'" in message
@@ -325,7 +332,9 @@ def test_an_undecodable_file_is_named_with_its_row_and_column(manifest, folder, 
     frame.loc[6, "photo"] = "img/broken.png"  # data row 7, in val
     frame.to_csv(manifest, index=False)
     val = build(manifest, "val")
-    with pytest.raises(ValueError, match=r"pets\.csv, data row 7, column 'photo': cannot decode .*broken\.png"):
+    with pytest.raises(
+        ValueError, match=r"pets\.csv, data row 7, column 'photo': cannot decode .*broken\.png"
+    ):
         val[1]
     frame.loc[1, "clip"] = "img/broken.png"  # data row 2, in train: read for the clip length
     frame.to_csv(manifest, index=False)
