@@ -1,0 +1,99 @@
+"""Datasets other than AV-Digits, end to end through the real entry points, overrides only:
+train both stages, evaluate with the robustness check, report over the runs."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.evaluate import main as evaluate
+from experiments.report import main as report
+from tests.data.test_affect import part, write_pickle
+from tests.data.test_avmnist import write_avmnist
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "logger.mode=disabled",
+    "trainer.batch_size=4",
+    "trainer.pretrain.epochs=1",
+    "trainer.fuse.epochs=1",
+]
+
+
+def train(tmp_path: Path, name: str, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+    run_dir = tmp_path / "runs" / name
+    cmd = [
+        sys.executable, "-m", "experiments.train", f"paths.output_dir={tmp_path}",
+        f"hydra.run.dir={run_dir}", *TINY, *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, run_dir
+
+
+def evaluate_robustness(run_dir: Path) -> tuple[dict, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert evaluate([str(run_dir), "--robustness", "--levels", "0", "1"]) == 0
+    return json.loads((run_dir / "eval" / "robustness.json").read_text()), out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def affect_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """Two runs on a tiny MOSI-layout pickle: the default fuser and late fusion."""
+    tmp = tmp_path_factory.mktemp("affect")
+    labels = [-2.6, -0.4, 0.2, 0.3, 2.8, -2.5, 1.4, -1.0]
+    pickle = write_pickle(
+        tmp / "mosi_raw.pkl",
+        {
+            "train": part(labels, [6, 4, 2, 5, 1, 3, 6, 2], seed=1),
+            "valid": part([1.2, -1.0, 0.5, -0.7], [3, 6, 1, 4], seed=2),
+            "test": part([0.6, -2.0, 2.0, -0.1], [2, 5, 6, 3], seed=3),
+        },
+    )
+    runs = {
+        fusion: train(tmp, fusion, "data=affect", f"data.path={pickle}", f"model/fusion={fusion}")[
+            0
+        ]
+        for fusion in ("gated", "late")
+    }
+    return tmp, runs
+
+
+def test_affect_feature_sequences_train_evaluate_and_report(affect_runs, capsys):
+    tmp, runs = affect_runs
+    stdout = runs["gated"].stdout
+    for modality in ("vision", "audio", "text"):
+        assert f"| {modality} only | binary |" in stdout
+    assert "| fused (GatedFuser) | binary |" in stdout
+    summary = json.loads((tmp / "runs" / "gated" / "summary.json").read_text())
+    assert summary["tasks"] == ["binary"] and "test/fusion_gain" in summary
+    robust, printed = evaluate_robustness(tmp / "runs" / "gated")
+    assert list(robust["modalities"]) == ["vision", "audio", "text"]
+    for modality, entry in robust["modalities"].items():
+        assert entry["input_std"] > 0 and entry["noise"][0] == robust["clean_accuracy"]
+        assert printed.count(f"| {modality} |") == 1
+    assert report([str(tmp / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "| gated |" in table and "| late |" in table
+
+
+@pytest.fixture(scope="module")
+def avmnist_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("avmnist")
+    root = write_avmnist(tmp / "avmnist", train=12, test=4)
+    result, run_dir = train(tmp, "avmnist", "data=avmnist", f"data.root={root}", "data.val_size=4")
+    assert "| image only | digit |" in result.stdout and "| audio only | digit |" in result.stdout
+    return run_dir
+
+
+def test_avmnist_spectrograms_get_an_image_encoder_sized_to_them(avmnist_run):
+    config = (avmnist_run / "config.yaml").read_text()
+    assert "image_size:\n      - 112\n      - 112" in config  # the audio spectrogram's size
+    assert "image_size:\n      - 28\n      - 28" in config
+    robust, _ = evaluate_robustness(avmnist_run)
+    assert list(robust["modalities"]) == ["image", "audio"]
