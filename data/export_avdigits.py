@@ -1,0 +1,92 @@
+"""Write AV-Digits as a folder of real files and a manifest, the manifest dataset's example.
+
+    python -m data.export_avdigits OUT_DIR [--max-samples N] [--seed S]
+
+writes `OUT_DIR/images/<split>_<i>.png` (8x8 grey), `OUT_DIR/audio/<split>_<i>.wav`
+(16-bit PCM) and `OUT_DIR/manifest.csv` (columns image, audio, label, split; paths relative
+to OUT_DIR), so that `data=manifest data.path=OUT_DIR/manifest.csv data.target=label`
+trains on the same samples as the built-in reader. Each split is its fixed draw
+(`augment=False`, the train split too): files hold one draw, not a fresh one per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import soundfile
+import torch
+from torchvision.io import encode_png, write_file
+
+from data.avdigits import SPLITS, AVDigits
+
+COLUMNS = ("image", "audio", "label", "split")
+
+
+def png_pixels(image: torch.Tensor) -> torch.Tensor:
+    """A float image as uint8 pixels: clipped to [0, 1] (the noise leaves it), then scaled."""
+    return (image.clamp(0.0, 1.0) * 255).round().to(torch.uint8)
+
+
+def draw_splits(max_samples: int | None, seed: int) -> dict[str, AVDigits]:
+    """Each split's fixed draw."""
+    return {
+        split: AVDigits(split, augment=False, max_samples=max_samples, seed=seed)
+        for split in SPLITS
+    }
+
+
+def export(out_dir: str | Path, max_samples: int | None = None, seed: int = 0) -> Path:
+    """Write the files and the manifest under `out_dir`; returns the manifest's path.
+
+    Clips are scaled by one factor, 1 / (the largest absolute sample over every split), so
+    that none clips in 16-bit PCM and their relative loudness is kept.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    datasets = draw_splits(max_samples, seed)
+    items = {split: list(dataset) for split, dataset in datasets.items()}
+    peak = max(float(item["audio"].abs().max()) for split in items.values() for item in split)
+    scale = 1.0 / peak if peak > 0 else 1.0
+    rows = []
+    for split, split_items in items.items():
+        sample_rate = datasets[split].sample_rate
+        for i, item in enumerate(split_items):
+            image, audio = f"images/{split}_{i}.png", f"audio/{split}_{i}.wav"
+            write_file(str(out / image), encode_png(png_pixels(item["image"])))
+            clip = (item["audio"] * scale).numpy()
+            soundfile.write(out / audio, clip, sample_rate, subtype="PCM_16")
+            rows.append({"image": image, "audio": audio, "label": item["label"], "split": split})
+    manifest = out / "manifest.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    counts = ", ".join(f"{len(v)} {k}" for k, v in items.items())
+    print(
+        f"wrote {len(rows)} samples ({counts}) to {out}: images/*.png (8x8 grey), "
+        f"audio/*.wav ({datasets['train'].sample_rate} Hz, 16-bit, scaled by 1/{peak:.3f}), "
+        f"and {manifest}"
+    )
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.export_avdigits",
+        description="Write AV-Digits as image and audio files plus manifest.csv.",
+    )
+    parser.add_argument("out_dir", help="folder to write into (created if needed)")
+    parser.add_argument("--max-samples", type=int, default=None, help="at most N per split")
+    parser.add_argument("--seed", type=int, default=0, help="AV-Digits seed (splits, draws)")
+    args = parser.parse_args(argv)
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error(f"--max-samples must be a positive integer, got {args.max_samples}")
+    return export(args.out_dir, args.max_samples, args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1043 @@
+"""The manifest dataset: bring a table of your files and values, get a fused model.
+
+A manifest is a CSV (or TSV), JSONL or Parquet file with one row per sample. Its columns
+become modalities: each image column, each audio column and each text column is a
+modality named after it, and all numeric and categorical columns together form one
+modality, `tabular`. Column kinds are inferred from the values (file extensions, dtypes,
+how many distinct values) and can be overridden, as AutoGluon's `MultiModalPredictor` does
+with a DataFrame. Paths in cells are relative to the manifest's folder (absolute ones are
+taken as they are).
+
+Everything the splits share (the table, the column kinds, the classes, the split of each
+row and the train statistics that size the encoders) is computed once per process and
+manifest version, so building train, val and test costs one read. Files are decoded item
+by item, when an item is asked for.
+
+Row numbers in messages count data rows from 1: the header does not count, so data row 1
+is the first row under a CSV's header (row 2 in a spreadsheet), the first line of a JSONL
+file and the first row of a Parquet file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import soundfile
+import torch
+import torchaudio.functional
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as tvf
+
+from fusion.data import RESERVED_KEYS, Modality, MultimodalDataset, Task, file_digest
+
+log = logging.getLogger("fusion")
+
+SPLITS = ("train", "val", "test")
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+COLUMN_KINDS = ("image", "audio", "text", "numeric", "categorical", "ignore")
+FILE_KINDS = ("image", "audio")
+TABULAR = "tabular"
+TABULAR_KINDS = ("numeric", "categorical")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+PILLOW_EXTENSIONS = (".bmp", ".tif", ".tiff")  # torchvision.io decodes the others
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".au") + (
+    (".mp3",) if "MP3" in soundfile.available_formats() else ()
+)
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # Pillow modes of one-channel images
+ID_NAMES = ("id", "uid", "uuid", "key", "index", "idx", "unnamed: 0")
+CATEGORICAL_MAX_VALUES = 50  # more distinct strings than this make a text column
+CATEGORICAL_MAX_CHARS = 40  # and so does any value longer than this
+REGRESSION_MIN_VALUES = 20  # a float target with more distinct fractional values is refused
+IMAGE_STATS_SAMPLES = 500
+AUDIO_CROPS = ("start", "center")
+READER_VERSION = 1  # bump when the items change for the same files and settings
+
+
+@dataclass(frozen=True)
+class ManifestSettings:
+    """The settings that shape every split; hashable, as they key the per-process memo."""
+
+    target: str
+    columns: tuple[tuple[str, str], ...]
+    split_column: str | None
+    fractions: tuple[float, ...]
+    seed: int
+    image_size: tuple[int, int] | None
+    image_channels: int | None
+    audio_sample_rate: int
+    audio_seconds: float | None
+    audio_crop: str
+    check_files: bool
+
+
+@dataclass(frozen=True)
+class EncodedTable:
+    """The numeric and categorical columns of every sample as one float row: numeric
+    columns standardized with the train split's mean and std, then categorical codes."""
+
+    values: torch.Tensor  # [samples, F]
+    present: np.ndarray  # whether a sample has any of these cells
+    modality: Modality
+
+
+@dataclass(frozen=True)
+class Table:
+    """What every split of one manifest shares: its rows that make samples, the split,
+    label and inputs of each, and the modalities and task they declare."""
+
+    source: Path
+    row_numbers: np.ndarray  # the data row number of each sample, for messages
+    split_of: np.ndarray  # the split name of each sample
+    labels: np.ndarray  # the class index of each sample
+    task: Task
+    modalities: dict[str, Modality]
+    cells: dict[str, list[str | None]]  # image/audio: a file path, text: the text
+    tabular: EncodedTable | None
+    files: tuple[str, ...]  # every referenced file, sample by sample
+
+
+class ManifestDataset(MultimodalDataset):
+    """One split of a table of samples: files, texts and values in columns, one row each.
+
+    An item holds every modality (an image `[C, H, W]` in [0, 1], a clip `[T]`, a text, the
+    `tabular` row `[F]`, or `None` where the row's cells are empty) and `"label"`, the class
+    index of the target into `tasks[target].classes`. Rows without a target or without any
+    input are skipped. Modality infos carry what encoders are sized from (see
+    `fusion.data.Modality`): images `shape`, `in_channels`, `image_size`, `mean`, `std`;
+    audio `shape`, `sample_rate`, `clip_samples`; tabular `shape`, `num_numeric`,
+    `categorical_cardinalities`, `columns`.
+
+    Arguments:
+        split: which split this object is, one of `SPLITS`.
+        path: the manifest, `.csv`, `.tsv`, `.jsonl` (one JSON object per line) or
+            `.parquet` (needs `pip install 'fusion[parquet]'`).
+        target: the column to predict; its distinct values are the classes.
+        columns: `{column: kind}` for columns whose inferred kind is wrong, kinds being
+            image, audio, text, numeric, categorical or ignore.
+        split_column: the column naming each row's split (train, val or test; valid,
+            validation and dev mean val). Default: a column named `split` if there is one,
+            else a stratified split by `fractions`.
+        fractions: train, val and test shares of the stratified split.
+        seed: fixes the stratified split, the images sampled for statistics and the
+            fixed draws of augmentation.
+        image_size: `[height, width]` (or one int) every image is resized to; default the
+            first train image's.
+        image_channels: 1 or 3, the channels of every image; default the first train
+            image's (alpha is dropped).
+        audio_sample_rate: Hz every clip is resampled to.
+        audio_seconds: every clip is cropped or zero-padded (at the end) to this length;
+            default the longest train clip, rounded up to 0.1 s.
+        audio_crop: which part of a longer clip to keep, `start` or `center`.
+        augment: transforms applied to every image of the train split (built callables,
+            e.g. `torchvision.transforms.v2.RandomHorizontalFlip()`; a Hydra config lists
+            `_target_` specs, which Hydra builds). They must keep the image's shape.
+        view: `None` redraws augmentation at every access; an int makes the train split
+            that fixed draw (see `fixed_view`).
+        max_samples: keep only the first N samples of the split (for quick checks; the
+            statistics still come from the whole train split).
+        check_files: check at construction that every referenced file exists.
+    """
+
+    splits = SPLITS
+
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        path: str | os.PathLike[str],
+        target: str,
+        columns: Mapping[str, str] | None = None,
+        split_column: str | None = None,
+        fractions: Sequence[float] = (0.7, 0.15, 0.15),
+        seed: int = 0,
+        image_size: int | Sequence[int] | None = None,
+        image_channels: int | None = None,
+        audio_sample_rate: int = 16000,
+        audio_seconds: float | None = None,
+        audio_crop: str = "start",
+        augment: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        view: int | None = None,
+        max_samples: int | None = None,
+        check_files: bool = True,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+        if view is not None and (not isinstance(view, int) or view < 0):
+            raise ValueError(f"view must be None or an integer >= 0, got {view!r}")
+        if max_samples is not None:
+            check_positive("max_samples", max_samples, int)
+        self.settings = ManifestSettings(
+            target=str(target),
+            columns=column_overrides(columns),
+            split_column=None if split_column is None else str(split_column),
+            fractions=check_fractions(fractions),
+            seed=int(seed),
+            image_size=check_image_size(image_size),
+            image_channels=check_choice("image_channels", image_channels, (None, 1, 3)),
+            audio_sample_rate=check_positive("audio_sample_rate", audio_sample_rate, int),
+            audio_seconds=None
+            if audio_seconds is None
+            else check_positive("audio_seconds", audio_seconds, float),
+            audio_crop=check_choice("audio_crop", audio_crop, AUDIO_CROPS),
+            check_files=bool(check_files),
+        )
+        transforms = image_transforms(augment)
+        self.source = Path(path).expanduser().absolute()
+        self.table = load_table(self.source, self.settings)
+        self.split = split
+        self.augment = transforms if split == "train" else ()
+        self.view = view
+        self.max_samples = max_samples
+        self.indices = np.flatnonzero(self.table.split_of == split)[:max_samples]
+        self.modalities = self.table.modalities
+        self.tasks = {self.settings.target: self.table.task}
+
+    @property
+    def deterministic(self) -> bool:
+        """Fixed items unless the train split is augmented afresh at every access."""
+        return not self.augment or self.view is not None
+
+    def fixed_view(self, view: int) -> ManifestDataset:
+        """The `view`-th fixed draw of this split's augmentation (the same at every access),
+        so that stage 2 can cache features of augmented training data."""
+        if not isinstance(view, int) or view < 0:
+            raise ValueError(f"view must be an integer >= 0, got {view!r}")
+        drawn = copy.copy(self)
+        drawn.view = view
+        return drawn
+
+    def fingerprint(self) -> str:
+        """What determines the items: the manifest's bytes, the settings, the split and
+        its augmentation, and the bytes of every referenced file (all splits' files, since
+        train statistics shape the other splits' items)."""
+        files = hashlib.sha256()
+        for path in self.table.files:
+            files.update(file_digest(path).encode())
+        return json.dumps(
+            {
+                "reader": READER_VERSION,
+                "split": self.split,
+                "settings": dataclasses.asdict(self.settings),
+                "augment": [repr(t) for t in self.augment],
+                "view": self.view if self.augment else None,
+                "max_samples": self.max_samples,
+                "manifest": file_digest(self.source),
+                "files": files.hexdigest(),
+            },
+            sort_keys=True,
+        )
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} '{self.split}' samples")
+        sample = int(self.indices[index])
+        item = {name: self._input(name, m, sample) for name, m in self.modalities.items()}
+        if self.augment:
+            self._augment(item, index)
+        item["label"] = int(self.table.labels[sample])
+        return item
+
+    def _input(self, name: str, modality: Modality, sample: int) -> Any:
+        """One modality of one sample, decoded; `None` where its cells are empty."""
+        table = self.table
+        if modality.kind == TABULAR:
+            encoded = table.tabular
+            return encoded.values[sample].clone() if encoded.present[sample] else None
+        cell = table.cells[name][sample]
+        if cell is None or modality.kind == "text":
+            return cell
+        info = modality.info
+        with naming_errors(self.source, int(table.row_numbers[sample]), name, cell):
+            if modality.kind == "image":
+                return load_image(cell, info["in_channels"], tuple(info["image_size"]))
+            return load_audio(
+                cell, info["sample_rate"], info["clip_samples"], self.settings.audio_crop
+            )
+
+    def _augment(self, item: dict[str, Any], index: int) -> None:
+        """Transform every image in `item`: a fresh draw, or with `view` the fixed draw
+        seeded by (seed, view, index), whatever the order of access."""
+        if self.view is None:
+            self._transform_images(item)
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed(self.settings.seed, self.view, index))
+            self._transform_images(item)
+
+    def _transform_images(self, item: dict[str, Any]) -> None:
+        for name, modality in self.modalities.items():
+            if modality.kind != "image" or item[name] is None:
+                continue
+            image = item[name]
+            for transform in self.augment:
+                image = transform(image)
+            if image.shape != item[name].shape:
+                raise ValueError(
+                    f"augment changed modality '{name}' from shape {list(item[name].shape)} to "
+                    f"{list(image.shape)}; transforms must keep it (give crops "
+                    f"size={list(item[name].shape[-2:])})"
+                )
+            item[name] = image
+
+
+def draw_seed(*key: int) -> int:
+    """A seed that depends on `key` alone, so a fixed draw is the same in any order."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint32)[0])
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def column_overrides(columns: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """`columns` as sorted (column, kind) pairs, refusing an unknown kind."""
+    pairs = []
+    for name, kind in (columns or {}).items():
+        kind = str(kind).lower()
+        if kind not in COLUMN_KINDS:
+            close = difflib.get_close_matches(kind, COLUMN_KINDS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(
+                f"columns.{name}: unknown column kind '{kind}'{hint} (kinds: {list(COLUMN_KINDS)})"
+            )
+        pairs.append((str(name), kind))
+    return tuple(sorted(pairs))
+
+
+def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(f) for f in fractions)
+    if len(values) != 3 or min(values) <= 0 or not math.isclose(sum(values), 1.0):
+        raise ValueError(
+            f"fractions must be 3 positive numbers (train, val, test) summing to 1, got "
+            f"{list(fractions)}"
+        )
+    return values
+
+
+def check_image_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s >= 1 for s in pair):
+        raise ValueError(f"image_size must be a positive int or [height, width], got {size!r}")
+    return pair
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if kind is int and value != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return kind(value)
+
+
+def image_transforms(augment: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
+    """`augment` as a tuple of built transforms (one callable, e.g. a Compose, is one)."""
+    if augment is None:
+        return ()
+    transforms = (augment,) if callable(augment) else tuple(augment)
+    for i, transform in enumerate(transforms):
+        if not callable(transform):
+            raise TypeError(
+                f"augment[{i}] is {type(transform).__name__} {transform!r}, not a transform: "
+                "pass built transforms (e.g. torchvision.transforms.v2.RandomHorizontalFlip()); "
+                "in a Hydra config give each a _target_ and Hydra builds it"
+            )
+    return transforms
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def load_table(source: Path, settings: ManifestSettings) -> Table:
+    """The manifest's shared table, read and prepared once per process and file version."""
+    if not source.is_file():
+        raise FileNotFoundError(f"manifest {source} does not exist")
+    stat = source.stat()
+    return _build_table(source, stat.st_mtime_ns, stat.st_size, settings)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSettings) -> Table:
+    frame = read_manifest(source)
+    split_column = find_split_column(frame, settings, source)
+    kinds = column_kinds(frame, settings, split_column, source)
+    log.info(
+        "manifest %s columns: %s", source.name, " | ".join(f"{c}={k}" for c, k in kinds.items())
+    )
+    check_modality_names(kinds, source)
+    targets = read_targets(frame[settings.target], source)
+    keep = rows_to_keep(frame, kinds, targets, source)
+    frame = frame[keep].reset_index(drop=True)
+    row_numbers = np.flatnonzero(keep) + 1
+    task, labels = classify(
+        [t for t, kept in zip(targets, keep, strict=True) if kept], settings, source
+    )
+    split_of = assign_splits(frame, split_column, labels, settings, row_numbers, source)
+    cells, escapes = input_cells(frame, kinds, source.parent)
+    if settings.check_files:
+        check_files_exist(cells, kinds, row_numbers, source)
+    tabular = encode_tabular(frame, kinds, split_of == "train", row_numbers, source)
+    modalities = declare_modalities(kinds, cells, tabular, split_of, row_numbers, settings, source)
+    counts = ", ".join(f"{int((split_of == s).sum())} {s}" for s in SPLITS)
+    leaving = f"; {escapes} file paths leave its folder through '..'" if escapes else ""
+    log.info("manifest %s: %d samples (%s)%s", source.name, len(labels), counts, leaving)
+    files = [(c, cells[c]) for c, kind in kinds.items() if kind in FILE_KINDS]
+    return Table(
+        source=source,
+        row_numbers=row_numbers,
+        split_of=split_of,
+        labels=labels,
+        task=task,
+        modalities=modalities,
+        cells=cells,
+        tabular=tabular,
+        files=tuple(paths[i] for i in range(len(labels)) for _, paths in files if paths[i]),
+    )
+
+
+def classify(
+    targets: Sequence[str], settings: ManifestSettings, source: Path
+) -> tuple[Task, np.ndarray]:
+    """The task (its classes: every sample's target, so all splits share them) and each
+    sample's class index."""
+    classes = sort_names(set(targets))
+    if len(classes) < 2:
+        raise ValueError(
+            f"target '{settings.target}' in {source} has one class, {list(classes)}: "
+            "classification needs at least two"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[t] for t in targets], dtype=np.int64)
+    return Task("binary" if len(classes) == 2 else "multiclass", classes), labels
+
+
+def input_cells(
+    frame: pd.DataFrame, kinds: Mapping[str, str], folder: Path
+) -> tuple[dict[str, list[str | None]], int]:
+    """Each image and audio column's file paths and each text column's texts (`None` for
+    an empty cell), and how many paths leave `folder` through '..'."""
+    cells: dict[str, list[str | None]] = {}
+    escapes = 0
+    for column, kind in kinds.items():
+        if kind in FILE_KINDS:
+            cells[column], outside = file_cells(frame[column], folder)
+            escapes += outside
+        elif kind == "text":
+            cells[column] = [_cell_text(v) if _is_filled(v) else None for v in frame[column]]
+    return cells, escapes
+
+
+def declare_modalities(
+    kinds: Mapping[str, str],
+    cells: Mapping[str, list[str | None]],
+    tabular: EncodedTable | None,
+    split_of: np.ndarray,
+    row_numbers: np.ndarray,
+    settings: ManifestSettings,
+    source: Path,
+) -> dict[str, Modality]:
+    """Every modality, in the manifest's column order (`tabular` where its first column
+    is), sized from the train split."""
+    train = split_of == "train"
+    modalities: dict[str, Modality] = {}
+    for column, kind in kinds.items():
+        if kind == "image":
+            modalities[column] = image_modality(
+                column, cells[column], train, row_numbers, settings, source
+            )
+        elif kind == "audio":
+            modalities[column] = audio_modality(
+                column, cells[column], train, row_numbers, settings, source
+            )
+        elif kind == "text":
+            modalities[column] = Modality("text")
+        elif kind in TABULAR_KINDS and tabular is not None:
+            modalities.setdefault(TABULAR, tabular.modality)
+    return modalities
+
+
+def read_manifest(source: Path) -> pd.DataFrame:
+    """The manifest as a DataFrame with string column names. In a CSV only empty cells are
+    missing, so a category spelled "NA" or "null" stays a category."""
+    suffix = source.suffix.lower()
+    readers: dict[str, tuple[str, Callable[[Path], pd.DataFrame]]] = {
+        ".csv": ("CSV", lambda p: _read_csv(p, ",")),
+        ".tsv": ("TSV", lambda p: _read_csv(p, "\t")),
+        ".jsonl": ("JSON lines", _read_jsonl),
+        ".ndjson": ("JSON lines", _read_jsonl),
+        ".parquet": ("Parquet", _read_parquet),
+        ".pq": ("Parquet", _read_parquet),
+    }
+    if suffix not in readers:
+        raise ValueError(
+            f"manifest {source}: unknown format '{suffix}'; use .csv, .tsv, .jsonl (one JSON "
+            "object per line) or .parquet"
+        )
+    name, reader = readers[suffix]
+    try:
+        frame = reader(source)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"manifest {source}: cannot read it as {name}: {err}") from err
+    if frame.empty:
+        raise ValueError(f"manifest {source} has no data rows")
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _read_csv(path: Path, separator: str) -> pd.DataFrame:
+    return pd.read_csv(
+        path, sep=separator, keep_default_na=False, na_values=[""], skipinitialspace=True
+    )
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line, values kept as JSON typed them (no date guessing)."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"line {number}: {err}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"line {number} is a JSON {type(record).__name__}, not an object")
+            records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"reading the Parquet manifest {path} needs pyarrow: pip install 'fusion[parquet]'"
+        ) from None
+    return pd.read_parquet(path)
+
+
+def check_column(frame: pd.DataFrame, name: str, setting: str, source: Path) -> None:
+    """Refuse a setting that names a column the manifest lacks, suggesting close names."""
+    if name in frame.columns:
+        return
+    close = difflib.get_close_matches(name, list(frame.columns), n=3)
+    hint = f"; did you mean {close}?" if close else ""
+    raise ValueError(
+        f"{setting}: manifest {source} has no column '{name}'{hint} "
+        f"(its columns: {list(frame.columns)})"
+    )
+
+
+def find_split_column(frame: pd.DataFrame, settings: ManifestSettings, source: Path) -> str | None:
+    """`split_column`, else a column named `split`, else None (a stratified split)."""
+    if settings.split_column is None:
+        return "split" if "split" in frame.columns and settings.target != "split" else None
+    check_column(frame, settings.split_column, "split_column", source)
+    if settings.split_column == settings.target:
+        raise ValueError(f"split_column: '{settings.split_column}' is also the target")
+    return settings.split_column
+
+
+def column_kinds(
+    frame: pd.DataFrame, settings: ManifestSettings, split_column: str | None, source: Path
+) -> dict[str, str]:
+    """Every column's role, in the manifest's order: a kind of `COLUMN_KINDS`, or
+    `target`, `split` or `id` (which are not modalities)."""
+    check_column(frame, settings.target, "target", source)
+    overrides = dict(settings.columns)
+    for name in overrides:
+        check_column(frame, name, f"columns.{name}", source)
+        if name in (settings.target, split_column):
+            role = "target" if name == settings.target else "split column"
+            raise ValueError(f"columns.{name}: '{name}' is the {role}, so it cannot be an input")
+    kinds = {}
+    for name in frame.columns:
+        if name == settings.target:
+            kinds[name] = "target"
+        elif name == split_column:
+            kinds[name] = "split"
+        else:
+            kinds[name] = overrides.get(name) or infer_kind(frame[name])
+    if not any(k in COLUMN_KINDS and k != "ignore" for k in kinds.values()):
+        raise ValueError(f"manifest {source} has no input column: its columns are {kinds}")
+    return kinds
+
+
+def infer_kind(series: pd.Series) -> str:
+    """A column's kind from its values: file extensions make image and audio columns, a
+    numeric dtype a numeric one, a few short repeated strings a categorical one, other
+    strings text. An id-like name with unique values is `id`; an empty column `ignore`."""
+    values = [v for v in series if _is_filled(v)]
+    if not values:
+        return "ignore"
+    texts = [_cell_text(v) for v in values]
+    name = str(series.name).lower()
+    if (name in ID_NAMES or name.endswith("_id")) and len(set(texts)) == len(texts):
+        return "id"
+    if pd.api.types.is_bool_dtype(series):
+        return "categorical"
+    if pd.api.types.is_numeric_dtype(series):
+        return "numeric"
+    lowered = [t.lower() for t in texts]
+    if all(t.endswith(IMAGE_EXTENSIONS) for t in lowered):
+        return "image"
+    if all(t.endswith(AUDIO_EXTENSIONS) for t in lowered):
+        return "audio"
+    distinct = len(set(texts))
+    few = distinct <= min(CATEGORICAL_MAX_VALUES, len(texts) / 2)
+    if few and max(map(len, texts)) <= CATEGORICAL_MAX_CHARS:
+        return "categorical"
+    return "text"
+
+
+def check_modality_names(kinds: Mapping[str, str], source: Path) -> None:
+    """Refuse a column whose modality name an item already uses for something else."""
+    has_tabular = any(k in TABULAR_KINDS for k in kinds.values())
+    for column, kind in kinds.items():
+        if kind not in ("image", "audio", "text"):
+            continue
+        if column in RESERVED_KEYS:
+            clash = f"'{column}' is a reserved item key ({list(RESERVED_KEYS)})"
+        elif has_tabular and column == TABULAR:
+            clash = f"'{TABULAR}' names the modality of the numeric and categorical columns"
+        else:
+            continue
+        raise ValueError(
+            f"manifest {source}: column '{column}' ({kind}) cannot be a modality: {clash}; "
+            f"rename the column or set columns.{column}=ignore"
+        )
+
+
+def read_targets(series: pd.Series, source: Path) -> list[str | None]:
+    """Each row's class name, `None` where the cell is empty; a continuous target (a
+    regression, not supported yet) is refused rather than turned into thousands of classes."""
+    filled = {v for v in series if _is_filled(v)}
+    continuous = pd.api.types.is_float_dtype(series) and len(filled) > REGRESSION_MIN_VALUES
+    if continuous and any(not float(v).is_integer() for v in filled):
+        raise ValueError(
+            f"target '{series.name}' in {source} holds {len(filled)} distinct fractional "
+            "numbers: regression targets are not supported yet (a classification target "
+            "holds class names or integer codes)"
+        )
+    return [_cell_text(v) if _is_filled(v) else None for v in series]
+
+
+def rows_to_keep(
+    frame: pd.DataFrame, kinds: Mapping[str, str], targets: Sequence[str | None], source: Path
+) -> np.ndarray:
+    """Which rows make samples: those with a target and at least one input; the others
+    are reported once."""
+    inputs = [c for c, k in kinds.items() if k in COLUMN_KINDS and k != "ignore"]
+    has_input = frame[inputs].map(_is_filled).any(axis=1).to_numpy()
+    keep = has_input & np.array([t is not None for t in targets])
+    skipped = np.flatnonzero(~keep) + 1
+    if len(skipped) == len(keep):
+        raise ValueError(f"manifest {source}: no row has both a target and an input")
+    if len(skipped):
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        log.warning(
+            "manifest %s: skipped %d rows without a target or without any input (data rows %s)",
+            source.name,
+            len(skipped),
+            shown,
+        )
+    return keep
+
+
+def sort_names(names: set[str]) -> tuple[str, ...]:
+    """Names in a stable order: numerically when all are numbers ('2' before '10')."""
+    try:
+        return tuple(sorted(names, key=float))
+    except ValueError:
+        return tuple(sorted(names))
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def assign_splits(
+    frame: pd.DataFrame,
+    split_column: str | None,
+    labels: np.ndarray,
+    settings: ManifestSettings,
+    row_numbers: np.ndarray,
+    source: Path,
+) -> np.ndarray:
+    """Each sample's split, from the split column or a seeded stratified split; refuses an
+    empty split."""
+    if split_column is None:
+        split_of = np.empty(len(labels), dtype=object)
+        for name, part in zip(
+            SPLITS, stratified_parts(labels, settings.fractions, settings.seed), strict=True
+        ):
+            split_of[part] = name
+    else:
+        split_of = np.array(
+            [
+                parse_split(value, int(row), split_column, source)
+                for value, row in zip(frame[split_column], row_numbers, strict=True)
+            ],
+            dtype=object,
+        )
+    counts = {s: int((split_of == s).sum()) for s in SPLITS}
+    for name, count in counts.items():
+        if count:
+            continue
+        if split_column is None:
+            how = (
+                f"{len(labels)} samples split by fractions {list(settings.fractions)} give "
+                f"{counts}; add rows, change fractions or add a 'split' column"
+            )
+        else:
+            how = f"column '{split_column}' gives {counts}"
+        raise ValueError(f"manifest {source}: split '{name}' has no rows ({how})")
+    return split_of
+
+
+def parse_split(value: Any, row: int, column: str, source: Path) -> str:
+    """A split cell as a split name, accepting the usual aliases."""
+    text = _cell_text(value).lower() if _is_filled(value) else ""
+    if text in SPLIT_NAMES:
+        return SPLIT_NAMES[text]
+    shown = f"'{_cell_text(value)}'" if text else "an empty cell"
+    raise ValueError(
+        f"{source}, data row {row}, column '{column}': the split is {shown}; expected one of "
+        f"{sorted(SPLIT_NAMES)}"
+    )
+
+
+def stratified_parts(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split sample indices by `fractions`, each part with the same label mix.
+
+    Every class is shuffled and spread evenly over [0, 1) (with a random offset, so that a
+    class of one sample lands anywhere); cutting the sorted positions at the cumulative
+    fractions then gives each part its exact share overall and each class's share to
+    within one sample.
+    """
+    rng = np.random.default_rng(seed)
+    position = np.empty(len(labels))
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        position[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    order = np.lexsort((rng.random(len(labels)), position))
+    cuts = np.round(np.cumsum(fractions)[:-1] * len(labels)).astype(int)
+    return [np.sort(part) for part in np.split(order, cuts)]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def file_cells(series: pd.Series, folder: Path) -> tuple[list[str | None], int]:
+    """Each row's file path (relative ones read from `folder`), and how many leave it
+    through '..' (allowed, but worth a line in the summary)."""
+    paths: list[str | None] = []
+    leaving = 0
+    for value in series:
+        if not _is_filled(value):
+            paths.append(None)
+            continue
+        path = Path(os.path.expanduser(_cell_text(value)))
+        if not path.is_absolute():
+            leaving += Path(os.path.normpath(path)).parts[:1] == ("..",)
+            path = folder / path
+        paths.append(os.path.normpath(path))
+    return paths, leaving
+
+
+def check_files_exist(
+    cells: Mapping[str, list[str | None]],
+    kinds: Mapping[str, str],
+    row_numbers: np.ndarray,
+    source: Path,
+) -> None:
+    """One error for every missing file, naming how many and the first five."""
+    missing = sorted(
+        (int(row_numbers[i]), column, path)
+        for column, paths in cells.items()
+        if kinds[column] in FILE_KINDS
+        for i, path in enumerate(paths)
+        if path is not None and not os.path.isfile(path)
+    )
+    if not missing:
+        return
+    shown = "; ".join(f"data row {r}, column '{c}': {p}" for r, c, p in missing[:5])
+    more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+    raise FileNotFoundError(
+        f"manifest {source}: {len(missing)} referenced files do not exist (relative paths "
+        f"are read from {source.parent}): {shown}{more}"
+    )
+
+
+@contextlib.contextmanager
+def naming_errors(source: Path, row: int, column: str, path: str) -> Iterator[None]:
+    """Name the manifest, data row, column and file in an error reading a cell's file."""
+    where = f"{source}, data row {row}, column '{column}'"
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{where}: file {path} does not exist") from err
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{where}: cannot decode {path}: {err}") from err
+
+
+def train_samples(paths: Sequence[str | None], train: np.ndarray) -> list[int]:
+    """The train samples that have this column's file."""
+    return [int(i) for i in np.flatnonzero(train) if paths[i] is not None]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def image_modality(
+    column: str,
+    paths: Sequence[str | None],
+    train: np.ndarray,
+    row_numbers: np.ndarray,
+    settings: ManifestSettings,
+    source: Path,
+) -> Modality:
+    """An image column's modality: its size and channels (the settings', else the first
+    train image's) and the train images' per-channel mean and std."""
+    samples = train_samples(paths, train)
+    if not samples:
+        raise ValueError(
+            f"manifest {source}: column '{column}' has no image in the train split, so its "
+            "size and statistics are unknown"
+        )
+    first = samples[0]
+    with naming_errors(source, int(row_numbers[first]), column, paths[first]):
+        channels, size = probe_image(paths[first])
+    channels = settings.image_channels or channels
+    size = settings.image_size or size
+    if len(samples) > IMAGE_STATS_SAMPLES:
+        rng = np.random.default_rng(settings.seed)
+        samples = sorted(rng.choice(samples, IMAGE_STATS_SAMPLES, replace=False).tolist())
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for i in samples:
+        with naming_errors(source, int(row_numbers[i]), column, paths[i]):
+            pixels = load_image(paths[i], channels, size).double().flatten(1)
+        total += pixels.sum(1)
+        squares += pixels.square().sum(1)
+    count = len(samples) * size[0] * size[1]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant channel
+    return Modality(
+        "image",
+        {
+            "shape": [channels, *size],
+            "in_channels": channels,
+            "image_size": list(size),
+            "mean": [round(float(m), 6) for m in mean],
+            "std": [round(float(s), 6) for s in std],
+        },
+    )
+
+
+def probe_image(path: str) -> tuple[int, tuple[int, int]]:
+    """An image's channels (1 for grey, else 3: alpha is dropped) and (height, width),
+    from its header alone."""
+    with Image.open(path) as image:
+        return (1 if image.mode in GREY_MODES else 3), (image.height, image.width)
+
+
+def load_image(path: str, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """A float image `[channels, *size]` in [0, 1], resized with antialiasing."""
+    image = decode_image_file(path, channels)
+    if image.shape[0] != channels:  # GIF and WebP decode to RGB whatever the mode asks
+        image = tvf.rgb_to_grayscale(image) if channels == 1 else image.repeat(3, 1, 1)
+    if tuple(image.shape[-2:]) != tuple(size):
+        image = tvf.resize(image, list(size), antialias=True)
+    return image
+
+
+def decode_image_file(path: str, channels: int) -> torch.Tensor:
+    """A file's pixels as float [C, H, W] in [0, 1]: torchvision.io for the formats it
+    decodes, Pillow for BMP and TIFF; the first frame of an animation."""
+    if path.lower().endswith(PILLOW_EXTENSIONS):
+        with Image.open(path) as image:
+            pixels = tvf.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+    else:
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        pixels = decode_image(read_file(path), mode=mode)
+    if pixels.dim() == 4:
+        pixels = pixels[0]
+    return tvf.to_dtype(pixels, torch.float32, scale=True)
+
+
+# ----------------------------------------------------------------------------- audio
+
+
+def audio_modality(
+    column: str,
+    paths: Sequence[str | None],
+    train: np.ndarray,
+    row_numbers: np.ndarray,
+    settings: ManifestSettings,
+    source: Path,
+) -> Modality:
+    """An audio column's modality: the sample rate and clip length every clip is fit to."""
+    seconds = settings.audio_seconds or longest_clip(column, paths, train, row_numbers, source)
+    clip_samples = round(seconds * settings.audio_sample_rate)
+    return Modality(
+        "audio",
+        {
+            "shape": [clip_samples],
+            "sample_rate": settings.audio_sample_rate,
+            "clip_samples": clip_samples,
+        },
+    )
+
+
+def longest_clip(
+    column: str,
+    paths: Sequence[str | None],
+    train: np.ndarray,
+    row_numbers: np.ndarray,
+    source: Path,
+) -> float:
+    """The longest train clip's duration in seconds, rounded up to 0.1 s (headers only)."""
+    samples = train_samples(paths, train)
+    if not samples:
+        raise ValueError(
+            f"manifest {source}: column '{column}' has no clip in the train split, so the clip "
+            "length is unknown; set audio_seconds"
+        )
+    longest = 0.0
+    for i in samples:
+        with naming_errors(source, int(row_numbers[i]), column, paths[i]):
+            info = soundfile.info(paths[i])
+        longest = max(longest, info.frames / info.samplerate)
+    return max(0.1, math.ceil(round(longest * 10, 6)) / 10)
+
+
+def load_audio(path: str, sample_rate: int, clip_samples: int, crop: str) -> torch.Tensor:
+    """A mono float clip `[clip_samples]` at `sample_rate`: channels averaged, resampled,
+    then cropped (from the start or the centre) or zero-padded at the end."""
+    data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    wave = torch.from_numpy(data.mean(axis=1))
+    if rate != sample_rate:
+        wave = torchaudio.functional.resample(wave, rate, sample_rate)
+    if len(wave) >= clip_samples:
+        start = (len(wave) - clip_samples) // 2 if crop == "center" else 0
+        return wave[start : start + clip_samples]
+    return torch.nn.functional.pad(wave, (0, clip_samples - len(wave)))
+
+
+# ----------------------------------------------------------------------------- tabular
+
+
+def encode_tabular(
+    frame: pd.DataFrame,
+    kinds: Mapping[str, str],
+    train: np.ndarray,
+    row_numbers: np.ndarray,
+    source: Path,
+) -> EncodedTable | None:
+    """The numeric and categorical columns encoded with the train split's statistics;
+    `None` without such columns."""
+    numeric = [c for c, k in kinds.items() if k == "numeric"]
+    categorical = [c for c, k in kinds.items() if k == "categorical"]
+    if not numeric and not categorical:
+        return None
+    parts = [standardized(frame[c], train, row_numbers, source) for c in numeric]
+    cardinalities = []
+    for column in categorical:
+        codes, cardinality = category_codes(frame[column], train)
+        parts.append(codes)
+        cardinalities.append(cardinality)
+    table = torch.from_numpy(np.stack(parts, axis=1).astype(np.float32))
+    present = frame[numeric + categorical].map(_is_filled).any(axis=1).to_numpy()
+    info = {
+        "shape": [table.shape[1]],
+        "num_numeric": len(numeric),
+        "categorical_cardinalities": cardinalities,
+        "columns": numeric + categorical,
+    }
+    return EncodedTable(table, present, Modality(TABULAR, info))
+
+
+def standardized(
+    series: pd.Series, train: np.ndarray, row_numbers: np.ndarray, source: Path
+) -> np.ndarray:
+    """(value - train mean) / train std; an empty cell becomes 0, the train mean."""
+    values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+    filled = series.map(_is_filled).to_numpy()
+    bad = np.flatnonzero(filled & np.isnan(values))
+    if len(bad):
+        i = bad[0]
+        raise ValueError(
+            f"{source}, data row {row_numbers[i]}, column '{series.name}': "
+            f"'{_cell_text(series.iloc[i])}' is not a number, and the column is numeric (set "
+            f"columns.{series.name}=categorical or text if it is not)"
+        )
+    reference = values[train & ~np.isnan(values)]
+    mean = float(reference.mean()) if len(reference) else 0.0
+    std = float(reference.std()) if len(reference) else 1.0
+    return np.nan_to_num((values - mean) / (std if std > 0 else 1.0), nan=0.0)
+
+
+def category_codes(series: pd.Series, train: np.ndarray) -> tuple[np.ndarray, int]:
+    """Codes 1.. for the train split's values (in `sort_names` order); 0 for an empty cell
+    or a value the train split never shows. Returns the codes and the cardinality."""
+    names = [_cell_text(v) if _is_filled(v) else None for v in series]
+    seen = {n for n, t in zip(names, train, strict=True) if t and n is not None}
+    vocabulary = {name: code for code, name in enumerate(sort_names(seen), start=1)}
+    codes = np.array([vocabulary.get(n, 0) if n is not None else 0 for n in names])
+    return codes.astype(np.float32), len(vocabulary) + 1
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def _is_filled(value: Any) -> bool:
+    """Whether a cell holds a value: not None, NaN or NA, nor an empty or blank string."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    try:
+        return not bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or dict cell (JSONL) holds a value
+        return True
+
+
+def _cell_text(value: Any) -> str:
+    """A cell as text; 3.0 becomes '3' (an integer column with gaps reads as floats)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
