@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test test-all lint format speech clean-venv
+.PHONY: run test test-all lint format speech example-data clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ format: $(VENV)/.installed
 
 speech: $(VENV)/.installed  ## Regenerate the committed speech asset (needs espeak-ng)
 	$(PY) -m data.make_avdigits_speech
+
+EXAMPLE_DATA ?= outputs/avdigits_files
+
+example-data: $(VENV)/.installed  ## AV-Digits as image/audio files + manifest.csv (for data=manifest)
+	$(PY) -m data.export_avdigits $(EXAMPLE_DATA) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
