@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusion.batch import Batch
 from experiments.evaluate import main
 from fusion.analysis.robustness import (
     add_noise,
@@ -20,6 +19,7 @@ from fusion.analysis.robustness import (
     plot_robustness,
     robustness_table,
 )
+from fusion.batch import Batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -122,3 +122,24 @@ def test_run_without_best_checkpoint_or_config_is_named(run_dir, tmp_path, capsy
     assert f"trainer.resume={stopped}" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 2
     assert str(tmp_path / "config.yaml") in capsys.readouterr().err
+
+
+def test_a_tables_categorical_codes_are_never_noised():
+    from fusion.analysis.robustness import noised_columns
+    from fusion.data import Modality
+
+    table = Modality("tabular", {"num_numeric": 2, "categorical_cardinalities": [4]})
+    columns = noised_columns(table)
+    batch = Batch(
+        inputs={"tabular": torch.tensor([[0.5, -1.0, 3.0], [1.5, 1.0, 2.0]])},
+        present={"tabular": torch.ones(2, dtype=torch.bool)},
+        targets=torch.zeros(2, dtype=torch.long),
+    )
+    noised = add_noise("tabular", 1.0, seed=0, columns=columns)(batch).inputs["tabular"]
+    assert noised[:, 2].tolist() == [3.0, 2.0]  # the codes
+    assert (noised[:, :2] != batch.inputs["tabular"][:, :2]).all()
+    assert input_std([batch], "tabular", columns) == pytest.approx(
+        0.9354143, rel=1e-6
+    )  # of 0.5, -1, 1.5, 1
+    only_codes = Modality("tabular", {"num_numeric": 0, "categorical_cardinalities": [4]})
+    assert input_std([batch], "tabular", noised_columns(only_codes)) is None
