@@ -42,6 +42,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 MODALITY_KINDS = ("image", "audio", "text", "tabular", "features")
@@ -122,8 +124,6 @@ class MultimodalDataset(Dataset):
     num_conditions: int | None = None
 
     def fingerprint(self) -> str:
-        from fusion.training.feature_cache import item_digest
-
         return item_digest(self)
 
     @property
@@ -165,6 +165,45 @@ def check_dataset(dataset: Any, where: str = "dataset") -> None:
             f"{where} ({type(dataset).__name__}) does not follow the dataset contract "
             f"(fusion/data.py): {'; '.join(problems)}"
         )
+
+
+def _update(digest: Any, value: Any) -> None:
+    """Feed a nested value (tensors, arrays, strings, numbers, dicts, lists) to `digest`."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"tensor{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"array{value.dtype}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            digest.update(f"key{key!r}".encode())
+            _update(digest, value[key])
+    elif isinstance(value, list | tuple):
+        digest.update(f"seq{len(value)}".encode())
+        for item in value:
+            _update(digest, item)
+    else:
+        digest.update(repr(value).encode())
+
+
+def fingerprint(*values: Any) -> str:
+    """A short stable hash of nested values: tensors and arrays hash by content, not identity.
+    Every cache key (stage-1 encoders, features) is made with it."""
+    digest = hashlib.sha256()
+    for value in values:
+        _update(digest, value)
+    return digest.hexdigest()[:20]
+
+
+def item_digest(dataset: Any) -> str:
+    """A hash of every item: for a dataset that cannot say what determines its content.
+    It reads the raw data once (cheap next to encoding it)."""
+    digest = hashlib.sha256()
+    for index in range(len(dataset)):
+        _update(digest, dataset[index])
+    return digest.hexdigest()
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:

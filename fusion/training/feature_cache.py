@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fusion.batch import Batch, collate
+from fusion.data import fingerprint, item_digest
 from fusion.encoders.base import sample_mask
 from fusion.training.checkpoint import atomic_path, load_checkpoint, save_checkpoint
 
@@ -42,49 +42,11 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 LABEL_FIELDS = ("present", "targets", "condition", "modality_targets")
 
 
-def _update(digest: Any, value: Any) -> None:
-    """Feed a nested value (tensors, arrays, strings, numbers, dicts, lists) to `digest`."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().contiguous()
-        digest.update(f"tensor{value.dtype}{tuple(value.shape)}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, np.ndarray):
-        digest.update(f"array{value.dtype}{value.shape}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, Mapping):
-        for key in sorted(value, key=str):
-            digest.update(f"key{key!r}".encode())
-            _update(digest, value[key])
-    elif isinstance(value, list | tuple):
-        digest.update(f"seq{len(value)}".encode())
-        for item in value:
-            _update(digest, item)
-    else:
-        digest.update(repr(value).encode())
-
-
-def fingerprint(*values: Any) -> str:
-    """A short stable hash of nested values: tensors hash by content, not identity."""
-    digest = hashlib.sha256()
-    for value in values:
-        _update(digest, value)
-    return digest.hexdigest()[:20]
-
-
 def encoder_key(encoder: nn.Module, config: Any = None, autocast: str = "float32") -> str:
     """Everything that shapes an encoder's features: its structure (which includes its
     preprocessing), every weight and buffer, the caller's `config` (e.g. the encoder's
     Hydra config, for settings no module attribute shows) and the compute precision."""
     return fingerprint(CACHE_VERSION, repr(encoder), encoder.state_dict(), config, autocast)
-
-
-def item_digest(dataset: Dataset) -> str:
-    """A hash of every item: for a dataset that cannot say what determines its content.
-    It reads the raw data once (cheap next to encoding it)."""
-    digest = hashlib.sha256()
-    for index in range(len(dataset)):
-        _update(digest, dataset[index])
-    return digest.hexdigest()
 
 
 def data_key(dataset: Dataset) -> str:

@@ -109,7 +109,10 @@ def fuse_datasets(datasets: Mapping[str, Dataset], views: int | None) -> dict[st
     redrawn at every access. A fixed train split is used as it is (cached once)."""
     datasets = dict(datasets)
     train = datasets["train"]
-    if views is None or is_deterministic(train):
+    if views is None:
+        return datasets
+    if is_deterministic(train):
+        log.info("stage 2: the train split is fixed, so it is encoded once; views are unused")
         return datasets
     draw = getattr(train, "fixed_view", None)
     if draw is None:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fusion.batch import Batch
-from fusion.data import Task, file_digest, output_sizes
+from fusion.data import Task, file_digest, fingerprint, output_sizes
 from fusion.encoders.base import Encoder
 from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead, MultiTaskHead
@@ -34,7 +34,7 @@ from fusion.surgery import GradualUnfreezing, param_groups, set_trainable
 from fusion.tracking import Tracker
 from fusion.training.checkpoint import load_checkpoint, save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed
-from fusion.training.feature_cache import data_key, fingerprint
+from fusion.training.feature_cache import data_key
 from fusion.training.loaders import cached_loaders, fuse_datasets, make_loaders, reseed
 from fusion.training.loop import EpochMetrics, evaluate, fit, predict
 from fusion.training.settings import (
