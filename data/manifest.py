@@ -593,6 +593,9 @@ def column_kinds(
             kinds[name] = "split"
         else:
             kinds[name] = overrides.get(name) or infer_kind(frame[name])
+            doubt = None if name in overrides else inference_doubt(frame[name], kinds[name])
+            if doubt:
+                log.warning("manifest %s, column '%s': %s", source.name, name, doubt)
     if not any(k in COLUMN_KINDS and k != "ignore" for k in kinds.values()):
         raise ValueError(f"manifest {source} has no input column: its columns are {kinds}")
     return kinds
@@ -623,6 +626,42 @@ def infer_kind(series: pd.Series) -> str:
     if few and max(map(len, texts)) <= CATEGORICAL_MAX_CHARS:
         return "categorical"
     return "text"
+
+
+def inference_doubt(series: pd.Series, kind: str) -> str | None:
+    """Why an inferred kind may be wrong, with the override that settles it; None when the
+    values leave no doubt. Said out loud: a wrong kind trains the wrong encoder silently."""
+    values = [v for v in series if _is_filled(v)]
+    name = series.name
+    if kind == "text":
+        numbers = [v for v in values if _as_number(v) is not None]
+        if len(numbers) >= 0.8 * len(values):
+            rows = [i + 1 for i, v in enumerate(series) if _is_filled(v) and _as_number(v) is None]
+            return (
+                f"read as text although {len(numbers)} of {len(values)} cells are numbers (data "
+                f"row {rows[0]} holds {series.iloc[rows[0] - 1]!r}); set "
+                f"data.columns={{{name}: numeric}} to have the other cells named"
+            )
+        paths = [v for v in values if str(v).lower().endswith(IMAGE_EXTENSIONS + AUDIO_EXTENSIONS)]
+        if paths:
+            return (
+                f"read as text although {len(paths)} of {len(values)} cells are file paths; set "
+                f"data.columns={{{name}: image}} (or audio) to have the others named"
+            )
+    if kind == "categorical" and any(" " in str(v) for v in values):
+        distinct = len({str(v) for v in values})
+        return (
+            f"read as categorical ({distinct} distinct values over {len(values)} cells); if it is "
+            f"free text, set data.columns={{{name}: text}}"
+        )
+    return None
+
+
+def _as_number(value: object) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def check_modality_names(kinds: Mapping[str, str], source: Path) -> None:
@@ -858,6 +897,10 @@ def image_modality(
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(0).sqrt()
     std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant channel
+    log.info(
+        "manifest %s, column '%s': images read as %d x %d x %d (data.image_channels, "
+        "data.image_size to change)", source.name, column, channels, *size,
+    )  # fmt: skip
     return Modality(
         "image",
         {
@@ -915,6 +958,11 @@ def audio_modality(
     """An audio column's modality: the sample rate and clip length every clip is fit to."""
     seconds = settings.audio_seconds or longest_clip(column, paths, train, row_numbers, source)
     clip_samples = round(seconds * settings.audio_sample_rate)
+    log.info(
+        "manifest %s, column '%s': clips read as mono at %d Hz, %s to %.2f s (%d samples; "
+        "data.audio_sample_rate, data.audio_seconds to change)", source.name, column,
+        settings.audio_sample_rate, "cropped or padded", seconds, clip_samples,
+    )  # fmt: skip
     return Modality(
         "audio",
         {

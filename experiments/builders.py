@@ -103,13 +103,17 @@ def encoder_config(model: DictConfig, name: str, modality: Modality) -> DictConf
         config = OmegaConf.load(path)
         if own is not None:
             config = OmegaConf.merge(config, own)
+    check_arguments(config._target_, config, f"model.encoders.{name}")
     for key in config:
         if OmegaConf.is_missing(config, key):
             if key not in modality.info:
+                options = sorted(p.stem for p in (ENCODER_DIR / modality.kind).glob("*.yaml"))
                 raise ConfigError(
                     f"config key 'model.encoders.{name}.{key}': the encoder needs it and the data "
-                    f"does not describe it for modality '{name}' (it gives "
-                    f"{sorted(k for k in modality.info if k != 'shape')}); set "
+                    f"does not describe it for '{name}', a modality of kind '{modality.kind}' "
+                    f"(it gives {sorted(k for k in modality.info if k != 'shape')}). Is this an "
+                    f"encoder for {modality.kind}? Those are {options} in "
+                    f"configs/model/encoder/{modality.kind}/; else set "
                     f"+model.encoders.{name}.{key}=..."
                 )
             config[key] = modality.info[key]

@@ -80,21 +80,33 @@ class Tracker:
         return path
 
     def log_confusion_matrix(
-        self, name: str, targets: Sequence[int], predictions: Sequence[int], num_classes: int
+        self,
+        name: str,
+        targets: Sequence[int],
+        predictions: Sequence[int],
+        class_names: Sequence[str],
     ) -> Path:
-        """Save the confusion matrix (rows: true class, columns: predicted) as JSON, and to W&B."""
-        matrix = [[0] * num_classes for _ in range(num_classes)]
+        """Save the confusion matrix (rows: true class, columns: predicted, both in the order
+        of `class_names`) as JSON, and to W&B."""
+        size = len(class_names)
+        matrix = [[0] * size for _ in range(size)]
         for t, p in zip(targets, predictions, strict=True):
             matrix[int(t)][int(p)] += 1
         path = self.run_dir / f"{name.replace('/', '_')}.json"
-        path.write_text(
-            json.dumps({"rows": "true class", "columns": "predicted", "matrix": matrix})
-        )
+        payload = {
+            "rows": "true class",
+            "columns": "predicted",
+            "classes": list(class_names),
+            "matrix": matrix,
+        }
+        path.write_text(json.dumps(payload))
         if self._wandb_run is not None:
             import wandb
 
             plot = wandb.plot.confusion_matrix(
-                y_true=[int(t) for t in targets], preds=[int(p) for p in predictions]
+                y_true=[int(t) for t in targets],
+                preds=[int(p) for p in predictions],
+                class_names=list(class_names),
             )
             self._wandb_run.log({name: plot})
         return path

@@ -29,3 +29,13 @@ def test_offline_wandb_writes_a_local_run(tmp_path):
 def test_unknown_mode_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"logger\.mode must be one of"):
         Tracker(tmp_path, mode="cloud")
+
+
+def test_confusion_matrix_names_its_classes(tmp_path):
+    tracker = Tracker(tmp_path, mode="disabled")
+    path = tracker.log_confusion_matrix(
+        "confusion_test", [0, 2, 2, 1], [0, 2, 1, 1], ["-1", "0", "1"]
+    )
+    saved = json.loads(path.read_text())
+    assert saved["classes"] == ["-1", "0", "1"]
+    assert saved["matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]

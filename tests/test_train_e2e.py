@@ -213,7 +213,9 @@ def test_offline_wandb_run_with_confusion_matrix_artifact_and_gradients(tmp_path
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))  # what `wandb sync` uploads
     assert "wandb sync" in result.stdout and "fused test accuracy" in result.stdout
-    matrix = json.loads((run_dir / "confusion_test.json").read_text())["matrix"]
+    confusion = json.loads((run_dir / "confusion_test.json").read_text())
+    matrix = confusion["matrix"]
+    assert confusion["classes"] == [str(d) for d in range(10)]
     assert len(matrix) == 10 and sum(map(sum, matrix)) == 48  # every test sample counted once
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("fuse/train/step_loss" in record for record in steps)

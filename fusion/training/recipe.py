@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fusion.batch import Batch
+from fusion.batch import Batch, Collate
 from fusion.data import Task, file_digest, fingerprint, output_sizes
 from fusion.encoders.base import Encoder
 from fusion.fusers import ConcatFuser
@@ -328,8 +328,29 @@ class Recipe:
             for split in self.eval_splits
         }
 
+    def check_encoders(self) -> None:
+        """Every encoder takes its modality's inputs: checked on two validation items before
+        anything trains, so an image encoder given audio fails now, not after stage 1.
+
+        The encoders built for the check draw from a forked random state, so the run's
+        numbers are the same with or without it."""
+        val = self.datasets["val"]
+        batch = Collate.for_dataset(val)([val[i] for i in range(min(2, len(val)))])
+        with torch.random.fork_rng(devices=[]):
+            encoders = {m: build() for m, build in self.spec.encoders.items()}
+        for modality, encoder in encoders.items():
+            try:
+                encoder.check_input(batch.inputs[modality], modality)
+            except (TypeError, ValueError) as err:
+                kind = self.train_data.modalities[modality].kind
+                target = (self.spec.encoder_configs.get(modality) or {}).get("_target_", "?")
+                raise ConfigError(
+                    f"config key 'model.encoders.{modality}': {err}. '{modality}' is a modality "
+                    f"of kind '{kind}'; its encoder is {target}: is that an encoder for {kind}?"
+                ) from None
+
     def pretrain(
-        self, modality: str, loaders: dict[str, DataLoader]
+        self, modality: str, encoder: Encoder, loaders: dict[str, DataLoader]
     ) -> tuple[Path, MultimodalModel]:
         """Stage 1 for one modality; returns the checkpoint and the trained unimodal model."""
         target = stage1_target(self.train_data, modality)
@@ -337,7 +358,7 @@ class Recipe:
             self.spec.encoder_configs.get(modality), self.datasets, target, self.trainer, self.seed
         )
         path = self.outputs.pretrained_dir / f"{modality}-{key}.pt"
-        model = unimodal_model(self.spec.encoders[modality](), modality, target[1])
+        model = unimodal_model(encoder, modality, target[1])
         model.to(self.device)
         state = None
         if self.trainer.pretrain.reuse and path.is_file():
@@ -400,8 +421,9 @@ class Recipe:
         loaders = make_loaders(self.datasets, self.trainer, self.seed, self.distributed)
         rows: list[Row] = []
         checkpoints = {}
-        for modality in self.spec.encoders:
-            checkpoints[modality], unimodal = self.pretrain(modality, loaders)
+        self.check_encoders()
+        for modality, build in self.spec.encoders.items():
+            checkpoints[modality], unimodal = self.pretrain(modality, build(), loaders)
             unimodal.encoders[modality].freeze()  # only evaluated from here on: cacheable
             evaluation = self.loaders(unimodal, {s: self.datasets[s] for s in self.eval_splits})
             name, tasks = stage1_target(self.train_data, modality)
@@ -476,7 +498,7 @@ class Recipe:
             task = self.tasks[name] if name else next(iter(self.tasks.values()))
             suffix = f"_{name}" if name else ""
             self.tracker.log_confusion_matrix(
-                f"confusion_{split}{suffix}", true, pred, task.num_outputs
+                f"confusion_{split}{suffix}", true, pred, task.classes
             )
 
 

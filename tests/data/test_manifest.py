@@ -374,3 +374,28 @@ def test_numeric_classes_sort_as_numbers(tmp_path):
         "2",
         "10",
     )
+
+
+def test_doubtful_inferences_are_said_with_the_override(tmp_path, caplog):
+    from data.manifest import inference_doubt
+
+    weights = pd.Series(["4.0", "20", "heavy", "3.5", "25"], name="weight_kg")
+    assert inference_doubt(weights, "text") == (
+        "read as text although 4 of 5 cells are numbers (data row 3 holds 'heavy'); set "
+        "data.columns={weight_kg: numeric} to have the other cells named"
+    )
+    captions = pd.Series(["a cat", "a dog", "a cat", "a dog"], name="caption")
+    assert "set data.columns={caption: text}" in inference_doubt(captions, "categorical")
+    assert (
+        inference_doubt(pd.Series(["paris", "lyon", "paris"], name="city"), "categorical") is None
+    )
+    assert inference_doubt(pd.Series(["a long free text", "another"], name="n"), "text") is None
+
+
+def test_a_manifest_says_the_sizes_it_chose(manifest, caplog):
+    with caplog.at_level(logging.INFO, logger="fusion"):
+        build(manifest)
+    assert "column 'photo': images read as 3 x 10 x 12" in caplog.text
+    assert (
+        "column 'clip': clips read as mono at 16000 Hz, cropped or padded to 0.80 s" in caplog.text
+    )

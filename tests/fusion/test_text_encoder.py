@@ -182,6 +182,8 @@ def test_missing_packages_say_what_to_install(monkeypatch):
         build_text_encoder("anything")
 
 
-def test_config_instantiates():
+def test_config_keeps_the_backbone_and_trains_a_projection():
     encoder = instantiate(OmegaConf.load(CONFIG))
-    assert isinstance(encoder, TextEncoder) and encoder.out_dim == 384
+    assert isinstance(encoder, TextEncoder) and encoder.out_dim == 128
+    trainable = {n.split(".")[0] for n, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"post"}
