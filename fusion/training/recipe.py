@@ -284,6 +284,7 @@ class Recipe:
         self.train_data = self.datasets["train"]
         self.tasks: dict[str, Task] = dict(self.train_data.tasks)
         self.eval_splits = [s for s in self.datasets if s != "train"]
+        self.rows: list[Row] = []  # the results table's lines, once `run` has finished
         check_tasks(self.tasks)
         self.precision = resolve_precision(trainer.precision, device)
 
