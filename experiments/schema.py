@@ -118,3 +118,34 @@ def register_resolvers() -> None:
     """`${run_id:}`: see `run_id`; resolved once per process."""
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config (DictConfig or plain dicts and lists) as {dotted key: leaf value}."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    if isinstance(config, dict):
+        if not config:
+            return {prefix: {}} if prefix else {}
+        flat: dict[str, Any] = {}
+        for key, value in config.items():
+            flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: config}
+
+
+def config_differences(stored: Any, current: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Every dotted key whose value differs between two configs, as "key: stored -> current"
+    ("<absent>" for a key only one side has). Keys equal to, or under, an `ignore` entry are
+    skipped: settings that may change without changing what the run computes."""
+
+    def ignored(key: str) -> bool:
+        return any(key == skip or key.startswith(f"{skip}.") for skip in ignore)
+
+    old, new = flatten(stored), flatten(current)
+    absent = "<absent>"
+    return [
+        f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if not ignored(key) and old.get(key, absent) != new.get(key, absent)
+    ]
