@@ -84,8 +84,63 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(
             "config key 'data': expected a dataset config with a _target_ (data=manifest, ...)"
         )
+    if checked.logger.log_every_n_steps < 1:
+        raise ConfigError(
+            f"config key 'logger.log_every_n_steps': expected >= 1, "
+            f"got {checked.logger.log_every_n_steps}"
+        )
+    check_model(checked.model)
+    check_seeds(checked)
+    check_paths(checked.paths)
     check_trainer(OmegaConf.to_object(checked.trainer))
     return checked
+
+
+def check_model(model: DictConfig) -> None:
+    """The fuser and head are components to build, and modality dropout rates are
+    probabilities; the names of the modalities are checked against the data later
+    (`experiments.builders.check_before_training`)."""
+    for part, group in (("fusion", "model/fusion=gated"), ("head", "model/head=mlp")):
+        node = model[part]
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            found = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+            raise ConfigError(
+                f"config key 'model.{part}': expected a component config with a _target_ "
+                f"(choose one with {group}, ...), got {found!r}"
+            )
+    for name, rate in (model.modality_dropout or {}).items():
+        if not 0 <= rate < 1:
+            raise ConfigError(
+                f"config key 'model.modality_dropout.{name}': expected a probability in [0, 1), "
+                f"got {rate}"
+            )
+
+
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's legacy seeding takes; torch takes more
+
+
+def check_seeds(cfg: DictConfig) -> None:
+    """`seed` seeds Python, numpy and torch (`fusion.training.set_seed`); `data.seed`, when
+    the dataset takes one, seeds its splits and draws with numpy. Both must be integers in
+    the range all of them accept."""
+    seeds = {"seed": cfg.seed}
+    if cfg.data.get("seed") is not None:
+        seeds["data.seed"] = cfg.data.seed
+    low, high = SEED_RANGE
+    for key, seed in seeds.items():
+        if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+            raise ConfigError(
+                f"config key '{key}': expected an integer in [{low}, {high}], got {seed!r}"
+            )
+
+
+def check_paths(paths: DictConfig) -> None:
+    """An empty folder name would put outputs at the file system's root (`/runs/...`) or in
+    the launch folder; whether each folder is writable is probed before training
+    (`experiments.builders.check_before_training`)."""
+    for key, value in paths.items():
+        if not value.strip():
+            raise ConfigError(f"config key 'paths.{key}': expected a folder, got {value!r}")
 
 
 def run_id() -> str:

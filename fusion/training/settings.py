@@ -6,11 +6,16 @@ same classes as the typed schema, so a config key and a field are one name.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from fusion.training.distributed import BACKENDS
+from fusion.training.loop import NONFINITE
 from fusion.training.precision import PRECISIONS, Precision
 
 
@@ -83,18 +88,31 @@ class TrainerConfig:
     fuse: FuseConfig = field(default_factory=FuseConfig)
     resume: str | None = None
     stop_after_epochs: int | None = None
+    nonfinite: str = "stop"  # a NaN/Inf training loss: stop the stage, or skip the step
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICES = "auto, cpu, cuda, cuda:N (N a GPU index) or mps"
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
-    """Raise `ConfigError` naming the first `trainer.*` setting that cannot work."""
+    """Raise `ConfigError` naming the first `trainer.*` setting that cannot work, so that it
+    fails before anything is built rather than in stage 2 or when saving."""
 
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"config key 'trainer.{key}': {message}")
 
+    check_guards(trainer)
     for stage in ("pretrain", "fuse"):
-        epochs = getattr(trainer, stage).epochs
-        if epochs < 1:
-            fail(f"{stage}.epochs", f"expected >= 1, got {epochs}")
+        check_stage(stage, getattr(trainer, stage), fail)
+    if trainer.fuse.unfreeze is not None:
+        for key, value in dataclasses.asdict(trainer.fuse.unfreeze).items():
+            if value < 1:
+                fail(f"fuse.unfreeze.{key}", f"expected >= 1, got {value}")
+    if not DEVICE.fullmatch(trainer.device):
+        gpu = "gpu" in trainer.device
+        hint = f"; did you mean '{trainer.device.replace('gpu', 'cuda')}'?" if gpu else ""
+        fail("device", f"expected {DEVICES}, got '{trainer.device}'{hint}")
     if trainer.batch_size < 1:
         fail("batch_size", f"expected >= 1, got {trainer.batch_size}")
     if trainer.precision not in PRECISIONS:
@@ -112,9 +130,44 @@ def check_trainer(trainer: TrainerConfig) -> None:
         fail("fuse.views", f"expected null or >= 1, got {trainer.fuse.views}")
     if trainer.num_workers < 0:
         fail("num_workers", f"expected >= 0, got {trainer.num_workers}")
+    if trainer.prefetch_factor is not None and trainer.prefetch_factor < 1:
+        fail("prefetch_factor", f"expected null or >= 1, got {trainer.prefetch_factor}")
     for key in ("persistent_workers", "prefetch_factor"):
         if getattr(trainer, key) and trainer.num_workers == 0:
             fail(key, "needs worker processes, but trainer.num_workers=0")
+    if trainer.stop_after_epochs is not None and trainer.stop_after_epochs < 1:
+        fail(
+            "stop_after_epochs",
+            f"expected null (train every epoch) or >= 1, got {trainer.stop_after_epochs}",
+        )
+    if trainer.resume is not None and not trainer.resume.strip():
+        fail("resume", "expected null or a run directory (or its fuse_state.pt), got ''")
+
+
+def check_stage(name: str, stage: StageConfig, fail: Callable[[str, str], None]) -> None:
+    """One stage's epochs, learning rates and weight decays: an lr of 0 trains nothing and a
+    negative decay grows the weights, so both are refused rather than run."""
+    if stage.epochs < 1:
+        fail(f"{name}.epochs", f"expected >= 1, got {stage.epochs}")
+    if not 0 < stage.lr < math.inf:
+        fail(f"{name}.lr", f"expected a finite number > 0, got {stage.lr}")
+    if not 0 <= stage.weight_decay < math.inf:
+        fail(f"{name}.weight_decay", f"expected a finite number >= 0, got {stage.weight_decay}")
+    for key in ("lr_mult", "weight_decay_for"):
+        for pattern, value in (getattr(stage, key) or {}).items():
+            if not 0 <= value < math.inf:
+                fail(f"{name}.{key}.{pattern}", f"expected a finite number >= 0, got {value}")
+    if stage.layer_decay is not None and not 0 < stage.layer_decay <= 1:
+        fail(f"{name}.layer_decay", f"expected null or in (0, 1], got {stage.layer_decay}")
+
+
+def check_guards(trainer: TrainerConfig) -> None:
+    """Raise `ConfigError` for a policy on non-finite training that does not exist."""
+    if trainer.nonfinite not in NONFINITE:
+        raise ConfigError(
+            f"config key 'trainer.nonfinite': expected one of {NONFINITE}, "
+            f"got '{trainer.nonfinite}'"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
