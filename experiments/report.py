@@ -5,21 +5,27 @@
     python -m experiments.report outputs/multiruns/<sweep> --pivot data.task   # a column per task
     python -m experiments.report outputs/multiruns/<sweep> --plots figures/fusers
 
-Every `summary.json` under the given directory is one run; runs are grouped by the values
-they were launched with (Hydra's overrides, read from each run's `.hydra/overrides.yaml`),
-seeds aside, and each group gets the mean and standard deviation of the metric over seeds.
+Every run directory under the given directory (one with Hydra's `.hydra/overrides.yaml` or a
+`summary.json`) is one run; runs are grouped by the values they were launched with, seeds and
+settings that do not change the result aside (`NOT_CONFIGURATION`: logging, paths, resuming,
+stopping early), and each group gets the mean and standard deviation of the metric over seeds.
+Each cell says how many runs it averages (`n=2 of 3` when a launched run has no result) and is
+marked `*` when it has fewer than another; runs without a `summary.json` are listed under the
+table with what their files tell (stopped early, resumed by another run, crashed or killed).
+A file that cannot be read as expected fails naming it, what was expected and what was found.
 
-The table goes to stdout. The plots directory (default `<root>/report`) gets `table.md`,
-`report.json` (per configuration: mean, std, n, per-seed values, and the mean learning curve
-with how many runs it averages), a bar chart `<metric>.png` and `learning_curves.png`
-(`fuse/val/accuracy` per `fuse/epoch`, read from each run's `metrics.jsonl`). Their paths go
-to stderr, so stdout stays the table alone.
+The table and its notes go to stdout. The plots directory (default `<root>/report`) gets
+`table.md`, `report.json` (per configuration: mean, std, n, launched, per-seed values, and the
+mean learning curve with how many runs it averages; the incomplete runs), a bar chart
+`<metric>.png` and `learning_curves.png` (`fuse/val/accuracy` per `fuse/epoch`, read from each
+run's `metrics.jsonl`). Their paths go to stderr, so stdout stays the table alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -33,9 +39,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-IGNORED_OVERRIDES = ("seed", "logger.", "paths.", "hydra.")
+# Launch settings that do not change what a run computes: runs differing only in these are
+# seeds of one configuration (a resumed run is the run it continues).
+NOT_CONFIGURATION = (
+    "seed",
+    "tags",
+    "logger",
+    "paths",
+    "hydra",
+    "trainer.resume",
+    "trainer.stop_after_epochs",
+)
 CURVE_X, CURVE_Y = "fuse/epoch", "fuse/val/accuracy"
 LINESTYLES = ("-", "--", ":", "-.")
+FUSE_STATE = Path("checkpoints") / "fuse_state.pt"
 
 
 class ReportError(ValueError):
@@ -44,12 +61,21 @@ class ReportError(ValueError):
 
 @dataclass
 class Run:
-    """One finished run: where it lives, what it was launched with, its seed and final numbers."""
+    """One launched run: where it lives, what it was launched with, its seed and final numbers
+    (`summary` is None when it has no summary.json; `status` then says why, as far as known)."""
 
     dir: Path
     config: dict[str, str]
     seed: str | None
-    summary: dict[str, Any]
+    summary: dict[str, Any] | None
+    status: str = ""
+    resumed_by: Path | None = None
+
+    @property
+    def counts(self) -> bool:
+        """Whether the run counts as launched: a stopped run that another continued does not
+        (the two are one run)."""
+        return self.summary is not None or self.resumed_by is None
 
 
 def note(message: str) -> None:
@@ -57,44 +83,211 @@ def note(message: str) -> None:
     print(f"report: {message}", file=sys.stderr)
 
 
-def run_seed(overrides: dict[str, str], hydra_dir: Path) -> str | None:
+def read_text(path: Path) -> str:
+    """A file's text, or a ReportError naming it (unreadable, or not text)."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"{path}: expected a readable text file, found {err}") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; corrupt JSON is a ReportError with the path and the position."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: expected JSON, found corrupt JSON ({err})") from None
+
+
+def read_yaml(path: Path, expected: type, default: Any) -> Any:
+    """A YAML file's value of the `expected` type (`default` for an empty or absent file)."""
+    if not path.is_file():
+        return default
+    try:
+        value = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
+        raise ReportError(f"{path}: expected YAML, found corrupt YAML ({reason})") from None
+    if value is None:
+        return default
+    if not isinstance(value, expected):
+        raise ReportError(
+            f"{path}: expected a YAML {expected.__name__}, found {type(value).__name__}"
+        )
+    return value
+
+
+def read_overrides(path: Path) -> dict[str, str]:
+    """Hydra's `overrides.yaml`: a list of `key=value` strings (a `~key` deletion is kept)."""
+    overrides = read_yaml(path, list, [])
+    launched = {}
+    for i, item in enumerate(overrides):
+        if not isinstance(item, str):
+            raise ReportError(
+                f"{path}: expected a list of 'key=value' strings, found "
+                f"{type(item).__name__} {item!r} at item {i}"
+            )
+        key, _, value = item.partition("=")
+        launched[key.lstrip("+")] = value if "=" in item else "(deleted)"
+    return launched
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's `summary.json`: a JSON object of its final numbers."""
+    summary = read_json(path)
+    if not isinstance(summary, dict):
+        raise ReportError(f"{path}: expected a JSON object, found {type(summary).__name__}")
+    return summary
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """`metrics.jsonl`, one JSON object a line. Only a last line cut short (no newline at the
+    end: the run was killed while writing it) is skipped; anything else corrupt fails."""
+    text = read_text(path)
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                note(f"{path}: line {number} was cut short (a killed run); skipped")
+                break
+            raise ReportError(
+                f"{path}: line {number}: expected a JSON object, found corrupt JSON ({err})"
+            ) from None
+        if not isinstance(record, dict):
+            raise ReportError(
+                f"{path}: line {number}: expected a JSON object, found {type(record).__name__}"
+            )
+        records.append(record)
+    return records
+
+
+def number(value: Any, where: str) -> float:
+    """A finite real number from a run's files, or a ReportError saying where and what."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ReportError(f"{where}: expected a finite number, found {value!r}")
+    return float(value)
+
+
+def is_configuration(key: str) -> bool:
+    """Whether a launch setting is part of the configuration (see NOT_CONFIGURATION)."""
+    return not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_CONFIGURATION)
+
+
+def run_seed(overrides: dict[str, str], config: dict[str, Any]) -> str | None:
     """The seed from the command line, else from the composed config (a sweep over one seed)."""
     if "seed" in overrides:
         return overrides["seed"]
-    config_path = hydra_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
-    seed = config.get("seed") if isinstance(config, dict) else None
+    seed = config.get("seed")
     return None if seed is None else str(seed)
 
 
+def setting(config: dict[str, Any], dotted: str) -> Any:
+    """A value of the composed config by dotted key, None when absent."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def last_fuse_epoch(run_dir: Path) -> int | None:
+    """The last stage-2 epoch a run logged, from its metrics.jsonl (None when it logged none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    epochs = [r[CURVE_X] for r in read_metrics(path) if isinstance(r.get(CURVE_X), int)]
+    return max(epochs, default=None)
+
+
+def why_incomplete(run_dir: Path, overrides: dict[str, str], config: dict[str, Any]) -> str:
+    """Why a run has no summary.json, as far as its files tell: stopped early on purpose
+    (`trainer.stop_after_epochs`, a stage-2 state is left), or crashed, killed or still running
+    (in stage 2 when a stage-2 state exists, before that when none does)."""
+    if not (run_dir / FUSE_STATE).is_file():
+        return f"crashed, killed or still running before a stage-2 epoch ended (no {FUSE_STATE})"
+    epoch, epochs = last_fuse_epoch(run_dir), setting(config, "trainer.fuse.epochs")
+    progress = f" after stage-2 epoch {epoch}" if epoch is not None else ""
+    progress += f" of {epochs}" if epoch is not None and isinstance(epochs, int) else ""
+    stop = overrides.get("trainer.stop_after_epochs", setting(config, "trainer.stop_after_epochs"))
+    resume = f"; continue with trainer.resume={run_dir}"
+    if stop not in (None, "null"):
+        return f"stopped early{progress} (trainer.stop_after_epochs={stop}){resume}"
+    return f"crashed, killed or still running in stage 2{progress} ({FUSE_STATE} exists){resume}"
+
+
+def resumed_dir(value: str) -> Path:
+    """The run directory a `trainer.resume` value names (it may name the state file)."""
+    path = Path(value).expanduser()
+    if path.name == FUSE_STATE.name:
+        path = path.parent.parent
+    return path.resolve()
+
+
+def read_run(run_dir: Path) -> tuple[Run, dict[str, str]]:
+    """One run directory: the run, and the overrides it was launched with."""
+    hydra_dir = run_dir / ".hydra"
+    launched = read_overrides(hydra_dir / "overrides.yaml")
+    composed = read_yaml(hydra_dir / "config.yaml", dict, {})
+    config = {k: v for k, v in launched.items() if is_configuration(k)}
+    seed = run_seed(launched, composed)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        return Run(run_dir, config, seed, read_summary(summary_path)), launched
+    return Run(run_dir, config, seed, None, why_incomplete(run_dir, launched, composed)), launched
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Every run directory under `root`: one with a summary.json or with Hydra's overrides."""
+    summaries = {p.parent for p in root.rglob("summary.json")}
+    launched = {p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"}
+    return sorted(summaries | launched)
+
+
 def load_runs(root: Path) -> list[Run]:
-    """Every run under `root`, with its overrides (seeds aside) as its configuration."""
+    """Every run under `root`, finished or not, with its overrides (seeds and settings that are
+    not part of a configuration aside) as its configuration. A stopped run that another run
+    under `root` resumed is marked as such: the two are one run."""
     if not root.is_dir():
         raise ReportError(f"{root} is not a directory")
-    runs = []
-    for summary_path in sorted(root.rglob("summary.json")):
-        hydra_dir = summary_path.parent / ".hydra"
-        overrides_path = hydra_dir / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else []
-        launched = dict(o.split("=", 1) for o in overrides if "=" in o)
-        config = {k: v for k, v in launched.items() if not k.startswith(IGNORED_OVERRIDES)}
-        summary = json.loads(summary_path.read_text())
-        runs.append(Run(summary_path.parent, config, run_seed(launched, hydra_dir), summary))
-    if not runs:
-        raise ReportError(f"no summary.json under {root}")
+    read = [read_run(d) for d in run_dirs(root)]
+    resumed_by = {
+        resumed_dir(launched["trainer.resume"]): run.dir
+        for run, launched in read
+        if launched.get("trainer.resume") not in (None, "", "null")
+    }
+    runs = [run for run, _ in read]
+    for run in runs:
+        if run.summary is None and (successor := resumed_by.get(run.dir.resolve())):
+            run.status, run.resumed_by = f"stopped early; resumed by {successor}", successor
+    if not any(run.summary is not None for run in runs):
+        listed = "".join(f"\n  {run.dir}: {run.status}" for run in runs)
+        raise ReportError(f"no summary.json under {root}" + (f"; runs:{listed}" if runs else ""))
     return runs
 
 
+def finished(runs: list[Run]) -> list[Run]:
+    """The runs with a summary.json."""
+    return [run for run in runs if run.summary is not None]
+
+
 def check_metric(runs: list[Run], metric: str) -> None:
-    """Fail with the metrics a run does have, so a typo or a wrong prefix is easy to fix."""
-    lacking = [run for run in runs if metric not in run.summary]
+    """Fail with the metrics a run does have, so a typo or a wrong prefix is easy to fix; a
+    value that is not a finite number fails naming its summary.json."""
+    done = finished(runs)
+    lacking = [run for run in done if metric not in run.summary]
     if lacking:
         summary = lacking[0].summary
         have = sorted(k for k, v in summary.items() if isinstance(v, int | float))
         raise ReportError(
-            f"{len(lacking)} of {len(runs)} runs have no '{metric}' (e.g. {lacking[0].dir}); "
+            f"{len(lacking)} of {len(done)} runs have no '{metric}' (e.g. {lacking[0].dir}); "
             f"its summary.json has: {', '.join(have)}"
         )
+    for run in done:
+        number(run.summary[metric], f"{run.dir / 'summary.json'}: '{metric}'")
 
 
 def check_pivot(runs: list[Run], pivot: str | None) -> None:
@@ -114,50 +307,97 @@ def is_fraction(metric: str) -> bool:
     return "accuracy" in metric or "gain" in metric
 
 
-def cell(scores: list[float], percent: bool = True) -> str:
-    """Mean, with the standard deviation over seeds and the run count when there are several."""
-    if not scores:
+def cell(scores: list[float], launched: int, percent: bool = True, fewer: bool = False) -> str:
+    """Mean ± std over seeds and the run count (`n=2 of 3` when a launched run has no result;
+    `*` when fewer runs than elsewhere in the table), or `-` when nothing was launched."""
+    if not launched:
         return "-"
     fmt = ".2%" if percent else ".4f"
-    if len(scores) == 1:
-        return f"{scores[0]:{fmt}}"
-    mean, std = statistics.mean(scores), statistics.stdev(scores)
-    return f"{mean:{fmt}} ± {std:{fmt}} (n={len(scores)})"
+    if not scores:
+        value = "-"
+    elif len(scores) == 1:
+        value = f"{scores[0]:{fmt}}"
+    else:
+        value = f"{statistics.mean(scores):{fmt}} ± {statistics.stdev(scores):{fmt}}"
+    count = f"n={len(scores)}" + (f" of {launched}" if launched > len(scores) else "")
+    return f"{value} ({count})" + ("*" if fewer else "")
+
+
+@dataclass
+class Cell:
+    """A configuration's results in one column: the finished runs' values, the runs launched."""
+
+    runs: list[Run]
+    scores: list[float]
+    launched: int = 0
+
+
+def cells(runs: list[Run], metric: str, keys: list[str], pivot: str | None) -> dict:
+    """{configuration values: {column: Cell}}; a run stopped and resumed counts once."""
+    grid: dict[tuple[str, ...], dict[str, Cell]] = defaultdict(dict)
+    for run in runs:
+        column = run.config.get(pivot, "") if pivot else metric
+        entry = grid[tuple(run.config.get(k, "") for k in keys)].setdefault(column, Cell([], []))
+        entry.launched += run.counts
+        if run.summary is not None:
+            entry.runs.append(run)
+            entry.scores.append(float(run.summary[metric]))
+    return {values: grid[values] for values in sorted(grid)}
+
+
+def most_runs(grid: dict) -> int:
+    """The largest number of finished runs in one cell: cells with fewer are marked."""
+    return max(len(c.scores) for row in grid.values() for c in row.values())
+
+
+def incomplete_lines(runs: list[Run]) -> list[str]:
+    """Markdown list of the runs without a summary.json, each with what its files tell."""
+    lines = []
+    for run in runs:
+        if run.summary is None:
+            launched = ", ".join(f"{k}={v}" for k, v in run.config.items())
+            seed = f"seed={run.seed}" if run.seed is not None else "seed unknown"
+            lines.append(f"- {run.dir} ({', '.join(filter(None, [launched, seed]))}): {run.status}")
+    return lines
 
 
 def table(runs: list[Run], metric: str, pivot: str | None = None) -> str:
-    """One row per configuration; with `pivot`, that override's values become the columns."""
-    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    """One row per configuration; with `pivot`, that override's values become the columns.
+    Every cell says how many runs it averages; notes under the table list the runs without a
+    result, so a crashed or stopped seed is never averaged away without a word."""
     keys = [k for k in config_keys(runs) if k != pivot]
-    columns: list[str] = []
-    for run in runs:
-        column = run.config.get(pivot, "") if pivot else metric
-        if column not in columns:
-            columns.append(column)
-        groups[tuple(run.config.get(k, "") for k in keys)][column].append(
-            float(run.summary[metric])
-        )
+    grid = cells(runs, metric, keys, pivot)
+    columns = list(dict.fromkeys(run.config.get(pivot, "") if pivot else metric for run in runs))
     headers = [f"{pivot}={c}" for c in columns] if pivot else columns
+    most = most_runs(grid)
     lines = [
         "| " + " | ".join([*keys, *headers]) + " |",
         "|" + "---|" * len(keys) + "---:|" * len(columns),
     ]
-    for values, by_column in sorted(groups.items()):
-        cells = [cell(by_column[c], is_fraction(metric)) for c in columns]
-        lines.append("| " + " | ".join([*values, *cells]) + " |")
+    marked = False
+    for values, row in grid.items():
+        texts = []
+        for column in columns:
+            entry = row.get(column, Cell([], []))
+            fewer = bool(entry.launched) and len(entry.scores) < most
+            marked |= fewer
+            texts.append(cell(entry.scores, entry.launched, is_fraction(metric), fewer))
+        lines.append("| " + " | ".join([*values, *texts]) + " |")
+    if marked:
+        lines += ["", f"\\* fewer finished runs than the most in one cell ({most})."]
+    if incomplete := incomplete_lines(runs):
+        lines += ["", "Runs without a summary.json (not averaged):", "", *incomplete]
     return "\n".join(lines)
 
 
 def read_curve(run_dir: Path) -> dict[int, float]:
     """Validation accuracy per stage-2 epoch; a resumed run logs epochs again, the last counts."""
+    path = run_dir / "metrics.jsonl"
     curve = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a killed run can leave its last line cut
+    for record in read_metrics(path):
         if CURVE_X in record and CURVE_Y in record:
-            curve[int(record[CURVE_X])] = float(record[CURVE_Y])
+            epoch = number(record[CURVE_X], f"{path}: '{CURVE_X}'")
+            curve[int(epoch)] = number(record[CURVE_Y], f"{path}: '{CURVE_Y}'")
     return curve
 
 
@@ -179,29 +419,42 @@ def mean_curve(curves: list[dict[int, float]]) -> dict[int, float]:
 
 
 def aggregate(runs: list[Run], metric: str) -> dict[str, Any]:
-    """The numbers behind the plots, per configuration keyed by the overrides that launch it."""
+    """The numbers behind the plots, per configuration keyed by the overrides that launch it;
+    `n` runs finished of `launched`, and every run without a result under `incomplete`."""
     keys = config_keys(runs)
-    groups: dict[tuple[str, ...], list[Run]] = defaultdict(list)
-    for run in runs:
-        groups[tuple(run.config.get(k, "") for k in keys)].append(run)
+    grid = cells(runs, metric, keys, None)
+    most = most_runs(grid)
     configurations = {}
-    for values, members in sorted(groups.items()):
+    for values, row in grid.items():
+        entry = row[metric]
         config = {k: v for k, v in zip(keys, values, strict=True) if v}
-        scores = [float(run.summary[metric]) for run in members]
-        curves = [c for c in map(run_curve, members) if c]
+        curves = [c for c in map(run_curve, entry.runs) if c]
+        scores = entry.scores
         configurations[" ".join(f"{k}={v}" for k, v in config.items())] = {
             "config": config,
-            "mean": statistics.mean(scores),
+            "mean": statistics.mean(scores) if scores else None,
             "std": statistics.stdev(scores) if len(scores) > 1 else None,
             "n": len(scores),
+            "launched": entry.launched,
+            "fewer_runs": len(scores) < most,
             "runs": [
                 {"seed": run.seed, "value": score, "dir": str(run.dir)}
-                for run, score in zip(members, scores, strict=True)
+                for run, score in zip(entry.runs, scores, strict=True)
             ],
             "learning_curve": {str(e): acc for e, acc in mean_curve(curves).items()},
             "learning_curve_runs": len(curves),
         }
-    return {"metric": metric, "keys": keys, "configurations": configurations}
+    incomplete = [
+        {"dir": str(run.dir), "config": run.config, "seed": run.seed, "status": run.status}
+        for run in runs
+        if run.summary is None
+    ]
+    return {
+        "metric": metric,
+        "keys": keys,
+        "configurations": configurations,
+        "incomplete": incomplete,
+    }
 
 
 def label(config: dict[str, str], keys: list[str]) -> str:
@@ -222,7 +475,8 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
     figure = new_figure(9, 1.2 + 0.32 * len(entries))
     ax = figure.add_subplot()
     rows = range(len(entries))
-    ax.barh(rows, [e["mean"] for e in entries], color="tab:blue", alpha=0.8)
+    means = [math.nan if e["mean"] is None else e["mean"] for e in entries]
+    ax.barh(rows, means, color="tab:blue", alpha=0.8)
     spread = [(i, e) for i, e in enumerate(entries) if e["std"] is not None]
     if spread:
         ax.errorbar(
@@ -234,7 +488,8 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
             capsize=3,
         )
     for i, e in enumerate(entries):
-        text = cell([r["value"] for r in e["runs"]], is_fraction(report["metric"]))
+        scores = [r["value"] for r in e["runs"]]
+        text = cell(scores, e["launched"], is_fraction(report["metric"]), e["fewer_runs"])
         ax.text(1.01, i, text, transform=ax.get_yaxis_transform(), va="center", fontsize=8)
     ax.set_yticks(rows, [label(e["config"], report["keys"]) for e in entries], fontsize=8)
     ax.invert_yaxis()
@@ -311,13 +566,14 @@ def push_to_wandb(report: dict[str, Any], images: list[Path], mode: str, project
     """Log the aggregated table (and the plots) as a W&B run of its own, `job_type=report`."""
     import wandb
 
-    columns = [*report["keys"], "mean", "std", "n"]
+    columns = [*report["keys"], "mean", "std", "n", "launched"]
     rows = [
         [
             *(entry["config"].get(k, "") for k in report["keys"]),
             entry["mean"],
             entry["std"],
             entry["n"],
+            entry["launched"],
         ]
         for entry in report["configurations"].values()
     ]
@@ -362,12 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.root)
         check_metric(runs, args.metric)
         check_pivot(runs, args.pivot)
+        table_text = table(runs, args.metric, args.pivot)
+        report = aggregate(runs, args.metric)
     except ReportError as error:
         note(str(error))
         return 2
-    table_text = table(runs, args.metric, args.pivot)
     print(table_text)
-    report = aggregate(runs, args.metric)
     paths = write_report(report, table_text, args.plots or args.root / "report")
     print("wrote:", *paths, sep="\n  ", file=sys.stderr)
     if args.wandb:

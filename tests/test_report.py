@@ -1,22 +1,32 @@
 import json
 
 import pytest
+import yaml
 
 from experiments.report import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(root, name, overrides, accuracy, curve=None):
-    """A run dir as train.py leaves it; `curve` (val accuracy per epoch) becomes metrics.jsonl."""
+def fake_run(root, name, overrides, accuracy, curve=None, fuse_state=False, epochs=3):
+    """A run dir as train.py leaves it; `curve` (val accuracy per epoch) becomes metrics.jsonl.
+    `accuracy=None`: no summary.json (the run crashed or stopped); `fuse_state`: it left a
+    stage-2 state; `epochs` is the composed config's trainer.fuse.epochs."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (run / "summary.json").write_text(json.dumps({"test/fused/accuracy": accuracy}))
+    config = {"seed": 0, "trainer": {"fuse": {"epochs": epochs}, "stop_after_epochs": None}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if accuracy is not None:
+        (run / "summary.json").write_text(json.dumps({"test/fused/accuracy": accuracy}))
     if curve is not None:
         lines = [{"pretrain/image/val/accuracy": 0.5}]
         lines += [{"fuse/epoch": e, "fuse/val/accuracy": a} for e, a in enumerate(curve, 1)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if fuse_state:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "fuse_state.pt").write_bytes(b"state")
+    return run
 
 
 def assert_png(path):
@@ -33,7 +43,8 @@ def test_report_groups_runs_over_seeds(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| model/fusion | test/fused/accuracy |"
     assert lines[2] == "| concat | 85.00% ± 7.07% (n=2) |"
-    assert lines[3] == "| gated | 70.00% |"
+    assert lines[3] == "| gated | 70.00% (n=1)* |"
+    assert lines[4:] == ["", "\\* fewer finished runs than the most in one cell (2)."]
 
 
 def test_report_pivots_an_override_into_columns(tmp_path, capsys):
@@ -43,7 +54,8 @@ def test_report_pivots_an_override_into_columns(tmp_path, capsys):
     assert main([str(tmp_path), "--pivot", "data.task"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| model/fusion | data.task=digit | data.task=same |"
-    assert lines[2:] == ["| concat | 90.00% | 70.00% |", "| tfn | - | 75.00% |"]
+    # tfn was never launched on digit: nothing is missing there
+    assert lines[2:] == ["| concat | 90.00% (n=1) | 70.00% (n=1) |", "| tfn | - | 75.00% (n=1) |"]
 
 
 def test_report_writes_table_json_and_plots(tmp_path, capsys):
@@ -67,7 +79,7 @@ def test_report_writes_table_json_and_plots(tmp_path, capsys):
     assert report["metric"] == "test/fused/accuracy"
     concat = report["configurations"]["model/fusion=concat"]
     assert concat["config"] == {"model/fusion": "concat"}
-    assert concat["n"] == 3
+    assert (concat["n"], concat["launched"], concat["fewer_runs"]) == (3, 3, False)
     assert concat["mean"] == pytest.approx(0.85)
     assert concat["std"] == pytest.approx(0.05)
     assert [(r["seed"], r["value"]) for r in concat["runs"]] == [
@@ -80,6 +92,7 @@ def test_report_writes_table_json_and_plots(tmp_path, capsys):
     assert concat["learning_curve_runs"] == 2
     gated = report["configurations"]["model/fusion=gated"]
     assert (gated["n"], gated["std"], gated["learning_curve"]) == (1, None, {"1": 0.4, "2": 0.6})
+    assert gated["fewer_runs"] and report["incomplete"] == []
 
 
 def test_report_plots_go_where_asked_and_skip_curves_nobody_has(tmp_path, capsys):
@@ -117,3 +130,167 @@ def test_report_can_be_pushed_to_wandb_offline(tmp_path, capsys):
     assert main([str(tmp_path), "--wandb", "offline"]) == 0
     assert "W&B report run:" in capsys.readouterr().err
     assert list((tmp_path / "report" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_report_counts_and_lists_crashed_and_stopped_runs(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "0", ["model/fusion=concat", "seed=0"], 0.8)
+    fake_run(sweep, "1", ["model/fusion=concat", "seed=1"], 0.9)
+    fake_run(sweep, "2", ["model/fusion=concat", "seed=2"], None)  # died in stage 1
+    fake_run(sweep, "3", ["model/fusion=gated", "seed=0"], 0.7)
+    stopped = ["model/fusion=gated", "seed=1", "trainer.stop_after_epochs=1"]
+    fake_run(sweep, "4", stopped, None, curve=[0.5], fuse_state=True)
+    fake_run(sweep, "5", ["model/fusion=gated", "seed=2"], None, curve=[0.5, 0.6], fuse_state=True)
+    fake_run(sweep, "6", ["model/fusion=sum", "seed=0"], None)  # every seed of sum crashed
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        "| model/fusion | test/fused/accuracy |",
+        "|---|---:|",
+        "| concat | 85.00% ± 7.07% (n=2 of 3) |",
+        "| gated | 70.00% (n=1 of 3)* |",
+        "| sum | - (n=0 of 1)* |",
+        "",
+        "\\* fewer finished runs than the most in one cell (2).",
+        "",
+        "Runs without a summary.json (not averaged):",
+        "",
+        f"- {sweep / '2'} (model/fusion=concat, seed=2): crashed, killed or still running "
+        "before a stage-2 epoch ended (no checkpoints/fuse_state.pt)",
+        f"- {sweep / '4'} (model/fusion=gated, seed=1): stopped early after stage-2 epoch 1 "
+        f"of 3 (trainer.stop_after_epochs=1); continue with trainer.resume={sweep / '4'}",
+        f"- {sweep / '5'} (model/fusion=gated, seed=2): crashed, killed or still running in "
+        "stage 2 after stage-2 epoch 2 of 3 (checkpoints/fuse_state.pt exists); continue with "
+        f"trainer.resume={sweep / '5'}",
+        f"- {sweep / '6'} (model/fusion=sum, seed=0): crashed, killed or still running "
+        "before a stage-2 epoch ended (no checkpoints/fuse_state.pt)",
+    ]
+    report = json.loads((sweep / "report" / "report.json").read_text())
+    counts = {k: (c["n"], c["launched"], c["mean"]) for k, c in report["configurations"].items()}
+    assert counts == {
+        "model/fusion=concat": (2, 3, pytest.approx(0.85)),
+        "model/fusion=gated": (1, 3, 0.7),
+        "model/fusion=sum": (0, 1, None),
+    }
+    assert [(r["dir"], r["seed"]) for r in report["incomplete"]] == [
+        (str(sweep / name), seed) for name, seed in [("2", "2"), ("4", "1"), ("5", "2"), ("6", "0")]
+    ]
+    assert_png(sweep / "report" / "test-fused-accuracy.png")
+
+
+def test_a_resumed_run_and_launch_settings_do_not_split_a_configuration(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    stopped = fake_run(
+        sweep, "0", ["model/fusion=concat", "seed=0", "trainer.stop_after_epochs=1"], None,
+        fuse_state=True,
+    )  # fmt: skip
+    resume = [f"trainer.resume={stopped}", "logger.mode=disabled", "paths.output_dir=/x"]
+    fake_run(sweep, "1", ["model/fusion=concat", "seed=0", *resume], 0.8)
+    fake_run(sweep, "2", ["model/fusion=concat", "seed=1", "hydra.job.chdir=false"], 0.9)
+    fake_run(sweep, "3", ["model/fusion=concat", "seed=2", "tags=[a]"], 1.0)
+    assert main([str(sweep)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| model/fusion | test/fused/accuracy |",
+        "|---|---:|",
+        "| concat | 90.00% ± 10.00% (n=3) |",
+        "",
+        "Runs without a summary.json (not averaged):",
+        "",
+        f"- {stopped} (model/fusion=concat, seed=0): stopped early; resumed by {sweep / '1'}",
+    ]
+    report = json.loads((sweep / "report" / "report.json").read_text())
+    assert list(report["configurations"]) == ["model/fusion=concat"]
+    assert report["configurations"]["model/fusion=concat"]["launched"] == 3
+
+
+def test_a_cut_last_metrics_line_is_skipped_with_a_note(tmp_path, capsys):
+    run = fake_run(tmp_path, "0", ["model/fusion=concat"], 0.8, curve=[0.5, 0.7])
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"fuse/epoch": 3, "fuse/val')  # killed while writing
+    assert main([str(tmp_path)]) == 0
+    assert f"{run / 'metrics.jsonl'}: line 4 was cut short" in capsys.readouterr().err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["configurations"]["model/fusion=concat"]["learning_curve"] == {"1": 0.5, "2": 0.7}
+
+
+def test_no_finished_run_lists_the_runs_there_are(tmp_path, capsys):
+    fake_run(tmp_path, "0", ["model/fusion=concat"], None, fuse_state=True)
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"no summary.json under {tmp_path}; runs:\n  {tmp_path / '0'}: crashed" in err
+
+
+NOT_UTF8 = b"\xff\xfe\x00garbage"
+CORRUPT_FILES = {
+    "summary corrupt json": (
+        "summary.json",
+        '{"test/fused/accuracy": 0.8',
+        "expected JSON, found corrupt JSON",
+    ),
+    "summary a list": ("summary.json", "[0.8]", "expected a JSON object, found list"),
+    "summary not text": ("summary.json", NOT_UTF8, "expected a readable text file, found"),
+    "metric a string": (
+        "summary.json",
+        '{"test/fused/accuracy": "0.8"}',
+        "'test/fused/accuracy': expected a finite number, found '0.8'",
+    ),
+    "metric nan": (
+        "summary.json",
+        '{"test/fused/accuracy": NaN}',
+        "'test/fused/accuracy': expected a finite number, found nan",
+    ),
+    "metric a bool": (
+        "summary.json",
+        '{"test/fused/accuracy": true}',
+        "'test/fused/accuracy': expected a finite number, found True",
+    ),
+    "overrides corrupt yaml": (
+        ".hydra/overrides.yaml",
+        "- a=1\n- [b\n",
+        "expected YAML, found corrupt YAML",
+    ),
+    "overrides a mapping": (
+        ".hydra/overrides.yaml",
+        "seed: 1\n",
+        "expected a YAML list, found dict",
+    ),
+    "override not a string": (
+        ".hydra/overrides.yaml",
+        "- seed=1\n- {a: 1}\n",
+        "expected a list of 'key=value' strings, found dict {'a': 1} at item 1",
+    ),
+    "config a list": (".hydra/config.yaml", "- 1\n", "expected a YAML dict, found list"),
+    "metrics corrupt line": (
+        "metrics.jsonl",
+        '{"fuse/epoch": 1\n{"fuse/epoch": 2, "fuse/val/accuracy": 0.5}\n',
+        "line 1: expected a JSON object, found corrupt JSON",
+    ),
+    "metrics line a list": (
+        "metrics.jsonl",
+        "[1, 2]\n",
+        "line 1: expected a JSON object, found list",
+    ),
+    "curve value a string": (
+        "metrics.jsonl",
+        '{"fuse/epoch": 1, "fuse/val/accuracy": "high"}\n',
+        "'fuse/val/accuracy': expected a finite number, found 'high'",
+    ),
+    "curve epoch null": (
+        "metrics.jsonl",
+        '{"fuse/epoch": null, "fuse/val/accuracy": 0.5}\n',
+        "'fuse/epoch': expected a finite number, found None",
+    ),
+}
+
+
+@pytest.mark.parametrize(("name", "content", "message"), CORRUPT_FILES.values(), ids=CORRUPT_FILES)
+def test_a_bad_file_is_named_with_what_was_expected_and_found(
+    tmp_path, capsys, name, content, message
+):
+    run = fake_run(tmp_path / "sweep", "0", ["model/fusion=concat"], 0.8)
+    path = run / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    assert main([str(tmp_path / "sweep")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"report: {path}") and message in err, err
+    assert not (tmp_path / "sweep" / "report").exists()
