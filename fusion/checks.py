@@ -16,7 +16,7 @@ def positive_int(name: str, value: object, allow_none: bool = False) -> int | No
 
 
 def dropout_rate(value: float, name: str = "dropout") -> float:
-    """A dropout probability in [0, 1)."""
-    if not 0.0 <= value < 1.0:
+    """A dropout probability in [0, 1); a string or bool from a config is not one."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)

@@ -78,21 +78,50 @@ class MultimodalModel(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.encoders)
 
-    def check_inputs(self, inputs: Mapping[str, Any], encoded: Set[str] = frozenset()) -> None:
+    def check_inputs(
+        self,
+        inputs: Mapping[str, Any],
+        encoded: Set[str] = frozenset(),
+        present: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Refuse, naming the modality, what would fail deep inside a layer or run on silently.
+
+        Each modality the model needs must be there, of its encoder's shape, on the model's
+        device and of its floating-point dtype (integers are not scaled here: see
+        `check_dtype`); the batch must not be empty and have one size across modalities;
+        each presence mask must be bool, [B] or [B, T] for a padded input. Modalities the
+        model does not use are not looked at, so a stage-1 model takes the whole batch.
+        """
+        dtype, device = self._parameter_dtype_device()
+        sizes: dict[str, int] = {}
         for modality, encoder in self.encoders.items():
             if modality not in inputs:
                 raise KeyError(
                     f"the model needs modality '{modality}', but the batch only has "
                     f"{sorted(inputs)}"
                 )
+            x = inputs[modality]
             if modality not in encoded:
-                encoder.check_input(inputs[modality], modality)
-            elif tuple(inputs[modality].shape[1:]) != encoder.out_shape:
+                encoder.check_input(x, modality)
+            elif not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != encoder.out_shape:
+                found = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(
-                    f"modality '{modality}': cached features have shape "
-                    f"{list(inputs[modality].shape)}, the encoder gives "
-                    f"[batch, {', '.join(map(str, encoder.out_shape))}]"
+                    f"modality '{modality}': cached features have shape {found}, the encoder "
+                    f"gives [batch, {', '.join(map(str, encoder.out_shape))}]"
                 )
+            if isinstance(x, torch.Tensor):
+                check_dtype(modality, x, dtype, device)
+            sizes[modality] = len(x)
+            if present is not None and modality in present:
+                check_mask(modality, present[modality], x, tokens_only=modality in encoded)
+        check_batch_sizes(sizes)
+
+    def _parameter_dtype_device(self) -> tuple[torch.dtype, torch.device | None]:
+        """The dtype and device inputs must have: those of the model's floating parameters."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype, tensor.device
+        return torch.get_default_dtype(), None
 
     def encode(
         self,
@@ -102,12 +131,17 @@ class MultimodalModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Each modality's features; those in `encoded` already are features (cached).
 
-        `present[m]` reaches the encoders that take their input mask (`takes_mask`).
+        `present[m]` reaches the encoders that take their input mask (`takes_mask`). Every
+        encoder sees zeros where its input is absent or padded (as `collate` pads), whatever
+        those positions held: a NaN there could otherwise reach the present samples through
+        any layer that mixes samples or positions (batch norm, pooling over padding).
         """
-        self.check_inputs(inputs, encoded)
+        self.check_inputs(inputs, encoded, present)
         present = present or {}
         return {
-            m: inputs[m] if m in encoded else encoder.encode(inputs[m], present.get(m))
+            m: inputs[m]
+            if m in encoded
+            else encoder.encode(zero_masked(inputs[m], present.get(m)), present.get(m))
             for m, encoder in self.encoders.items()
         }
 
@@ -161,6 +195,84 @@ class MultimodalModel(nn.Module):
         inputs = self.example_inputs()
         condition = torch.zeros(2, dtype=torch.long, device=next(self.parameters()).device)
         return summarize(self, lambda: self(inputs, condition=condition), max_depth=max_depth)
+
+
+def check_dtype(
+    modality: str, x: torch.Tensor, dtype: torch.dtype, device: torch.device | None
+) -> None:
+    """Inputs of the model's dtype and device, or an error that says how to convert them.
+
+    Integer inputs are refused rather than converted: the model cannot know whether uint8
+    values are pixels (to divide by 255), codes or counts, and dividing twice or not at all
+    both train without a word. Readers scale where the data's meaning is known.
+    """
+    if not x.is_floating_point():
+        raise ValueError(
+            f"modality '{modality}': expected a {_dtype_name(dtype)} tensor, got "
+            f"{_dtype_name(x.dtype)}; integer inputs are not scaled by the model: convert "
+            "them where they are read (uint8 images: x.float() / 255, as torchvision's "
+            "ToDtype(torch.float32, scale=True); int16 audio: x.float() / 32768)"
+        )
+    if x.dtype != dtype:
+        raise ValueError(
+            f"modality '{modality}': expected a {_dtype_name(dtype)} tensor (the model's "
+            f"dtype), got {_dtype_name(x.dtype)}; convert it with x.to(torch."
+            f"{_dtype_name(dtype)}), or the model with model.to(torch.{_dtype_name(x.dtype)})"
+        )
+    if device is not None and x.device != device:
+        raise ValueError(
+            f"modality '{modality}': the input is on {x.device}, the model on {device}; "
+            "move the batch with batch.to(device)"
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_mask(modality: str, mask: Any, x: Any, tokens_only: bool = False) -> None:
+    """A presence mask is a bool tensor [B], or [B, T] for an input padded along its first
+    dimension (`tokens_only`: cached features, where only token sequences [B, T, D] have
+    one). A float or int mask is refused: 0.5 or 2 would silently count as True."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        found = _dtype_name(mask.dtype) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"modality '{modality}': the presence mask must be a bool tensor (True where "
+            f"real), got {found}; build it with mask.bool() only if its values are 0 and 1"
+        )
+    batch = len(x)
+    allowed = [(batch,)]
+    if isinstance(x, torch.Tensor) and x.dim() >= (3 if tokens_only else 2):
+        allowed.append((batch, x.shape[1]))
+    if tuple(mask.shape) not in allowed:
+        shapes = " or ".join(str(list(shape)) for shape in allowed)
+        raise ValueError(
+            f"modality '{modality}': the presence mask has shape {list(mask.shape)}, expected "
+            f"{shapes} for an input of shape "
+            f"{list(x.shape) if isinstance(x, torch.Tensor) else f'[{batch}] (a list)'}"
+        )
+
+
+def check_batch_sizes(sizes: Mapping[str, int]) -> None:
+    """Every modality has the same number of samples, and at least one."""
+    first = next(iter(sizes))
+    for modality, size in sizes.items():
+        if size == 0:
+            raise ValueError(f"modality '{modality}': the batch is empty (0 samples)")
+        if size != sizes[first]:
+            raise ValueError(
+                f"modality '{modality}' has {size} samples, modality '{first}' has "
+                f"{sizes[first]}; every modality of a batch needs the same number of samples"
+            )
+
+
+def zero_masked(x: Any, mask: torch.Tensor | None) -> Any:
+    """`x` with zeros where `mask` ([B] or [B, T]) is False: a select, so NaN or Inf there
+    cannot survive (a product with the mask would keep them: 0 * NaN is NaN)."""
+    if mask is None or not isinstance(x, torch.Tensor):
+        return x
+    mask = mask.to(x.device).reshape(*mask.shape, *[1] * (x.dim() - mask.dim()))
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class PassThroughHead(nn.Module):

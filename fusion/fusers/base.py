@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from fusion.checks import positive_int
+
 Features = Mapping[str, torch.Tensor]
 Present = Mapping[str, torch.Tensor] | None
 
@@ -25,15 +27,14 @@ class Fuser(nn.Module):
         super().__init__()
         if not in_dims:
             raise ValueError("a fuser needs at least one modality in in_dims")
-        bad = {m: d for m, d in in_dims.items() if not isinstance(d, int) or d < 1}
-        if bad:
-            raise ValueError(f"in_dims must be positive integers, got {bad}")
-        self.in_dims = dict(in_dims)
+        self.in_dims = {m: positive_int(f"in_dims['{m}']", d) for m, d in in_dims.items()}
         self.modalities = list(in_dims)
         self.out_dim: int
 
     def check(self, features: Features, present: Present) -> None:
-        """Every expected modality is there with its declared size; `present` names no other."""
+        """Every expected modality is there with its declared size, floating point and one
+        batch size; `present` names no other modality."""
+        first = None
         for m in self.modalities:
             if m not in features:
                 raise KeyError(f"fuser expects modality '{m}', got features for {sorted(features)}")
@@ -42,6 +43,16 @@ class Fuser(nn.Module):
                 raise ValueError(
                     f"modality '{m}': fuser expects features [batch, {self.in_dims[m]}] or "
                     f"[batch, tokens, {self.in_dims[m]}], got {list(x.shape)}"
+                )
+            if not x.is_floating_point():
+                raise ValueError(
+                    f"modality '{m}': fuser expects floating-point features, got {x.dtype}"
+                )
+            first = first or (m, len(x))
+            if len(x) != first[1]:
+                raise ValueError(
+                    f"modality '{m}' has a batch of {len(x)} samples, modality '{first[0]}' "
+                    f"has {first[1]}; every modality needs the same batch size"
                 )
         unknown = sorted(set(present or {}) - set(self.modalities))
         if unknown:
@@ -56,7 +67,12 @@ class Fuser(nn.Module):
         mask = torch.ones(batch, tokens, dtype=torch.bool, device=x.device)
         if present is None or modality not in present:
             return mask
-        p = present[modality].to(device=x.device, dtype=torch.bool)
+        p = present[modality]
+        if p.dtype != torch.bool:
+            raise ValueError(
+                f"modality '{modality}': present mask must be a bool tensor, got {p.dtype}"
+            )
+        p = p.to(device=x.device)
         if p.dim() == 1 and p.shape[0] == batch:
             return mask & p[:, None]
         if p.shape == (batch, tokens):
@@ -79,9 +95,9 @@ class Fuser(nn.Module):
         for m in self.modalities:
             x = features[m]
             tokens = self.token_mask(m, x, present)
-            if x.dim() == 3:
-                weights = tokens.unsqueeze(-1).to(x.dtype)
-                x = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            if x.dim() == 3:  # a select, not a product: 0 * NaN would be NaN
+                real = torch.where(tokens.unsqueeze(-1), x, torch.zeros_like(x))
+                x = real.sum(1) / tokens.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
             mask = tokens.any(dim=1)
             xs.append(torch.where(mask[:, None], x, torch.zeros_like(x)))
             masks.append(mask)
@@ -104,3 +120,16 @@ class Fuser(nn.Module):
             xs.append(torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x)))
             masks.append(mask)
         return xs, masks
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax over the positions where `mask` is True; exact zeros elsewhere, and in rows
+    with nothing present.
+
+    Masked scores are replaced (a select), never multiplied by the mask, so whatever they
+    hold, NaN or Inf included, reaches neither the weights nor their gradients.
+    """
+    mask = mask.expand_as(scores)
+    lowest = torch.full_like(scores, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(torch.where(mask, scores, lowest), dim=dim)
+    return torch.where(mask, weights, torch.zeros_like(weights))

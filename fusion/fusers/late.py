@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fusion.fusers.base import Fuser
+from fusion.fusers.base import Fuser, masked_softmax
 from fusion.heads import ClassificationHead
 
 COMBINES = ("logits", "probs", "learned")
@@ -61,9 +61,7 @@ class LateFusion(Fuser):
         """Per-sample weights [B, M] summing to 1 over the present modalities (0 if none)."""
         if self.combine != "learned":
             return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
-        scores = self.modality_scores.expand(mask.shape)
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores, dim=1) * mask
+        return masked_softmax(self.modality_scores.expand(mask.shape), mask, dim=1)
 
     def forward(
         self,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fusion.checks import dropout_rate, positive_int
-from fusion.fusers.base import Fuser
+from fusion.fusers.base import Fuser, masked_softmax
 
 
 class ConcatFuser(Fuser):
@@ -18,6 +18,8 @@ class ConcatFuser(Fuser):
         self, in_dims: Mapping[str, int], proj_dim: int | None = None, dropout: float = 0.0
     ) -> None:
         super().__init__(in_dims)
+        positive_int("proj_dim", proj_dim, allow_none=True)
+        dropout_rate(dropout)
         total = sum(self.in_dims.values())
         self.proj = (
             nn.Sequential(nn.Dropout(dropout), nn.Linear(total, proj_dim), nn.ReLU())
@@ -46,6 +48,8 @@ class GatedFuser(Fuser):
 
     def __init__(self, in_dims: Mapping[str, int], dim: int = 256, dropout: float = 0.0) -> None:
         super().__init__(in_dims)
+        positive_int("dim", dim)
+        dropout_rate(dropout)
         self.proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in self.in_dims.items()})
         self.gate = nn.Linear(sum(self.in_dims.values()), dim * len(self.modalities))
         self.dropout = nn.Dropout(dropout)
@@ -62,8 +66,7 @@ class GatedFuser(Fuser):
             [torch.tanh(self.proj[m](x)) for m, x in zip(self.modalities, xs, strict=True)], dim=1
         )  # [B, M, dim]
         logits = self.gate(torch.cat(xs, dim=1)).view(-1, len(self.modalities), self.dim)
-        logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
-        weights = torch.softmax(logits, dim=1) * mask[:, :, None]  # all-absent rows -> zeros
+        weights = masked_softmax(logits, mask[:, :, None], dim=1)
         return self.dropout((weights * hidden).sum(dim=1))
 
 
@@ -163,7 +166,6 @@ class AttentionFuser(_ProjectedFuser):
     ) -> torch.Tensor:
         hidden, mask = self.project(features, present)
         scores = self.scorer(hidden).squeeze(-1)  # [B, M]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=1) * mask  # all-absent rows -> zeros
+        weights = masked_softmax(scores, mask, dim=1)
         self.last_weights = weights.detach()
         return self.dropout((weights[:, :, None] * hidden).sum(dim=1))

@@ -63,8 +63,7 @@ class TransformerFuser(Fuser):
     ) -> None:
         super().__init__(in_dims)
         _check_attention_args(dim, heads, depth, dropout)
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        positive_int("max_tokens", max_tokens)
         self.proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in self.in_dims.items()})
         self.modality_embedding = _learned_token(len(self.modalities), dim)
         self.position_embedding = _learned_token(max_tokens, dim)

@@ -147,5 +147,5 @@ def test_moe_with_a_one_hot_gate_is_that_expert():
 def test_moe_errors_name_the_argument():
     with pytest.raises(ValueError, match="num_experts must be a positive integer"):
         MixtureOfExpertsHead(4, 2, num_experts=0)
-    with pytest.raises(ValueError, match="temperature must be positive"):
+    with pytest.raises(ValueError, match=r"temperature must be a positive number, got 0.0"):
         MixtureOfExpertsHead(4, 2, temperature=0.0)
