@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +24,14 @@ from fusion.training.precision import FLOAT32, Precision
 
 Outputs = torch.Tensor | dict[str, torch.Tensor]
 TargetFn = Callable[[Batch], torch.Tensor | dict[str, torch.Tensor]]
+NONFINITE = ("stop", "skip")
+
+log = logging.getLogger("fusion")
+
+
+class NonFiniteError(RuntimeError):
+    """A stage met a NaN or infinite loss or weights: training stops rather than running on
+    to save and score a broken model. The message names the stage, epoch and step."""
 
 
 def set_seed(seed: int) -> None:
@@ -41,6 +52,7 @@ class EpochMetrics:
     loss: float
     accuracy: float
     tasks: dict[str, float] = field(default_factory=dict)
+    skipped: int = 0  # training steps skipped for a non-finite loss
 
     def as_dict(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/loss": self.loss, f"{prefix}/accuracy": self.accuracy}
@@ -164,6 +176,26 @@ def predict(
     return merged
 
 
+def finite_on_every_process(loss: torch.Tensor, distributed: Distributed = SINGLE) -> bool:
+    """Whether `loss` is finite on every process. All processes must take the same
+    decision: DDP hangs when one skips a backward pass that the others run."""
+    bad = 0.0 if torch.isfinite(loss).item() else 1.0
+    return distributed.all_sum([bad])[0] == 0
+
+
+def nonfinite_loss_error(
+    desc: str, epoch: int, step: int, loss: torch.Tensor, optimizer: torch.optim.Optimizer
+) -> NonFiniteError:
+    value = loss.item()
+    where = f"is {value}" if not math.isfinite(value) else "is non-finite on another process"
+    lr = max(group["lr"] for group in optimizer.param_groups)
+    return NonFiniteError(
+        f"stage '{desc}': the training loss {where} at epoch {epoch}, step {step}. Check the "
+        f"inputs for NaN/Inf values, lower the learning rate (now {lr:g}), or skip such steps "
+        "with nonfinite='skip' (trainer.nonfinite=skip)"
+    )
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -176,24 +208,78 @@ def train_epoch(
     precision: Precision = FLOAT32,
     scaler: torch.amp.GradScaler | None = None,
     distributed: Distributed = SINGLE,
+    epoch: int = 1,
+    nonfinite: str = "stop",
 ) -> EpochMetrics:
-    """One pass over `batches`; `scaler` scales fp16 losses (it passes others through)."""
+    """One pass over `batches`; `scaler` scales fp16 losses (it passes others through).
+
+    A step whose loss is NaN or infinite (on any process) raises `NonFiniteError`, or with
+    `nonfinite="skip"` is skipped: no backward pass, no optimizer or scaler update, and the
+    buffers its forward pass changed (batch-norm statistics) are restored. An epoch with
+    every step skipped raises, since nothing trained.
+    """
     model.train()
     tally = _Tally()
     scaler = scaler or precision.grad_scaler()
-    for batch in tqdm(batches, desc=desc, leave=False, disable=None):
+    step = skipped = 0
+    for step, batch in enumerate(
+        tqdm(batches, desc=f"{desc} {epoch}", leave=False, disable=None), start=1
+    ):
         batch = batch.to(device)
+        buffers = [b.clone() for b in model.buffers()] if nonfinite == "skip" else []
         with precision.autocast():
             outputs = forward(model, batch)
         loss, hits = batch_loss(outputs, targets(batch), loss_weights)
         optimizer.zero_grad(set_to_none=True)
+        if not finite_on_every_process(loss, distributed):
+            if nonfinite != "skip":
+                raise nonfinite_loss_error(desc, epoch, step, loss, optimizer)
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+            skipped += 1
+            continue
         scaler.scale(loss / len(batch)).backward()
         scaler.step(optimizer)
         scaler.update()
         tally.add(loss.detach(), hits, len(batch))
         if on_step is not None:
             on_step(loss.item() / len(batch))
-    return tally.metrics(distributed)
+    if skipped and skipped == step:
+        raise NonFiniteError(
+            f"stage '{desc}': every one of the {step} training steps of epoch {epoch} had a "
+            "non-finite loss, so nothing trained. Check the inputs for NaN/Inf values or "
+            "lower the learning rate"
+        )
+    if skipped:
+        log.warning(
+            "stage '%s' epoch %d: skipped %d of %d training steps with a non-finite loss",
+            desc, epoch, skipped, step,
+        )  # fmt: skip
+    metrics = tally.metrics(distributed)
+    metrics.skipped = skipped
+    return metrics
+
+
+def nonfinite_entries(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors in `state` that hold a NaN or an infinity."""
+    return [
+        name
+        for name, value in state.items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
+def check_finite_weights(model: nn.Module, desc: str, epoch: int) -> None:
+    """Stop when training left NaN or infinite weights (a finite loss with an overflowing
+    gradient does): such a model must not be scored, kept as best or trained on."""
+    bad = nonfinite_entries(model.state_dict())
+    if bad:
+        raise NonFiniteError(
+            f"stage '{desc}': after epoch {epoch} the weights {bad[:3]}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} hold NaN or Inf values. "
+            "Lower the learning rate or check the inputs for extreme values"
+        )
 
 
 @dataclass
@@ -226,6 +312,32 @@ def set_rng_state(state: dict, generators: Sequence[torch.Generator] = ()) -> No
     torch.set_rng_state(state["torch"])
     for generator, saved in zip(generators, state["generators"], strict=True):
         generator.set_state(saved)
+
+
+def stretch_schedule(
+    scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, planned: int, epochs: int, desc: str
+) -> None:
+    """Continue a cosine schedule planned over `planned` epochs as if it had been planned
+    over `epochs` from the start: the learning rate jumps to that curve's value now and
+    follows it from here (epochs to add). Shortening a schedule is refused."""
+    if epochs < planned:
+        raise ValueError(
+            f"stage '{desc}': the resumed state was planned for {planned} epochs; epochs can "
+            f"only be raised (epochs to add), got {epochs}"
+        )
+    done = scheduler.last_epoch
+    scheduler.T_max = epochs
+    cosine = (1 + math.cos(math.pi * done / epochs)) / 2
+    before = max(g["lr"] for g in scheduler.optimizer.param_groups)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * cosine
+    log.warning(
+        "stage '%s': epochs raised from %d to %d on resume after epoch %d; the cosine "
+        "learning-rate schedule is stretched to %d epochs: the rate jumps from %g to %g and "
+        "then follows the %d-epoch curve (epochs 1-%d followed the %d-epoch one)",
+        desc, planned, epochs, done, epochs, before,
+        max(g["lr"] for g in scheduler.optimizer.param_groups), epochs, done, planned,
+    )  # fmt: skip
 
 
 def frozen_parameters(model: nn.Module) -> set[str]:
@@ -283,6 +395,8 @@ def fit(
     distributed: Distributed = SINGLE,
     find_unused_parameters: bool = False,
     desc: str = "fit",
+    nonfinite: str = "stop",
+    state_extra: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train with AdamW and cosine decay; keep the weights of the best validation epoch.
 
@@ -299,8 +413,17 @@ def fit(
     to `state_path`; `resume` continues from such a state and ends exactly where an
     uninterrupted run would (on CPU). `stop_after` ends this call after that many epochs,
     e.g. to fit a cluster's time slot, leaving a state to resume from.
+    A `resume` state planned for fewer epochs is continued to `epochs` (epochs to add),
+    with the cosine schedule stretched (see `stretch_schedule`). `state_extra` entries
+    (the run's config, say) are stored in each state beside the weights.
     `precision` picks float32 or mixed precision (with fp16's gradient scaler saved in
     the state). When every epoch has run, the model holds the best epoch's weights.
+
+    Never runs on silently with a broken model: a NaN or infinite training loss raises
+    `NonFiniteError` naming `desc`, the epoch and the step (with `nonfinite="skip"`, such
+    steps are skipped and counted instead, see `train_epoch`), and so do non-finite
+    weights after an epoch. An epoch whose validation loss or accuracy is not finite is
+    never the best one; if no epoch is, `NonFiniteError` says so.
 
     With `distributed` (one of several processes, each given its share of the batches),
     training steps go through DistributedDataParallel, which averages gradients; metrics
@@ -311,6 +434,8 @@ def fit(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got '{nonfinite}'")
     groups = groups if groups is not None else param_groups(model, lr, weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -326,6 +451,8 @@ def fit(
         load_changing_state(model, resume["model"], constant)
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if resume["epochs"] != epochs:
+            stretch_schedule(scheduler, resume["epochs"], epochs, desc)
         scaler.load_state_dict(resume.get("scaler", {}))
         best, best_state = resume["best"], resume["best_model"]
         rng = resume["rng"]
@@ -360,14 +487,25 @@ def fit(
             precision,
             scaler,
             distributed,
+            epoch,
+            nonfinite,
         )
         scheduler.step()
         distributed.broadcast_buffers(model)
+        check_finite_weights(model, desc, epoch)
         val = evaluate(model, val_batches, device, targets, loss_weights, precision, distributed)
         metrics = {"epoch": epoch, **train.as_dict("train"), **val.as_dict("val")}
+        if nonfinite == "skip":
+            metrics["train/skipped_steps"] = train.skipped
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if not best or val.accuracy > best["val/accuracy"]:
+        finite = math.isfinite(val.loss) and math.isfinite(val.accuracy)
+        if not finite:
+            log.warning(
+                "stage '%s' epoch %d: validation loss %s, accuracy %s; not a candidate for best",
+                desc, epoch, val.loss, val.accuracy,
+            )  # fmt: skip
+        elif not best or val.accuracy > best["val/accuracy"]:
             best = metrics
             best_state = copy.deepcopy(changing_state(model, constant))
         rank_rng = distributed.gather(rng_state(generators))
@@ -385,9 +523,15 @@ def fit(
                     "best_model": best_state,
                     "rng": rank_rng[0],
                     "rank_rng": rank_rng,
+                    **dict(state_extra or {}),
                 },
             )
         if stop_after is not None and epoch - start + 1 >= stop_after and epoch < epochs:
             return FitResult(best, epoch, finished=False)
+    if best_state is None:
+        raise NonFiniteError(
+            f"stage '{desc}': no epoch had a finite validation loss and accuracy, so there is "
+            "no model to keep. Check the validation data for NaN/Inf values"
+        )
     load_changing_state(model, best_state, constant)
     return FitResult(best, epochs, finished=True)

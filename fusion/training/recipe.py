@@ -236,22 +236,31 @@ def step_logger(tracker: Tracker, prefix: str, every: int):
     return log_step
 
 
-def resume_state(resume: str | None, epochs: int) -> dict | None:
-    """The stage-2 state to continue from: `trainer.resume` is a run directory or a file."""
-    if resume is None:
-        return None
+def resume_path(resume: str) -> Path:
+    """The stage-2 state `trainer.resume` names: a run directory's, or the file itself."""
     path = Path(resume)
     if path.is_dir():
         path = path / "checkpoints" / FUSE_STATE
     if not path.is_file():
         raise ConfigError(f"config key 'trainer.resume': no stage-2 state at {path}")
+    return path
+
+
+def resume_state(resume: str | None, epochs: int) -> dict | None:
+    """The stage-2 state to continue from: `trainer.resume` is a run directory or a file.
+
+    `trainer.fuse.epochs` may grow on resume (epochs to add: `fit` stretches the cosine
+    schedule and says so), never shrink."""
+    if resume is None:
+        return None
+    path = resume_path(resume)
     state = load_checkpoint(path, required=("epoch", "epochs", "model", "optimizer", "rng"))
-    if state["epochs"] != epochs:
+    if epochs < state["epochs"]:
         raise ConfigError(
-            f"config key 'trainer.resume': {path} was written for trainer.fuse.epochs="
-            f"{state['epochs']}, this run asks for {epochs}"
+            f"config key 'trainer.fuse.epochs': {path} was written for trainer.fuse.epochs="
+            f"{state['epochs']}, this run asks for {epochs}; on resume it can only be raised "
+            "(epochs to add)"
         )
-    log.info("stage 2: resuming from %s after epoch %d", path, state["epoch"])
     return state
 
 
@@ -313,6 +322,7 @@ class Recipe:
             precision=self.precision,
             distributed=self.distributed,
             find_unused_parameters=self.trainer.find_unused_parameters,
+            nonfinite=self.trainer.nonfinite,
             **kwargs,
         )
 
@@ -418,7 +428,8 @@ class Recipe:
     def run(self, checkpoint_extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """Both stages and the evaluation; the run's summary, or None when stage 2 stopped
         early (`trainer.stop_after_epochs`) and can be resumed. `checkpoint_extra` is stored
-        in `best.pt` beside the weights (the entry point stores the run's config)."""
+        in `best.pt` and the resumable stage-2 state beside the weights (the entry point
+        stores the run's config, which a resumed run is checked against)."""
         loaders = make_loaders(self.datasets, self.trainer, self.seed, self.distributed)
         rows: list[Row] = []
         checkpoints = {}
@@ -446,6 +457,9 @@ class Recipe:
         accelerate(model, self.trainer)
         tracker = self.tracker
         run_dir = self.outputs.run_dir
+        resume = resume_state(self.trainer.resume, fuse.epochs)
+        if resume is not None:
+            log.info("stage 2: resuming %s after epoch %d", self.trainer.resume, resume["epoch"])
         result = self.fit_stage(
             model,
             fuse_loaders,
@@ -455,7 +469,8 @@ class Recipe:
             on_epoch=lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()}),
             on_step=step_logger(tracker, "fuse", self.log_every),
             state_path=run_dir / "checkpoints" / FUSE_STATE,
-            resume=resume_state(self.trainer.resume, fuse.epochs),
+            state_extra=checkpoint_extra,
+            resume=resume,
             stop_after=self.trainer.stop_after_epochs,
             generators=[fuse_loaders["train"].generator],
             desc="fuse",
