@@ -4,11 +4,13 @@ With frozen encoders, a fusion ablation spends nearly all its time re-running th
 encoders on the same inputs, epoch after epoch and run after run. When an encoder is
 frozen and a split's items are deterministic, its features are a pure function of (the
 encoder's weights and configuration, the data), so they are computed once, written as a
-memory-mapped `.npy` file under a key of exactly those inputs, and every later epoch, run
-and multirun job reads them instead. Change the weights, the encoder's settings or the
-data, and the key changes, so the cache is rebuilt; files appear under their final name
-only once complete (written to a temporary name, then renamed), so a crash mid-write
-never leaves a cache that a later run would trust.
+`.npy` file under a key of exactly those inputs, and every later epoch, run and multirun
+job reads them instead. Change the weights, the encoder's settings or the data, and the
+key changes, so the cache is rebuilt; files appear under their final name only once
+complete (written to a temporary name, then renamed), so a crash mid-write never leaves a
+cache that a later run would trust, and a damaged file is rebuilt with a warning. Free
+space is checked before writing, and a disk that fills up anyway is an `OSError` naming
+the file (never the SIGBUS of a write into a memory map).
 
 Layout: `<root>/<data key>/labels.pt` (sample masks, targets, conditions: small, loaded
 whole), `<root>/<data key>/<modality>-<encoder key>-<dtype>.npy` ([N, *out_shape], float32
@@ -20,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import io
 import logging
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,12 @@ from torch.utils.data import DataLoader, Dataset
 from fusion.batch import Batch, collate
 from fusion.data import fingerprint, item_digest
 from fusion.encoders.base import sample_mask
-from fusion.training.checkpoint import atomic_path, load_checkpoint, save_checkpoint
+from fusion.training.checkpoint import (
+    CheckpointError,
+    atomic_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 log = logging.getLogger("fusion")
 
@@ -141,13 +151,22 @@ class FeatureCache:
         return EncodedDataset(dataset, features, labels, live, collate_fn)
 
     def _valid(self, path: Path, shape: tuple[int, ...]) -> bool:
+        """Whether `path` holds features of `shape`; a damaged file is said and rebuilt."""
         if not path.is_file():
             return False
         try:
             stored = np.load(path, mmap_mode="r")
-        except (ValueError, OSError, EOFError):  # cut short or overwritten: build it again
+        except (ValueError, OSError, EOFError) as err:  # cut short or overwritten
+            _rebuilding(f"{path} is corrupt or truncated ({err})")
             return False
-        return stored.shape == shape and stored.dtype == DTYPES[self.dtype]
+        expected = (shape, np.dtype(DTYPES[self.dtype]))
+        if (stored.shape, stored.dtype) != expected:
+            _rebuilding(
+                f"{path}: expected features of shape {list(shape)} and dtype {expected[1]}, "
+                f"found {list(stored.shape)} and {stored.dtype}"
+            )
+            return False
+        return True
 
     @torch.no_grad()
     def _build(
@@ -159,40 +178,50 @@ class FeatureCache:
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager],
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Encode every batch once into memory-mapped files that appear only when complete;
-        return the split's labels, gathered in the same pass, and the output mask of each
-        modality encoded now.
+        """Encode every batch once into `.npy` files that appear only when complete; return
+        the split's labels, gathered in the same pass, and the output mask of each modality
+        encoded now.
 
         The labels hold each modality's [N] sample mask (a padded [B, T] input mask's T
         changes from batch to batch, so it could not be stacked). A cached modality's
         encoder never runs again, so its output mask ([N], or [N, T'] for tokens: what the
         fuser needs) is kept beside its features, under the same encoder key.
         """
+        dtype = np.dtype(DTYPES[self.dtype])
+        check_free_space({path: npy_size(shapes[m], dtype) for m, path in paths.items()})
         with contextlib.ExitStack() as stack:
-            tmp = {m: stack.enter_context(atomic_path(path)) for m, path in paths.items()}
-            arrays = {
-                m: np.lib.format.open_memmap(
-                    tmp[m], mode="w+", dtype=DTYPES[self.dtype], shape=shapes[m]
-                )
-                for m in paths
-            }
-            start = 0
+            files = {}
+            for m, path in paths.items():
+                tmp = stack.enter_context(atomic_path(path))
+                files[m] = NpyWriter(stack.enter_context(open(tmp, "wb", buffering=0)), path)
+            for m, file in files.items():
+                file.write(npy_header(shapes[m], dtype))
             labels, masks = [], {m: [] for m in paths}
             for batch in loader:
                 on_device = batch.to(device)
                 present = {m: sample_mask(p, len(p)) for m, p in batch.present.items()}
                 labels.append(dataclasses.replace(batch, inputs={}, present=present))
                 with autocast():
-                    for m, array in arrays.items():
+                    for m, file in files.items():
                         encoder = model.encoders[m]
                         x, p = on_device.inputs[m], on_device.present.get(m)
-                        features = encoder.encode(x, p)
-                        array[start : start + len(batch)] = features.float().cpu().numpy()
+                        features = encoder.encode(x, p).float().cpu().numpy()
+                        if features.shape[1:] != shapes[m][1:]:
+                            raise ValueError(
+                                f"modality '{m}': the encoder's out_shape is "
+                                f"{list(shapes[m][1:])}, but it gave features of shape "
+                                f"{list(features.shape[1:])}"
+                            )
+                        file.write(np.ascontiguousarray(features, dtype=dtype))
                         masks[m].append(encoder.output_mask(x, p).cpu())
-                start += len(batch)
-            for array in arrays.values():
-                array.flush()
+            for m, file in files.items():
+                file.check_size(npy_size(shapes[m], dtype))
         return stack_labels(labels), {m: torch.cat(parts) for m, parts in masks.items()}
+
+
+def _rebuilding(problem: str) -> None:
+    """Say that a cache file is unusable and will be rebuilt (never silently reused)."""
+    log.warning("feature cache: %s; rebuilding it", problem)
 
 
 def _read_mask(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -200,18 +229,89 @@ def _read_mask(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
     features' shape `shape` ([N] for vectors and maps, [N, T'] for tokens): to rebuild."""
     try:
         mask = load_checkpoint(path, required=("mask",))["mask"]
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
+        return None
+    except CheckpointError as err:
+        _rebuilding(str(err))
         return None
     expected = shape[:2] if len(shape) == 3 else shape[:1]
-    return mask if tuple(mask.shape) == tuple(expected) else None
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(expected):
+        found = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        _rebuilding(f"{path}: expected a mask of shape {list(expected)}, found {found}")
+        return None
+    return mask
 
 
 def _read_labels(path: Path) -> dict[str, Any] | None:
     """A split's cached labels, or None when they are missing or unreadable (to rebuild)."""
     try:
         return load_checkpoint(path, required=LABEL_FIELDS)
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
         return None
+    except CheckpointError as err:
+        _rebuilding(str(err))
+        return None
+
+
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The `.npy` header of a C-ordered array of `shape` and `dtype`."""
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def npy_size(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """Bytes of a `.npy` file holding an array of `shape` and `dtype`."""
+    return len(npy_header(shape, dtype)) + int(np.prod(shape)) * dtype.itemsize
+
+
+def check_free_space(sizes: Mapping[Path, int]) -> None:
+    """Refuse, before anything is written, files that the disk has no room for."""
+    if not sizes:
+        return
+    folder = next(iter(sizes)).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    needed, free = sum(sizes.values()), shutil.disk_usage(folder).free
+    if needed > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"feature cache: writing {[p.name for p in sizes]} into {folder} needs {needed} bytes "
+            f"of free space, {free} are free; free some, or set paths.feature_cache_dir to a "
+            "larger disk (or trainer.feature_cache.enabled=false)",
+        )
+
+
+class NpyWriter:
+    """A `.npy` file written with plain writes, not through a memory map: on a full disk a
+    write into a memory map kills the process with SIGBUS, a plain write raises ENOSPC,
+    here an `OSError` naming the file. `file` is unbuffered (every error surfaces in
+    `write`); `path` is the name it will have once complete."""
+
+    def __init__(self, file: io.RawIOBase, path: Path) -> None:
+        self.file, self.path, self.size = file, path, 0
+
+    def write(self, data: bytes | np.ndarray) -> None:
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        try:
+            while view:
+                view = view[self.file.write(view) :]
+        except OSError as err:
+            free = shutil.disk_usage(self.path.parent).free
+            raise OSError(
+                err.errno,
+                f"feature cache: writing {self.path} failed ({err.strerror}); it needs "
+                f"{self.size - len(view)} more bytes at least, {free} are free on its disk",
+            ) from err
+
+    def check_size(self, expected: int) -> None:
+        """A file shorter than its header says would be refused by every later read."""
+        if self.size != expected:
+            raise ValueError(
+                f"feature cache: {self.path} should hold {expected} bytes, {self.size} were "
+                "written: the dataset gave fewer or more items than its length"
+            )
 
 
 def stack_labels(batches: Iterable[Batch]) -> dict[str, Any]:
