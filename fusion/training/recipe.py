@@ -32,7 +32,7 @@ from fusion.heads import ClassificationHead, MultiTaskHead
 from fusion.model import FuserFactory, HeadFactory, MultimodalModel
 from fusion.surgery import GradualUnfreezing, param_groups, set_trainable
 from fusion.tracking import Tracker
-from fusion.training.checkpoint import load_checkpoint, save_checkpoint
+from fusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed
 from fusion.training.feature_cache import data_key
 from fusion.training.loaders import cached_loaders, fuse_datasets, make_loaders, reseed
@@ -373,8 +373,11 @@ class Recipe:
         model.to(self.device)
         state = None
         if self.trainer.pretrain.reuse and path.is_file():
-            state = load_checkpoint(path, required=("model", "fingerprint"))
-            if state["fingerprint"] != key:
+            try:
+                state = load_checkpoint(path, required=("model", "fingerprint"))
+            except CheckpointError as err:  # a damaged cache file: trained again, said aloud
+                log.warning("stage 1 [%s]: %s; retraining the encoder", modality, err)
+            if state is not None and state["fingerprint"] != key:
                 log.info("stage 1 [%s]: %s has another fingerprint, retraining", modality, path)
                 state = None
         if self.distributed.gather(state is not None)[0]:  # every process follows rank 0
