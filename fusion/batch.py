@@ -95,7 +95,7 @@ def _stack_modality(
         return placeholder.expand(len(values), *placeholder.shape).clone(), present
     if all(isinstance(v, str) for _, v in real):
         return [v if v is not None else "" for v in values], present
-    tensors = {i: torch.as_tensor(v) for i, v in real}
+    tensors = _as_tensors(modality, real)
     first_index, first = next(iter(tensors.items()))
     ragged = False
     for i, t in tensors.items():
@@ -119,6 +119,34 @@ def _stack_modality(
         out[i, : t.shape[0]] = t
         mask[i, : t.shape[0]] = True
     return out, mask
+
+
+def _as_tensors(modality: str, real: list[tuple[int, Any]]) -> dict[int, torch.Tensor]:
+    """Each item's value as a tensor, one dtype for all: stacking would otherwise promote
+    float32 items to float64 (or cast floats into an int batch) without a word."""
+    tensors = {}
+    for i, value in real:
+        if isinstance(value, str):
+            other, kind = next((j, type(v).__name__) for j, v in real if not isinstance(v, str))
+            raise ValueError(
+                f"modality '{modality}': item {i} is text (str), item {other} is a {kind}; a "
+                "modality is text in every item or in none"
+            )
+        try:
+            tensors[i] = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"modality '{modality}': item {i} is a {type(value).__name__}, expected a "
+                f"tensor, a numpy array or a list of numbers ({err})"
+            ) from None
+    first_index, first = next(iter(tensors.items()))
+    for i, tensor in tensors.items():
+        if tensor.dtype != first.dtype:
+            raise ValueError(
+                f"modality '{modality}': item {i} is {tensor.dtype}, item {first_index} is "
+                f"{first.dtype}; every item of a modality needs the same dtype"
+            )
+    return tensors
 
 
 class Collate:
@@ -158,6 +186,12 @@ class Collate:
     def __call__(self, items: Sequence[Mapping[str, object]]) -> Batch:
         if not items:
             raise ValueError("collate received an empty list of items")
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                raise TypeError(
+                    f"item {i} is a {type(item).__name__}, expected a dict of modality name -> "
+                    "value (see fusion.data)"
+                )
         modalities = sorted(
             {k for item in items for k in item if k not in RESERVED_KEYS} | set(self.placeholders)
         )

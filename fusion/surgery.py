@@ -7,10 +7,13 @@ through here, so encoders never poke at a model's private layout themselves.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from fusion.checks import dropout_rate, positive_int
 
 CLASSIFIER_NAMES = ("fc", "classifier", "head", "heads")
 
@@ -322,50 +325,131 @@ def _norm_and_bias_names(model: nn.Module) -> set[str]:
 
 
 LAYER_TYPES = ("linear", "conv", "pool", "flatten", "dropout", "relu", "gelu", "batchnorm")
+POOL_KINDS = ("avg", "max")
+LayerSpec = Mapping[str, object] | nn.Module
 
 
-def build_layers(specs: Sequence[Mapping[str, object]] | None) -> nn.Sequential | None:
+def build_layers(specs: Sequence[LayerSpec] | nn.Module | None) -> nn.Sequential | None:
     """New layers from plain specs, each sized by the layer before it (lazy modules).
 
-    `[{"type": "conv", "channels": 256, "kernel": 3}, {"type": "pool"}, {"type": "flatten"},
+    `[{"type": "conv", "channels": 256, "kernel": 3, "batchnorm": False},
+    {"type": "pool", "kernel": 2}, {"type": "pool"}, {"type": "flatten"},
     {"type": "dropout", "p": 0.2}, {"type": "linear", "dim": 128}]`. Input sizes are never
     written down: `nn.LazyLinear` and `nn.LazyConv2d` learn them at the encoder's dry run.
+    An `nn.Module` in the list (or in place of it) is used as it is. A bad spec fails here,
+    naming its position, its type and the argument, not at the dry run.
     """
-    if not specs:
+    if specs is None or (isinstance(specs, Sequence) and not specs):
         return None
-    layers: list[nn.Module] = []
-    for i, spec in enumerate(specs):
-        spec = dict(spec)
-        kind = spec.pop("type", None)
-        try:
-            layers.append(_make_layer(kind, spec))
-        except TypeError as err:
-            raise ValueError(f"layer {i} ({kind}): {err}") from None
-        except KeyError:
-            raise ValueError(
-                f"layer {i}: unknown type '{kind}'; expected one of {LAYER_TYPES}"
-            ) from None
-    return nn.Sequential(*layers)
+    if isinstance(specs, nn.Module):
+        specs = [specs]
+    if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence):
+        raise ValueError(
+            f"layers must be a list of layer specs or modules, got {type(specs).__name__}"
+        )
+    return nn.Sequential(*(_build_layer(i, spec) for i, spec in enumerate(specs)))
 
 
-def _make_layer(kind: object, spec: dict) -> nn.Module:
-    factories = {
-        "linear": lambda dim, bias=True: nn.LazyLinear(dim, bias=bias),
-        "conv": lambda channels, kernel=3, stride=1: nn.Sequential(
-            nn.LazyConv2d(channels, kernel, stride=stride, padding=kernel // 2),
-            nn.LazyBatchNorm2d(),
-            nn.ReLU(),
-        ),
-        "pool": lambda kind="avg": (
-            nn.AdaptiveAvgPool2d(1) if kind == "avg" else nn.AdaptiveMaxPool2d(1)
-        ),
-        "flatten": lambda: nn.Flatten(1),
-        "dropout": lambda p=0.1: nn.Dropout(p),
-        "relu": lambda: nn.ReLU(),
-        "gelu": lambda: nn.GELU(),
-        "batchnorm": lambda: nn.LazyBatchNorm1d(),
-    }
-    return factories[kind](**spec)
+def _build_layer(index: int, spec: LayerSpec) -> nn.Module:
+    """One layer from its spec (or the module itself), errors prefixed with its position."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"layer {index}: expected a spec such as {{'type': 'linear', 'dim': 128}} or an "
+            f"nn.Module, got {type(spec).__name__} {spec!r}"
+        )
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"layer {index}: unknown type '{kind}'; expected one of {LAYER_TYPES}")
+    try:
+        return _make_layer(kind, spec)
+    except ValueError as err:
+        raise ValueError(f"layer {index} ({kind}): {err}") from None
+
+
+def _make_layer(kind: str, spec: dict) -> nn.Module:
+    """The layer of type `kind`, after checking that `spec` has exactly its arguments."""
+    factory = _LAYER_FACTORIES[kind]
+    params = inspect.signature(factory).parameters
+    unknown = sorted(set(spec) - set(params))
+    if unknown:
+        raise ValueError(f"unknown arguments {unknown}; {kind} takes {sorted(params)}")
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in spec]
+    if missing:
+        raise ValueError(f"missing arguments {missing}")
+    return factory(**spec)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _size2d(name: str, value: object) -> int | tuple[int, int]:
+    """A positive int, or a [height, width] pair of them."""
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        return positive_int(f"{name}[0]", value[0]), positive_int(f"{name}[1]", value[1])
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        raise ValueError(f"{name} must be an int or [height, width], got {value!r}")
+    return positive_int(name, value)
+
+
+def _linear(dim: int, bias: bool = True) -> nn.Module:
+    return nn.LazyLinear(positive_int("dim", dim), bias=_flag("bias", bias))
+
+
+def _conv(channels: int, kernel: int = 3, stride: int = 1, batchnorm: bool = True) -> nn.Module:
+    """Conv (same padding), optional batch norm, ReLU."""
+    kernel = positive_int("kernel", kernel)
+    conv = nn.LazyConv2d(
+        positive_int("channels", channels),
+        kernel,
+        stride=positive_int("stride", stride),
+        padding=kernel // 2,
+    )
+    norm = [nn.LazyBatchNorm2d()] if _flag("batchnorm", batchnorm) else []
+    return nn.Sequential(conv, *norm, nn.ReLU())
+
+
+def _pool(
+    kind: str = "avg",
+    size: int | Sequence[int] | None = None,
+    kernel: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+) -> nn.Module:
+    """Global by default; `size`: an adaptive pool to that output size; `kernel` (and
+    `stride`, by default the kernel): a sliding window."""
+    if kind not in POOL_KINDS:
+        raise ValueError(f"kind must be one of {POOL_KINDS}, got {kind!r}")
+    if kernel is None:
+        if stride is not None:
+            raise ValueError(f"stride ({stride!r}) needs a kernel")
+        adaptive = nn.AdaptiveAvgPool2d if kind == "avg" else nn.AdaptiveMaxPool2d
+        return adaptive(1 if size is None else _size2d("size", size))
+    if size is not None:
+        raise ValueError(
+            f"give size (an adaptive pool, got {size!r}) or kernel (a sliding window, got "
+            f"{kernel!r}), not both"
+        )
+    sliding = nn.AvgPool2d if kind == "avg" else nn.MaxPool2d
+    return sliding(
+        _size2d("kernel", kernel), stride=None if stride is None else _size2d("stride", stride)
+    )
+
+
+_LAYER_FACTORIES = {
+    "linear": _linear,
+    "conv": _conv,
+    "pool": _pool,
+    "flatten": lambda: nn.Flatten(1),
+    "dropout": lambda p=0.1: nn.Dropout(dropout_rate(p, "p")),
+    "relu": lambda: nn.ReLU(),
+    "gelu": lambda: nn.GELU(),
+    "batchnorm": lambda: nn.LazyBatchNorm1d(),
+}
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
