@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import get_method, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError
+from torch import nn
 
-from fusion.data import Modality, check_dataset
+from fusion.data import Modality, Task, check_dataset, output_sizes
+from fusion.model import MultimodalModel
 from fusion.training.recipe import ModelSpec
 from fusion.training.settings import ConfigError, TrainerConfig
 
@@ -34,7 +41,39 @@ def compose_config(*overrides: str) -> DictConfig:
     from experiments.schema import validate
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return validate(compose("train", overrides=list(overrides)))
+        try:
+            cfg = compose("train", overrides=list(overrides))
+        except ConfigCompositionException as err:
+            raise unknown_override(err, overrides, compose) from None
+        return validate(cfg)
+
+
+def unknown_override(
+    err: ConfigCompositionException, overrides: Sequence[str], compose: Any
+) -> Exception:
+    """Hydra refuses `data.augmnt=true` (a key the config lacks, given without `+`) and
+    suggests adding it; a typo is likelier, so name the close matches among the keys that
+    are there. Any other composition error is returned as it is."""
+    key = getattr(err.__cause__, "full_key", None)
+    if not isinstance(err.__cause__, ConfigAttributeError) or not key:
+        return err
+    parent, _, name = key.rpartition(".")
+    rest = [o for o in overrides if o.split("=", 1)[0] != key]
+    try:
+        node = OmegaConf.select(compose("train", overrides=rest), parent)
+    except ConfigCompositionException:
+        node = None
+    hint = close_matches(name, list(node) if isinstance(node, DictConfig) else [])
+    return ConfigError(
+        f"config key '{key}': the config has no such setting{hint}; to add a new one, write "
+        f"+{key}=..."
+    )
+
+
+def close_matches(name: str, options: Sequence[str]) -> str:
+    """ "; did you mean [...]?" for a mistyped name, or "" when nothing is close."""
+    close = difflib.get_close_matches(name, list(options), n=3)
+    return f"; did you mean {close}?" if close else ""
 
 
 def check_arguments(target: str, settings: Mapping[str, Any], key: str) -> None:
@@ -47,15 +86,78 @@ def check_arguments(target: str, settings: Mapping[str, Any], key: str) -> None:
     parameters = inspect.signature(function).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
+    hints = type_hints(function)
     for name in settings:
-        if name.startswith("_") or name in parameters:
+        if name.startswith("_") or OmegaConf.is_missing(settings, name):
             continue
-        close = difflib.get_close_matches(name, list(parameters), n=3)
-        hint = f"; did you mean {close}?" if close else ""
-        raise ConfigError(
-            f"config key '{key}.{name}': {target} takes no argument '{name}'{hint} "
-            f"(it takes {[p for p in parameters if p not in ('self', 'split')]})"
+        if name not in parameters:
+            raise ConfigError(
+                f"config key '{key}.{name}': {target} takes no argument "
+                f"'{name}'{close_matches(name, list(parameters))} "
+                f"(it takes {[p for p in parameters if p not in ('self', 'split')]})"
+            )
+        if name in hints and not matches(settings[name], hints[name]):
+            raise ConfigError(
+                f"config key '{key}.{name}': {target} takes {describe(hints[name])}, "
+                f"got {settings[name]!r}"
+            )
+
+
+def type_hints(function: Any) -> dict[str, Any]:
+    """The annotations of a function or class's arguments; none when they cannot be read."""
+    try:
+        return typing.get_type_hints(function.__init__ if inspect.isclass(function) else function)
+    except Exception:  # an annotation naming what the module cannot import: check no types
+        return {}
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether a config value fits an argument's annotation. The types a config holds
+    (numbers, strings, booleans, null, lists, mappings) are checked; anything else
+    (callables, objects built from a nested `_target_`) is left to the target."""
+    origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if isinstance(value, Mapping | DictConfig) and "_target_" in value:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, int | hint) and not isinstance(value, bool)
+    if hint is str or origin in (Path, os.PathLike):
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence):
+        items = [a for a in args if a is not Ellipsis]
+        return isinstance(value, ListConfig | list | tuple) and all(
+            matches(v, items[0] if items else Any) for v in value
         )
+    if origin in (dict, Mapping):
+        return isinstance(value, DictConfig | Mapping) and all(
+            matches(v, args[1] if args else Any) for v in value.values()
+        )
+    return True
+
+
+def describe(hint: Any) -> str:
+    """An annotation in a config's words: `int | None` is "int or null"."""
+    origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(arg) for arg in args)
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    if hint is type(None):
+        return "null"
+    if origin in (Path, os.PathLike):
+        return "a path"
+    if origin in (list, tuple, Sequence):
+        return f"a list of {describe(args[0])}" if args else "a list"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
 
 
 def build_split(data: DictConfig, split: str) -> Any:
@@ -67,15 +169,50 @@ def build_split(data: DictConfig, split: str) -> Any:
             f"config key 'data.{missing[0]}': {data._target_} needs it; set it on the command "
             f"line, e.g. data.{missing[0]}=..."
         )
+    check_data_files(data)
     try:
         dataset = instantiate(data, split=split)
     except InstantiationException as err:
         cause = err.__cause__ or err
+        key = refused_key("data", data, cause)
         raise ConfigError(
-            f"config key 'data' ({data._target_}, split '{split}'): {cause}"
+            f"config key '{key}' ({data._target_}, split '{split}'): {cause}"
         ) from None
     check_dataset(dataset, f"data._target_ {data._target_}")
     return dataset
+
+
+def refused_key(key: str, settings: DictConfig, err: BaseException) -> str:
+    """The setting a component refused: the project's argument checks start their message
+    with the argument's name ("max_samples must be ..."); else the component's key."""
+    named = [k for k in settings if not k.startswith("_") and str(err).startswith(f"{k} ")]
+    return f"{key}.{named[0]}" if named else key
+
+
+def check_data_files(data: DictConfig) -> None:
+    """A data setting named `path`, `root`, or ending in `_path`, `_root` or `_dir` names
+    what the dataset reads: it must be there and readable before anything is built, and
+    the error names the setting and the path as resolved from the launch folder."""
+    for key in data:
+        value = data[key]
+        if not (key in ("path", "root") or key.endswith(("_path", "_root", "_dir"))):
+            continue
+        if value is None:
+            continue
+        folder = key == "root" or key.endswith(("_root", "_dir"))
+        expected = f"a readable {'folder' if folder else 'file'}"
+        path = Path(str(value)).absolute()
+        if not str(value).strip():
+            found = "an empty string"
+        elif not path.exists():
+            found = f"nothing at {path}"
+        elif path.is_dir() != folder:
+            found = f"a {'file' if folder else 'folder'} at {path}"
+        elif not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
+            found = f"{path}, which this user may not read"
+        else:
+            continue
+        raise ConfigError(f"config key 'data.{key}': expected {expected}, found {found}")
 
 
 def build_datasets(data: DictConfig) -> dict[str, Any]:
@@ -122,13 +259,20 @@ def encoder_config(model: DictConfig, name: str, modality: Modality) -> DictConf
 
 def encoder_configs(model: DictConfig, modalities: Mapping[str, Modality]) -> dict[str, DictConfig]:
     """One encoder config per modality of the data, in the data's order."""
-    unknown = sorted(set(model.encoders) - set(modalities))
+    check_modality_names("model.encoders", model.encoders, modalities)
+    return {name: encoder_config(model, name, m) for name, m in modalities.items()}
+
+
+def check_modality_names(key: str, names: Any, modalities: Mapping[str, Modality]) -> None:
+    """Settings keyed by modality name (`model.encoders`, `model.modality_dropout`) name only
+    modalities the data has."""
+    unknown = sorted(set(names or {}) - set(modalities))
     if unknown:
         raise ConfigError(
-            f"config key 'model.encoders.{unknown[0]}': the data has no modality '{unknown[0]}'; "
-            f"its modalities are {list(modalities)}"
+            f"config key '{key}.{unknown[0]}': the data has no modality "
+            f"'{unknown[0]}'{close_matches(unknown[0], list(modalities))}; its modalities are "
+            f"{list(modalities)}"
         )
-    return {name: encoder_config(model, name, m) for name, m in modalities.items()}
 
 
 def model_spec(model: DictConfig, encoders: Mapping[str, DictConfig]) -> ModelSpec:
@@ -150,3 +294,110 @@ def model_spec(model: DictConfig, encoders: Mapping[str, DictConfig]) -> ModelSp
 def trainer_settings(cfg: DictConfig) -> TrainerConfig:
     """`cfg.trainer` (already merged onto the schema) as the library's dataclass."""
     return OmegaConf.to_object(cfg.trainer)
+
+
+def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
+    """What the config asks of the data and the file system, checked once the datasets are
+    built and before the recipe runs: a setting that cannot work fails now, naming its key,
+    not after stage 1 has trained or when a file is saved."""
+    train = datasets["train"]
+    check_modality_names("model.modality_dropout", cfg.model.modality_dropout, train.modalities)
+    check_conditions(cfg, train)
+    check_model_parts(cfg.model, train.modalities, train.tasks)
+    check_writable(cfg.paths, cfg.trainer.feature_cache.enabled)
+
+
+def describe_tasks(tasks: Mapping[str, Task]) -> str:
+    return ", ".join(f"{name} ({t.kind}, {t.num_outputs} outputs)" for name, t in tasks.items())
+
+
+def check_conditions(cfg: DictConfig, train: Any) -> None:
+    """A dataset whose items carry a condition (AV-Digits' `which` task: read the written or
+    the spoken digit) needs a head that reads it, with one branch per condition; any other
+    head would learn a label it cannot see the reason for."""
+    conditions = getattr(train, "num_conditions", None)
+    head = cfg.model.head
+    late = getattr(get_method(cfg.model.fusion._target_), "produces_logits", False)
+    reads = "num_conditions" in inspect.signature(get_method(head._target_)).parameters
+    task = f" (data.task={cfg.data.task})" if "task" in cfg.data else ""
+    if conditions and not (reads and not late):
+        fusion = cfg.model.fusion._target_
+        reader = f"{fusion} (late fusion, which skips the head)" if late else head._target_
+        raise ConfigError(
+            f"config key 'model.head': the data{task} gives every sample one of {conditions} "
+            f"conditions that decides its label, and {reader} ignores it; use "
+            "model/head=conditional (one head per condition) and a fuser that feeds a head"
+        )
+    if reads and not conditions:
+        raise ConfigError(
+            f"config key 'model.head': {head._target_} routes each sample by its condition, "
+            f"but the data{task} gives none; use another head (model/head=mlp)"
+        )
+    given = head.get("num_conditions")
+    if reads and not late and given != conditions:
+        raise ConfigError(
+            f"config key 'model.head.num_conditions': the data{task} gives {conditions} "
+            f"conditions, got {given} ({given} head{'' if given == 1 else 's'}, one per condition)"
+        )
+
+
+class StandIn(nn.Identity):
+    """An encoder's place in a dry build of the fuser and head: only its size is read."""
+
+    out_dim = 16
+
+
+def check_model_parts(
+    model: DictConfig, modalities: Mapping[str, Modality], tasks: Mapping[str, Task]
+) -> None:
+    """Build the fuser and head for the data's modalities and tasks, on stand-in encoders:
+    a bad setting, or a head that cannot serve the tasks (one output for several tasks),
+    fails now instead of when stage 2 builds the model."""
+    sizes = output_sizes(tasks)
+    for part, own in (("fusion", "in_dims"), ("head", "in_dim")):
+        check_arguments(model[part]._target_, model[part], f"model.{part}")
+        for name in (own, "num_classes"):
+            if name in model[part] and not (name == "num_classes" and model[part][name] == sizes):
+                source = (
+                    f"the data's tasks: {describe_tasks(tasks)}"
+                    if name == "num_classes"
+                    else "the sizes of the parts before it"
+                )
+                raise ConfigError(
+                    f"config key 'model.{part}.{name}': the model sets it from {source}; "
+                    f"remove it (got {model[part][name]!r})"
+                )
+    building = "model.fusion"
+
+    def head(**kwargs: Any) -> nn.Module:
+        nonlocal building
+        building = "model.head"
+        return instantiate(model.head)(**kwargs)
+
+    try:
+        MultimodalModel.build(
+            {m: StandIn() for m in modalities}, instantiate(model.fusion), head, sizes
+        )
+    except (TypeError, ValueError) as err:
+        part = model[building.split(".")[1]]
+        raise ConfigError(
+            f"config key '{refused_key(building, part, err)}' ({part._target_}): {err} "
+            f"(the data's modalities: "
+            f"{list(modalities)}; its tasks: {describe_tasks(tasks)})"
+        ) from None
+
+
+def check_writable(paths: DictConfig, feature_cache: bool) -> None:
+    """Probe every folder the run writes to (creating it, as the run would), so that a
+    read-only or mistyped folder fails now, not when stage 1 saves its encoder."""
+    keys = ["output_dir", "pretrained_dir"] + (["feature_cache_dir"] if feature_cache else [])
+    for key in keys:
+        folder = Path(paths[key]).absolute()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            found = f"a file at {folder}" if folder.is_file() else f"{folder}: {err.strerror}"
+            raise ConfigError(
+                f"config key 'paths.{key}': expected a folder this user can write to, found {found}"
+            ) from None

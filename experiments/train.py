@@ -21,7 +21,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.builders import build_datasets, encoder_configs, model_spec, trainer_settings
+from experiments.builders import (
+    build_datasets,
+    check_before_training,
+    encoder_configs,
+    model_spec,
+    trainer_settings,
+)
 from experiments.schema import ConfigError, register_resolvers, validate
 from fusion.tracking import NullTracker, Tracker
 from fusion.training import set_seed
@@ -58,6 +64,7 @@ def run(
     device = local_device(resolve_device(trainer.device), distributed)
     set_seed(cfg.seed)
     datasets = build_datasets(cfg.data)
+    check_before_training(cfg, datasets)
     cfg.model.encoders = encoder_configs(cfg.model, datasets["train"].modalities)
     spec = model_spec(cfg.model, cfg.model.encoders)
     tracker = NullTracker()
