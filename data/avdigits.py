@@ -15,13 +15,17 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import pickle
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.npyio import NpzFile
 
+from data import checks
 from fusion.data import Modality, MultimodalDataset, Task
 
 SPEECH_ASSET = Path(__file__).resolve().parent / "assets" / "avdigits_speech.npz"
@@ -54,34 +58,110 @@ def load_speech_clips(path: str | Path = SPEECH_ASSET) -> SpeechClips:
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(
-            f"AV-Digits speech asset not found at {path}; regenerate it with "
+            f"data.speech_path: AV-Digits speech asset not found at {path}; regenerate it with "
             "`make speech` (needs espeak-ng) or point data.speech_path at a copy"
         )
     return _read_speech_clips(path, path.stat().st_mtime_ns)
 
 
+READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError)
+"""What numpy raises on a corrupt, truncated or pickled file."""
+SPEECH_ARRAYS = ("waveforms", "offsets", "digits", "speakers", "speaker_names", "sample_rate")
+
+
+def asset_error(path: Path, problem: str) -> ValueError:
+    """An error about the speech asset: its config key, its path and what is wrong."""
+    return ValueError(f"data.speech_path: {path}: {problem}")
+
+
 @functools.lru_cache(maxsize=4)
 def _read_speech_clips(path: Path, mtime_ns: int) -> SpeechClips:
-    with np.load(path) as npz:
-        required = ("waveforms", "offsets", "digits", "speakers", "speaker_names", "sample_rate")
-        missing = [k for k in required if k not in npz.files]
+    arrays = read_npz(path, SPEECH_ARRAYS)
+    waveforms = speech_waveforms(arrays["waveforms"], path)
+    digits, speakers, names = arrays["digits"], arrays["speakers"], arrays["speaker_names"]
+    offsets, rate = arrays["offsets"], arrays["sample_rate"]
+    indices(digits, "digits", 10, path)
+    indices(speakers, "speakers", len(names), path)
+    if len(speakers) != len(digits):
+        raise asset_error(
+            path, f"'speakers' has {len(speakers)} entries, expected {len(digits)} (one per clip)"
+        )
+    if len(offsets) != len(digits) + 1:
+        raise asset_error(
+            path,
+            f"'offsets' has {len(offsets)} entries, expected {len(digits) + 1} (one more than "
+            "the number of clips)",
+        )
+    indices(offsets, "offsets", len(waveforms) + 1, path)
+    if offsets[0] != 0 or offsets[-1] != len(waveforms) or np.any(np.diff(offsets) < 1):
+        raise asset_error(
+            path,
+            f"'offsets' must rise from 0 to len(waveforms)={len(waveforms)}, one clip after "
+            f"another; found {offsets[:3].tolist()} ... {offsets[-2:].tolist()}",
+        )
+    if rate.shape != () or not np.issubdtype(rate.dtype, np.integer) or rate <= 0:
+        raise asset_error(path, f"'sample_rate' must be one positive integer (Hz), found {rate!r}")
+    return SpeechClips(
+        clips=[waveforms[a:b] for a, b in itertools.pairwise(offsets)],
+        digits=digits.astype(np.int64),
+        speakers=speakers.astype(np.int64),
+        speaker_names=names,
+        sample_rate=int(rate),
+    )
+
+
+def read_npz(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays `names` of an .npz file (never pickled objects), or an error naming the
+    file: corrupt, truncated, not an .npz, or lacking an array."""
+    expected = f"expected an .npz archive of the arrays {list(names)}"
+    try:
+        loaded = np.load(path)
+    except READ_ERRORS as err:
+        raise asset_error(path, f"{expected}, found a corrupt file ({err})") from None
+    if not isinstance(loaded, NpzFile):
+        raise asset_error(path, f"{expected}, found a single {loaded.dtype} array")
+    with loaded as npz:
+        missing = [k for k in names if k not in npz.files]
         if missing:
-            raise ValueError(f"{path} lacks arrays {missing}; it has {sorted(npz.files)}")
-        waveforms = npz["waveforms"].astype(np.float32) / 32768.0
-        offsets = npz["offsets"]
-        digits = npz["digits"].astype(np.int64)
-        if len(offsets) != len(digits) + 1:
-            raise ValueError(
-                f"{path}: 'offsets' has {len(offsets)} entries, expected {len(digits) + 1} "
-                "(one more than the number of clips)"
-            )
-        clips = [waveforms[a:b] for a, b in itertools.pairwise(offsets)]
-        return SpeechClips(
-            clips=clips,
-            digits=digits,
-            speakers=npz["speakers"].astype(np.int64),
-            speaker_names=npz["speaker_names"],
-            sample_rate=int(npz["sample_rate"]),
+            raise asset_error(path, f"lacks arrays {missing}; it has {sorted(npz.files)}")
+        try:
+            return {k: npz[k] for k in names}
+        except READ_ERRORS as err:
+            raise asset_error(path, f"{expected}, found a corrupt file ({err})") from None
+
+
+def speech_waveforms(waveforms: np.ndarray, path: Path) -> np.ndarray:
+    """The clips' samples as float32: int16 PCM scaled once to [-1, 1), float samples used
+    as they are (they are already on that scale), any other type refused."""
+    if waveforms.ndim != 1:
+        raise asset_error(
+            path,
+            f"'waveforms' must be 1-D (all clips end to end), found shape {list(waveforms.shape)}",
+        )
+    if waveforms.dtype == np.int16:
+        return waveforms.astype(np.float32) / 32768.0
+    if waveforms.dtype in (np.float16, np.float32, np.float64):
+        if not np.isfinite(waveforms).all():
+            raise asset_error(path, "'waveforms' holds non-finite (NaN or infinite) samples")
+        return waveforms.astype(np.float32)
+    raise asset_error(
+        path,
+        f"'waveforms' has dtype {waveforms.dtype}; expected int16 PCM (scaled by 1/32768) or "
+        "float16/32/64 samples in [-1, 1] (used as they are)",
+    )
+
+
+def indices(values: np.ndarray, name: str, stop: int, path: Path) -> None:
+    """A 1-D array of integers in [0, stop): labels and indices into other arrays."""
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise asset_error(
+            path,
+            f"'{name}' must be 1-D integers, found {values.dtype} of shape {list(values.shape)}",
+        )
+    if len(values) and (values.min() < 0 or values.max() >= stop):
+        raise asset_error(
+            path,
+            f"'{name}' must lie in [0, {stop}), found values from {values.min()} to {values.max()}",
         )
 
 
@@ -120,14 +200,6 @@ def stratified_split(
     return [rng.permutation(np.concatenate(p)) for p in parts]
 
 
-def _check_range(name: str, value: Sequence[float], low: float, high: float) -> tuple[float, float]:
-    if len(value) != 2 or not low <= value[0] <= value[1] <= high:
-        raise ValueError(
-            f"{name} must be [min, max] with {low} <= min <= max <= {high}, got {value}"
-        )
-    return float(value[0]), float(value[1])
-
-
 class AVDigits(MultimodalDataset):
     """One split of AV-Digits; items are `{"image": [1, 8, 8], "audio": [T], "label": int}`.
 
@@ -143,10 +215,11 @@ class AVDigits(MultimodalDataset):
     Validation and test samples are fixed by `seed` (paired clip, occlusion, noise), so
     every evaluation sees the same samples; `view` picks another fixed draw of the same
     split (for training on several fixed draws, as `data.views.Views` does). Training
-    samples, when `augment` is on (the default for the train split), get a new clip of the same digit and new degradations at
-    every access, drawn from torch's global generator: the encoders cannot memorize the
-    noise, so their training features stay as unreliable as their test features, which is
-    what the fusion stage must learn to weigh. Seeding torch makes this reproducible.
+    samples, unless `augment` is false, get a new clip of the same digit and new
+    degradations at every access, drawn from torch's global generator (`augment` never
+    touches validation and test): the encoders cannot memorize the noise, so their
+    training features stay as unreliable as their test features, which is what the fusion
+    stage must learn to weigh. Seeding torch makes this reproducible.
     """
 
     def __init__(
@@ -169,20 +242,19 @@ class AVDigits(MultimodalDataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got '{task}'")
-        if not 0.0 <= same_prob <= 1.0:
-            raise ValueError(f"same_prob must be in [0, 1], got {same_prob}")
-        if len(fractions) != 3 or min(fractions) <= 0 or not np.isclose(sum(fractions), 1.0):
-            raise ValueError(f"fractions must be 3 positive numbers summing to 1, got {fractions}")
-        if image_noise_std < 0:
-            raise ValueError(f"image_noise_std must be >= 0, got {image_noise_std}")
-        if text_accuracy is not None and not 0.0 <= text_accuracy <= 1.0:
-            raise ValueError(f"text_accuracy must be in [0, 1] or None, got {text_accuracy}")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
-        if view < 0:
-            raise ValueError(f"view must be >= 0, got {view}")
+        checks.choice("task", task, TASKS)
+        checks.integer("seed", seed)
+        checks.fractions(fractions)
+        checks.real("clip_seconds", clip_seconds, 0.0, above=True)
+        checks.real("image_noise_std", image_noise_std, 0.0)
+        checks.probability("same_prob", same_prob)
+        checks.flag("augment", augment, optional=True)
+        if text_accuracy is not None:
+            checks.probability("text_accuracy", text_accuracy)
+        checks.max_samples(max_samples)
+        checks.integer("view", view)
+        self.occlusion = checks.interval("occlusion", occlusion, 0.0, 1.0)
+        self.audio_snr_db = checks.interval("audio_snr_db", audio_snr_db, -60.0, 60.0)
         self.settings = {
             "split": split,
             "seed": seed,
@@ -199,10 +271,9 @@ class AVDigits(MultimodalDataset):
             "view": view,
         }
         self.split = split
-        self.occlusion = _check_range("occlusion", occlusion, 0.0, 1.0)
         self.image_noise_std = float(image_noise_std)
-        self.audio_snr_db = _check_range("audio_snr_db", audio_snr_db, -60.0, 60.0)
-        self.augment = split == "train" if augment is None else bool(augment)
+        # Augmentation redraws the train split only: validation and test stay fixed samples.
+        self.augment = split == "train" and augment is not False
         self.text_accuracy = text_accuracy
         self.task = task
         self.same_prob = same_prob
@@ -215,8 +286,8 @@ class AVDigits(MultimodalDataset):
         longest = max(len(c) for c in speech.clips)
         if longest > self.clip_samples:
             raise ValueError(
-                f"clip_seconds={clip_seconds} is shorter than the longest clip "
-                f"({longest / speech.sample_rate:.2f} s)"
+                f"data.clip_seconds: expected at least the longest clip in {self.speech_path} "
+                f"({longest / speech.sample_rate:.2f} s), found {clip_seconds!r}"
             )
         split_id = SPLITS.index(split)
         scans, digit_labels = digit_scans()
@@ -238,7 +309,7 @@ class AVDigits(MultimodalDataset):
         ]
         for d, pool in enumerate(self.clip_pool):
             if len(pool) == 0:
-                raise ValueError(f"no '{split}' speaker says digit {d} in {speech_path}")
+                raise asset_error(self.speech_path, f"no '{split}' speaker says digit {d}")
         self.draw_seed = (seed, split_id, view)
 
     splits = SPLITS
