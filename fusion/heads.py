@@ -35,8 +35,8 @@ def dropout_per_layer(dropout: Dropout, count: int, layers: str) -> list[float]:
         return [dropout_rate(dropout)] * count
     if len(dropout) != count:
         raise ValueError(
-            f"dropout has {len(dropout)} rates {list(dropout)}, but {layers} has {count} "
-            "layers: give one rate per layer, or one number for all"
+            f"dropout has {len(dropout)} rates {list(dropout)}, but {layers} has {count} layer(s): "
+            "give one rate per layer, or one number for all"
         )
     return [dropout_rate(p, f"dropout[{i}]") for i, p in enumerate(dropout)]
 

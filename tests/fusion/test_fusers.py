@@ -1,5 +1,10 @@
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from fusion.fusers.film import FiLMFuser
 from fusion.fusers.simple import (
@@ -193,3 +198,149 @@ def test_film_drops_an_absent_modulated_modality_and_keeps_sizes_unprojected():
 def test_film_needs_two_modalities():
     with pytest.raises(ValueError, match="at least two modalities"):
         FiLMFuser({"audio": 4}, conditioner="audio")
+
+
+# --- every configured fuser (configs/model/fusion/*.yaml) ---------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
+FUSION_CONFIGS = sorted((CONFIGS / "fusion").glob("*.yaml"))
+POISONS = [float("nan"), float("inf"), float("-inf"), 1e30]
+
+
+def from_config(path: Path) -> tuple[type, dict]:
+    """The class a component config builds, and its configured arguments."""
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    cls = get_class(config.pop("_target_"))
+    config.pop("_partial_", None)
+    return cls, config
+
+
+def configured_fuser(path: Path, dims: dict[str, int], **overrides):
+    cls, kwargs = from_config(path)
+    needs = {"num_classes": 3} if getattr(cls, "produces_logits", False) else {}
+    return cls(dims, **{**kwargs, **needs, **overrides})
+
+
+def integer_arguments(cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """Constructor arguments annotated as an int (or int | None): sizes and counts."""
+    annotations = ("int", "int | None")
+    return [
+        name
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.annotation in annotations and name not in skip
+    ]
+
+
+def masked_inputs(dims: dict[str, int], tokens: bool, batch: int = 4, steps: int = 3):
+    """Features and masks where every modality has masked slots: whole samples absent and,
+    for tokens, padded steps (a [B, T] mask) or an absent sample under a [B] mask."""
+    shape = (batch, steps) if tokens else (batch,)
+    feats = {m: torch.randn(*shape, d) for m, d in dims.items()}
+    present = {m: torch.ones(*shape, dtype=torch.bool) for m in dims}
+    for i, m in enumerate(dims):
+        present[m][(i + 1) % batch] = False  # a different absent sample per modality
+    if tokens:
+        present["image"][:, -1] = False  # padding after two real steps
+        present["audio"] = present["audio"].all(dim=1)  # a [B] mask on token inputs
+    return feats, present
+
+
+def expand(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(*mask.shape, *[1] * (x.dim() - mask.dim())).expand_as(x)
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["vectors", "tokens"])
+@pytest.mark.parametrize("n_modalities", [2, 3])
+@pytest.mark.parametrize("config", FUSION_CONFIGS, ids=lambda p: p.stem)
+def test_masked_values_have_no_influence_whatever_they_hold(config, n_modalities, tokens):
+    """NaN, +-Inf or 1e30 in an absent sample or a padded token: the same output as zeros
+    there, and finite gradients that are exactly zero at the masked positions."""
+    dims = DIMS[n_modalities]
+    torch.manual_seed(0)
+    fuser = configured_fuser(config, dims).eval()
+    feats, present = masked_inputs(dims, tokens)
+    zeroed = {m: x.masked_fill(~expand(present[m], x), 0.0) for m, x in feats.items()}
+    expected = fuser(zeroed, present)
+    assert torch.isfinite(expected).all()
+    for value in POISONS:
+        fuser.zero_grad()
+        poisoned = {
+            m: x.masked_fill(~expand(present[m], x), value).requires_grad_()
+            for m, x in feats.items()
+        }
+        out = fuser(poisoned, present)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, msg=f"value {value}")
+        out.pow(2).sum().backward()
+        for m, x in poisoned.items():
+            assert torch.isfinite(x.grad).all(), (value, m)
+            assert not x.grad[~expand(present[m], x)].any(), (value, m)
+        for name, param in fuser.named_parameters():
+            assert param.grad is None or torch.isfinite(param.grad).all(), (value, name)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])
+@pytest.mark.parametrize(
+    ("config", "argument"),
+    [
+        pytest.param(path, name, id=f"{path.stem}-{name}")
+        for path in FUSION_CONFIGS
+        for name in integer_arguments(from_config(path)[0])
+    ],
+)
+def test_every_size_argument_is_checked_naming_it(config, argument, value):
+    with pytest.raises(
+        ValueError, match=rf"^{argument} must be a positive integer.*, got {value!r}$"
+    ):
+        configured_fuser(config, DIMS[2], **{argument: value})
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, "0.1", None])
+@pytest.mark.parametrize(
+    "config",
+    [p for p in FUSION_CONFIGS if "dropout" in from_config(p)[1]],
+    ids=lambda p: p.stem,
+)
+def test_every_dropout_is_checked_naming_it(config, value):
+    with pytest.raises(ValueError, match=rf"^dropout must be in \[0, 1\), got {value!r}$"):
+        configured_fuser(config, DIMS[2], dropout=value)
+
+
+@pytest.mark.parametrize("value", [0, -4, 2.5, "6"])
+def test_in_dims_are_checked_naming_the_modality(value):
+    for config in FUSION_CONFIGS:
+        with pytest.raises(ValueError, match=rf"in_dims\['audio'\] must be .*, got {value!r}"):
+            configured_fuser(config, {"image": 6, "audio": value})
+
+
+def bad_batch(case: str, dims: dict[str, int]):
+    """Features and masks that break the contract in one way (see the parametrize ids)."""
+    feats = {m: torch.randn(3, d) for m, d in dims.items()}
+    present = {m: torch.ones(3, dtype=torch.bool) for m in dims}
+    if case == "float-mask":
+        present["audio"] = torch.tensor([1.0, 0.5, 0.0])
+    elif case == "int-mask":
+        present["audio"] = torch.tensor([1, 2, 0])
+    elif case == "batch-sizes":
+        feats["audio"] = torch.randn(2, dims["audio"])
+    elif case == "integer-features":
+        feats["audio"] = torch.ones(3, dims["audio"], dtype=torch.long)
+    elif case == "mask-shape":
+        present["audio"] = torch.ones(2, dtype=torch.bool)
+    return feats, present
+
+
+BAD_BATCHES = {
+    "float-mask": r"modality 'audio': present mask must be a bool tensor, got torch.float32",
+    "int-mask": r"modality 'audio': present mask must be a bool tensor, got torch.int64",
+    "batch-sizes": r"modality 'audio' has a batch of 2 samples, modality 'image' has 3",
+    "integer-features": r"modality 'audio': fuser expects floating-point features, got torch.int64",
+    "mask-shape": r"modality 'audio': present mask has shape \[2\], expected \[3\] or \[3, 1\]",
+}
+
+
+@pytest.mark.parametrize("case", BAD_BATCHES)
+@pytest.mark.parametrize("config", FUSION_CONFIGS, ids=lambda p: p.stem)
+def test_bad_features_and_masks_are_named(config, case):
+    fuser = configured_fuser(config, DIMS[2])
+    with pytest.raises(ValueError, match=BAD_BATCHES[case]):
+        fuser(*bad_batch(case, DIMS[2]))

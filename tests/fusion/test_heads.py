@@ -7,6 +7,7 @@ from fusion.heads import (
     MixtureOfExpertsHead,
     MultiTaskHead,
 )
+from tests.fusion.test_fusers import CONFIGS, from_config, integer_arguments
 
 
 @pytest.mark.parametrize("hidden", [(), (16,), (16, 8)])
@@ -149,3 +150,141 @@ def test_moe_errors_name_the_argument():
         MixtureOfExpertsHead(4, 2, num_experts=0)
     with pytest.raises(ValueError, match=r"temperature must be a positive number, got 0.0"):
         MixtureOfExpertsHead(4, 2, temperature=0.0)
+
+
+# --- every configured head (configs/model/head/*.yaml) -------------------------------------
+
+HEAD_CONFIGS = sorted((CONFIGS / "head").glob("*.yaml"))
+
+
+def configured_head(path, **overrides):
+    cls, kwargs = from_config(path)
+    num_classes = {"a": 2, "b": 3} if cls is MultiTaskHead else 3
+    return cls(**{"in_dim": 8, "num_classes": num_classes, **kwargs, **overrides})
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])
+@pytest.mark.parametrize(
+    ("config", "argument"),
+    [
+        pytest.param(path, name, id=f"{path.stem}-{name}")
+        for path in HEAD_CONFIGS
+        for name in integer_arguments(from_config(path)[0])
+    ],
+)
+def test_every_size_argument_is_checked_naming_it(config, argument, value):
+    with pytest.raises(ValueError, match=rf"{argument} must be a positive integer, got {value!r}$"):
+        configured_head(config, **{argument: value})
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1.0, r"dropout must be in \[0, 1\), got 1.0"),
+        ("0.2", r"dropout must be in \[0, 1\), got '0.2'"),
+        (
+            [0.1, 0.2],
+            r"dropout has 2 rates \[0.1, 0.2\], but (hidden|shared \+ hidden) has 1 layer\(s\)",
+        ),
+        ([-0.5], r"dropout\[0\] must be in \[0, 1\), got -0.5"),
+    ],
+)
+@pytest.mark.parametrize("config", HEAD_CONFIGS, ids=lambda p: p.stem)
+def test_every_dropout_is_checked_naming_it(config, value, message):
+    with pytest.raises(ValueError, match=message):
+        configured_head(config, dropout=value)
+
+
+@pytest.mark.parametrize(("argument", "value"), [("hidden", 256), ("hidden", "256")])
+@pytest.mark.parametrize("config", HEAD_CONFIGS, ids=lambda p: p.stem)
+def test_layer_sizes_must_be_a_list(config, argument, value):
+    with pytest.raises(
+        ValueError, match=rf"hidden must be a list of layer sizes, e.g. \[256\], got {value!r}"
+    ):
+        configured_head(config, **{argument: value})
+
+
+def dropout_rates(module):
+    return [m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+def test_dropout_can_be_given_per_hidden_layer():
+    head = ClassificationHead(8, 3, hidden=(16, 8), dropout=[0.1, 0.3])
+    assert dropout_rates(head) == [0.1, 0.3]
+    assert dropout_rates(ClassificationHead(8, 3, hidden=(16, 8), dropout=0.2)) == [0.2, 0.2]
+    moe = MixtureOfExpertsHead(8, 3, num_experts=2, hidden=(16, 8), dropout=[0.1, 0.3])
+    assert dropout_rates(moe) == [0.1, 0.3] * 2
+
+
+def test_multitask_dropout_list_covers_the_trunk_then_each_branch():
+    head = MultiTaskHead(8, {"a": 2, "b": 3}, shared=(16,), hidden=(8, 4), dropout=[0.1, 0.2, 0.3])
+    assert dropout_rates(head.trunk) == [0.1]
+    assert dropout_rates(head.heads["a"]) == dropout_rates(head.heads["b"]) == [0.2, 0.3]
+    with pytest.raises(
+        ValueError, match=r"dropout has 2 rates \[0.1, 0.2\], but shared \+ hidden has 3 layer\(s\)"
+    ):
+        MultiTaskHead(8, {"a": 2}, shared=(16,), hidden=(8, 4), dropout=[0.1, 0.2])
+
+
+def test_conditional_head_takes_a_head_spec_per_condition():
+    head = ConditionalHead(
+        8,
+        3,
+        num_conditions=3,
+        hidden=(16,),
+        dropout=0.2,
+        per_condition=[{}, {"hidden": [4, 4], "dropout": [0.0, 0.5]}, {"activation": "tanh"}],
+    )
+    sizes = [
+        [m.out_features for m in h.modules() if isinstance(m, torch.nn.Linear)] for h in head.heads
+    ]
+    assert sizes == [[16, 3], [4, 4, 3], [16, 3]]
+    assert [dropout_rates(h) for h in head.heads] == [[0.2], [0.0, 0.5], [0.2]]
+    assert isinstance(head.heads[2].mlp[1], torch.nn.Tanh)
+    out = head(torch.randn(6, 8), torch.tensor([0, 1, 2, 2, 1, 0]))
+    out.pow(2).sum().backward()
+    assert_every_parameter_trains(head)
+
+
+@pytest.mark.parametrize(
+    ("per_condition", "message"),
+    [
+        ([{}], r"per_condition has 1 head specs, but num_conditions is 2"),
+        ({"hidden": [4]}, r"per_condition must be a list of 2 mappings .*got \{'hidden': \[4\]\}"),
+        ([{}, [4]], r"per_condition\[1\] must be a mapping of head arguments .*got \[4\]"),
+        (
+            [{}, {"width": 4}],
+            r"per_condition\[1\] has unknown keys \['width'\]; expected some of \['activation', 'dropout', 'hidden'\]",
+        ),
+        (
+            [{"hidden": [0]}, {}],
+            r"condition 0's head: every size in hidden must be a positive integer, got 0",
+        ),
+        (
+            [{}, {"activation": "swish"}],
+            r"condition 1's head: activation must be one of .*got 'swish'",
+        ),
+    ],
+)
+def test_bad_per_condition_specs_are_named(per_condition, message):
+    with pytest.raises(ValueError, match=message):
+        ConditionalHead(8, 3, num_conditions=2, per_condition=per_condition)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan"), "1"])
+def test_moe_temperature_must_be_a_positive_number(value):
+    with pytest.raises(ValueError, match=rf"temperature must be a positive number, got {value!r}"):
+        MixtureOfExpertsHead(4, 2, temperature=value)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "1"])
+def test_loss_weights_must_be_non_negative_numbers(value):
+    with pytest.raises(ValueError, match=r"loss_weights must be non-negative numbers, got \{'a': "):
+        MultiTaskHead(4, {"a": 2}, loss_weights={"a": value})
+
+
+def test_configured_heads_keep_working_with_one_dropout():
+    for path in HEAD_CONFIGS:
+        head = configured_head(path)
+        out = head(torch.randn(4, 8), torch.tensor([0, 1, 0, 1]))
+        assert all(o.shape[0] == 4 for o in (out.values() if isinstance(out, dict) else [out]))
