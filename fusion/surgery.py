@@ -1,7 +1,8 @@
 """Explicit, architecture-agnostic edits to pretrained networks.
 
-Every change to a backbone (dropping its classifier, adapting its stem, freezing it) goes
-through here, so encoders never poke at a model's private layout themselves.
+Every change to a backbone (dropping its classifier, adapting its stem, adding layers) goes
+through here, so encoders never poke at a model's private layout themselves; freezing lives
+in `fusion.freezing`.
 """
 
 from __future__ import annotations
@@ -37,20 +38,40 @@ def find_classifier(model: nn.Module) -> str:
 
     The classifier attribute is found by its conventional name (`fc`, `classifier`, `head`,
     `heads`); inside a container (VGG's and ConvNeXt's `classifier`, ViT's `heads`) it is
-    the last `nn.Linear`, so the norm and flatten layers before it are kept.
+    the last `nn.Linear` or 1x1 `nn.Conv2d` (SqueezeNet's), so the norm, flatten and pooling
+    layers around it are kept.
     """
+    containers = []
     for name in CLASSIFIER_NAMES:
         attr = getattr(model, name, None)
-        if isinstance(attr, nn.Linear):
+        if _is_classifier_layer(attr):
             return name
         if isinstance(attr, nn.Module):
-            linears = [n for n, m in attr.named_modules() if isinstance(m, nn.Linear)]
-            if linears:
-                return f"{name}.{linears[-1]}"
+            layers = [n for n, m in attr.named_modules() if _is_classifier_layer(m)]
+            if layers:
+                return f"{name}.{layers[-1]}"
+            containers.append(f"'{name}' ({_layer_types(attr)})")
+    if containers:
+        raise ValueError(
+            f"{type(model).__name__}'s {', '.join(containers)} holds no nn.Linear or 1x1 "
+            "nn.Conv2d to use as its classifier"
+        )
     raise ValueError(
-        f"{type(model).__name__} has no classifier among {CLASSIFIER_NAMES}; "
-        f"its top-level children are {[n for n, _ in model.named_children()]}"
+        f"{type(model).__name__} has no classifier: expected a child named one of "
+        f"{CLASSIFIER_NAMES}, found children {[n for n, _ in model.named_children()]}"
     )
+
+
+def _is_classifier_layer(module: object) -> bool:
+    """A final layer that maps features to classes: a linear layer or a 1x1 convolution."""
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size == (1, 1)
+    return isinstance(module, nn.Linear)
+
+
+def _layer_types(module: nn.Module) -> str:
+    leaves = [type(m).__name__ for m in module.modules() if not list(m.children())]
+    return ", ".join(leaves) or "empty"
 
 
 def remove_classifier(model: nn.Module) -> str:
@@ -60,11 +81,15 @@ def remove_classifier(model: nn.Module) -> str:
     return name
 
 
-def replace_classifier(model: nn.Module, num_classes: int) -> nn.Linear:
-    """Swap the final classifier for a fresh `nn.Linear` with the same input size."""
+def replace_classifier(model: nn.Module, num_classes: int) -> nn.Linear | nn.Conv2d:
+    """Swap the final classifier for a fresh layer of its kind with the same input size."""
     name = find_classifier(model)
     old = model.get_submodule(name)
-    new = nn.Linear(old.in_features, num_classes).to(old.weight.device)
+    if isinstance(old, nn.Conv2d):
+        new = _conv_like(old, out_channels=num_classes)
+    else:
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+        new = new.to(device=old.weight.device, dtype=old.weight.dtype)
     replace_module(model, name, new)
     return new
 
@@ -144,38 +169,23 @@ def _conv_like(conv: nn.Conv2d, **overrides) -> nn.Conv2d:
     return nn.Conv2d(**kwargs).to(device=conv.weight.device, dtype=conv.weight.dtype)
 
 
-def set_trainable(modules: nn.Module | Iterable[nn.Module], trainable: bool) -> None:
-    """Freeze or unfreeze every parameter of the given module(s)."""
-    if isinstance(modules, nn.Module):
-        modules = [modules]
-    for module in modules:
-        for param in module.parameters():
-            param.requires_grad_(trainable)
+def match_parameters(
+    model: nn.Module, patterns: Iterable[str], argument: str
+) -> dict[str, list[str]]:
+    """The parameter names each glob pattern matches, in the model's order.
 
-
-def set_trainable_by_pattern(
-    model: nn.Module, patterns: str | Sequence[str], trainable: bool
-) -> list[str]:
-    """Freeze or unfreeze the parameters whose names match any glob pattern.
-
-    Returns the names it changed; a pattern that matches nothing is an error that lists a
-    few parameter names, since a silent no-op is how "frozen" layers end up training.
+    A pattern that matches nothing is an error naming `argument` (what the patterns were
+    given as) and showing a few names, since a silent no-op is how a setting goes unused.
     """
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     names = [name for name, _ in model.named_parameters()]
-    changed = []
-    for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
+    hits = {p: [n for n in names if fnmatch.fnmatchcase(n, p)] for p in patterns}
+    for pattern, matched in hits.items():
+        if not matched:
             raise ValueError(
-                f"pattern '{pattern}' matches no parameter of {type(model).__name__}; "
-                f"names look like {names[:4]} ... {names[-2:]}"
+                f"{argument}: pattern '{pattern}' matches no parameter of "
+                f"{type(model).__name__}; names look like {names[:4]} ... {names[-2:]}"
             )
-        changed += hits
-    params = dict(model.named_parameters())
-    for name in changed:
-        params[name].requires_grad_(trainable)
-    return changed
+    return hits
 
 
 def stages(model: nn.Module, min_stages: int = 4) -> list[tuple[str, nn.Module]]:
@@ -201,68 +211,14 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def freeze_all_but_last(model: nn.Module, n: int) -> list[str]:
-    """Freeze every stage but the last `n` (n=0 freezes all); return the trainable stages."""
-    found = stages(model)
-    if not 0 <= n <= len(found):
-        raise ValueError(
-            f"cannot keep the last {n} stages trainable: {type(model).__name__} has "
-            f"{len(found)} stages {[name for name, _ in found]}"
-        )
-    set_trainable(model, False)
-    keep = found[len(found) - n :] if n else []
-    set_trainable([m for _, m in keep], True)
-    return [name for name, _ in keep]
-
-
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-def freeze_norm_statistics(model: nn.Module) -> None:
-    """Put batch norms whose affine parameters are all frozen in eval mode.
-
-    Called after every `train()`: a frozen batch-norm layer must keep its running
-    statistics, or "frozen" layers would still change as the model trains.
-    """
-    for module in model.modules():
-        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
-        if is_bn and not any(p.requires_grad for p in module.parameters()):
-            module.eval()
-
-
-class GradualUnfreezing:
-    """Unfreeze a model's stages from the last to the first as training progresses.
-
-    From `start_epoch`, every `every` epochs `stages_per_step` more stages become
-    trainable (ULMFiT's schedule). The optimizer should hold all parameters from the
-    start; frozen ones have no gradient, so it leaves them untouched until they thaw.
-    """
-
-    def __init__(
-        self, model: nn.Module, start_epoch: int = 1, every: int = 1, stages_per_step: int = 1
-    ) -> None:
-        if start_epoch < 1 or every < 1 or stages_per_step < 1:
-            raise ValueError(
-                "start_epoch, every and stages_per_step must be >= 1, got "
-                f"{start_epoch}, {every}, {stages_per_step}"
-            )
-        self.model = model
-        self.stages = stages(model)
-        self.start_epoch, self.every, self.stages_per_step = start_epoch, every, stages_per_step
-
-    def trainable_stages(self, epoch: int) -> int:
-        if epoch < self.start_epoch:
-            return 0
-        steps = 1 + (epoch - self.start_epoch) // self.every
-        return min(len(self.stages), steps * self.stages_per_step)
-
-    def step(self, epoch: int) -> list[str]:
-        """Apply the schedule for `epoch` (1-based); return the stages now trainable."""
-        n = self.trainable_stages(epoch)
-        set_trainable(self.model, False)
-        thawed = self.stages[len(self.stages) - n :] if n else []
-        set_trainable([m for _, m in thawed], True)
-        return [name for name, _ in thawed]
+# Normalization layers by type: all their parameters are gains and shifts, never decayed.
+NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,  # batch, instance and sync batch norm
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+)
 
 
 def param_groups(
@@ -282,17 +238,20 @@ def param_groups(
     - `weight_decay_for`: pattern -> weight decay, e.g. L2 on new layers only.
     - `layer_decay`: layer-wise decay over the stages of each module in `decay_roots`
       ("" is the whole model); stage i of n gets `layer_decay ** (n - 1 - i)`.
-    - `no_decay_norm_bias`: biases and normalization weights get no weight decay.
+    - `no_decay_norm_bias`: biases and normalization weights get no weight decay (see
+      `no_decay_parameters`); `weight_decay_for` does not override this.
     All parameters are included, frozen ones too, so that unfreezing later needs no new
-    optimizer.
+    optimizer. A pattern of `lr_mult` or `weight_decay_for` that matches no parameter name
+    is a `ValueError` naming the argument: see `check_param_patterns`.
     """
     lr_mult = dict(lr_mult or {})
     weight_decay_for = dict(weight_decay_for or {})
+    check_param_patterns(model, lr_mult=lr_mult, weight_decay_for=weight_decay_for)
     stage_scale = {}
     if layer_decay is not None:
         for root in decay_roots:
             stage_scale.update(_layer_decay_scales(model, layer_decay, root))
-    no_decay = _norm_and_bias_names(model) if no_decay_norm_bias else set()
+    no_decay = no_decay_parameters(model) if no_decay_norm_bias else set()
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         mult = next((m for p, m in lr_mult.items() if fnmatch.fnmatchcase(name, p)), 1.0)
@@ -314,14 +273,36 @@ def _layer_decay_scales(model: nn.Module, layer_decay: float, root: str) -> dict
     return {f"{prefix}{name}.": layer_decay ** (n - 1 - i) for i, (name, _) in enumerate(found)}
 
 
-def _norm_and_bias_names(model: nn.Module) -> set[str]:
+def check_param_patterns(model: nn.Module, **patterns: Mapping[str, float] | None) -> None:
+    """Refuse a glob (of `lr_mult=`, `weight_decay_for=`, ...) matching no parameter name.
+
+    `param_groups` calls it; a trainer can call it on the built model before the first
+    step, so a mistyped pattern stops the run before anything trains.
+    """
+    for argument, mapping in patterns.items():
+        match_parameters(model, mapping or {}, argument)
+
+
+def no_decay_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters that weight decay must not shrink, by role and module type.
+
+    Every parameter of a normalization layer (`NORM_TYPES`), and every bias or gain, i.e.
+    every parameter with fewer than two dimensions (what it adds or scales per feature,
+    where weight matrices and kernels have two or more), plus the biases of `_BIASES_BY_TYPE`:
+    `nn.MultiheadAttention`'s `in_proj_bias` and layer-scale vectors included, whatever
+    they are called.
+    """
     names = set()
     for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            if param_name == "bias" or isinstance(module, NORM_TYPES):
-                names.add(full)
+        biases = [id(getattr(module, a, None)) for a in _BIASES_BY_TYPE.get(type(module), ())]
+        for param_name, param in module.named_parameters(recurse=False):
+            if isinstance(module, NORM_TYPES) or param.dim() < 2 or id(param) in biases:
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
     return names
+
+
+# Biases with more than one dimension: attention's learned key and value biases, [1, 1, E].
+_BIASES_BY_TYPE = {nn.MultiheadAttention: ("bias_k", "bias_v")}
 
 
 LAYER_TYPES = ("linear", "conv", "pool", "flatten", "dropout", "relu", "gelu", "batchnorm")

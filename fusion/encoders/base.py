@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.surgery import (
+from fusion.freezing import (
     freeze_all_but_last,
-    freeze_norm_statistics,
+    set_frozen_to_eval,
     set_trainable,
     set_trainable_by_pattern,
 )
@@ -132,23 +132,23 @@ class Encoder(nn.Module):
         return torch.device("cpu") if parameter is None else parameter.device
 
     def freeze(self) -> Encoder:
-        """Stop training this encoder: no gradients, and eval mode even under `model.train()`.
-
-        Eval mode matters as much as `requires_grad`: a frozen encoder must not update its
-        batch-norm statistics or apply dropout, or its "frozen" features would still drift.
+        """Stop training this encoder for good (`fusion.freezing`: no gradients, eval mode
+        even under `model.train()`); `frozen` tells the feature cache its features are fixed.
         """
         set_trainable(self, False)
         self.frozen = True
-        return self.train(self.training)
+        return self
 
     def unfreeze(self) -> Encoder:
-        set_trainable(self, True)
+        """Train this encoder again: gradients and train mode, as before `freeze()`."""
         self.frozen = False
+        set_trainable(self, True)
         return self
 
     def train(self, mode: bool = True) -> Encoder:
+        """`nn.Module.train`, keeping the frozen parts (or all of a frozen encoder) in eval."""
         super().train(mode and not self.frozen)
-        freeze_norm_statistics(self)
+        set_frozen_to_eval(self)
         return self
 
 

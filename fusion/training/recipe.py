@@ -27,10 +27,11 @@ from torch.utils.data import DataLoader
 from fusion.batch import Batch, Collate
 from fusion.data import Task, file_digest, fingerprint, output_sizes
 from fusion.encoders.base import Encoder
+from fusion.freezing import GradualUnfreezing, set_trainable
 from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead, MultiTaskHead
 from fusion.model import FuserFactory, HeadFactory, MultimodalModel
-from fusion.surgery import GradualUnfreezing, param_groups, set_trainable
+from fusion.surgery import param_groups
 from fusion.tracking import Tracker
 from fusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed

@@ -235,7 +235,7 @@ def test_the_encoded_dataset_answers_for_the_original(tmp_path):
 
 
 def test_an_encoder_waiting_to_be_thawed_is_not_frozen():
-    from fusion.surgery import set_trainable
+    from fusion.freezing import set_trainable
     from fusion.training.feature_cache import is_frozen
 
     encoder = Encoder(nn.Linear(3, 4), input_shape=(3,))

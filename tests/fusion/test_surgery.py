@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from fusion import surgery
+from fusion import freezing, surgery
 from fusion.encoders import build_vision_encoder
 
 
@@ -52,21 +52,21 @@ def test_stages_follow_forward_order():
 
 def test_freeze_by_pattern_and_errors():
     model = get_model("resnet18")
-    changed = surgery.set_trainable_by_pattern(model, ["conv1.*", "layer1.*"], False)
+    changed = freezing.set_trainable_by_pattern(model, ["conv1.*", "layer1.*"], False)
     assert "conv1.weight" in changed and "layer1.0.conv1.weight" in changed
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == set(changed)
     with pytest.raises(ValueError, match=r"pattern 'layer9\.\*' matches no parameter"):
-        surgery.set_trainable_by_pattern(model, "layer9.*", False)
+        freezing.set_trainable_by_pattern(model, "layer9.*", False)
 
 
 def test_freeze_all_but_last():
     model = get_model("resnet18")
-    assert surgery.freeze_all_but_last(model, 2) == ["layer4", "fc"]
+    assert freezing.freeze_all_but_last(model, 2) == ["layer4", "fc"]
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"layer4", "fc"}
     with pytest.raises(ValueError, match="has 7 stages"):
-        surgery.freeze_all_but_last(model, 8)
+        freezing.freeze_all_but_last(model, 8)
 
 
 def train_steps(module, inputs, steps=3):
@@ -118,7 +118,7 @@ def test_bad_freeze_options(kwargs, message):
 
 def test_gradual_unfreezing_thaws_from_the_top():
     model = get_model("resnet18")
-    schedule = surgery.GradualUnfreezing(model, start_epoch=2, every=2, stages_per_step=1)
+    schedule = freezing.GradualUnfreezing(model, start_epoch=2, every=2, stages_per_step=1)
     assert [schedule.trainable_stages(e) for e in range(1, 7)] == [0, 1, 1, 2, 2, 3]
     assert schedule.step(1) == [] and not any(p.requires_grad for p in model.parameters())
     assert schedule.step(4) == ["layer4", "fc"]
@@ -128,7 +128,7 @@ def test_gradual_unfreezing_thaws_from_the_top():
 
 def test_optimizer_leaves_frozen_parameters_until_they_thaw():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
-    schedule = surgery.GradualUnfreezing(model)
+    schedule = freezing.GradualUnfreezing(model)
     optimizer = torch.optim.AdamW(surgery.param_groups(model, lr=0.1, weight_decay=0.1))
     first = model[0].weight.clone()
     for epoch in (1, 2):
