@@ -8,6 +8,13 @@ The model is rebuilt from the run's resolved `config.yaml` and loaded whole from
 `checkpoints/best.pt`: nothing is trained and no stage-1 checkpoint is needed. Writes
 `eval_<split>.json` under `--out` (default `<run>/eval`), with the keys `summary.json` uses.
 
+A run directory is data, perhaps someone else's: before anything is built, every `_target_`
+in `config.yaml` must be one the project's own `configs/` tree names, a
+`torchvision.transforms.v2` transform, or one trusted with `--trust-target` (Hydra's
+`_args_`, `_recursive_` and `_convert_` are refused), and `config.yaml` must match the
+config stored in `best.pt` (but for settings that do not change what is scored, such as
+`logger.*`): an edited `config.yaml` would score something else than what was trained.
+
 `--robustness` (after MultiBench) takes each modality in turn and measures accuracy when it
 is dropped (its `present` mask cleared) and when Gaussian noise is added to its input, with
 std = level x that input's std on the split. Noise is drawn from a generator seeded with the
@@ -18,17 +25,21 @@ run's seed, the same draw for every level, so the curves differ only by the leve
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from experiments.builders import build_datasets, model_spec, trainer_settings
-from experiments.schema import ConfigError, validate
+from experiments.builders import CONFIG_DIR, build_datasets, model_spec, trainer_settings
+from experiments.schema import ConfigError, config_differences, validate
 from fusion.analysis.robustness import (
     Evaluator,
     metrics_table,
@@ -38,20 +49,152 @@ from fusion.analysis.robustness import (
 )
 from fusion.model import MultimodalModel
 from fusion.training import load_checkpoint
+from fusion.training.checkpoint import CheckpointError
 from fusion.training.loaders import make_loaders
 from fusion.training.recipe import FUSE_STATE, ModelSpec, build_model
-from fusion.training.settings import resolve_device
+from fusion.training.settings import DEVICE, DEVICES, resolve_device
 from fusion.weights import load_weights
 
 DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0, 2.0)
+TRANSFORMS = "torchvision.transforms.v2"
+# Hydra keys that would call a target another way than the project's configs do.
+REFUSED_KEYS = ("_args_", "_recursive_", "_convert_")
+# Settings that may differ between config.yaml and best.pt: they do not change what is scored.
+NOT_SCORED = (
+    "logger",
+    "paths",
+    "tags",
+    "trainer.device",
+    "trainer.resume",
+    "trainer.stop_after_epochs",
+    "trainer.num_workers",
+    "trainer.pin_memory",
+    "trainer.persistent_workers",
+    "trainer.prefetch_factor",
+)
 
 
 class EvaluateError(Exception):
     """Something evaluation needs is missing; the message names it and says how to get it."""
 
 
-def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
-    """The run's resolved config and its best checkpoint, or a message on how to make them."""
+def mappings(node: Any, key: str = "") -> Iterator[tuple[str, dict]]:
+    """Every mapping in a plain config, at any depth and inside lists, with its dotted key."""
+    if isinstance(node, dict):
+        yield key, node
+        for name, value in node.items():
+            yield from mappings(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from mappings(value, f"{key}[{index}]")
+
+
+@functools.cache
+def project_targets() -> frozenset[str]:
+    """Every `_target_` the project's own `configs/` tree names: its builders."""
+    targets = set()
+    for path in CONFIG_DIR.rglob("*.yaml"):
+        config = OmegaConf.to_container(OmegaConf.load(path))
+        targets.update(node["_target_"] for _, node in mappings(config) if "_target_" in node)
+    return frozenset(targets)
+
+
+def is_transform(target: str) -> bool:
+    """Whether `target` names a `torchvision.transforms.v2` transform class (augmentation)."""
+    module, _, name = target.rpartition(".")
+    if module != TRANSFORMS:
+        return False
+    from torchvision.transforms import v2
+
+    candidate = getattr(v2, name, None)
+    return isinstance(candidate, type) and issubclass(candidate, v2.Transform)
+
+
+def check_targets(config: dict[str, Any], trusted: Collection[str], source: Path) -> None:
+    """Refuse, before anything is imported or built, a config from `source` that would
+    instantiate anything but the project's builders, transforms and `trusted` targets."""
+    for key, node in mappings(config):
+        where = f"{source}: config key '{key}." if key else f"{source}: config key '"
+        refused = [k for k in REFUSED_KEYS if k in node]
+        if refused:
+            raise EvaluateError(
+                f"{where}{refused[0]}': evaluate refuses Hydra's {', '.join(REFUSED_KEYS)} in a "
+                "run's config (the project's configs never use them; its builders take "
+                "named arguments)"
+            )
+        if "_partial_" in node and not isinstance(node["_partial_"], bool):
+            raise EvaluateError(
+                f"{where}_partial_': expected true or false, found {node['_partial_']!r}"
+            )
+        if "_target_" not in node:
+            continue
+        target = node["_target_"]
+        if not isinstance(target, str):
+            raise EvaluateError(
+                f"{where}_target_': expected a dotted name, found a {type(target).__name__}"
+            )
+        if target not in project_targets() and target not in trusted and not is_transform(target):
+            raise EvaluateError(
+                f"{where}_target_' names '{target}', which evaluate does not build: a run "
+                f"directory is data, so only the project's own builders (the _target_ values "
+                f"under configs/) and {TRANSFORMS} transforms are built from it. If you trust "
+                f"'{target}' (your own component), pass --trust-target {target}"
+            )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A run's `config.yaml` as a plain mapping, interpolations resolved (so what is checked
+    is what is built)."""
+    try:
+        loaded = OmegaConf.load(path)
+        config = OmegaConf.to_container(loaded, resolve=True)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        reason = str(err).splitlines()[0]
+        raise EvaluateError(
+            f"{path} is not valid YAML ({reason}): expected the run's config, as "
+            "`python -m experiments.train` writes it"
+        ) from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise EvaluateError(
+            f"{path}: config key '{key}' cannot be resolved: {str(err).splitlines()[0]}"
+        ) from None
+    if not isinstance(config, dict) or not config:
+        found = f"a {type(config).__name__}" if config else "nothing"
+        raise EvaluateError(
+            f"{path}: expected a mapping of the config groups (data, model, trainer, ...), "
+            f"found {found}"
+        )
+    return config
+
+
+def check_stored_config(stored: Any, config: dict[str, Any], best: Path, source: Path) -> None:
+    """Refuse a `config.yaml` that differs from the config `best.pt` was trained with (but in
+    `NOT_SCORED` settings): the model would be rebuilt and scored as something else."""
+    if not isinstance(stored, dict):
+        raise EvaluateError(
+            f"{best}: expected the run's config (a mapping) under 'config', found a "
+            f"{type(stored).__name__}"
+        )
+    try:
+        stored = OmegaConf.to_container(OmegaConf.create(stored), resolve=True)
+    except OmegaConfBaseException as err:
+        raise EvaluateError(
+            f"{best}: the stored config cannot be resolved: {str(err).splitlines()[0]}"
+        ) from None
+    differences = config_differences(stored, config, ignore=NOT_SCORED)
+    if differences:
+        raise EvaluateError(
+            f"{source} differs from the config stored in {best}, which trained the model, "
+            f"at {len(differences)} key(s) (stored -> config.yaml):\n  "
+            + "\n  ".join(differences)
+            + "\nevaluating would score another model or data than the run's; restore "
+            "config.yaml, or train a run with the new settings"
+        )
+
+
+def load_run(run_dir: Path, trusted: Collection[str] = ()) -> tuple[DictConfig, dict[str, Any]]:
+    """The run's checked config and its best checkpoint, or a message on how to make them."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise EvaluateError(
@@ -69,8 +212,12 @@ def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
         else:
             how = "`python -m experiments.train` writes it when stage 2 finishes"
         raise EvaluateError(f"{best} not found: {how}")
+    resolved = read_config(config)
+    check_targets(resolved, trusted, config)
+    state = load_checkpoint(best, required=("model", "config"))
+    check_stored_config(state["config"], resolved, best, config)
     # through the schema, so a run from before a setting existed gets its default
-    return validate(OmegaConf.load(config)), load_checkpoint(best, required=("model",))
+    return validate(OmegaConf.create(resolved)), state
 
 
 def rebuild_model(spec: ModelSpec, tasks: Any, state: dict[str, Any]) -> MultimodalModel:
@@ -99,16 +246,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="noise std as multiples of each input's std (with --robustness)",
     )
     parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/eval)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", help=DEVICES)
+    parser.add_argument(
+        "--trust-target",
+        action="append",
+        default=[],
+        metavar="TARGET",
+        help="a _target_ of your own that the run's config may build (repeatable)",
+    )
     args = parser.parse_args(argv)
     if any(not math.isfinite(lv) or lv < 0 for lv in args.levels):
-        parser.error(f"--levels must be finite and >= 0, got {args.levels}")
+        parser.error(f"argument --levels: expected finite values >= 0, got {args.levels}")
     args.levels = sorted(set(args.levels))
+    if not args.run_dir.is_dir():
+        found = "a file" if args.run_dir.exists() else "nothing"
+        parser.error(
+            f"argument run_dir: expected a training run's directory, {args.run_dir} is {found}"
+        )
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: expected a directory, {args.out} is a file")
+    args.device = parse_device(parser, args.device)
     return args
 
 
+def parse_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """`--device` as a torch device, or an error naming `--device` (not `trainer.device`)."""
+    if not DEVICE.fullmatch(name):
+        parser.error(f"argument --device: expected {DEVICES}, got '{name}'")
+    try:
+        return resolve_device(name)
+    except ConfigError as err:
+        reason = str(err).split(": ", 1)[-1]
+        parser.error(f"argument --device: {reason}; --device auto uses what this machine has")
+
+
 def run(args: argparse.Namespace) -> None:
-    cfg, state = load_run(args.run_dir)
+    cfg, state = load_run(args.run_dir, args.trust_target)
     out = args.out or args.run_dir / "eval"
     datasets = build_datasets(cfg.data)
     if args.split not in datasets:
@@ -117,9 +290,7 @@ def run(args: argparse.Namespace) -> None:
     train = datasets["train"]
     model = rebuild_model(spec, train.tasks, state["model"])
     loaders = make_loaders(datasets, trainer_settings(cfg), cfg.seed)
-    evaluator = Evaluator(
-        model, loaders, args.split, cfg.seed, resolve_device(args.device), cfg.trainer.precision
-    )
+    evaluator = Evaluator(model, loaders, args.split, cfg.seed, args.device, cfg.trainer.precision)
     metrics = evaluator()
     print(metrics_table(args.split, metrics))
     write_json(
@@ -144,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (EvaluateError, ConfigError) as err:
+    except (EvaluateError, ConfigError, CheckpointError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     return 0
