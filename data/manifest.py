@@ -44,6 +44,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as tvf
 
+from data import checks
 from fusion.data import RESERVED_KEYS, Modality, MultimodalDataset, Task, file_digest
 
 log = logging.getLogger("fusion")
@@ -187,24 +188,23 @@ class ManifestDataset(MultimodalDataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-        if view is not None and (not isinstance(view, int) or view < 0):
-            raise ValueError(f"view must be None or an integer >= 0, got {view!r}")
-        if max_samples is not None:
-            check_positive("max_samples", max_samples, int)
+        if view is not None:
+            checks.integer("view", view)
+        checks.max_samples(max_samples)
         self.settings = ManifestSettings(
             target=str(target),
             columns=column_overrides(columns),
             split_column=None if split_column is None else str(split_column),
-            fractions=check_fractions(fractions),
-            seed=int(seed),
-            image_size=check_image_size(image_size),
-            image_channels=check_choice("image_channels", image_channels, (None, 1, 3)),
-            audio_sample_rate=check_positive("audio_sample_rate", audio_sample_rate, int),
+            fractions=checks.fractions(fractions),
+            seed=checks.integer("seed", seed),
+            image_size=checks.image_size(image_size, optional=True),
+            image_channels=checks.choice("image_channels", image_channels, (None, 1, 3)),
+            audio_sample_rate=checks.integer("audio_sample_rate", audio_sample_rate, 1),
             audio_seconds=None
             if audio_seconds is None
-            else check_positive("audio_seconds", audio_seconds, float),
-            audio_crop=check_choice("audio_crop", audio_crop, AUDIO_CROPS),
-            check_files=bool(check_files),
+            else checks.real("audio_seconds", audio_seconds, 0.0, above=True),
+            audio_crop=checks.choice("audio_crop", audio_crop, AUDIO_CROPS),
+            check_files=checks.flag("check_files", check_files),
         )
         transforms = image_transforms(augment)
         self.source = Path(path).expanduser().absolute()
@@ -329,39 +329,6 @@ def column_overrides(columns: Mapping[str, str] | None) -> tuple[tuple[str, str]
             )
         pairs.append((str(name), kind))
     return tuple(sorted(pairs))
-
-
-def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
-    values = tuple(float(f) for f in fractions)
-    if len(values) != 3 or min(values) <= 0 or not math.isclose(sum(values), 1.0):
-        raise ValueError(
-            f"fractions must be 3 positive numbers (train, val, test) summing to 1, got "
-            f"{list(fractions)}"
-        )
-    return values
-
-
-def check_image_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    pair = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or not all(isinstance(s, int) and s >= 1 for s in pair):
-        raise ValueError(f"image_size must be a positive int or [height, width], got {size!r}")
-    return pair
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def check_positive(name: str, value: Any, kind: type) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if kind is int and value != int(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return kind(value)
 
 
 def image_transforms(augment: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
@@ -935,6 +902,9 @@ def decode_image_file(path: str, channels: int) -> torch.Tensor:
     decodes, Pillow for BMP and TIFF; the first frame of an animation."""
     if path.lower().endswith(PILLOW_EXTENSIONS):
         with Image.open(path) as image:
+            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                grey = deep_grey_pixels(image)
+                return grey if channels == 1 else grey.repeat(3, 1, 1)
             pixels = tvf.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
     else:
         mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
@@ -942,6 +912,25 @@ def decode_image_file(path: str, channels: int) -> torch.Tensor:
     if pixels.dim() == 4:
         pixels = pixels[0]
     return tvf.to_dtype(pixels, torch.float32, scale=True)
+
+
+def deep_grey_pixels(image: Image.Image) -> torch.Tensor:
+    """A 16-bit or float grey image (TIFF) as float [1, H, W] in [0, 1]. Pillow's 8-bit
+    conversion would saturate 16-bit values and truncate floats to 0 or 1, so: 16-bit
+    integers are scaled by 1/65535, floats already in [0, 1] are kept, anything else is
+    refused rather than guessed."""
+    array = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return torch.from_numpy(array.astype(np.float32) / 65535.0)[None]
+    if image.mode == "I":
+        raise ValueError(
+            "32-bit integer pixels (Pillow mode 'I') have no known full scale; expected "
+            "8- or 16-bit integer pixels, or float pixels in [0, 1]"
+        )
+    low, high = float(array.min()), float(array.max())
+    if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low <= high <= 1.0):
+        raise ValueError(f"float pixels must lie in [0, 1]; found values from {low} to {high}")
+    return torch.from_numpy(array.astype(np.float32))[None]
 
 
 # ----------------------------------------------------------------------------- audio

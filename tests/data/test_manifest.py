@@ -11,7 +11,7 @@ import torch
 from torchvision.io import encode_jpeg, encode_png, write_file
 from torchvision.transforms import v2
 
-from data.manifest import ManifestDataset, load_audio, stratified_parts
+from data.manifest import ManifestDataset, load_audio, load_image, stratified_parts
 from fusion.batch import Collate
 from fusion.data import check_dataset
 
@@ -399,3 +399,102 @@ def test_a_manifest_says_the_sizes_it_chose(manifest, caplog):
     assert (
         "column 'clip': clips read as mono at 16000 Hz, cropped or padded to 0.80 s" in caplog.text
     )
+
+
+BAD_SETTINGS = {
+    "seed fractional": ({"seed": 1.5}, "data.seed: expected an integer >= 0, found 1.5"),
+    "seed negative": ({"seed": -1}, "data.seed: expected an integer >= 0, found -1"),
+    "fractions two": (
+        {"fractions": (0.7, 0.3)},
+        "data.fractions: expected 3 positive numbers (train, val, test) summing to 1, "
+        "found [0.7, 0.3]",
+    ),
+    "image_size zero": (
+        {"image_size": 0},
+        "data.image_size: expected [height, width] (or one int) of positive integers or null, "
+        "found [0, 0]",
+    ),
+    "image_size fractional": (
+        {"image_size": [8, 8.5]},
+        "data.image_size: expected [height, width] (or one int) of positive integers or null, "
+        "found [8, 8.5]",
+    ),
+    "image_channels 2": (
+        {"image_channels": 2},
+        "data.image_channels: expected one of [None, 1, 3], found 2",
+    ),
+    "image_channels bool": (
+        {"image_channels": True},
+        "data.image_channels: expected one of [None, 1, 3], found True",
+    ),
+    "sample rate zero": (
+        {"audio_sample_rate": 0},
+        "data.audio_sample_rate: expected an integer >= 1, found 0",
+    ),
+    "sample rate fractional": (
+        {"audio_sample_rate": 8000.5},
+        "data.audio_sample_rate: expected an integer >= 1, found 8000.5",
+    ),
+    "audio_seconds inf": (
+        {"audio_seconds": float("inf")},
+        "data.audio_seconds: expected a finite number > 0, found inf",
+    ),
+    "audio_seconds negative": (
+        {"audio_seconds": -1.0},
+        "data.audio_seconds: expected a finite number > 0, found -1.0",
+    ),
+    "audio_crop unknown": (
+        {"audio_crop": "middle"},
+        "data.audio_crop: expected one of ['start', 'center'], found 'middle'",
+    ),
+    "max_samples zero": ({"max_samples": 0}, "data.max_samples: expected an integer >= 1, found 0"),
+    "view negative": ({"view": -1}, "data.view: expected an integer >= 0, found -1"),
+    "check_files a string": (
+        {"check_files": "no"},
+        "data.check_files: expected true or false, found 'no'",
+    ),
+}
+
+
+@pytest.mark.parametrize(("settings", "message"), BAD_SETTINGS.values(), ids=BAD_SETTINGS)
+def test_bad_settings_are_named_before_the_manifest_is_read(tmp_path, settings, message):
+    with pytest.raises(ValueError) as error:
+        build(tmp_path / "never-read.csv", **settings)
+    assert str(error.value) == message
+
+
+def test_deep_tiff_pixels_are_scaled_not_saturated(tmp_path):
+    from PIL import Image
+
+    sixteen = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "a.tif")
+    pixels = load_image(str(tmp_path / "a.tif"), 3, (8, 8))
+    assert pixels.shape == (3, 8, 8)
+    assert torch.allclose(pixels[1], torch.from_numpy(sixteen / 65535.0).float())
+    floats = (np.arange(64).reshape(8, 8) / 64).astype(np.float32)
+    Image.fromarray(floats).save(tmp_path / "f.tif")
+    assert torch.equal(load_image(str(tmp_path / "f.tif"), 1, (8, 8))[0], torch.from_numpy(floats))
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (
+            np.full((4, 4), 2.0, np.float32),
+            "float pixels must lie in [0, 1]; found values from 2.0 to 2.0",
+        ),
+        (
+            np.full((4, 4), np.nan, np.float32),
+            "float pixels must lie in [0, 1]; found values from nan",
+        ),
+        (np.full((4, 4), 70000, np.int32), "32-bit integer pixels (Pillow mode 'I') have no known"),
+    ],
+    ids=["float above 1", "float nan", "int32"],
+)
+def test_deep_tiff_pixels_without_a_known_scale_are_refused(tmp_path, array, message):
+    from PIL import Image
+
+    Image.fromarray(array).save(tmp_path / "x.tif")
+    with pytest.raises(ValueError) as error:
+        load_image(str(tmp_path / "x.tif"), 1, (4, 4))
+    assert str(error.value).startswith(message)
