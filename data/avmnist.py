@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import checks
 from fusion.data import Modality, MultimodalDataset, Task, file_digest
 
 SPLITS = ("train", "val", "test")
@@ -97,21 +98,41 @@ def training_size(labels: Path, total: int, val_size: int) -> int:
     return total - val_size
 
 
-def pixel_stats(path: Path, side: int, stop: int, scale: float) -> tuple[float, float]:
-    """Mean and std of the pixel values of the first `stop` samples in `path` (the training
-    part), from up to `STATS_SAMPLES` evenly spaced ones; memoized per file version."""
+def pixel_stats(path: Path, side: int, stop: int) -> tuple[float, float, float]:
+    """Mean, std and maximum of the raw pixel values of the first `stop` samples in `path`
+    (the training part), from up to `STATS_SAMPLES` evenly spaced ones; memoized per file
+    version."""
     stat = path.stat()
-    return _pixel_stats(str(path.resolve()), stat.st_size, stat.st_mtime_ns, side, stop, scale)
+    return _pixel_stats(str(path.resolve()), stat.st_size, stat.st_mtime_ns, side, stop)
 
 
 @functools.lru_cache(maxsize=16)
-def _pixel_stats(
-    path: str, size: int, mtime_ns: int, side: int, stop: int, scale: float
-) -> tuple[float, float]:
+def _pixel_stats(path: str, size: int, mtime_ns: int, side: int, stop: int) -> tuple[float, ...]:
     pictures = as_pictures(np.load(path, mmap_mode="r"), side, Path(path))
     rows = np.unique(np.linspace(0, stop - 1, min(stop, STATS_SAMPLES)).astype(np.int64))
-    values = np.asarray(pictures[rows], dtype=np.float64) / scale
-    return float(values.mean()), float(max(values.std(), 1e-6))
+    values = np.asarray(pictures[rows], dtype=np.float64)
+    return float(values.mean()), float(values.std()), float(values.max())
+
+
+def check_scale(path: Path, dtype: np.dtype, top: float, normalize: bool) -> None:
+    """Pixels are used in [0, 1]: integer pixels (0-255) are divided by 255, never used
+    raw; float pixels are divided by 255 with `normalize` (MultiBench's 0-255 floats), so
+    floats already in [0, 1] or values above 255 cannot be what the files hold."""
+    if np.issubdtype(dtype, np.integer) and not normalize:
+        raise ValueError(
+            f"data.normalize: false would use the {dtype} pixels of {path} (0-255) unscaled; "
+            "expected true for integer pixels (they are divided by 255), found false"
+        )
+    if normalize and top > PIXEL_SCALE:
+        raise ValueError(
+            f"data.normalize: true divides by {PIXEL_SCALE:g}, but {path} holds values up to "
+            f"{top:g} (sampled); expected pixel values 0-{PIXEL_SCALE:g}"
+        )
+    if normalize and not np.issubdtype(dtype, np.integer) and 0 < top <= 1:
+        raise ValueError(
+            f"data.normalize: true would divide {path}'s {dtype} pixels, already in [0, 1] "
+            f"(max {top:g} sampled), by {PIXEL_SCALE:g} again; set data.normalize=false"
+        )
 
 
 class AVMNIST(MultimodalDataset):
@@ -120,7 +141,8 @@ class AVMNIST(MultimodalDataset):
     `root` is the unpacked avmnist folder (see the module docstring). `val_size` samples
     at the end of the training files form the validation split (MultiBench: 5,000), the
     rest the training split; test is the test files. `normalize` divides pixel values by
-    255 as MultiBench does. `max_samples` keeps the first samples of the split. Each
+    255 as MultiBench does (integer pixels always are; floats already in [0, 1] are refused
+    with it). `max_samples` keeps the first samples of the split. Each
     modality's `mean` and `std` (for the image encoder's standardization) are estimated on
     the training split.
     """
@@ -139,10 +161,9 @@ class AVMNIST(MultimodalDataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-        if val_size < 1:
-            raise ValueError(f"val_size must be a positive integer, got {val_size}")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
+        checks.integer("val_size", val_size, 1)
+        checks.max_samples(max_samples)
+        checks.flag("normalize", normalize)
         self.split = split
         self.root = Path(root)
         self.settings = {"val_size": val_size, "max_samples": max_samples, "normalize": normalize}
@@ -150,6 +171,9 @@ class AVMNIST(MultimodalDataset):
         self.files = split_files(self.root, "test" if split == "test" else "train")
         require_files(self.files)
         arrays = self._open()
+        for m, array in arrays.items():
+            if np.issubdtype(array.dtype, np.integer):
+                check_scale(self.files[m], array.dtype, 0.0, normalize)
         self.labels = read_labels(self.files["label"])
         check_lengths({**arrays, "label": self.labels}, self.files)
         self.rows = self._rows(len(self.labels), val_size, max_samples)
@@ -191,7 +215,9 @@ class AVMNIST(MultimodalDataset):
         stop = training_size(train["label"], total, val_size)
         out = {}
         for m, side in SIDES.items():
-            mean, std = pixel_stats(train[m], side, stop, self.scale)
+            mean, std, top = pixel_stats(train[m], side, stop)
+            check_scale(train[m], np.load(train[m], mmap_mode="r").dtype, top, self.scale > 1)
+            mean, std = mean / self.scale, max(std / self.scale, 1e-6)
             info = {"shape": [1, side, side], "in_channels": 1, "image_size": [side, side]}
             out[m] = Modality("image", {**info, "mean": [mean], "std": [std]})
         return out

@@ -140,3 +140,68 @@ def test_pickles_without_the_arrays(root):
     assert len(blob) < 20_000  # paths and row ranges, not 12 spectrograms
     copy = pickle.loads(blob)
     assert torch.equal(copy[5]["audio"], dataset[5]["audio"])
+
+
+BAD_ARGUMENTS = {
+    "val_size zero": ({"val_size": 0}, "data.val_size: expected an integer >= 1, found 0"),
+    "val_size fractional": (
+        {"val_size": 2.5},
+        "data.val_size: expected an integer >= 1, found 2.5",
+    ),
+    "max_samples negative": (
+        {"max_samples": -3},
+        "data.max_samples: expected an integer >= 1, found -3",
+    ),
+    "normalize a string": (
+        {"normalize": "yes"},
+        "data.normalize: expected true or false, found 'yes'",
+    ),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS)
+def test_bad_arguments_are_named_with_what_was_expected_and_found(root, kwargs, message):
+    with pytest.raises(ValueError) as error:
+        AVMNIST("train", root=root, **kwargs)
+    assert str(error.value) == message
+
+
+def test_integer_pixels_are_scaled_to_unit_range(root):
+    pixels = np.random.default_rng(1).integers(0, 256, (TRAIN, 784), dtype=np.uint8)
+    np.save(root / "image" / "train_data.npy", pixels)
+    dataset = AVMNIST("train", root=root, val_size=4)
+    expected = torch.from_numpy(pixels[3].reshape(1, 28, 28) / 255.0).float()
+    assert torch.allclose(dataset[3]["image"], expected)
+    assert 0.3 < dataset.modalities["image"].info["mean"][0] < 0.7  # statistics on [0, 1] too
+
+
+@pytest.mark.parametrize(
+    ("pixels", "normalize", "message"),
+    [
+        (
+            np.zeros((TRAIN, 784), np.uint8),
+            False,
+            "data.normalize: false would use the uint8 pixels of {path} (0-255) unscaled; "
+            "expected true for integer pixels (they are divided by 255), found false",
+        ),
+        (
+            np.full((TRAIN, 784), 0.5, np.float32),
+            True,
+            "data.normalize: true would divide {path}'s float32 pixels, already in [0, 1] "
+            "(max 0.5 sampled), by 255 again; set data.normalize=false",
+        ),
+        (
+            np.full((TRAIN, 784), 1000.0, np.float32),
+            True,
+            "data.normalize: true divides by 255, but {path} holds values up to 1000 (sampled); "
+            "expected pixel values 0-255",
+        ),
+    ],
+    ids=["int unscaled", "floats scaled twice", "beyond 255"],
+)
+def test_pixels_on_another_scale_than_the_setting_are_refused(root, pixels, normalize, message):
+    path = root / "image" / "train_data.npy"
+    np.save(path, pixels)
+    with pytest.raises(ValueError) as error:
+        AVMNIST("train", root=root, val_size=4, normalize=normalize)
+    assert str(error.value) == message.format(path=path)
