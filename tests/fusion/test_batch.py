@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,47 @@ def test_text_stays_a_list_of_strings():
     assert batch.inputs["text"] == ["one", "", "three"]
     assert batch.present["text"].tolist() == [True, False, True]
     assert batch.to("cpu").inputs["text"] == ["one", "", "three"]
+
+
+BAD_ITEMS = {
+    "float64-beside-float32": (
+        [{"a": torch.zeros(2), "label": 0}, {"a": torch.zeros(2, dtype=torch.float64), "label": 1}],
+        ValueError,
+        r"modality 'a': item 1 is torch.float64, item 0 is torch.float32; every item of a "
+        r"modality needs the same dtype",
+    ),
+    "ints-beside-floats-padded": (
+        [{"a": torch.zeros(3), "label": 0}, {"a": torch.zeros(5, dtype=torch.long), "label": 1}],
+        ValueError,
+        r"modality 'a': item 1 is torch.int64, item 0 is torch.float32",
+    ),
+    "numpy-float64-beside-float32": (
+        [{"a": np.zeros(2, dtype=np.float32), "label": 0}, {"a": np.zeros(2), "label": 1}],
+        ValueError,
+        r"modality 'a': item 1 is torch.float64, item 0 is torch.float32",
+    ),
+    "text-beside-tensor": (
+        [{"a": "a caption", "label": 0}, {"a": torch.zeros(2), "label": 1}],
+        ValueError,
+        r"modality 'a': item 0 is text \(str\), item 1 is a Tensor; a modality is text in "
+        r"every item or in none",
+    ),
+    "not-a-tensor": (
+        [{"a": torch.zeros(2), "label": 0}, {"a": object(), "label": 1}],
+        ValueError,
+        r"modality 'a': item 1 is a object, expected a tensor, a numpy array or a list of "
+        r"numbers",
+    ),
+    "not-a-dict": (
+        [{"a": torch.zeros(2), "label": 0}, (torch.zeros(2), 1)],
+        TypeError,
+        r"item 1 is a tuple, expected a dict of modality name -> value",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ITEMS)
+def test_bad_items_are_named_not_promoted(case):
+    items, error, message = BAD_ITEMS[case]
+    with pytest.raises(error, match=message):
+        collate(items)

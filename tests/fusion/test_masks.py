@@ -9,6 +9,8 @@ from functools import partial
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -18,6 +20,7 @@ from fusion.fusers import CrossAttentionFuser, TransformerFuser
 from fusion.heads import ClassificationHead
 from fusion.model import MultimodalModel
 from fusion.training.feature_cache import FeatureCache, encoder_key, keep_batch
+from tests.fusion.test_fusers import FUSION_CONFIGS
 
 SHORT = "A man is playing a guitar."  # 9 tokens with [CLS] and [SEP]
 LONG = (
@@ -216,11 +219,12 @@ def sequence_model(case="transformer", **kwargs):
     return build(encoders, case, "tokens", **kwargs)
 
 
-def poisoned(batch, value):
-    """The batch with `value` at every padded or absent position of the sequences."""
+def poisoned(batch, value, modalities=("tokens", "pooled")):
+    """The batch's inputs with `value` at every padded or absent position of `modalities`."""
     inputs = dict(batch.inputs)
-    for m in ("tokens", "pooled"):
-        inputs[m] = inputs[m].masked_fill(~batch.present[m].unsqueeze(-1), value)
+    for m in modalities:
+        mask = batch.present[m]
+        inputs[m] = inputs[m].masked_fill(~mask.view(*mask.shape, 1), value)
     return inputs
 
 
@@ -311,3 +315,35 @@ def test_a_stored_mask_that_does_not_fit_the_cached_tokens_is_rebuilt(tmp_path):
     save_checkpoint(path, {"mask": torch.ones(4, 16, dtype=torch.bool)})
     assert _read_mask(path, (4, 16, 8)).shape == (4, 16)
     assert _read_mask(tmp_path / "absent.pt", (4, 16, 8)) is None
+
+
+# --- any value in an absent sample or a padded step, through a whole model ---------------
+
+
+def batch_norm_encoder(steps: int | None = None) -> Encoder:
+    """Linear + batch norm: in train mode every sample's features depend on all samples,
+    so one NaN an encoder sees spreads to every row."""
+    shape = (3,) if steps is None else (steps, 3)
+    return Encoder(nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8)), input_shape=shape)
+
+
+@pytest.mark.parametrize("config", FUSION_CONFIGS, ids=lambda p: p.stem)
+def test_nan_or_inf_in_masked_inputs_reach_no_output_or_gradient(config):
+    torch.manual_seed(0)
+    encoders = {"pooled": PooledSequence(), "tab": batch_norm_encoder()}
+    model = MultimodalModel.build(
+        encoders, instantiate(OmegaConf.load(config)), ClassificationHead, 3
+    ).eval()
+    model.encoders["tab"].train()  # batch statistics: the samples mix
+    batch = collate(sequences([2, 5, 0, 4]))
+    batch.present["tab"] = torch.tensor([True, False, True, True])
+    expected = model(batch.inputs, batch.present)
+    assert torch.isfinite(expected).all()
+    for value in (float("nan"), float("inf"), float("-inf"), 1e30):
+        inputs = poisoned(batch, value, model.modalities)
+        for m in model.modalities:
+            inputs[m].requires_grad_()
+        out = model(inputs, batch.present)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6, msg=f"value {value}")
+        out.sum().backward()
+        assert all(torch.isfinite(inputs[m].grad).all() for m in model.modalities), value

@@ -127,3 +127,147 @@ def test_late_fusion_with_several_tasks_is_explained():
     encoders = {"image": Encoder(Scale(1.0, 4), input_shape=(4,))}
     with pytest.raises(ValueError, match=r"late fusion predicts one set of classes.*multitask"):
         MultimodalModel.build(encoders, LateFusion, ClassificationHead, {"a": 2, "b": 3})
+
+
+# --- bad inputs are refused by modality, before any layer runs -----------------------------
+
+
+def batch(image=None, audio=None):
+    return {
+        "image": torch.randn(2, 1, 2, 2) if image is None else image,
+        "audio": torch.randn(2, 6) if audio is None else audio,
+    }
+
+
+BAD_INPUTS = {
+    "float64": (
+        batch(audio=torch.randn(2, 6, dtype=torch.float64)),
+        None,
+        r"modality 'audio': expected a float32 tensor \(the model's dtype\), got float64; "
+        r"convert it with x.to\(torch.float32\)",
+    ),
+    "float16": (
+        batch(image=torch.randn(2, 1, 2, 2).half()),
+        None,
+        r"modality 'image': expected a float32 tensor \(the model's dtype\), got float16",
+    ),
+    "uint8-image": (
+        batch(image=torch.zeros(2, 1, 2, 2, dtype=torch.uint8)),
+        None,
+        r"modality 'image': expected a float32 tensor, got uint8; integer inputs are not "
+        r"scaled by the model.*x.float\(\) / 255",
+    ),
+    "int16-audio": (
+        batch(audio=torch.zeros(2, 6, dtype=torch.int16)),
+        None,
+        r"modality 'audio': expected a float32 tensor, got int16.*x.float\(\) / 32768",
+    ),
+    "bool-input": (
+        batch(audio=torch.ones(2, 6, dtype=torch.bool)),
+        None,
+        r"modality 'audio': expected a float32 tensor, got bool",
+    ),
+    "meta-device": (
+        batch(audio=torch.empty(2, 6, device="meta")),
+        None,
+        r"modality 'audio': the input is on meta, the model on cpu",
+    ),
+    "batch-sizes": (
+        batch(audio=torch.randn(3, 6)),
+        None,
+        r"modality 'audio' has 3 samples, modality 'image' has 2; every modality of a batch "
+        r"needs the same number of samples",
+    ),
+    "empty-batch": (
+        {"image": torch.randn(0, 1, 2, 2), "audio": torch.randn(0, 6)},
+        None,
+        r"modality 'image': the batch is empty \(0 samples\)",
+    ),
+    "half-mask": (
+        batch(),
+        {"audio": torch.tensor([1.0, 0.5])},
+        r"modality 'audio': the presence mask must be a bool tensor \(True where real\), got "
+        r"float32",
+    ),
+    "int-mask": (
+        batch(),
+        {"image": torch.tensor([1, 2])},
+        r"modality 'image': the presence mask must be a bool tensor .*got int64",
+    ),
+    "list-mask": (
+        batch(),
+        {"audio": [True, False]},
+        r"modality 'audio': the presence mask must be a bool tensor .*got list",
+    ),
+    "mask-batch": (
+        batch(),
+        {"audio": torch.ones(3, dtype=torch.bool)},
+        r"modality 'audio': the presence mask has shape \[3\], expected \[2\] or \[2, 6\] for "
+        r"an input of shape \[2, 6\]",
+    ),
+    "mask-length": (
+        batch(),
+        {"audio": torch.ones(2, 5, dtype=torch.bool)},
+        r"modality 'audio': the presence mask has shape \[2, 5\], expected \[2\] or \[2, 6\]",
+    ),
+    "mask-rank": (
+        batch(),
+        {"image": torch.ones(2, 1, 2, dtype=torch.bool)},
+        r"modality 'image': the presence mask has shape \[2, 1, 2\], expected \[2\] or \[2, 1\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_are_refused_naming_the_modality_before_any_layer(case):
+    inputs, present, message = BAD_INPUTS[case]
+    model = tiny_model()
+    ran = []
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda module, args: ran.append(module))
+    with pytest.raises(ValueError, match=message):
+        model(inputs, present)
+    assert ran == [model]  # only the model's own forward started
+
+
+BAD_CACHED = {
+    "vector-token-mask": (
+        torch.randn(2, 6),
+        torch.ones(2, 6, dtype=torch.bool),
+        r"modality 'audio': the presence mask has shape \[2, 6\], expected \[2\] for an input "
+        r"of shape \[2, 6\]",
+    ),
+    "float64": (
+        torch.randn(2, 6, dtype=torch.float64),
+        None,
+        r"modality 'audio': expected a float32 tensor \(the model's dtype\), got float64",
+    ),
+    "shape": (
+        torch.randn(2, 5),
+        None,
+        r"modality 'audio': cached features have shape \[2, 5\], the encoder gives \[batch, 6\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CACHED)
+def test_bad_cached_features_are_refused_naming_the_modality(case):
+    features, mask, message = BAD_CACHED[case]
+    present = None if mask is None else {"audio": mask}
+    with pytest.raises(ValueError, match=message):
+        tiny_model()(batch(audio=features), present, encoded=frozenset({"audio"}))
+
+
+def test_a_model_in_float64_takes_float64_inputs():
+    model = tiny_model().double()
+    inputs = {m: x.double() for m, x in batch().items()}
+    assert model(inputs).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"modality 'image': expected a float64 tensor"):
+        model(batch())
+
+
+def test_modalities_the_model_does_not_use_are_not_checked():
+    """A stage-1 (unimodal) model takes the whole batch: the other modalities are not its."""
+    extra = dict(batch(), text=["a", "b", "c"])
+    present = {"text": torch.tensor([0.5, 1.0, 2.0])}
+    assert tiny_model()(extra, present).shape == (2, 3)
