@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import checks
 from fusion.data import Modality, MultimodalDataset, Task, file_digest
 
 log = logging.getLogger("fusion")
@@ -244,16 +245,15 @@ class Affect(MultimodalDataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got '{task}'")
-        if zero_sentiment not in ZERO_SENTIMENT:
-            raise ValueError(
-                f"zero_sentiment must be one of {ZERO_SENTIMENT}, got '{zero_sentiment}'"
-            )
+        checks.choice("task", task, TASKS)
+        checks.choice("zero_sentiment", zero_sentiment, ZERO_SENTIMENT)
         if zero_sentiment == "drop" and task != "binary":
-            raise ValueError("zero_sentiment='drop' applies to task='binary' only")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
+            raise ValueError(
+                "data.zero_sentiment: 'drop' applies to task='binary' only; expected "
+                f"'negative' with data.task={task}, found 'drop'"
+            )
+        checks.flag("trim", trim)
+        checks.max_samples(max_samples)
         self.split = split
         self.path = Path(path)
         self.task = task

@@ -25,6 +25,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+from data import checks
 from fusion.data import Modality, MultimodalDataset, Task, file_digest
 
 SPLITS = ("train", "val", "test")
@@ -61,6 +62,12 @@ def parse_line(line: str, path: Path, number: int) -> dict[str, object]:
     missing = [k for k in ("img", "text") if k not in record]
     if missing:
         raise ValueError(f"{path}, line {number}: no {missing} in {sorted(record)}")
+    for key in ("img", "text"):
+        if not isinstance(record[key], str):
+            raise ValueError(
+                f"{path}, line {number}: '{key}' must be a string, found "
+                f"{type(record[key]).__name__} {record[key]!r}"
+            )
     if "label" not in record:
         raise ValueError(
             f"{path}, line {number}: no 'label'; every split is trained on or scored, so each "
@@ -68,7 +75,7 @@ def parse_line(line: str, path: Path, number: int) -> dict[str, object]:
         )
     if record["label"] not in (0, 1) or isinstance(record["label"], bool):
         raise ValueError(f"{path}, line {number}: label must be 0 or 1, got {record['label']!r}")
-    return {"img": str(record["img"]), "text": str(record["text"]), "label": int(record["label"])}
+    return {"img": record["img"], "text": record["text"], "label": int(record["label"])}
 
 
 class HatefulMemes(MultimodalDataset):
@@ -97,13 +104,10 @@ class HatefulMemes(MultimodalDataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-        if len(image_size) != 2 or min(image_size) < 1:
-            raise ValueError(f"image_size must be [height, width] > 0, got {list(image_size)}")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
+        self.image_size = list(checks.image_size(image_size))
+        checks.max_samples(max_samples)
         self.split = split
         self.root = Path(root)
-        self.image_size = [int(s) for s in image_size]
         self.settings = {"image_size": self.image_size, "max_samples": max_samples}
         files = {"train": "train.jsonl", "val": val_file, "test": test_file}
         self.annotation_file = self.root / files[split]
@@ -156,6 +160,8 @@ class HatefulMemes(MultimodalDataset):
         }
 
     def load_image(self, path: Path) -> torch.Tensor:
-        """[3, H, W] float in [0, 1]: decoded as RGB (alpha dropped, grey repeated), resized."""
-        pixels = decode_image(str(path), mode=ImageReadMode.RGB).float() / 255.0
+        """[3, H, W] float in [0, 1]: decoded as RGB (alpha dropped, grey repeated), scaled
+        by its integer type's range (8- or 16-bit PNGs alike), resized."""
+        decoded = decode_image(str(path), mode=ImageReadMode.RGB)
+        pixels = TF.to_dtype(decoded, torch.float32, scale=True)
         return TF.resize(pixels, self.image_size, antialias=True)

@@ -198,11 +198,34 @@ def test_layout_errors_name_the_file_and_shapes(tmp_path):
         Affect("train", path=path)
 
 
-def test_settings_are_checked():
-    with pytest.raises(ValueError, match="task must be one of"):
-        Affect("train", path="x.pkl", task="sentiment")
-    with pytest.raises(ValueError, match="zero_sentiment='drop' applies to task='binary' only"):
-        Affect("train", path="x.pkl", task="regression", zero_sentiment="drop")
+BAD_SETTINGS = {
+    "task unknown": (
+        {"task": "sentiment"},
+        "data.task: expected one of ['binary', 'seven_class', 'regression'], found 'sentiment'",
+    ),
+    "zero_sentiment unknown": (
+        {"zero_sentiment": "positive"},
+        "data.zero_sentiment: expected one of ['negative', 'drop'], found 'positive'",
+    ),
+    "drop without binary": (
+        {"task": "regression", "zero_sentiment": "drop"},
+        "data.zero_sentiment: 'drop' applies to task='binary' only; expected 'negative' with "
+        "data.task=regression, found 'drop'",
+    ),
+    "trim a string": ({"trim": "false"}, "data.trim: expected true or false, found 'false'"),
+    "max_samples zero": ({"max_samples": 0}, "data.max_samples: expected an integer >= 1, found 0"),
+    "max_samples float": (
+        {"max_samples": 1.5},
+        "data.max_samples: expected an integer >= 1, found 1.5",
+    ),
+}
+
+
+@pytest.mark.parametrize(("settings", "message"), BAD_SETTINGS.values(), ids=BAD_SETTINGS)
+def test_settings_are_checked_before_the_file_is_read(settings, message):
+    with pytest.raises(ValueError) as error:
+        Affect("train", path="never-read.pkl", **settings)
+    assert str(error.value) == message
 
 
 def test_fingerprint_follows_file_bytes_and_settings(mosi):

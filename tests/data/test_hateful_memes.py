@@ -128,8 +128,53 @@ def test_missing_files_are_named_with_their_paths(root):
 
 def test_max_samples_and_settings(root):
     assert len(HatefulMemes("train", root=root, max_samples=2)) == 2
-    with pytest.raises(ValueError, match="image_size must be"):
-        HatefulMemes("train", root=root, image_size=[224])
+
+
+BAD_ARGUMENTS = {
+    "image_size one value": (
+        {"image_size": [224]},
+        "data.image_size: expected [height, width] (or one int) of positive integers, found [224]",
+    ),
+    "image_size fractional": (
+        {"image_size": [224.5, 224]},
+        "data.image_size: expected [height, width] (or one int) of positive integers, "
+        "found [224.5, 224]",
+    ),
+    "image_size zero": (
+        {"image_size": [0, 8]},
+        "data.image_size: expected [height, width] (or one int) of positive integers, found [0, 8]",
+    ),
+    "max_samples zero": ({"max_samples": 0}, "data.max_samples: expected an integer >= 1, found 0"),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS)
+def test_bad_arguments_are_named_with_what_was_expected_and_found(root, kwargs, message):
+    with pytest.raises(ValueError) as error:
+        HatefulMemes("train", root=root, **kwargs)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "found"),
+    [("text", None, "NoneType None"), ("img", 42953, "int 42953"), ("text", ["a"], "list ['a']")],
+    ids=["text null", "img a number", "text a list"],
+)
+def test_a_caption_or_image_that_is_not_a_string_is_refused(root, field, value, found):
+    write_jsonl(root / "train.jsonl", [meme(1235, 1), {**meme(7, 1), field: value}])
+    with pytest.raises(ValueError) as error:
+        HatefulMemes("train", root=root)
+    path = root / "train.jsonl"
+    assert str(error.value) == f"{path}, line 2: '{field}' must be a string, found {found}"
+
+
+def test_sixteen_bit_images_are_scaled_by_their_range(root):
+    import numpy as np
+
+    pixels = np.full((4, 4), 65535 // 2, np.uint16)
+    Image.fromarray(pixels).save(root / "img" / "01235.png")
+    image = HatefulMemes("train", root=root, image_size=[4, 4])[0]["image"]
+    assert torch.allclose(image, torch.full((3, 4, 4), 32767 / 65535))
 
 
 def test_fingerprint_follows_file_bytes_and_settings(root):
