@@ -192,9 +192,68 @@ def test_new_layers_learn_their_input_sizes():
     ("spec", "message"),
     [
         ({"type": "transformer"}, "unknown type 'transformer'"),
-        ({"type": "linear", "width": 3}, r"layer 0 \(linear\)"),
+        (
+            {"type": "linear", "width": 3},
+            r"layer 1 \(linear\): unknown arguments \['width'\]; linear takes \['bias', 'dim'\]",
+        ),
+        ({"type": "linear"}, r"layer 1 \(linear\): missing arguments \['dim'\]"),
+        (
+            {"type": "linear", "dim": 0},
+            r"layer 1 \(linear\): dim must be a positive integer, got 0",
+        ),
+        ({"type": "conv", "channels": -3}, r"layer 1 \(conv\): channels must be .*, got -3"),
+        (
+            {"type": "conv", "channels": 8, "kernel": 2.5},
+            r"layer 1 \(conv\): kernel must .*got 2.5",
+        ),
+        (
+            {"type": "conv", "channels": 8, "batchnorm": "no"},
+            r"batchnorm must be true or false, got 'no'",
+        ),
+        ({"type": "dropout", "p": 1.5}, r"layer 1 \(dropout\): p must be in \[0, 1\), got 1.5"),
+        (
+            {"type": "pool", "kind": "min"},
+            r"layer 1 \(pool\): kind must be one of \('avg', 'max'\), got 'min'",
+        ),
+        (
+            {"type": "pool", "size": 2, "kernel": 2},
+            r"give size \(an adaptive pool, got 2\) or kernel",
+        ),
+        ({"type": "pool", "stride": 2}, r"layer 1 \(pool\): stride \(2\) needs a kernel"),
+        (
+            {"type": "pool", "size": [1, 2, 3]},
+            r"size must be an int or \[height, width\], got \[1, 2, 3\]",
+        ),
+        ({"type": "pool", "kernel": [2, 0]}, r"kernel\[1\] must be a positive integer, got 0"),
+        (5, r"layer 1: expected a spec such as .* or an nn.Module, got int 5"),
+        (nn.ReLU, r"layer 1: expected a spec .* or an nn.Module, got type"),
     ],
 )
 def test_bad_layer_specs(spec, message):
     with pytest.raises(ValueError, match=message):
-        surgery.build_layers([spec])
+        surgery.build_layers([{"type": "flatten"}, spec])
+
+
+def test_layer_specs_pool_by_window_or_size_conv_without_norm_and_modules_as_layers():
+    layers = surgery.build_layers(
+        [
+            {"type": "conv", "channels": 4, "batchnorm": False},
+            {"type": "pool", "kind": "max", "kernel": 2},
+            {"type": "pool", "kernel": [2, 1], "stride": 1},
+            {"type": "pool", "size": [2, 1]},
+            nn.Flatten(1),
+            {"type": "linear", "dim": 3},
+        ]
+    )
+    assert [type(m) for m in layers[0]] == [nn.LazyConv2d, nn.ReLU]  # no batch norm
+    out = layers(torch.randn(2, 3, 8, 8))  # 8x8 -> 4x4 -> 3x4 -> 2x1, 4 channels
+    assert out.shape == (2, 3) and layers[5].in_features == 8
+    assert isinstance(surgery.build_layers([{"type": "pool"}])[0], nn.AdaptiveAvgPool2d)
+    conv = surgery.build_layers([{"type": "conv", "channels": 4}])[0]
+    assert [type(m) for m in conv] == [nn.LazyConv2d, nn.LazyBatchNorm2d, nn.ReLU]
+    single = nn.Linear(3, 2)
+    assert surgery.build_layers(single)[0] is single
+    with pytest.raises(
+        ValueError, match=r"layers must be a list of layer specs or modules, got dict"
+    ):
+        surgery.build_layers({"type": "relu"})
