@@ -28,7 +28,7 @@ from experiments.builders import (
     model_spec,
     trainer_settings,
 )
-from experiments.schema import ConfigError, register_resolvers, validate
+from experiments.schema import ConfigError, config_differences, register_resolvers, validate
 from fusion.tracking import NullTracker, Tracker
 from fusion.training import set_seed
 from fusion.training.distributed import (
@@ -39,11 +39,38 @@ from fusion.training.distributed import (
     local_device,
 )
 from fusion.training.loaders import per_process_batch
-from fusion.training.recipe import Outputs, Recipe, results_table
+from fusion.training.loop import NonFiniteError
+from fusion.training.recipe import Outputs, Recipe, results_table, resume_path, resume_state
 from fusion.training.settings import resolve_device
 
 log = logging.getLogger("fusion")
 register_resolvers()
+
+# What a resumed run may change: where and how fast it runs, what it logs and where it
+# writes (stage-1 encoders and feature caches are keyed by content, not by folder), and
+# what it does on a non-finite loss; not what it computes. trainer.fuse.epochs may grow
+# (epochs to add, see `resume_state`).
+RESUME_SAFE = (
+    "trainer.resume",
+    "trainer.stop_after_epochs",
+    "trainer.fuse.epochs",
+    "trainer.nonfinite",
+    "trainer.device",
+    "trainer.strategy",
+    "trainer.backend",
+    "trainer.find_unused_parameters",
+    "trainer.compile",
+    "trainer.channels_last",
+    "trainer.num_workers",
+    "trainer.pin_memory",
+    "trainer.persistent_workers",
+    "trainer.prefetch_factor",
+    "trainer.feature_cache.enabled",
+    "trainer.pretrain.reuse",
+    "logger",
+    "paths",
+    "tags",
+)
 
 
 def run(
@@ -66,6 +93,7 @@ def run(
     datasets = build_datasets(cfg.data)
     check_before_training(cfg, datasets)
     cfg.model.encoders = encoder_configs(cfg.model, datasets["train"].modalities)
+    resumed_dir = check_resume(cfg)
     spec = model_spec(cfg.model, cfg.model.encoders)
     tracker = NullTracker()
     if distributed.is_main:
@@ -78,6 +106,7 @@ def run(
             name=run_dir.name,
             tags=[*cfg.tags, *tags],
             config=OmegaConf.to_container(cfg, resolve=True),
+            resume_from=resumed_dir,
         )
     recipe = Recipe(
         datasets,
@@ -91,10 +120,12 @@ def run(
         log_every_n_steps=cfg.logger.log_every_n_steps,
         watch=cfg.logger.watch,
     )
+    failed = True
     try:
-        summary = recipe.run(checkpoint_extra={"config": OmegaConf.to_container(cfg)})
+        summary = recipe.run(checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True)})
+        failed = False
     finally:
-        wandb_line = tracker.finish()
+        wandb_line = tracker.finish(exit_code=int(failed))
     if summary is None or not distributed.is_main:
         return summary
     print(results_table(recipe.rows))
@@ -110,10 +141,41 @@ def summary_accuracy(summary: dict[str, Any]) -> str:
     return f"{summary[f'{split}/fused/accuracy']:.2%}" + ("" if split == "test" else " (val)")
 
 
+def check_resume(cfg: DictConfig) -> Path | None:
+    """With `trainer.resume`, the resumed run's directory, after refusing (`ConfigError`)
+    every change of a key outside `RESUME_SAFE`: the resumed state was trained under its
+    stored config, so a change would be ignored while this run's config.yaml records it.
+
+    The stored config is the copy inside `fuse_state.pt` (loaded as data, weights only);
+    a state written before it held one is compared with its run's `config.yaml`."""
+    if cfg.trainer.resume is None:
+        return None
+    path = resume_path(cfg.trainer.resume)
+    run_dir = path.parent.parent
+    stored = resume_state(cfg.trainer.resume, cfg.trainer.fuse.epochs).get("config")
+    if stored is None:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                f"config key 'trainer.resume': {path} holds no config and "
+                f"{run_dir / 'config.yaml'} does not exist; nothing to check this run against"
+            )
+        stored = OmegaConf.load(run_dir / "config.yaml")
+    differences = config_differences(stored, cfg, ignore=RESUME_SAFE)
+    if differences:
+        raise ConfigError(
+            f"config key 'trainer.resume': {path} was trained with another config; the keys "
+            f"that differ (stored -> this run): {'; '.join(differences)}. Resume with the "
+            "stored values or start a new run; a resumed run may change only "
+            f"{', '.join(RESUME_SAFE)} (trainer.fuse.epochs: raise only)"
+        )
+    return run_dir
+
+
 def override_tags(hydra_cfg: DictConfig) -> list[str]:
-    """The command line's overrides as W&B tags (W&B caps a tag at 64 characters)."""
+    """The command line's overrides as W&B tags (the tracker cuts long ones to W&B's 64
+    characters, as it does the config's `tags`)."""
     skip = ("hydra.", "logger.", "paths.", "trainer.resume")
-    return [o[:64] for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(skip)]
+    return [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(skip)]
 
 
 def join_processes(cfg: DictConfig) -> Distributed:
@@ -152,6 +214,10 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as err:  # raised on every process alike; said once
+        if distributed.is_main:
+            print(f"training stopped: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

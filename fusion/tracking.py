@@ -2,18 +2,59 @@
 
 Every metric goes to `metrics.jsonl` and the final numbers to `summary.json` in the run
 directory, so results can be aggregated without W&B or an account. W&B runs `offline` by
-default (sync later with `wandb sync`), `online` when asked, or `disabled`.
+default (sync later with `wandb sync`), `online` when asked, or `disabled`. The W&B run's
+id is kept in the run directory (`wandb_id.txt`), so that a resumed run continues it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 WANDB_MODES = ("online", "offline", "disabled")
+WANDB_ID_FILE = "wandb_id.txt"
+WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MAX_TAG = 64  # W&B refuses longer tags, and the run with them
+
+log = logging.getLogger("fusion")
+
+
+def wandb_tags(tags: Sequence[str]) -> list[str]:
+    """`tags` as W&B takes them (1 to 64 characters, else the run fails at start-up): a
+    longer one is cut and an empty one dropped, each with a warning."""
+    out = []
+    for tag in map(str, tags):
+        if not tag:
+            log.warning("W&B tag '' dropped: W&B tags need 1 to %d characters", MAX_TAG)
+            continue
+        if len(tag) > MAX_TAG:
+            log.warning(
+                "W&B tag '%s' has %d characters, cut to W&B's %d: '%s'",
+                tag, len(tag), MAX_TAG, tag[:MAX_TAG],
+            )  # fmt: skip
+        out.append(tag[:MAX_TAG])
+    return out
+
+
+def resumed_wandb_id(run_dir: Path) -> str | None:
+    """The W&B run id stored in a run directory being resumed; None (said in a warning)
+    when it has none, e.g. W&B was disabled there. The file is data: only an id is taken."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if not path.is_file():
+        log.warning("%s does not exist: the resumed run starts a new W&B run", path)
+        return None
+    found = path.read_text().strip()
+    if not WANDB_ID.fullmatch(found):
+        raise ValueError(
+            f"{path}: expected a W&B run id (1 to 128 letters, digits, '_' or '-'), "
+            f"found {found[:80]!r}"
+        )
+    return found
 
 
 def _jsonable(value: Any) -> Any:
@@ -35,7 +76,10 @@ class Tracker:
         group: str | None = None,
         tags: Sequence[str] = (),
         config: Mapping[str, Any] | None = None,
+        resume_from: str | Path | None = None,
     ) -> None:
+        """`resume_from`: the directory of the run being resumed, whose W&B run (if it had
+        one) this one continues instead of starting another."""
         if mode not in WANDB_MODES:
             raise ValueError(f"logger.mode must be one of {WANDB_MODES}, got '{mode}'")
         self.run_dir = Path(run_dir)
@@ -49,18 +93,24 @@ class Tracker:
         if mode != "disabled":
             import wandb
 
+            run_id = resumed_wandb_id(Path(resume_from)) if resume_from is not None else None
             self._wandb_run = wandb.init(
                 mode=mode,
                 project=project,
                 name=name,
                 group=group,
-                tags=list(tags),
+                tags=wandb_tags(tags),
                 config=dict(config or {}),
                 dir=str(self.run_dir),
                 reinit="finish_previous",
+                id=run_id,
+                resume="allow" if run_id else None,
                 settings=wandb.Settings(silent=True),
             )
             self.wandb_dir = Path(self._wandb_run.dir).parent
+            (self.run_dir / WANDB_ID_FILE).write_text(self._wandb_run.id + "\n")
+            if run_id:
+                log.info("W&B: continuing run %s of %s", run_id, resume_from)
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         record = {k: _jsonable(v) for k, v in metrics.items()}
@@ -135,12 +185,13 @@ class Tracker:
         if self._wandb_run is not None:
             self._wandb_run.summary.update(dict(metrics))
 
-    def finish(self) -> str | None:
-        """Close the W&B run; return a line telling the user where it went, if anywhere."""
+    def finish(self, exit_code: int = 0) -> str | None:
+        """Close the W&B run (marked failed with a non-zero `exit_code`); return a line
+        telling the user where it went, if anywhere."""
         if self._wandb_run is None:
             return None
         url = self._wandb_run.url if self.mode == "online" else None
-        self._wandb_run.finish()
+        self._wandb_run.finish(exit_code=exit_code)
         self._wandb_run = None
         if url is None:
             return f"W&B offline run saved; upload it with: wandb sync {self.wandb_dir}"

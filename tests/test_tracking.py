@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 
@@ -39,3 +40,62 @@ def test_confusion_matrix_names_its_classes(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["classes"] == ["-1", "0", "1"]
     assert saved["matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    ("tags", "kept", "said"),
+    [
+        (["x" * 70], ["x" * 64], f"W&B tag '{'x' * 70}' has 70 characters, cut to W&B's 64"),
+        (["ok", ""], ["ok"], "W&B tag '' dropped: W&B tags need 1 to 64 characters"),
+        (["y" * 65, "z" * 64], ["y" * 64, "z" * 64], "has 65 characters, cut to W&B's 64"),
+    ],
+)
+def test_tags_wandb_refuses_are_cut_or_dropped_with_a_warning(tmp_path, caplog, tags, kept, said):
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        tracker = Tracker(tmp_path, mode="offline", project="fusion-test", tags=tags)
+    try:
+        assert list(tracker._wandb_run.tags) == kept
+    finally:
+        tracker.finish()
+    assert said in caplog.text
+
+
+def test_a_resumed_run_continues_the_stopped_wandb_run(tmp_path, caplog):
+    first = Tracker(tmp_path / "first", mode="offline", project="fusion-test")
+    first.log({"loss": 1.0})
+    first.finish()
+    run_id = (tmp_path / "first" / "wandb_id.txt").read_text().strip()
+    with caplog.at_level(logging.INFO, logger="fusion"):
+        second = Tracker(
+            tmp_path / "second", mode="offline", project="fusion-test",
+            resume_from=tmp_path / "first",
+        )  # fmt: skip
+    second.finish()
+    assert f"W&B: continuing run {run_id} of {tmp_path / 'first'}" in caplog.text
+    assert (tmp_path / "second" / "wandb_id.txt").read_text().strip() == run_id  # for the next
+    offline = list((tmp_path / "second" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and offline[0].name.endswith(f"-{run_id}")
+
+
+def test_resuming_a_run_without_a_wandb_id_starts_a_new_run_and_says_so(tmp_path, caplog):
+    (tmp_path / "first").mkdir()  # W&B was disabled there
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        tracker = Tracker(
+            tmp_path / "second", mode="offline", project="fusion-test",
+            resume_from=tmp_path / "first",
+        )  # fmt: skip
+    tracker.finish()
+    id_file = tmp_path / "first" / "wandb_id.txt"
+    assert f"{id_file} does not exist: the resumed run starts a new W&B run" in caplog.text
+
+
+@pytest.mark.parametrize("found", ["", "abc def", "../../x", "id;rm -rf"])
+def test_a_stored_wandb_id_that_is_not_an_id_is_refused_naming_the_file(tmp_path, found):
+    (tmp_path / "first").mkdir()
+    id_file = tmp_path / "first" / "wandb_id.txt"
+    id_file.write_text(found)
+    with pytest.raises(ValueError) as err:
+        Tracker(tmp_path / "second", mode="offline", resume_from=tmp_path / "first")
+    assert str(err.value) == (
+        f"{id_file}: expected a W&B run id (1 to 128 letters, digits, '_' or '-'), found {found!r}"
+    )

@@ -197,7 +197,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     summaries = [json.loads((d / "summary.json").read_text()) for d in (straight_dir, resumed_dir)]
     assert summaries[0] == summaries[1]
     assert (resumed_dir / "checkpoints" / "best.pt").is_file()
-    bad, _ = train(tmp_path, "bad", "trainer.fuse.epochs=5", f"trainer.resume={stopped_dir}")
+    bad, _ = train(tmp_path, "bad", "trainer.fuse.epochs=2", f"trainer.resume={stopped_dir}")
     assert bad.returncode == 2 and "trainer.fuse.epochs=3" in bad.stderr
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm.autonotebook import tqdm  # not tqdm.auto: it calls iter() twice per loop
 
 from fusion.batch import Batch
 from fusion.surgery import param_groups
@@ -482,7 +482,7 @@ def fit(
             device,
             targets,
             loss_weights,
-            f"{desc} {epoch}",
+            desc,
             on_step,
             precision,
             scaler,

@@ -255,7 +255,10 @@ def resume_state(resume: str | None, epochs: int) -> dict | None:
     if resume is None:
         return None
     path = resume_path(resume)
-    state = load_checkpoint(path, required=("epoch", "epochs", "model", "optimizer", "rng"))
+    try:
+        state = load_checkpoint(path, required=("epoch", "epochs", "model", "optimizer", "rng"))
+    except ValueError as err:  # corrupt, or not a stage-2 state: the setting names it
+        raise ConfigError(f"config key 'trainer.resume': {err}") from None
     if epochs < state["epochs"]:
         raise ConfigError(
             f"config key 'trainer.fuse.epochs': {path} was written for trainer.fuse.epochs="
