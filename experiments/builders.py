@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import re
 import tempfile
 import types
 import typing
@@ -184,9 +185,10 @@ def build_split(data: DictConfig, split: str) -> Any:
 
 def refused_key(key: str, settings: DictConfig, err: BaseException) -> str:
     """The setting a component refused: the project's argument checks start their message
-    with the argument's name ("max_samples must be ..."); else the component's key."""
-    named = [k for k in settings if not k.startswith("_") and str(err).startswith(f"{k} ")]
-    return f"{key}.{named[0]}" if named else key
+    with the argument's name ("max_samples must be ...", "data.occlusion: expected ...");
+    else the component's key."""
+    first = re.split(r"[ =:.]", str(err).removeprefix(f"{key}."), maxsplit=1)[0]
+    return f"{key}.{first}" if first in settings and not first.startswith("_") else key
 
 
 def check_data_files(data: DictConfig) -> None:

@@ -1,0 +1,214 @@
+"""A battery of bad command-line overrides: each fails before anything trains, with a
+`ConfigError` naming the key and what it found.
+
+Every case composes the real configs in-process, validates them and runs the checks the
+entry point runs before the recipe (building the datasets, `check_before_training`, the
+encoder configs); nothing trains. Datasets are built once per data config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from experiments.builders import (
+    build_datasets,
+    check_before_training,
+    compose_config,
+    encoder_configs,
+)
+from experiments.schema import ConfigError
+
+MANIFEST = "data=manifest data.path={manifest}"
+
+# (overrides, the key the error must name, what it must say it found)
+CASES = [
+    # trainer: ranges, types, relations
+    ("trainer.fuse.lr=-1", "trainer.fuse.lr", "-1.0"),
+    ("trainer.pretrain.lr=0", "trainer.pretrain.lr", "0.0"),
+    ("trainer.fuse.lr=inf", "trainer.fuse.lr", "inf"),
+    ("trainer.fuse.lr=fast", "trainer.fuse.lr", "'fast'"),
+    ("trainer.fuse.weight_decay=-0.1", "trainer.fuse.weight_decay", "-0.1"),
+    ("trainer.pretrain.weight_decay=nan", "trainer.pretrain.weight_decay", "nan"),
+    ("trainer.fuse.epochs=0", "trainer.fuse.epochs", "0"),
+    ("trainer.pretrain.epochs=-3", "trainer.pretrain.epochs", "-3"),
+    ("trainer.batch_size=0", "trainer.batch_size", "0"),
+    ("trainer.batch_size=-8", "trainer.batch_size", "-8"),
+    ("trainer.batch_size=abc", "trainer.batch_size", "'abc'"),
+    ("trainer.batch_size=1.5", "trainer.batch_size", "'1.5'"),
+    ("trainer.batch_size=[1,2]", "trainer.batch_size", "[1, 2]"),
+    ("trainer.stop_after_epochs=0", "trainer.stop_after_epochs", "0"),
+    ("trainer.stop_after_epochs=-1", "trainer.stop_after_epochs", "-1"),
+    ("trainer.device=tpu", "trainer.device", "'tpu'"),
+    ("trainer.device=gpu", "trainer.device", "'gpu'"),
+    ("trainer.device=gpu:1", "trainer.device", "'gpu:1'"),
+    ("trainer.device=cuda:x", "trainer.device", "'cuda:x'"),
+    ("trainer.device=''", "trainer.device", "''"),
+    ("trainer.precision=16", "trainer.precision", "'16'"),
+    ("trainer.strategy=fsdp", "trainer.strategy", "'fsdp'"),
+    ("trainer.num_workers=-1", "trainer.num_workers", "-1"),
+    ("trainer.prefetch_factor=0", "trainer.prefetch_factor", "0"),
+    ("trainer.persistent_workers=true", "trainer.persistent_workers", "num_workers=0"),
+    ("trainer.fuse.views=0", "trainer.fuse.views", "0"),
+    ("trainer.fuse.layer_decay=1.5", "trainer.fuse.layer_decay", "1.5"),
+    ("trainer.pretrain.layer_decay=0", "trainer.pretrain.layer_decay", "0.0"),
+    ("trainer.fuse.lr_mult={backbone:-1}", "trainer.fuse.lr_mult.backbone", "-1.0"),
+    ("trainer.fuse.weight_decay_for={post:-0.5}", "trainer.fuse.weight_decay_for.post", "-0.5"),
+    ("trainer.fuse.unfreeze={start_epoch:0}", "trainer.fuse.unfreeze.start_epoch", "0"),
+    ("trainer.fuse.unfreeze={every:0}", "trainer.fuse.unfreeze.every", "0"),
+    ("trainer.resume=''", "trainer.resume", "''"),
+    ("trainer.feature_cache.dtype=bf16", "trainer.feature_cache.dtype", "'bf16'"),
+    ("+trainer.epochz=3", "trainer.epochz", "epochz"),
+    ("trainer.fuse.epochz=3", "trainer.fuse.epochz", "['epochs']"),
+    # logger, seeds, output folders
+    ("logger.mode=cloud", "logger.mode", "'cloud'"),
+    ("logger.watch=weights", "logger.watch", "'weights'"),
+    ("logger.log_every_n_steps=0", "logger.log_every_n_steps", "0"),
+    ("logger.mod=offline", "logger.mod", "['mode']"),
+    ("seed=-1", "seed", "-1"),
+    ("seed=4294967296", "seed", "4294967296"),
+    ("seed=abc", "seed", "'abc'"),
+    ("seed=[0,1]", "seed", "[0, 1]"),
+    ("data.seed=-1", "data.seed", "-1"),
+    ("data.seed=1.5", "data.seed", "1.5"),
+    ("paths.output_dir=''", "paths.output_dir", "''"),
+    ("paths.output_dir=null", "paths.output_dir", "None"),
+    ("paths.pretrained_dir={file}", "paths.pretrained_dir", "a file at {file}"),
+    ("paths.feature_cache_dir={file}/cache", "paths.feature_cache_dir", "{file}/cache"),
+    # the model: components, modality names, tasks and conditions, class counts
+    ("model.fusion=null", "model.fusion", "None"),
+    ("model.head=null", "model.head", "None"),
+    ("model.modality_dropout={image:1.0}", "model.modality_dropout.image", "1.0"),
+    ("model.modality_dropout={image:-0.1}", "model.modality_dropout.image", "-0.1"),
+    ("model.modality_dropout={imgae:0.3}", "model.modality_dropout.imgae", "['image']"),
+    ("model.modality_dropout=0.3", "model.modality_dropout", "float"),
+    ("+model.num_classes=0", "model.num_classes", "num_classes"),
+    ("+model.head.num_classes=0", "model.head.num_classes", "got 0"),
+    ("+model.head.in_dim=7", "model.head.in_dim", "got 7"),
+    ("model/fusion=late +model.fusion.num_classes=3", "model.fusion.num_classes", "got 3"),
+    ("data.task=which", "model.head", "ClassificationHead"),
+    ("data.task=which model/head=moe", "model.head", "MixtureOfExpertsHead"),
+    ("data.task=which model/fusion=late model/head=conditional", "model.head", "LateFusion"),
+    ("model/head=conditional", "model.head", "data.task=digit"),
+    (
+        "data.task=which model/head=conditional model.head.num_conditions=3",
+        "model.head.num_conditions",
+        "got 3",
+    ),
+    ("data.task=multitask", "model.head", "{'written': 10, 'spoken': 10, 'same': 2}"),
+    ("data.task=same model/head=multitask", "model.head", "got 2"),
+    ("data.task=multitask model/fusion=late model/head=multitask", "model.fusion", "several"),
+    ("model.head.dropout=1.5", "model.head.dropout", "1.5"),
+    ("model.head.hidden=[-1]", "model.head", "-1"),
+    ("model.head.hidden=64", "model.head.hidden", "64"),
+    ("model.head.activation=relux", "model.head.activation", "'relux'"),
+    ("+model.head.hiden=[64]", "model.head.hiden", "['hidden']"),
+    ("model.fusion.dim=0", "model.fusion.dim", "0"),
+    ("model.fusion.dim=abc", "model.fusion.dim", "'abc'"),
+    ("model.fusion.dropout=2", "model.fusion.dropout", "2"),
+    ("+model.encoders.imag.freeze=true", "model.encoders.imag", "['image']"),
+    ("+model.encoders.image.freez=backbone", "model.encoders.image.freez", "['freeze']"),
+    ("+model.encoders.image.in_channels=abc", "model.encoders.image.in_channels", "'abc'"),
+    ("model.auto_encoders.image=resnet19", "model.auto_encoders.image", "'resnet19'"),
+    # data: typos, types, ranges, files
+    ("data.augmnt=true", "data.augmnt", "['augment']"),
+    ("+data.augmnt=true", "data.augmnt", "['augment']"),
+    ("data.augment=maybe", "data.augment", "'maybe'"),
+    ("data.task=whic", "data.task", "whic"),
+    ("data.max_samples=0", "data.max_samples", "0"),
+    ("data.max_samples=-5", "data.max_samples", "-5"),
+    ("data.fractions=0.5", "data.fractions", "0.5"),
+    ("data.fractions=[0.5,0.5]", "data.fractions", "[0.5, 0.5]"),
+    ("data.clip_seconds=abc", "data.clip_seconds", "'abc'"),
+    ("data.clip_seconds=0.1", "data.clip_seconds", "0.1"),
+    ("data.image_noise_std=-1", "data.image_noise_std", "-1"),
+    ("data.image_noise_std=[1]", "data.image_noise_std", "[1]"),
+    ("data.occlusion=[0.5,0.1]", "data.occlusion", "[0.5, 0.1]"),
+    ("data.audio_snr_db=[-100,0]", "data.audio_snr_db", "[-100, 0]"),
+    ("data.same_prob=1.5", "data.same_prob", "1.5"),
+    ("data.text_accuracy=2", "data.text_accuracy", "2"),
+    ("data.speech_path={missing}", "data.speech_path", "nothing at {missing}"),
+    ("data.speech_path={dir}", "data.speech_path", "a folder at {dir}"),
+    ("data.speech_path=''", "data.speech_path", "an empty string"),
+    (f"{MANIFEST} data.target=lable", "data.target", "'lable'"),
+    (MANIFEST, "data.target", "needs it"),
+    (f"{MANIFEST} data.target=label data.columns={{x:imag}}", "data.columns", "'imag'"),
+    (f"{MANIFEST} data.target=label data.audio_crop=middle", "data.audio_crop", "'middle'"),
+    (
+        f"{MANIFEST} data.target=label data.audio_sample_rate=fast",
+        "data.audio_sample_rate",
+        "'fast'",
+    ),
+    ("data=manifest data.path={missing} data.target=label", "data.path", "nothing at {missing}"),
+    ("data=manifest data.path={dir} data.target=label", "data.path", "a folder at {dir}"),
+]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, str]:
+    """A small manifest (a numeric and a categorical column), a plain file standing where a
+    folder belongs, a folder where a file belongs, a path with nothing there, an output folder."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    rows = [f"{i}.5,c{i % 3},l{i % 2},{'train' if i < 16 else 'val' if i < 20 else 'test'}"
+            for i in range(24)]  # fmt: skip
+    (root / "manifest.csv").write_text("\n".join(["x,c,label,split", *rows]) + "\n")
+    (root / "file").write_text("not a folder")
+    (root / "dir").mkdir()
+    return {
+        "manifest": str(root / "manifest.csv"),
+        "file": str(root / "file"),
+        "dir": str(root / "dir"),
+        "missing": str(root / "missing.npz"),
+        "out": str(root / "outputs"),
+    }
+
+
+BUILT: dict[str, dict] = {}
+
+
+def datasets_for(data) -> dict:
+    """The datasets of one data config, built once for the whole module."""
+    key = OmegaConf.to_yaml(data)
+    if key not in BUILT:
+        BUILT[key] = build_datasets(data)
+    return BUILT[key]
+
+
+def fill(text: str, places: dict[str, str]) -> str:
+    """`text` with each `{place}` replaced by the fixture's path."""
+    for name, path in places.items():
+        text = text.replace(f"{{{name}}}", path)
+    return text
+
+
+def prepare(*overrides: str) -> None:
+    """What the entry point does with a config before the recipe runs."""
+    cfg = compose_config(*overrides)
+    datasets = datasets_for(cfg.data)
+    check_before_training(cfg, datasets)
+    encoder_configs(cfg.model, datasets["train"].modalities)
+
+
+def test_the_battery_starts_from_configs_that_pass(places):
+    """The checks refuse the cases below for what they change, not for the setup."""
+    prepare(f"paths.output_dir={places['out']}")
+    prepare(f"paths.output_dir={places['out']}", *fill(MANIFEST, places).split(),
+            "data.target=label")  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "key", "found"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_named_before_training(places, overrides, key, found):
+    with pytest.raises(ConfigError) as caught:
+        prepare(f"paths.output_dir={places['out']}", *fill(overrides, places).split())
+    message = str(caught.value)
+    assert message.startswith(f"config key '{key}'"), message
+    assert fill(found, places) in message, message
+
+
+def test_a_folder_probe_leaves_nothing_behind(places):
+    out = Path(places["out"])
+    prepare(f"paths.output_dir={out}")
+    assert sorted(p.name for p in out.iterdir()) == ["features", "pretrained"]
+    assert not any((out / "pretrained").iterdir())

@@ -1,0 +1,158 @@
+"""The whole config is checked before anything trains: what the checks accept, how they
+read a component's signature, and that the entry point runs them before the recipe."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from omegaconf import OmegaConf
+
+from experiments.builders import (
+    build_datasets,
+    check_before_training,
+    check_data_files,
+    check_writable,
+    compose_config,
+    describe,
+    matches,
+    refused_key,
+)
+from experiments.schema import ConfigError
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("seed=4294967295", "data.seed=0"),
+        ("trainer.device=cuda:1",),
+        ("trainer.device=mps",),
+        ("trainer.stop_after_epochs=1", "trainer.fuse.layer_decay=1.0"),
+        ("trainer.fuse.lr_mult={backbone:0.0}", "trainer.fuse.weight_decay=0"),
+        ("model.modality_dropout={image:0.0,audio:0.99}",),
+        ("+model.head.num_classes=10",),
+        ("data.task=which", "model/head=conditional"),
+        ("data.task=multitask", "model/head=multitask", "model/fusion=tfn"),
+        ("data.task=same", "model/fusion=late"),
+    ],
+)
+def test_settings_at_the_edges_pass(overrides, tmp_path):
+    """Every check has a boundary; the values on the accepted side of it still run."""
+    cfg = compose_config(f"paths.output_dir={tmp_path}", "data.max_samples=20", *overrides)
+    check_before_training(cfg, build_datasets(cfg.data))
+
+
+@pytest.mark.parametrize(
+    ("value", "hint", "fits"),
+    [
+        (3, int, True),
+        (True, int, False),
+        (3, float, True),
+        (False, float, False),
+        ("3", float, False),
+        (None, int | None, True),
+        ("abc", int | None, False),
+        ([1, 2], Sequence[int], True),
+        ([1, "x"], Sequence[int], False),
+        ("ab", Sequence[str], False),
+        ("ab", bool | str | Sequence[str] | None, True),
+        ({"a": 1.0}, Mapping[str, float], True),
+        ({"a": "x"}, Mapping[str, float], False),
+        ("/x", str | os.PathLike, True),
+        ("cls", Literal["mean", "cls"], True),
+        ("max", Literal["mean", "cls"], False),
+        ({"_target_": "torch.nn.ReLU"}, int, True),
+        ([8, 8], tuple[int, int] | list[int], True),
+        (OmegaConf.create([0.1, 0.5]), Sequence[float], True),
+    ],
+)
+def test_a_setting_is_checked_against_its_arguments_annotation(value, hint, fits):
+    assert matches(value, hint) is fits
+
+
+def test_annotations_are_said_in_a_configs_words():
+    assert describe(int | None) == "int or null"
+    assert describe(Sequence[float]) == "a list of float"
+    assert describe(Literal["mean", "cls"]) == "one of ['mean', 'cls']"
+
+
+@pytest.mark.parametrize(
+    ("message", "key"),
+    [
+        ("max_samples must be a positive integer, got 0", "data.max_samples"),
+        ("data.occlusion: expected [min, max], found [0.5, 0.1]", "data.occlusion"),
+        ("clip_seconds=0.1 is shorter than the longest clip", "data.clip_seconds"),
+        ("columns.x: unknown column kind 'imag'", "data.columns"),
+        ("no 'val' speaker says digit 3", "data"),
+        ("_target_ broke", "data"),
+    ],
+)
+def test_a_readers_error_is_pinned_to_the_setting_it_names(message, key):
+    settings = OmegaConf.create(
+        {"_target_": "x", "max_samples": 0, "occlusion": [0.5, 0.1], "clip_seconds": 0.1,
+         "columns": {"x": "imag"}}
+    )  # fmt: skip
+    assert refused_key("data", settings, ValueError(message)) == key
+
+
+def test_input_files_are_named_by_their_key(tmp_path):
+    (tmp_path / "a.csv").write_text("x\n")
+    check_data_files(OmegaConf.create({"path": str(tmp_path / "a.csv"), "root": str(tmp_path)}))
+    with pytest.raises(ConfigError) as caught:
+        check_data_files(OmegaConf.create({"root": str(tmp_path / "a.csv")}))
+    assert str(caught.value) == (
+        f"config key 'data.root': expected a readable folder, found a file at {tmp_path / 'a.csv'}"
+    )
+    with pytest.raises(ConfigError, match=r"^config key 'data.cache_dir': expected a readable "):
+        check_data_files(OmegaConf.create({"cache_dir": str(tmp_path / "gone")}))
+
+
+def test_only_the_folders_a_run_writes_are_probed(tmp_path):
+    (tmp_path / "file").write_text("")
+    paths = OmegaConf.create(
+        {"output_dir": str(tmp_path / "out"), "pretrained_dir": str(tmp_path / "pre"),
+         "feature_cache_dir": str(tmp_path / "file")}
+    )  # fmt: skip
+    check_writable(paths, feature_cache=False)
+    assert (tmp_path / "pre").is_dir() and not any((tmp_path / "pre").iterdir())
+    with pytest.raises(ConfigError) as caught:
+        check_writable(paths, feature_cache=True)
+    assert str(caught.value) == (
+        "config key 'paths.feature_cache_dir': expected a folder this user can write to, "
+        f"found a file at {tmp_path / 'file'}"
+    )
+
+
+def test_a_mistyped_override_without_plus_gets_close_matches():
+    with pytest.raises(ConfigError) as caught:
+        compose_config("data.augmnt=true")
+    assert str(caught.value) == (
+        "config key 'data.augmnt': the config has no such setting; did you mean ['augment']?; "
+        "to add a new one, write +data.augmnt=..."
+    )
+
+
+def test_other_composition_errors_stay_hydras():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="gatd"):
+        compose_config("model/fusion=gatd")
+
+
+def test_the_entry_point_checks_before_the_recipe_runs(monkeypatch, tmp_path):
+    """The pre-training check sits between building the datasets and the recipe."""
+    import experiments.train as train
+
+    def recipe(*args, **kwargs):
+        raise AssertionError("the recipe was built before the config was checked")
+
+    monkeypatch.setattr(train, "Recipe", recipe)
+    cfg = compose_config(
+        f"paths.output_dir={tmp_path}", "data.max_samples=20", "model.modality_dropout={imgae:0.3}"
+    )
+    with pytest.raises(ConfigError, match=r"^config key 'model.modality_dropout.imgae': .*'image'"):
+        train.run(cfg, Path(tmp_path))
+    assert not (tmp_path / "config.yaml").exists()
