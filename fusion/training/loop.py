@@ -334,7 +334,7 @@ def stretch_schedule(
     log.warning(
         "stage '%s': epochs raised from %d to %d on resume after epoch %d; the cosine "
         "learning-rate schedule is stretched to %d epochs: the rate jumps from %g to %g and "
-        "then follows the %d-epoch curve (epochs 1-%d followed the %d-epoch one)",
+        "then follows the %d-epoch curve (epochs up to %d followed the %d-epoch one)",
         desc, planned, epochs, done, epochs, before,
         max(g["lr"] for g in scheduler.optimizer.param_groups), epochs, done, planned,
     )  # fmt: skip
