@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 from urllib.error import URLError
 
@@ -33,3 +35,28 @@ def torch_home(tmp_path, monkeypatch) -> Path:
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     return checkpoints
+
+
+TINY_RUN = [
+    "logger.mode=disabled",
+    "data.max_samples=16",
+    "trainer.batch_size=16",
+    "trainer.pretrain.epochs=1",
+    "trainer.fuse.epochs=1",
+]
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """One finished tiny run of the real entry point (its stage-1 encoders and feature cache
+    under the run's parent folder), shared by every test that reads a run directory."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    run = root / "run"
+    cmd = [
+        sys.executable, "-m", "experiments.train",
+        f"paths.output_dir={root}", f"hydra.run.dir={run}", *TINY_RUN,
+    ]  # fmt: skip
+    root_dir = Path(__file__).resolve().parents[1]
+    result = subprocess.run(cmd, cwd=root_dir, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run

@@ -4,14 +4,13 @@ import contextlib
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from experiments.evaluate import main
+from experiments.evaluate import EvaluateError, check_targets, load_run, main, project_targets
 from fusion.analysis.robustness import (
     add_noise,
     drop,
@@ -20,29 +19,6 @@ from fusion.analysis.robustness import (
     robustness_table,
 )
 from fusion.batch import Batch
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "logger.mode=disabled",
-    "data.max_samples=16",
-    "trainer.batch_size=16",
-    "trainer.pretrain.epochs=1",
-    "trainer.fuse.epochs=1",
-]
-
-
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    """One finished run of the real entry point, shared by every test here."""
-    root = tmp_path_factory.mktemp("evaluate")
-    run = root / "run"
-    cmd = [
-        sys.executable, "-m", "experiments.train",
-        f"paths.output_dir={root}", f"hydra.run.dir={run}", *TINY,
-    ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
 
 
 @pytest.fixture(scope="session")
@@ -143,3 +119,137 @@ def test_a_tables_categorical_codes_are_never_noised():
     )  # of 0.5, -1, 1.5, 1
     only_codes = Modality("tabular", {"num_numeric": 0, "categorical_cardinalities": [4]})
     assert input_std([batch], "tabular", noised_columns(only_codes)) is None
+
+
+def edited_run(run_dir: Path, dest: Path, **settings) -> Path:
+    """A copy of the run whose config.yaml has `settings` (dotted keys) set; the checkpoints
+    are the run's own (linked, not copied)."""
+    dest.mkdir()
+    config = OmegaConf.load(run_dir / "config.yaml")
+    for key, value in settings.items():
+        OmegaConf.update(config, key, value, merge=False)
+    OmegaConf.save(config, dest / "config.yaml")
+    (dest / "checkpoints").symlink_to(run_dir / "checkpoints")
+    return dest
+
+
+def foreign_targets(marker: Path) -> list:
+    """Configs that would write `marker` if anything in them were built."""
+    save = {"_target_": "fusion.training.checkpoint.save_checkpoint", "path": str(marker)}
+    torch_save = {"_target_": "torch.save", "obj": {}, "f": str(marker)}
+    head = "fusion.heads.ClassificationHead"
+    return [
+        ("data.augment", [{**save, "state": {}}], "'data.augment[0]._target_' names "
+         "'fusion.training.checkpoint.save_checkpoint'"),
+        ("model.fusion", torch_save, "'model.fusion._target_' names 'torch.save'"),
+        ("model.head", {"_target_": head, "_args_": [torch_save]}, "'model.head._args_'"),
+        ("model.head", {"_target_": head, "_recursive_": False, "x": torch_save},
+         "'model.head._recursive_'"),
+        ("model.fusion", f'${{oc.decode:"{{_target_: torch.save, obj: 1, f: {marker}}}"}}',
+         "'model.fusion._target_' names 'torch.save'"),
+        ("model.encoders.image._target_", "builtins.exec",
+         "'model.encoders.image._target_' names 'builtins.exec'"),
+        ("model.fusion._partial_", "yes", "'model.fusion._partial_': expected true or false, "
+         "found 'yes'"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(foreign_targets(Path("m")))))
+def test_a_foreign_target_is_refused_before_anything_is_built(run_dir, tmp_path, capsys, case):
+    marker = tmp_path / "marker"
+    key, value, named = foreign_targets(marker)[case]
+    run = edited_run(run_dir, tmp_path / "run", **{key: value})
+    assert main([str(run), "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.yaml'}: config key {named}" in err
+    assert "--trust-target" in err or "_args_" in err or "_partial_" in err
+    assert not marker.exists() and not (tmp_path / "eval").exists()
+
+
+def test_a_trusted_target_must_still_match_the_stored_config(run_dir, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    target = "fusion.training.checkpoint.save_checkpoint"
+    augment = [{"_target_": target, "path": str(marker), "state": {}}]
+    run = edited_run(run_dir, tmp_path / "run", **{"data.augment": augment})
+    assert main([str(run), "--trust-target", target]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.yaml'} differs from the config stored in " in err
+    assert (
+        f"at 1 key(s) (stored -> config.yaml):\n  data.augment: None -> [{{'_target_': '{target}'"
+        in err
+    )
+    assert not marker.exists()
+
+
+def test_an_edited_config_is_refused_naming_every_differing_key(run_dir, tmp_path, capsys):
+    run = edited_run(run_dir, tmp_path / "run", **{"data.seed": 5, "data.task": "same"})
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert str(run_dir / "checkpoints" / "best.pt") in err or "checkpoints/best.pt" in err
+    assert "at 2 key(s)" in err
+    assert "data.seed: 0 -> 5" in err and "data.task: 'digit' -> 'same'" in err
+
+
+def test_settings_that_do_not_change_the_score_may_differ(run_dir, tmp_path):
+    settings = {"logger.mode": "offline", "paths.output_dir": "/elsewhere", "tags": ["x"]}
+    run = edited_run(run_dir, tmp_path / "run", **settings)
+    cfg, state = load_run(run)
+    assert cfg.logger.mode == "offline" and list(cfg.tags) == ["x"]
+    assert "model" in state
+
+
+def test_the_allow_list_is_the_configs_builders_transforms_and_what_is_trusted():
+    targets = project_targets()
+    assert {"data.avdigits.AVDigits", "fusion.fusers.GatedFuser"} <= targets
+    assert "fusion.encoders.text.minilm_path" in targets  # nested in an encoder's config
+    assert "torch.load" not in targets
+    flip = {"_target_": "torchvision.transforms.v2.RandomHorizontalFlip"}
+    check_targets({"data": {"augment": [flip]}}, (), Path("c.yaml"))
+    check_targets({"model": {"fusion": {"_target_": "mypkg.Mine"}}}, ["mypkg.Mine"], Path("c"))
+    for target in ("torchvision.transforms.v2.functional.hflip", "torchvision.transforms.v2.x"):
+        with pytest.raises(
+            EvaluateError, match=rf"c\.yaml: config key 'a\._target_' names '{target}'"
+        ):
+            check_targets({"a": {"_target_": target}}, (), Path("c.yaml"))
+    with pytest.raises(EvaluateError, match=r"'a\._target_': expected a dotted name, found a dict"):
+        check_targets({"a": {"_target_": {"x": 1}}}, (), Path("c.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--device", "gpu"], "argument --device: expected auto, cpu, cuda, cuda:N (N a GPU index) or mps, got 'gpu'"),
+        (["--device", "tpu"], "argument --device: expected auto, cpu, cuda, cuda:N (N a GPU index) or mps, got 'tpu'"),
+        (["--device", "cuda:x"], "argument --device: expected auto, cpu, cuda, cuda:N (N a GPU index) or mps, got 'cuda:x'"),
+        (["--levels", "-1"], "argument --levels: expected finite values >= 0, got [-1.0]"),
+        (["--levels", "nan"], "argument --levels: expected finite values >= 0, got [nan]"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_are_named_as_the_user_typed_them(run_dir, capsys, extra, named):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run_dir), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "trainer." not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_names_the_device_argument(run_dir, capsys):
+    with pytest.raises(SystemExit):
+        main([str(run_dir), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert "argument --device: 'cuda' requested but CUDA is unavailable" in err
+    assert "trainer.device" not in err
+
+
+def test_a_run_dir_or_out_that_is_a_file_is_named(tmp_path, run_dir, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for argv, named in [
+        ([str(a_file)], f"argument run_dir: expected a training run's directory, {a_file} is a file"),
+        ([str(tmp_path / "no")], f"argument run_dir: expected a training run's directory, {tmp_path / 'no'} is nothing"),
+        ([str(run_dir), "--out", str(a_file)], f"argument --out: expected a directory, {a_file} is a file"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert named in capsys.readouterr().err
