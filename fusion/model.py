@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusion.checks import dropout_rate
 from fusion.encoders.base import Encoder
 from fusion.fusers import Fuser
 from fusion.summary import summarize
@@ -302,10 +303,8 @@ class ModalityDropout(nn.Module):
                 f"modality_dropout names modalities {unknown} the model does not have "
                 f"(it has {modalities})"
             )
-        bad = {m: p for m, p in rates.items() if not 0.0 <= p < 1.0}
-        if bad:
-            raise ValueError(f"modality_dropout rates must be in [0, 1), got {bad}")
-        self.rates = {m: float(p) for m, p in rates.items() if p > 0}
+        rates = {m: dropout_rate(p, f"modality_dropout['{m}']") for m, p in rates.items()}
+        self.rates = {m: p for m, p in rates.items() if p > 0}
         self.modalities = modalities
 
     def forward(

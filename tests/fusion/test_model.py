@@ -5,7 +5,7 @@ from torch import nn
 from fusion.encoders.base import Encoder
 from fusion.fusers import ConcatFuser, GatedFuser
 from fusion.heads import ClassificationHead
-from fusion.model import MultimodalModel
+from fusion.model import ModalityDropout, MultimodalModel
 
 
 class Scale(nn.Module):
@@ -85,8 +85,6 @@ def test_summary_lists_shapes_parameters_and_frozen_parts():
 
 
 def test_modality_dropout_drops_at_its_rate_but_never_everything():
-    from fusion.model import ModalityDropout
-
     dropout = ModalityDropout({"image": 0.5, "audio": 0.5}, ["image", "audio"])
     present = dropout(None, 10_000)
     image, audio = present["image"], present["audio"]
@@ -119,6 +117,14 @@ def test_modality_dropout_only_in_training_and_validated():
         MultimodalModel.build(
             dict(model.encoders), ConcatFuser, ClassificationHead, 3, modality_dropout={"text": 0.1}
         )
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, "0.5", None])
+def test_modality_dropout_rates_are_named(rate):
+    with pytest.raises(
+        ValueError, match=rf"^modality_dropout\['audio'\] must be in \[0, 1\), got {rate!r}$"
+    ):
+        ModalityDropout({"image": 0.1, "audio": rate}, ["image", "audio"])
 
 
 def test_late_fusion_with_several_tasks_is_explained():
