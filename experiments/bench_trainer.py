@@ -8,16 +8,31 @@ scans, a linear head) from the same initial weights, with AdamW at the same lear
 batches collated once and kept in memory (so data loading is not timed). They alternate,
 swapping which goes first each repeat, after one warm-up each; the table gives the median
 seconds per step and our overhead, ours / plain - 1. tqdm is replaced by a pass-through
-while ours runs, so a terminal's progress bar is not timed either. Both loops must end
-with the same weights (`max_weight_diff`), which shows they did the same work.
+while ours runs, so a terminal's progress bar is not timed either.
+
+Both loops must end with the same weights, which shows they did the same work. That check
+(`parity`) is separate from the timing: on CUDA, cuDNN and cuBLAS pick nondeterministic
+kernels by default (atomic adds in convolution backward), so two runs of the very same
+loop drift apart over the steps and an absolute difference of the weights (batch-norm
+variances in the hundreds included) says nothing. The parity runs ask for deterministic
+kernels (`torch.use_deterministic_algorithms`, cuDNN deterministic and not benchmarking,
+`CUBLAS_WORKSPACE_CONFIG` set before CUDA starts), run our loop twice and the plain loop
+once, and compare each floating-point tensor relative to its largest value. Any drift left
+(an op without a deterministic CUDA kernel only warns) is measured by our loop against
+itself, `run_to_run_diff`; the loops agree (`same`) when their difference is within the
+dtype's tolerance (the square root of its machine epsilon: half its digits) plus twice
+that drift.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
+import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,26 +122,112 @@ def time_run(
     return (time.perf_counter() - start) / len(batches), model
 
 
-def max_weight_diff(a: nn.Module, b: nn.Module) -> float:
-    return max(
-        (x - y).abs().max().item()
-        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+def relative_diff(a: nn.Module, b: nn.Module) -> tuple[float, str | None]:
+    """The largest difference between two models' floating-point tensors, each relative to
+    the tensor's largest magnitude in `b` (so large batch-norm variances and small weights
+    weigh alike), and the name of the tensor it is in (None when they are equal). Integer
+    counters are left out."""
+    worst, where = 0.0, None
+    theirs = b.state_dict()
+    for name, x in a.state_dict().items():
+        if not x.is_floating_point():
+            continue
+        y = theirs[name].double()
+        scale = max(y.abs().max().item(), torch.finfo(x.dtype).tiny)
+        diff = (x.double() - y).abs().max().item() / scale
+        if diff > worst:
+            worst, where = diff, name
+    return worst, where
+
+
+def parity_tolerance(dtype: torch.dtype) -> float:
+    """The difference two runs of the same arithmetic may show after rounding in another
+    order: half the digits of `dtype` (the square root of its machine epsilon)."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+@contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """Deterministic cuDNN and cuBLAS kernels for the parity runs, restored after. An op
+    without a deterministic CUDA kernel warns (`warn_only`) instead of failing: the
+    run-to-run difference then measures what it leaves."""
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
     )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
 
 
-def benchmark(steps: int, batch_size: int, repeats: int, device: torch.device) -> dict[str, object]:
+def deterministic_cublas(device: torch.device) -> bool:
+    """Set `CUBLAS_WORKSPACE_CONFIG`, which cuBLAS reads once when CUDA starts, for
+    deterministic matrix products; False when CUDA started earlier without it (the parity
+    result then says so)."""
+    if device.type != "cuda" or os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        return True
+    if torch.cuda.is_initialized():
+        return False
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    return True
+
+
+def parity(
+    initial: nn.Module, batches: list[Batch], device: torch.device, cublas_deterministic: bool
+) -> dict[str, object]:
+    """Whether both loops end with the same weights, with deterministic kernels: our loop
+    against the plain one, against the drift of our loop against itself."""
+    with deterministic_kernels(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = time_run(run_ours, initial, batches, device)[1]
+        again = time_run(run_ours, initial, batches, device)[1]
+        plain = time_run(run_plain, initial, batches, device)[1]
+    nondeterministic = set()
+    for w in caught:  # "<op> does not have a deterministic implementation, but you set ..."
+        op, found, _ = str(w.message).partition(" does not have a deterministic")
+        if found:
+            nondeterministic.add(op)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    diff, tensor = relative_diff(ours, plain)
+    drift = relative_diff(ours, again)[0]
+    dtype = next(initial.parameters()).dtype
+    tolerance = parity_tolerance(dtype)
+    return {
+        "relative_diff": diff,
+        "tensor": tensor,
+        "run_to_run_diff": drift,
+        "tolerance": tolerance,
+        "dtype": str(dtype).removeprefix("torch."),
+        "same": diff <= tolerance + 2 * drift,
+        "nondeterministic_ops": sorted(nondeterministic),
+        "cublas_deterministic": cublas_deterministic,
+    }
+
+
+def benchmark(
+    steps: int,
+    batch_size: int,
+    repeats: int,
+    device: torch.device,
+    cublas_deterministic: bool = True,
+) -> dict[str, object]:
     initial = image_model().to(device)
     batches = make_batches(steps, batch_size, device)
     runners: dict[str, Runner] = {"ours": run_ours, "plain": run_plain}
     for run in runners.values():  # warm-up: allocator, kernels, lazy initialization
         time_run(run, initial, batches[:2], device)
     times: dict[str, list[float]] = {name: [] for name in runners}
-    trained: dict[str, nn.Module] = {}
     for r in range(repeats):
         order = list(runners) if r % 2 == 0 else list(reversed(runners))
         for name in order:
-            seconds, trained[name] = time_run(runners[name], initial, batches, device)
-            times[name].append(seconds)
+            times[name].append(time_run(runners[name], initial, batches, device)[0])
     ours, plain = statistics.median(times["ours"]), statistics.median(times["plain"])
     return {
         "steps": steps,
@@ -135,8 +236,23 @@ def benchmark(steps: int, batch_size: int, repeats: int, device: torch.device) -
         "seconds_per_step": {"ours": ours, "plain": plain},
         "all_seconds_per_step": times,
         "overhead_percent": 100 * (ours / plain - 1),
-        "max_weight_diff": max_weight_diff(trained["ours"], trained["plain"]),
+        "parity": parity(initial, batches, device, cublas_deterministic),
     }
+
+
+def parity_line(check: dict[str, object]) -> str:
+    """The parity verdict in words, with the numbers it rests on."""
+    verdict = "same weights" if check["same"] else "DIFFERENT WEIGHTS"
+    where = f" (largest in {check['tensor']})" if check["tensor"] else ""
+    line = (
+        f"{verdict}: relative difference {check['relative_diff']:.1e}{where}, run-to-run "
+        f"{check['run_to_run_diff']:.1e}, tolerance {check['tolerance']:.1e} ({check['dtype']})"
+    )
+    if check["nondeterministic_ops"]:
+        line += f"; without a deterministic kernel: {', '.join(check['nondeterministic_ops'])}"
+    if not check["cublas_deterministic"]:
+        line += "; CUDA started before CUBLAS_WORKSPACE_CONFIG was set"
+    return line
 
 
 def table(result: dict[str, object]) -> str:
@@ -147,8 +263,8 @@ def table(result: dict[str, object]) -> str:
             "|---|---|---|",
             f"| ours (train_epoch) | {sps['ours']:.4f} | {1 / sps['ours']:.1f} |",
             f"| plain PyTorch | {sps['plain']:.4f} | {1 / sps['plain']:.1f} |",
-            f"\noverhead: {result['overhead_percent']:+.1f}% "
-            f"(max weight difference after training: {result['max_weight_diff']:.1e})",
+            f"\noverhead: {result['overhead_percent']:+.1f}%",
+            f"parity after training: {parity_line(result['parity'])}",
         ]
     )
 
@@ -170,8 +286,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     device = torch.device(args.device)
+    cublas = deterministic_cublas(device)  # before anything starts CUDA
     result = {
-        **benchmark(args.steps, args.batch_size, args.repeats, device),
+        **benchmark(args.steps, args.batch_size, args.repeats, device, cublas),
         "machine": machine_info(device),
     }
     print(table(result))
