@@ -310,6 +310,7 @@ def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
 
 
 def describe_tasks(tasks: Mapping[str, Task]) -> str:
+    """The data's tasks and their output sizes, for errors about what a head must serve."""
     return ", ".join(f"{name} ({t.kind}, {t.num_outputs} outputs)" for name, t in tasks.items())
 
 
@@ -358,13 +359,11 @@ def check_model_parts(
     sizes = output_sizes(tasks)
     for part, own in (("fusion", "in_dims"), ("head", "in_dim")):
         check_arguments(model[part]._target_, model[part], f"model.{part}")
-        for name in (own, "num_classes"):
-            if name in model[part] and not (name == "num_classes" and model[part][name] == sizes):
-                source = (
-                    f"the data's tasks: {describe_tasks(tasks)}"
-                    if name == "num_classes"
-                    else "the sizes of the parts before it"
-                )
+        sources = {own: "the sizes of the parts before it"}
+        if model[part].get("num_classes", sizes) != sizes:
+            sources["num_classes"] = f"the data's tasks: {describe_tasks(tasks)}"
+        for name, source in sources.items():
+            if name in model[part]:
                 raise ConfigError(
                     f"config key 'model.{part}.{name}': the model sets it from {source}; "
                     f"remove it (got {model[part][name]!r})"
@@ -381,11 +380,10 @@ def check_model_parts(
             {m: StandIn() for m in modalities}, instantiate(model.fusion), head, sizes
         )
     except (TypeError, ValueError) as err:
-        part = model[building.split(".")[1]]
+        part = model[building.removeprefix("model.")]
         raise ConfigError(
             f"config key '{refused_key(building, part, err)}' ({part._target_}): {err} "
-            f"(the data's modalities: "
-            f"{list(modalities)}; its tasks: {describe_tasks(tasks)})"
+            f"(the data's modalities: {list(modalities)}; its tasks: {describe_tasks(tasks)})"
         ) from None
 
 
