@@ -73,14 +73,30 @@ def resolve_weights(name: str, weights: str | WeightsEnum | None) -> WeightsEnum
         ) from None
 
 
+# Models whose builders need settings to act as encoders: Inception's and GoogLeNet's
+# auxiliary heads return namedtuples in train mode (an encoder returns one tensor).
+BUILD_SETTINGS = {
+    "inception_v3": {"aux_logits": False},
+    "googlenet": {"aux_logits": False},
+}
+
+
 def build_backbone(name: str, weights: WeightsEnum | None) -> nn.Module:
-    """Build a torchvision model by name, with its weights loaded through `fusion.weights`."""
+    """Build a torchvision model by name, with its weights loaded through `fusion.weights`.
+
+    Settings are those of torchvision's own builder: Inception and GoogLeNet with weights
+    convert ImageNet-normalized inputs to their own (`transform_input`), as their weights
+    expect; the weights of their auxiliary heads are reported unexpected and left out.
+    """
     if name not in classification_models():
         close = difflib.get_close_matches(name, classification_models(), n=5)
         raise ValueError(f"unknown torchvision model '{name}'; did you mean {close}?")
+    settings = dict(BUILD_SETTINGS.get(name, {}))
+    if "aux_logits" in settings:
+        settings.update(init_weights=weights is None, transform_input=weights is not None)
     if weights is None:
-        return get_model(name)
-    model = get_model(name, num_classes=len(weights.meta["categories"]))
+        return get_model(name, **settings)
+    model = get_model(name, num_classes=len(weights.meta["categories"]), **settings)
     log.info("%s", load_weights(model, weights))
     return model
 
@@ -95,6 +111,15 @@ def default_map_node(model: nn.Module) -> str:
             f"e.g. one of {nodes[-5:]}"
         )
     return nodes[pools[-1] - 1]
+
+
+def classifier_unused(model: nn.Module, layer: str | None) -> bool:
+    """Whether the output leaves the classifier out: no tapped node, or one before it."""
+    if layer is None:
+        return True
+    nodes = get_graph_node_names(model)[1]
+    classifier = surgery.find_classifier(model)
+    return layer in nodes and classifier in nodes and nodes.index(layer) < nodes.index(classifier)
 
 
 def tap_node(model: nn.Module, layer: str | None, output: str) -> nn.Module:
@@ -135,7 +160,9 @@ def build_vision_encoder(
     """A torchvision classifier turned into a feature encoder, configured in plain arguments.
 
     - `weights`: torchvision weights by name (`"DEFAULT"`, `"IMAGENET1K_V1"`), loaded from
-      the torch hub cache; `weights_file`: any checkpoint `fusion.weights` reads.
+      the torch hub cache; `weights_file`: any checkpoint `fusion.weights` reads, loaded
+      after the classifier is removed (when the output does not use it), so a file with
+      another number of classes loads strictly: its classifier keys are unexpected.
     - `output`: "pooled" vector, spatial "map" [C, H, W], or "tokens" [H*W, C]; `layer`
       taps any graph node instead of the last one.
     - `small_input_stem` / `in_channels`: stem surgery that keeps pretrained filters;
@@ -150,6 +177,8 @@ def build_vision_encoder(
         raise ValueError(f"output must be one of {OUTPUTS}, got '{output}'")
     enum = resolve_weights(name, weights)
     backbone = build_backbone(name, enum)
+    if classifier_unused(backbone, layer):
+        surgery.remove_classifier(backbone)
     if weights_file is not None:
         log.info("%s", load_weights(backbone, weights_file, prefix=weights_prefix, strict=strict))
     if small_input_stem == "auto":
@@ -161,9 +190,7 @@ def build_vision_encoder(
     if small_input_stem:
         surgery.adapt_stem_for_small_inputs(backbone)
     surgery.adapt_input_channels(backbone, in_channels)
-    if output == "pooled" and layer is None:
-        surgery.remove_classifier(backbone)
-    else:
+    if output != "pooled" or layer is not None:
         backbone = tap_node(backbone, layer, output)
     return apply_freeze(
         Encoder(
