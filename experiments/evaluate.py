@@ -3,6 +3,7 @@
     python -m experiments.evaluate outputs/runs/<run>                       # the test split
     python -m experiments.evaluate outputs/runs/<run> --split val
     python -m experiments.evaluate outputs/runs/<run> --robustness --levels 0 0.5 1 2
+    python -m experiments.evaluate outputs/runs/<run> --trust-target mypkg.MyEncoder
 
 The model is rebuilt from the run's resolved `config.yaml` and loaded whole from
 `checkpoints/best.pt`: nothing is trained and no stage-1 checkpoint is needed. Writes
