@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import difflib
 import os
-import pickle
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -80,17 +80,20 @@ class LoadReport:
 
     `format` is the detected container ("state_dict", "safetensors", "lightning", "timm",
     "trainer", "torchvision", "torchaudio") and `entry` the checkpoint key that held the state
-    dict; `stripped` the wrapper prefixes removed; `mismatched` maps a key to its
-    (checkpoint shape, model shape).
+    dict; `skipped` the pickled objects beside it that were not rebuilt (a Lightning
+    checkpoint's hyper-parameters); `stripped` the wrapper prefixes removed; `dropped` the
+    keys `key_map` removed; `mismatched` maps a key to its (checkpoint shape, model shape).
     """
 
     target: str
     source: str
     format: str
     entry: str | None = None
+    skipped: list[str] = field(default_factory=list)
     stripped: list[str] = field(default_factory=list)
     prefix: str = ""
     renamed: int = 0
+    dropped: list[str] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -109,12 +112,16 @@ class LoadReport:
             f"loaded {len(self.loaded)}/{total} tensors"
         ]
         keys = []
+        if self.skipped:
+            keys.append(f"skipped pickled objects {_preview(self.skipped)}")
         if self.stripped:
             keys.append("stripped " + ", ".join(repr(p) for p in self.stripped))
         if self.prefix:
             keys.append(f"selected {self.prefix!r}")
         if self.renamed:
             keys.append(f"key_map renamed {self.renamed}")
+        if self.dropped:
+            keys.append(f"key_map dropped {len(self.dropped)}: {_preview(self.dropped)}")
         if keys:
             lines.append("  keys: " + "; ".join(keys))
         mismatched = [f"{k}: checkpoint {s} vs model {t}" for k, (s, t) in self.mismatched.items()]
@@ -139,6 +146,7 @@ class _Weights:
     source: str
     format: str
     entry: str | None = None
+    skipped: list[str] = field(default_factory=list)
 
 
 def load_weights(
@@ -146,7 +154,7 @@ def load_weights(
     source: WeightsSource,
     *,
     prefix: str | None = None,
-    key_map: Mapping[str, str] | None = None,
+    key_map: Mapping[str, str | None] | None = None,
     strict: bool = True,
 ) -> LoadReport:
     """Load weights from `source` into `module` and report what matched.
@@ -154,8 +162,10 @@ def load_weights(
     `source` is a state dict or a checkpoint dict holding one; a path to a .pt/.pth/.bin,
     .safetensors, Lightning .ckpt, timm or fusion-trainer checkpoint; a torchvision weights
     enum member or its name ("ResNet18_Weights.IMAGENET1K_V1"); or a torchaudio Wav2Vec2Bundle
-    or its name ("torchaudio.pipelines.WAV2VEC2_BASE"). Files are read with weights_only.
-    Keys go through, in order: `key_map` (regex -> replacement, on the keys as stored), the
+    or its name ("torchaudio.pipelines.WAV2VEC2_BASE"). Files are read with weights_only, and
+    nothing in them is executed (see `_torch_load`).
+    Keys go through, in order: `key_map` (regex -> replacement, on the keys as stored; a
+    replacement of None drops the keys the regex finds, e.g. `{"^fc\\.": None}`), the
     automatic stripping of wrapper prefixes (kept only when more keys fit the module), and
     the selection of the sub-tree under `prefix` (None: the whole state dict). With `strict`, anything missing or
     shape-mismatched raises `IncompleteLoadError` before the module is touched: a silent
@@ -163,7 +173,7 @@ def load_weights(
     """
     prefix = prefix or ""
     weights = _read(source)
-    state, renamed = _apply_key_map(weights.state, key_map or {})
+    state, renamed, dropped = _apply_key_map(weights.state, key_map or {})
     target = module.state_dict()
     roots = WRAPPER_PREFIXES
     if weights.format == "lightning":  # keys start with the LightningModule's attribute names
@@ -175,9 +185,11 @@ def load_weights(
         source=weights.source,
         format=weights.format,
         entry=weights.entry,
+        skipped=weights.skipped,
         stripped=stripped,
         prefix=prefix,
         renamed=renamed,
+        dropped=dropped,
     )
     for key, value in state.items():
         if key not in target:
@@ -219,26 +231,75 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _read_file(path: Path) -> _Weights:
-    """Read a checkpoint file without running pickled code (weights_only)."""
+    """Read a checkpoint file without running anything pickled in it."""
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         if path.suffix.lower() == ".safetensors":
             return _Weights(load_safetensors(path, device="cpu"), str(path), "safetensors")
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content, skipped = _torch_load(path)
     except Exception as err:
-        hint = (
-            "; if it is a trusted checkpoint that pickles Python objects, load it with "
-            "torch.load(path, weights_only=False) and pass the result as the source"
-            if isinstance(err, pickle.UnpicklingError)
-            else ""
-        )
+        raise _unreadable(path, err) from err
+    if isinstance(content, Skipped):
         raise ValueError(
-            f"{path} could not be read as a checkpoint{hint}\n({type(err).__name__}: {err})"
-        ) from err
+            f"weights file {path} holds a pickled {content.name} object, not a state dict: "
+            "save `model.state_dict()` instead (a pickled object is never rebuilt)"
+        )
     if not isinstance(content, Mapping):
-        raise ValueError(f"{path} holds a {type(content).__name__}, not a state dict")
-    return _unpack(content, str(path))
+        raise ValueError(f"weights file {path} holds a {type(content).__name__}, not a state dict")
+    weights = _unpack(content, str(path))
+    weights.skipped = skipped
+    return weights
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    """What failed in reading `path`, in torch's words minus its advice to load unsafely."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and "documentation" not in line]
+    reason = f"{type(err).__name__}: {useful[0]}" if useful else type(err).__name__
+    blocked = re.search(r"GLOBAL ([\w.]+) whose module \w+ is blocked", str(err))
+    if blocked:
+        return ValueError(
+            f"weights file {path} holds pickled code ({blocked.group(1)}), which is never run: "
+            "expected tensors; save the state_dict alone"
+        )
+    return ValueError(
+        f"weights file {path} is corrupt or truncated: expected a torch checkpoint or a "
+        f"safetensors file, found {path.stat().st_size} bytes that do not read as one ({reason})"
+    )
+
+
+class Skipped:
+    """Stands in for a pickled object that is not rebuilt: its class or function is never
+    imported or called, and its arguments and state are kept only as data."""
+
+    name = "object"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Skipped:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _torch_load(path: Path) -> tuple[Any, list[str]]:
+    """`torch.load(weights_only=True)`, with the file's other globals read as `Skipped`.
+
+    A Lightning checkpoint pickles its hyper-parameters (an optimizer's `functools.partial`,
+    a module), which weights_only refuses. The names of those globals are read from the pickle
+    without running it, and each is given to torch's own safe-globals allow-list as a
+    `Skipped` stand-in, so the state dict loads and nothing from the file runs. Returns the
+    content and the names stood in for.
+    """
+    names = []
+    if zipfile.is_zipfile(path):  # torch.save's format; an older one loads as it is, or fails
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    stand_ins = [(type(name, (Skipped,), {"name": name}), name) for name in names]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True), names
 
 
 def _unpack(content: Mapping[str, Any], source: str) -> _Weights:
@@ -329,8 +390,8 @@ def _from_hub(name: str, url: str, fetch: Callable[[], Mapping[str, Any]]) -> Ma
             return fetch()
         except Exception as err:
             raise ValueError(
-                f"cached weights {cached} could not be read ({type(err).__name__}: {err}); "
-                "delete the file to download it again"
+                f"cached weights {cached} are corrupt or truncated ({type(err).__name__}: "
+                f"{err}); delete the file to download it again"
             ) from err
     try:
         return fetch()
@@ -339,21 +400,30 @@ def _from_hub(name: str, url: str, fetch: Callable[[], Mapping[str, Any]]) -> Ma
 
 
 def _apply_key_map(
-    state: dict[str, torch.Tensor], key_map: Mapping[str, str]
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Rename keys with each regex -> replacement in turn; refuse to merge two keys into one."""
+    state: dict[str, torch.Tensor], key_map: Mapping[str, str | None]
+) -> tuple[dict[str, torch.Tensor], int, list[str]]:
+    """Rename keys with each regex -> replacement in turn (None: drop the key); refuse to
+    merge two keys into one. Returns the new state, the number renamed and the keys dropped."""
     patterns = [(re.compile(p), r) for p, r in key_map.items()]
     renamed: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
+    dropped = []
     for key, value in state.items():
-        new = key
+        new: str | None = key
         for pattern, replacement in patterns:
-            new = pattern.sub(replacement, new)
+            if replacement is not None:
+                new = pattern.sub(replacement, new)
+            elif pattern.search(new):
+                new = None
+                break
+        if new is None:
+            dropped.append(key)
+            continue
         if new in origin:
             raise ValueError(f"key_map maps both {origin[new]!r} and {key!r} to {new!r}")
         origin[new] = key
         renamed[new] = value
-    return renamed, sum(new != old for new, old in origin.items())
+    return renamed, sum(new != old for new, old in origin.items()), dropped
 
 
 def _strip_wrappers(

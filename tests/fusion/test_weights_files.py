@@ -1,0 +1,178 @@
+"""Weights files as users have them: Lightning checkpoints with pickled hyper-parameters,
+other classifiers, and damaged files. Nothing in a file is ever run."""
+
+import functools
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fusion.encoders import build_vision_encoder
+from fusion.weights import IncompleteLoadError, load_weights
+
+CALLS: list[str] = []
+
+
+def record(what: str) -> str:
+    CALLS.append(what)
+    return what
+
+
+class Tripwire:
+    """Pickles as a call to `record`: loading it by running pickled code would show in CALLS."""
+
+    def __reduce__(self):
+        return record, ("ran code from the file",)
+
+
+@pytest.fixture(autouse=True)
+def no_calls():
+    CALLS.clear()
+    yield
+    assert CALLS == []
+
+
+def lightning_checkpoint(path, model: nn.Module, attribute: str = "model"):
+    """A file laid out as Lightning's `trainer.save_checkpoint` writes it."""
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 120,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": {f"{attribute}.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {
+                "optimizer": functools.partial(torch.optim.AdamW, lr=1e-3),
+                "head": nn.Linear(2, 2),
+                "tripwire": Tripwire(),
+            },
+            "optimizer_states": [],
+        },
+        path,
+    )
+    return path
+
+
+def test_lightning_checkpoint_with_pickled_objects_loads_its_state_dict(tmp_path):
+    source = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    path = lightning_checkpoint(tmp_path / "epoch=3.ckpt", source)
+    target = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    report = load_weights(target, path)
+    assert report.format == "lightning" and report.complete and report.stripped == ["model."]
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+    assert set(report.skipped) >= {"functools.partial", "torch.nn.modules.linear.Linear"}
+    assert f"{__name__}.record" in report.skipped
+    assert "skipped pickled objects" in report.summary()
+
+
+def test_five_class_checkpoint_loads_strictly_into_an_encoder_without_classifier(tmp_path):
+    trained = build_vision_encoder("resnet18", image_size=(32, 32)).backbone
+    trained.fc = nn.Linear(512, 5)  # a 5-class model, fine-tuned elsewhere
+    path = lightning_checkpoint(tmp_path / "five.ckpt", trained, attribute="net")
+    encoder = build_vision_encoder("resnet18", image_size=(32, 32), weights_file=str(path)).eval()
+    trained.fc = nn.Identity()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(encoder(x), trained.eval()(encoder.preprocess(x)))
+
+
+def test_key_map_drops_keys_that_map_to_none(tmp_path):
+    source = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5))
+    target = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(IncompleteLoadError, match=r"1\.weight: checkpoint \(5, 3\) vs model"):
+        load_weights(target, source.state_dict())
+    report = load_weights(target, source.state_dict(), key_map={r"^1\.": None}, strict=False)
+    assert report.dropped == ["1.weight", "1.bias"] and report.missing == ["1.weight", "1.bias"]
+    assert "key_map dropped 2: 1.weight, 1.bias" in report.summary()
+    assert torch.equal(target[0].weight, source[0].weight)
+
+
+def truncated(path, model):
+    torch.save(model.state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def bad_zip_member(path, model):
+    torch.save(model.state_dict(), path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w") as archive:  # the pickle's storages are gone
+        for name, data in members.items():
+            if name.endswith("data.pkl"):
+                archive.writestr(name, data)
+
+
+def truncated_safetensors(path, model):
+    save_file(model.state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[:40])
+
+
+def empty(path, model):
+    path.write_bytes(b"")
+
+
+def garbage(path, model):
+    path.write_bytes(bytes(range(256)) * 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("half.pt", truncated),
+        ("storages-gone.pth", bad_zip_member),
+        ("cut.safetensors", truncated_safetensors),
+        ("empty.ckpt", empty),
+        ("noise.bin", garbage),
+    ],
+)
+def test_damaged_files_are_called_corrupt_naming_the_path(tmp_path, name, damage):
+    model = nn.Linear(8, 8)
+    path = tmp_path / name
+    damage(path, model)
+    with pytest.raises(ValueError) as err:
+        load_weights(model, path)
+    message = str(err.value)
+    assert message.startswith(
+        f"weights file {path} is corrupt or truncated: expected a torch checkpoint or a "
+        f"safetensors file, found {path.stat().st_size} bytes that do not read as one ("
+    )
+    assert "weights_only" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (
+            nn.Linear(2, 2),
+            "holds a pickled torch.nn.modules.linear.Linear object, not a state dict",
+        ),
+        (Tripwire(), f"holds a pickled {__name__}.record object, not a state dict"),
+        ([torch.ones(1)], "holds a list, not a state dict"),
+    ],
+)
+def test_files_without_a_state_dict_say_what_they_hold(tmp_path, content, found):
+    path = tmp_path / "whole.pt"
+    torch.save(content, path)
+    with pytest.raises(ValueError) as err:
+        load_weights(nn.Linear(2, 2), path)
+    assert str(err.value).startswith(f"weights file {path} {found}")
+
+
+def test_a_file_calling_a_blocked_module_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Attack:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "attack.pt"
+    torch.save({"state_dict": {}, "payload": Attack()}, path)
+    with pytest.raises(ValueError) as err:
+        load_weights(nn.Linear(2, 2), path)
+    assert str(err.value) == (
+        f"weights file {path} holds pickled code (posix.system), which is never run: "
+        "expected tensors; save the state_dict alone"
+    )
+    assert not marker.exists()
