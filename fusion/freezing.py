@@ -6,8 +6,8 @@ part is one whose parameters are all frozen, together with the parameter-free mo
 holds (its dropouts, activations). Thawing gives the part back its gradients and train mode.
 
 `model.train()` sets every submodule to train mode, so freezing registers a forward pre-hook
-on the module it froze that puts its frozen parts back in eval mode before each forward;
-`fusion.encoders.base.Encoder.train` does the same at once.
+on each frozen part that puts it back in eval mode before it runs (until then its `training`
+flag reads True); `fusion.encoders.base.Encoder.train` puts its frozen parts back at once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from fusion.surgery import match_parameters, stages
 
-# Modules that carry the hook already (weak, so a model's lifetime is its own).
+# Frozen parts that carry the hook already (weak, so a model's lifetime is its own).
 _HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -93,15 +93,18 @@ def _thaw_last(model: nn.Module, found: list[tuple[str, nn.Module]], n: int) -> 
     set_trainable(model, False)
     keep = found[len(found) - n :] if n else []
     set_trainable([m for _, m in keep], True)
+    _keep_frozen_in_eval(model)  # the stages left frozen get their own hooks
     return [name for name, _ in keep]
 
 
 def _keep_frozen_in_eval(module: nn.Module) -> None:
-    """Frozen parts of `module` to eval mode now, and before every forward from now on."""
+    """Frozen parts of `module` to eval mode now, and before each of their forwards; a
+    hooked part that thaws later is left alone by its hook."""
     set_frozen_to_eval(module)
-    if module not in _HOOKED:
-        module.register_forward_pre_hook(_frozen_to_eval_hook)
-        _HOOKED.add(module)
+    for part in frozen_parts(module):
+        if part not in _HOOKED:
+            part.register_forward_pre_hook(_frozen_to_eval_hook)
+            _HOOKED.add(part)
 
 
 def _frozen_to_eval_hook(module: nn.Module, args: tuple) -> None:

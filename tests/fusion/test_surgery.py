@@ -38,9 +38,39 @@ def test_replace_classifier_infers_its_input_size():
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
 
 
-def test_classifier_not_found_is_explained():
-    with pytest.raises(ValueError, match="has no classifier"):
-        surgery.find_classifier(nn.Sequential(nn.Linear(2, 2)))
+class Classified(nn.Module):
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 4, 3)
+        self.classifier = classifier
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            nn.Sequential(nn.Linear(2, 2)),
+            "Sequential has no classifier: expected a child named one of "
+            "('fc', 'classifier', 'head', 'heads'), found children ['0']",
+        ),
+        (
+            Classified(nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU())),
+            "Classified's 'classifier' (Conv2d, ReLU) holds no nn.Linear or 1x1 nn.Conv2d to "
+            "use as its classifier",
+        ),
+    ],
+)
+def test_classifier_not_found_is_explained(model, message):
+    with pytest.raises(ValueError) as err:
+        surgery.find_classifier(model)
+    assert str(err.value) == message
+
+
+def test_squeezenet_classifier_is_its_1x1_convolution():
+    model = get_model("squeezenet1_1").eval()
+    assert surgery.find_classifier(model) == "classifier.1"
+    assert isinstance(surgery.replace_classifier(model, 7), nn.Conv2d)
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 7)
 
 
 def test_stages_follow_forward_order():
@@ -257,3 +287,50 @@ def test_layer_specs_pool_by_window_or_size_conv_without_norm_and_modules_as_lay
         ValueError, match=r"layers must be a list of layer specs or modules, got dict"
     ):
         surgery.build_layers({"type": "relu"})
+
+
+def test_no_weight_decay_on_biases_and_norms_whatever_their_names():
+    model = nn.ModuleDict(
+        {
+            "attn": nn.MultiheadAttention(8, 2, add_bias_kv=True),
+            "rms": nn.RMSNorm(8),
+            "group": nn.GroupNorm(2, 8),
+            "instance": nn.InstanceNorm1d(8, affine=True),
+            "linear": nn.Linear(8, 8),
+            "embedding": nn.Embedding(4, 8),
+        }
+    )
+    groups = surgery.param_groups(model, lr=1.0, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    assert decayed == {
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+        "linear.weight",
+        "embedding.weight",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"lr_mult": {"1.*": 0.1, "head.*": 2.0}},
+            "lr_mult: pattern 'head.*' matches no parameter of Sequential; names look like "
+            "['0.weight', '0.bias', '1.weight', '1.bias'] ... ['1.weight', '1.bias']",
+        ),
+        (
+            {"weight_decay_for": {"0.wieght": 0.5}},
+            "weight_decay_for: pattern '0.wieght' matches no parameter of Sequential; names "
+            "look like ['0.weight', '0.bias', '1.weight', '1.bias'] ... ['1.weight', '1.bias']",
+        ),
+    ],
+)
+def test_param_group_patterns_that_match_nothing_are_refused(kwargs, message):
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises(ValueError) as err:
+        surgery.param_groups(model, lr=1.0, weight_decay=0.0, **kwargs)
+    assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        surgery.check_param_patterns(model, **kwargs)
+    assert str(err.value) == message
