@@ -14,6 +14,7 @@ points in `experiments/` turn configs into those.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -182,14 +183,39 @@ def pretrain_key(
     )
 
 
+PATTERN_SETTINGS = ("lr_mult", "weight_decay_for")
+
+
+def own_patterns(model: MultimodalModel, patterns: Mapping[str, float] | None) -> dict:
+    """The globs that match a parameter of `model`: stage 1 trains one model per modality,
+    and a glob for one modality's encoder (`encoders.image.*`) has nothing to match in the
+    others. `check_patterns` has made sure each glob matches in some model of its stage."""
+    names = [name for name, _ in model.named_parameters()]
+    return {p: v for p, v in (patterns or {}).items() if fnmatch.filter(names, p)}
+
+
+def check_patterns(stage_name: str, stage: StageConfig, models: Sequence[MultimodalModel]):
+    """Refuse a `lr_mult` / `weight_decay_for` glob that matches no parameter of any model
+    the stage trains, naming the config key, before anything trains."""
+    names = [name for model in models for name, _ in model.named_parameters()]
+    for setting in PATTERN_SETTINGS:
+        for pattern in getattr(stage, setting) or {}:
+            if not fnmatch.filter(names, pattern):
+                raise ConfigError(
+                    f"config key 'trainer.{stage_name}.{setting}': pattern '{pattern}' matches "
+                    f"no parameter of the models stage '{stage_name}' trains; names look like "
+                    f"{names[:3]} ... {names[-2:]}"
+                )
+
+
 def optimizer_groups(model: MultimodalModel, stage: StageConfig) -> list[dict]:
     """Parameter groups for one stage: lr multipliers, L2 per part, layer-wise decay."""
     return param_groups(
         model,
         lr=stage.lr,
         weight_decay=stage.weight_decay,
-        lr_mult=stage.lr_mult,
-        weight_decay_for=stage.weight_decay_for,
+        lr_mult=own_patterns(model, stage.lr_mult),
+        weight_decay_for=own_patterns(model, stage.weight_decay_for),
         layer_decay=stage.layer_decay,
         decay_roots=[f"encoders.{m}.backbone" for m in model.encoders],
     )
@@ -344,15 +370,22 @@ class Recipe:
         }
 
     def check_encoders(self) -> None:
-        """Every encoder takes its modality's inputs: checked on two validation items before
-        anything trains, so an image encoder given audio fails now, not after stage 1.
+        """Every encoder takes its modality's inputs, and every `lr_mult` / `weight_decay_for`
+        glob matches a parameter of its stage: checked on two validation items and the
+        stage models before anything trains, so an image encoder given audio or a mistyped
+        glob fails now, not after stage 1.
 
-        The encoders built for the check draw from a forked random state, so the run's
+        The models built for the check draw from a forked random state, so the run's
         numbers are the same with or without it."""
         val = self.datasets["val"]
         batch = Collate.for_dataset(val)([val[i] for i in range(min(2, len(val)))])
         with torch.random.fork_rng(devices=[]):
             encoders = {m: build() for m, build in self.spec.encoders.items()}
+            stage1 = [
+                unimodal_model(encoder, m, stage1_target(self.train_data, m)[1])
+                for m, encoder in encoders.items()
+            ]
+            fused = build_model(self.spec, encoders, self.tasks)
         for modality, encoder in encoders.items():
             try:
                 encoder.check_input(batch.inputs[modality], modality)
@@ -363,6 +396,8 @@ class Recipe:
                     f"config key 'model.encoders.{modality}': {err}. '{modality}' is a modality "
                     f"of kind '{kind}'; its encoder is {target}: is that an encoder for {kind}?"
                 ) from None
+        check_patterns("pretrain", self.trainer.pretrain, stage1)
+        check_patterns("fuse", self.trainer.fuse, [fused])
 
     def pretrain(
         self, modality: str, encoder: Encoder, loaders: dict[str, DataLoader]

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from data.avdigits import SPEECH_ASSET, AVDigits
 from fusion.data import Task
@@ -11,10 +12,12 @@ from fusion.training.loop import EpochMetrics
 from fusion.training.recipe import (
     Row,
     check_tasks,
+    optimizer_groups,
     pretrain_key,
     results_table,
     run_summary,
     stage1_target,
+    unimodal_model,
     with_file_contents,
 )
 from fusion.training.settings import ConfigError, TrainerConfig
@@ -119,3 +122,49 @@ def test_results_table_labels_rows_with_the_datas_tasks():
         "| photo only | species | 50.00% | 25.00% |",
         "| fused (ConcatFuser) | species | 75.00% | 100.00% |",
     ]
+
+
+def recipe_for(tmp_path, *overrides):
+    """The recipe the entry point would run for `overrides` on 8 items per split."""
+    from experiments.builders import compose_config, encoder_configs, model_spec, trainer_settings
+    from fusion.tracking import NullTracker
+    from fusion.training.recipe import Outputs, Recipe
+
+    cfg = compose_config("logger.mode=disabled", "data.max_samples=8", *overrides)
+    datasets = {s: AVDigits(s, max_samples=8) for s in ("train", "val")}
+    cfg.model.encoders = encoder_configs(cfg.model, datasets["train"].modalities)
+    outputs = Outputs(tmp_path, tmp_path / "pretrained", tmp_path / "features")
+    spec = model_spec(cfg.model, cfg.model.encoders)
+    return Recipe(
+        datasets, spec, trainer_settings(cfg), 0, outputs, NullTracker(), torch.device("cpu")
+    )
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.fuse.lr_mult={fuser.nope.*: 0.1}", "trainer.fuse.lr_mult"),
+        ("trainer.fuse.weight_decay_for={head.*.bias.x: 0.1}", "trainer.fuse.weight_decay_for"),
+        ("trainer.pretrain.lr_mult={encoders.text.*: 0.5}", "trainer.pretrain.lr_mult"),
+        ("trainer.pretrain.weight_decay_for={fuser.*: 0.1}", "trainer.pretrain.weight_decay_for"),
+    ],
+)
+def test_a_glob_matching_no_parameter_of_its_stage_is_named_before_training(
+    tmp_path, override, key
+):
+    pattern = override.split("{")[1].split(":")[0]
+    with pytest.raises(ConfigError, match=rf"config key '{key}': pattern '{pattern}' matches no"):
+        recipe_for(tmp_path, override).check_encoders()
+    assert not (tmp_path / "pretrained").exists()
+
+
+def test_a_stage1_glob_for_one_modality_applies_to_that_modalitys_model_only(tmp_path):
+    recipe = recipe_for(tmp_path, "trainer.pretrain.lr_mult={encoders.image.*: 0.5}")
+    recipe.check_encoders()  # matches the image model: accepted for the stage
+    tasks = recipe.tasks
+    image = unimodal_model(recipe.spec.encoders["image"](), "image", tasks)
+    audio = unimodal_model(recipe.spec.encoders["audio"](), "audio", tasks)
+    image_lrs = {g["lr"] for g in optimizer_groups(image, recipe.trainer.pretrain)}
+    audio_lrs = {g["lr"] for g in optimizer_groups(audio, recipe.trainer.pretrain)}
+    lr = recipe.trainer.pretrain.lr
+    assert image_lrs == {lr * 0.5, lr} and audio_lrs == {lr}
