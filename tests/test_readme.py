@@ -39,3 +39,14 @@ def test_the_readers_example_trains_through_the_entry_point(tmp_path):
     assert "| accel only | activity |" in result.stdout
     assert "| meta only | activity |" in result.stdout
     assert "| fused (GatedFuser) | activity |" in result.stdout
+
+
+def test_the_surgery_example_runs_as_written():
+    block = readme_block(
+        "<!-- the test suite runs this block: tests/test_readme.py (surgery)", "python"
+    )
+    namespace: dict = {}
+    exec(compile(block, "README.md (surgery)", "exec"), namespace)
+    assert type(namespace["model"].classifier[2]).__name__ == "Identity"
+    lrs = sorted(g["lr"] for g in namespace["groups"])
+    assert lrs[-1] == 1e-3 and lrs[0] < 1e-4  # new layers at lr, backbone at 0.1 x layer decay
