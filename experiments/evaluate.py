@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from experiments.builders import CONFIG_DIR, build_datasets, model_spec, trainer_settings
-from experiments.schema import ConfigError, config_differences, validate
+from experiments.schema import RUN_MECHANICS, ConfigError, config_differences, validate
 from fusion.analysis.robustness import (
     Evaluator,
     metrics_table,
@@ -60,19 +60,6 @@ DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0, 2.0)
 TRANSFORMS = "torchvision.transforms.v2"
 # Hydra keys that would call a target another way than the project's configs do.
 REFUSED_KEYS = ("_args_", "_recursive_", "_convert_")
-# Settings that may differ between config.yaml and best.pt: they do not change what is scored.
-NOT_SCORED = (
-    "logger",
-    "paths",
-    "tags",
-    "trainer.device",
-    "trainer.resume",
-    "trainer.stop_after_epochs",
-    "trainer.num_workers",
-    "trainer.pin_memory",
-    "trainer.persistent_workers",
-    "trainer.prefetch_factor",
-)
 
 
 class EvaluateError(Exception):
@@ -171,7 +158,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def check_stored_config(stored: Any, config: dict[str, Any], best: Path, source: Path) -> None:
     """Refuse a `config.yaml` that differs from the config `best.pt` was trained with (but in
-    `NOT_SCORED` settings): the model would be rebuilt and scored as something else."""
+    `RUN_MECHANICS` settings): the model would be rebuilt and scored as something else."""
     if not isinstance(stored, dict):
         raise EvaluateError(
             f"{best}: expected the run's config (a mapping) under 'config', found a "
@@ -183,7 +170,7 @@ def check_stored_config(stored: Any, config: dict[str, Any], best: Path, source:
         raise EvaluateError(
             f"{best}: the stored config cannot be resolved: {str(err).splitlines()[0]}"
         ) from None
-    differences = config_differences(stored, config, ignore=NOT_SCORED)
+    differences = config_differences(stored, config, ignore=RUN_MECHANICS)
     if differences:
         raise EvaluateError(
             f"{source} differs from the config stored in {best}, which trained the model, "

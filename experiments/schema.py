@@ -175,6 +175,31 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
 
 
+# Settings of how and where a run runs, what it logs and where it writes, not what it
+# computes: a resumed run may change them, and evaluation ignores them (stage-1 encoders
+# and feature caches are keyed by content, not by folder).
+RUN_MECHANICS = (
+    "logger",
+    "paths",
+    "tags",
+    "trainer.resume",
+    "trainer.stop_after_epochs",
+    "trainer.nonfinite",
+    "trainer.device",
+    "trainer.strategy",
+    "trainer.backend",
+    "trainer.find_unused_parameters",
+    "trainer.compile",
+    "trainer.channels_last",
+    "trainer.num_workers",
+    "trainer.pin_memory",
+    "trainer.persistent_workers",
+    "trainer.prefetch_factor",
+    "trainer.feature_cache.enabled",
+    "trainer.pretrain.reuse",
+)
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config (DictConfig or plain dicts and lists) as {dotted key: leaf value}."""
     if isinstance(config, DictConfig):

@@ -28,7 +28,13 @@ from experiments.builders import (
     model_spec,
     trainer_settings,
 )
-from experiments.schema import ConfigError, config_differences, register_resolvers, validate
+from experiments.schema import (
+    RUN_MECHANICS,
+    ConfigError,
+    config_differences,
+    register_resolvers,
+    validate,
+)
 from fusion.tracking import NullTracker, Tracker
 from fusion.training import set_seed
 from fusion.training.distributed import (
@@ -46,31 +52,9 @@ from fusion.training.settings import resolve_device
 log = logging.getLogger("fusion")
 register_resolvers()
 
-# What a resumed run may change: where and how fast it runs, what it logs and where it
-# writes (stage-1 encoders and feature caches are keyed by content, not by folder), and
-# what it does on a non-finite loss; not what it computes. trainer.fuse.epochs may grow
-# (epochs to add, see `resume_state`).
-RESUME_SAFE = (
-    "trainer.resume",
-    "trainer.stop_after_epochs",
-    "trainer.fuse.epochs",
-    "trainer.nonfinite",
-    "trainer.device",
-    "trainer.strategy",
-    "trainer.backend",
-    "trainer.find_unused_parameters",
-    "trainer.compile",
-    "trainer.channels_last",
-    "trainer.num_workers",
-    "trainer.pin_memory",
-    "trainer.persistent_workers",
-    "trainer.prefetch_factor",
-    "trainer.feature_cache.enabled",
-    "trainer.pretrain.reuse",
-    "logger",
-    "paths",
-    "tags",
-)
+# What a resumed run may change: how it runs (`RUN_MECHANICS`), and trainer.fuse.epochs,
+# which may grow (epochs to add, see `resume_state`).
+RESUME_SAFE = (*RUN_MECHANICS, "trainer.fuse.epochs")
 
 
 def run(

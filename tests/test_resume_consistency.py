@@ -69,7 +69,7 @@ def test_a_changed_config_is_refused_naming_every_key_with_both_values(tmp_path,
         == f"config key 'trainer.resume': {state} was trained with another config; the keys that differ"
     )
     assert rest.split(". Resume with")[0] == "; ".join(named)  # each key once, nothing safe
-    assert "a resumed run may change only trainer.resume, trainer.stop_after_epochs" in rest
+    assert "a resumed run may change only logger, paths, tags, trainer.resume, " in rest
 
 
 @pytest.mark.parametrize(
