@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,14 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as tvf
 
 from data import checks
-from fusion.data import RESERVED_KEYS, Modality, MultimodalDataset, Task, file_digest
+from fusion.data import (
+    RESERVED_KEYS,
+    DataFileError,
+    Modality,
+    MultimodalDataset,
+    Task,
+    file_digest,
+)
 
 log = logging.getLogger("fusion")
 
@@ -75,6 +83,7 @@ CATEGORICAL_MAX_VALUES = 50  # more distinct strings than this make a text colum
 CATEGORICAL_MAX_CHARS = 40  # and so does any value longer than this
 REGRESSION_MIN_VALUES = 20  # a float target with more distinct fractional values is refused
 IMAGE_STATS_SAMPLES = 500
+MAJORITY = 0.8  # this share of a column's cells being numbers (or image, audio paths) decides
 AUDIO_CROPS = ("start", "center")
 READER_VERSION = 1  # bump when the items change for the same files and settings
 
@@ -216,6 +225,9 @@ class ManifestDataset(MultimodalDataset):
         self.indices = np.flatnonzero(self.table.split_of == split)[:max_samples]
         self.modalities = self.table.modalities
         self.tasks = {self.settings.target: self.table.task}
+        if self.augment and len(self):
+            with torch.random.fork_rng(devices=[]):
+                self[0]  # a transform that fails or changes an image's shape fails now
 
     @property
     def deterministic(self) -> bool:
@@ -376,7 +388,7 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
     split_of = assign_splits(frame, split_column, labels, settings, row_numbers, source)
     cells, escapes = input_cells(frame, kinds, source.parent)
     if settings.check_files:
-        check_files_exist(cells, kinds, row_numbers, source)
+        check_files(cells, kinds, row_numbers, source)
     tabular = encode_tabular(frame, kinds, split_of == "train", row_numbers, source)
     modalities = declare_modalities(kinds, cells, tabular, split_of, row_numbers, settings, source)
     counts = ", ".join(f"{int((split_of == s).sum())} {s}" for s in SPLITS)
@@ -406,6 +418,19 @@ def classify(
         raise ValueError(
             f"target '{settings.target}' in {source} has one class, {list(classes)}: "
             "classification needs at least two"
+        )
+    if len(classes) == len(targets):
+        raise ValueError(
+            f"target '{settings.target}' in {source} holds a different value in each of its "
+            f"{len(targets)} rows: every class would have one sample, which no split can both "
+            f"train and test; is '{settings.target}' an id column?"
+        )
+    if all(name.lower() in SPLIT_NAMES for name in classes):
+        raise ValueError(
+            f"target '{settings.target}' in {source} holds only split names {list(classes)}: "
+            "it says where a row belongs, not what to predict; choose the label column as "
+            "target (this one is read as the split column when it is named 'split' or given "
+            "as split_column)"
         )
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[t] for t in targets], dtype=np.int64)
@@ -486,9 +511,21 @@ def read_manifest(source: Path) -> pd.DataFrame:
 
 
 def _read_csv(path: Path, separator: str) -> pd.DataFrame:
-    return pd.read_csv(
-        path, sep=separator, keep_default_na=False, na_values=[""], skipinitialspace=True
-    )
+    """The table; a row with more cells than the header is named by its data row (pandas
+    counts file lines, header included)."""
+    try:
+        return pd.read_csv(
+            path, sep=separator, keep_default_na=False, na_values=[""], skipinitialspace=True
+        )
+    except pd.errors.ParserError as err:
+        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err))
+        if found is None:
+            raise
+        fields, line, saw = map(int, found.groups())
+        raise ValueError(
+            f"data row {line - 1} (file line {line}) has {saw} cells, the header {fields} "
+            "(quote cells that hold the separator)"
+        ) from None
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
@@ -570,8 +607,11 @@ def column_kinds(
 
 def infer_kind(series: pd.Series) -> str:
     """A column's kind from its values: file extensions make image and audio columns, a
-    numeric dtype a numeric one, a few short repeated strings a categorical one, other
-    strings text. An id-like name with unique values is `id`; an empty column `ignore`."""
+    numeric dtype (or strings of which `MAJORITY`, not all, are numbers) a numeric one, a
+    few short repeated strings a categorical one, other strings text. A majority is enough
+    so that the odd cell out (a typo, a folder) is named by the column's checks instead of
+    silently turning the column into text. An id-like name with unique values is `id`; an empty column
+    `ignore`."""
     values = [v for v in series if _is_filled(v)]
     if not values:
         return "ignore"
@@ -584,10 +624,12 @@ def infer_kind(series: pd.Series) -> str:
     if pd.api.types.is_numeric_dtype(series):
         return "numeric"
     lowered = [t.lower() for t in texts]
-    if all(t.endswith(IMAGE_EXTENSIONS) for t in lowered):
-        return "image"
-    if all(t.endswith(AUDIO_EXTENSIONS) for t in lowered):
-        return "audio"
+    numbers = sum(_as_number(t) is not None for t in texts)
+    if MAJORITY * len(texts) <= numbers < len(texts):  # all numbers as strings: quoted on purpose
+        return "numeric"
+    for kind, extensions in (("image", IMAGE_EXTENSIONS), ("audio", AUDIO_EXTENSIONS)):
+        if sum(t.endswith(extensions) for t in lowered) >= MAJORITY * len(lowered):
+            return kind
     distinct = len(set(texts))
     few = distinct <= min(CATEGORICAL_MAX_VALUES, len(texts) / 2)
     if few and max(map(len, texts)) <= CATEGORICAL_MAX_CHARS:
@@ -601,14 +643,6 @@ def inference_doubt(series: pd.Series, kind: str) -> str | None:
     values = [v for v in series if _is_filled(v)]
     name = series.name
     if kind == "text":
-        numbers = [v for v in values if _as_number(v) is not None]
-        if len(numbers) >= 0.8 * len(values):
-            rows = [i + 1 for i, v in enumerate(series) if _is_filled(v) and _as_number(v) is None]
-            return (
-                f"read as text although {len(numbers)} of {len(values)} cells are numbers (data "
-                f"row {rows[0]} holds {series.iloc[rows[0] - 1]!r}); set "
-                f"data.columns={{{name}: numeric}} to have the other cells named"
-            )
         paths = [v for v in values if str(v).lower().endswith(IMAGE_EXTENSIONS + AUDIO_EXTENSIONS)]
         if paths:
             return (
@@ -785,13 +819,15 @@ def file_cells(series: pd.Series, folder: Path) -> tuple[list[str | None], int]:
     return paths, leaving
 
 
-def check_files_exist(
+def check_files(
     cells: Mapping[str, list[str | None]],
     kinds: Mapping[str, str],
     row_numbers: np.ndarray,
     source: Path,
 ) -> None:
-    """One error for every missing file, naming how many and the first five."""
+    """Every referenced file of every split is there and its header reads as its column's
+    kind, before anything trains: one error for all missing files (how many, the first
+    five), then one naming the first file that is not an image or a clip."""
     missing = sorted(
         (int(row_numbers[i]), column, path)
         for column, paths in cells.items()
@@ -799,14 +835,24 @@ def check_files_exist(
         for i, path in enumerate(paths)
         if path is not None and not os.path.isfile(path)
     )
-    if not missing:
-        return
-    shown = "; ".join(f"data row {r}, column '{c}': {p}" for r, c, p in missing[:5])
-    more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
-    raise FileNotFoundError(
-        f"manifest {source}: {len(missing)} referenced files do not exist (relative paths "
-        f"are read from {source.parent}): {shown}{more}"
-    )
+    if missing:
+        shown = "; ".join(
+            f"data row {r}, column '{c}': {p}{' (a folder)' if os.path.isdir(p) else ''}"
+            for r, c, p in missing[:5]
+        )
+        more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(
+            f"manifest {source}: {len(missing)} referenced files do not exist or are folders "
+            f"(relative paths are read from {source.parent}): {shown}{more}"
+        )
+    for column, paths in cells.items():
+        if kinds[column] not in FILE_KINDS:
+            continue
+        read_header = probe_image if kinds[column] == "image" else soundfile.info
+        for i, path in enumerate(paths):
+            if path is not None:
+                with naming_errors(source, int(row_numbers[i]), column, path):
+                    read_header(path)
 
 
 @contextlib.contextmanager
@@ -816,9 +862,9 @@ def naming_errors(source: Path, row: int, column: str, path: str) -> Iterator[No
     try:
         yield
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{where}: file {path} does not exist") from err
+        raise DataFileError(f"{where}: file {path} does not exist") from err
     except (OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{where}: cannot decode {path}: {err}") from err
+        raise DataFileError(f"{where}: cannot decode {path}: {err}") from err
 
 
 def train_samples(paths: Sequence[str | None], train: np.ndarray) -> list[int]:
@@ -1044,9 +1090,25 @@ def standardized(
             f"'{_cell_text(series.iloc[i])}' is not a number, and the column is numeric (set "
             f"columns.{series.name}=categorical or text if it is not)"
         )
+    bad = np.flatnonzero(np.isinf(values))
+    if len(bad):
+        i = bad[0]
+        raise ValueError(
+            f"{source}, data row {row_numbers[i]}, column '{series.name}': "
+            f"'{_cell_text(series.iloc[i])}' is infinite; a numeric cell must be a finite "
+            "number (leave it empty if it is unknown)"
+        )
     reference = values[train & ~np.isnan(values)]
-    mean = float(reference.mean()) if len(reference) else 0.0
-    std = float(reference.std()) if len(reference) else 1.0
+    with np.errstate(over="ignore"):  # an overflow is refused below, naming the column
+        mean = float(reference.mean()) if len(reference) else 0.0
+        std = float(reference.std()) if len(reference) else 1.0
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        i = int(np.nanargmax(np.abs(values)))
+        raise ValueError(
+            f"{source}, column '{series.name}': the train values' mean or std overflows "
+            f"float64 (data row {row_numbers[i]} holds {_cell_text(series.iloc[i])}); rescale "
+            "the column"
+        )
     return np.nan_to_num((values - mean) / (std if std > 0 else 1.0), nan=0.0)
 
 

@@ -8,7 +8,6 @@ otherwise, with every `???` setting filled from the data's description of the mo
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 import re
@@ -19,12 +18,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+)
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError
 from torch import nn
 
+from experiments.schema import close_matches, unknown_key_hint, validate
 from fusion.data import Modality, Task, check_dataset, output_sizes
 from fusion.model import MultimodalModel
 from fusion.training.recipe import ModelSpec
@@ -39,8 +43,6 @@ def compose_config(*overrides: str) -> DictConfig:
     would, for benchmarks and notebooks that need the configured data or model."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.schema import validate
-
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
             cfg = compose("train", overrides=list(overrides))
@@ -53,28 +55,26 @@ def unknown_override(
     err: ConfigCompositionException, overrides: Sequence[str], compose: Any
 ) -> Exception:
     """Hydra refuses `data.augmnt=true` (a key the config lacks, given without `+`) and
-    suggests adding it; a typo is likelier, so name the close matches among the keys that
-    are there. Any other composition error is returned as it is."""
+    suggests adding it, or `model/fusion=gatd` listing the options; a typo is likelier, so
+    name the close matches. Any other composition error is returned as it is."""
+    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        return ConfigError(
+            f"config group '{group}': no option '{name}'{close_matches(name, err.options)}; "
+            f"the options are {err.options}"
+        )
     key = getattr(err.__cause__, "full_key", None)
     if not isinstance(err.__cause__, ConfigAttributeError) or not key:
         return err
-    parent, _, name = key.rpartition(".")
     rest = [o for o in overrides if o.split("=", 1)[0] != key]
     try:
-        node = OmegaConf.select(compose("train", overrides=rest), parent)
+        hint = unknown_key_hint(key, compose("train", overrides=rest))
     except ConfigCompositionException:
-        node = None
-    hint = close_matches(name, list(node) if isinstance(node, DictConfig) else [])
+        hint = ""
     return ConfigError(
         f"config key '{key}': the config has no such setting{hint}; to add a new one, write "
         f"+{key}=..."
     )
-
-
-def close_matches(name: str, options: Sequence[str]) -> str:
-    """ "; did you mean [...]?" for a mistyped name, or "" when nothing is close."""
-    close = difflib.get_close_matches(name, list(options), n=3)
-    return f"; did you mean {close}?" if close else ""
 
 
 def check_arguments(target: str, settings: Mapping[str, Any], key: str) -> None:
@@ -392,12 +392,20 @@ def check_writable(paths: DictConfig, feature_cache: bool) -> None:
     read-only or mistyped folder fails now, not when stage 1 saves its encoder."""
     keys = ["output_dir", "pretrained_dir"] + (["feature_cache_dir"] if feature_cache else [])
     for key in keys:
-        folder = Path(paths[key]).absolute()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as err:
-            found = f"a file at {folder}" if folder.is_file() else f"{folder}: {err.strerror}"
+        problem = unwritable(Path(paths[key]))
+        if problem:
             raise ConfigError(
-                f"config key 'paths.{key}': expected a folder this user can write to, found {found}"
-            ) from None
+                f"config key 'paths.{key}': expected a folder this user can write to, "
+                f"found {problem}"
+            )
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why `folder` cannot be written to (after creating it, as a writer would), or None."""
+    folder = folder.absolute()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        return f"a file at {folder}" if folder.is_file() else f"{folder}: {err.strerror}"
+    return None

@@ -29,6 +29,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import sys
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -36,10 +37,17 @@ from typing import Any
 
 import torch
 import yaml
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.builders import CONFIG_DIR, build_datasets, model_spec, trainer_settings
+from experiments.builders import (
+    CONFIG_DIR,
+    build_datasets,
+    model_spec,
+    trainer_settings,
+    unwritable,
+)
 from experiments.schema import RUN_MECHANICS, ConfigError, config_differences, validate
 from fusion.analysis.robustness import (
     Evaluator,
@@ -48,6 +56,7 @@ from fusion.analysis.robustness import (
     robustness,
     robustness_table,
 )
+from fusion.data import DataFileError, reader_message
 from fusion.model import MultimodalModel
 from fusion.training import load_checkpoint
 from fusion.training.checkpoint import CheckpointError
@@ -60,6 +69,7 @@ DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0, 2.0)
 TRANSFORMS = "torchvision.transforms.v2"
 # Hydra keys that would call a target another way than the project's configs do.
 REFUSED_KEYS = ("_args_", "_recursive_", "_convert_")
+DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 class EvaluateError(Exception):
@@ -247,20 +257,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"argument --levels: expected finite values >= 0, got {args.levels}")
     args.levels = sorted(set(args.levels))
     if not args.run_dir.is_dir():
-        found = "a file" if args.run_dir.exists() else "nothing"
+        found = "is a file" if args.run_dir.exists() else "does not exist"
         parser.error(
-            f"argument run_dir: expected a training run's directory, {args.run_dir} is {found}"
+            f"argument run_dir: expected a training run's directory, {args.run_dir} {found}"
         )
+    for target in args.trust_target:
+        parse_trusted(parser, target)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: expected a directory, {args.out} is a file")
     args.device = parse_device(parser, args.device)
     return args
 
 
+def parse_trusted(parser: argparse.ArgumentParser, target: str) -> None:
+    """A `--trust-target` must name something importable: a typo would otherwise pass
+    silently and the config's target be refused with advice to trust it."""
+    if not DOTTED_NAME.fullmatch(target):
+        parser.error(
+            f"argument --trust-target: expected a dotted name (module.Name), got '{target}'"
+        )
+    try:
+        get_method(target)
+    except (ImportError, ValueError) as err:
+        reason = " ".join(str(err).splitlines()[1:]) or str(err)
+        parser.error(f"argument --trust-target: cannot import '{target}': {reason}")
+
+
 def parse_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
     """`--device` as a torch device, or an error naming `--device` (not `trainer.device`)."""
     if not DEVICE.fullmatch(name):
-        parser.error(f"argument --device: expected {DEVICES}, got '{name}'")
+        hint = "; did you mean 'cuda'?" if name.lower() == "gpu" else ""
+        parser.error(f"argument --device: expected {DEVICES}, got '{name}'{hint}")
     try:
         return resolve_device(name)
     except ConfigError as err:
@@ -271,6 +298,10 @@ def parse_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
 def run(args: argparse.Namespace) -> None:
     cfg, state = load_run(args.run_dir, args.trust_target)
     out = args.out or args.run_dir / "eval"
+    problem = unwritable(out)
+    if problem:
+        option = "--out" if args.out else "run_dir (its eval/ folder; or pass --out)"
+        raise EvaluateError(f"{option}: expected a folder this user can write to, found {problem}")
     datasets = build_datasets(cfg.data)
     if args.split not in datasets:
         raise EvaluateError(f"--split {args.split}: the data has the splits {list(datasets)}")
@@ -306,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EvaluateError, ConfigError, CheckpointError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
+    except DataFileError as err:
+        print(f"evaluate: data error: {reader_message(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,15 +8,17 @@ of minutes into training. The trainer's settings are the library's own dataclass
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fusion.training.settings import ConfigError, TrainerConfig, check_trainer
 
@@ -69,7 +71,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         reason = str(err).splitlines()[0]
-        raise ConfigError(f"config key '{key}': {reason}") from None
+        hint = unknown_key_hint(key, cfg) if isinstance(err, ConfigKeyError) else ""
+        raise ConfigError(f"config key '{key}': {reason}{hint}") from None
     if checked.logger.mode not in ("online", "offline", "disabled"):
         raise ConfigError(
             f"config key 'logger.mode': expected online, offline or disabled, "
@@ -198,6 +201,27 @@ RUN_MECHANICS = (
     "trainer.feature_cache.enabled",
     "trainer.pretrain.reuse",
 )
+
+
+def close_matches(name: str, options: Sequence[str]) -> str:
+    """ "; did you mean [...]?" for a mistyped name, or "" when nothing is close."""
+    close = difflib.get_close_matches(name, list(options), n=3)
+    return f"; did you mean {close}?" if close else ""
+
+
+def unknown_key_hint(key: str, config: DictConfig) -> str:
+    """Close matches for a dotted key the config lacks: among its siblings, else among
+    every key of the config by their last part (`trainer.epochz` finds
+    `trainer.fuse.epochs`)."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    siblings = [str(k) for k in node] if isinstance(node, DictConfig) else []
+    hint = close_matches(name, [k for k in siblings if k != name])
+    if hint:
+        return hint
+    keys = [k for k in flatten(OmegaConf.to_container(config)) if k != key]
+    close = [k for k in keys if difflib.get_close_matches(name, [k.rpartition(".")[2]])]
+    return f"; did you mean {close[:3]}?" if close else ""
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -17,13 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.builders import (
     build_datasets,
     check_before_training,
+    compose_config,
     encoder_configs,
     model_spec,
     trainer_settings,
@@ -35,6 +39,7 @@ from experiments.schema import (
     register_resolvers,
     validate,
 )
+from fusion.data import DataFileError, reader_message
 from fusion.tracking import NullTracker, Tracker
 from fusion.training import set_seed
 from fusion.training.distributed import (
@@ -198,11 +203,56 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except DataFileError as err:
+        print(f"data error: {reader_message(err)}", file=sys.stderr)
+        sys.exit(1)
     except NonFiniteError as err:  # raised on every process alike; said once
         if distributed.is_main:
             print(f"training stopped: {err}", file=sys.stderr)
         sys.exit(1)
 
 
+def check_command_line(argv: Sequence[str]) -> None:
+    """Compose and validate the config the command line asks for before Hydra starts, so
+    that a mistyped key or option fails with close matches (`ConfigError`); in a multirun,
+    every value of every swept key is checked (each with the others' first values), so a
+    bad value fails before the first job trains. Left to Hydra: other config names, help,
+    and errors that are not about a key or an option."""
+    args = get_args_parser().parse_args(list(argv))
+    if args.config_name not in (None, "train") or args.config_path or args.config_dir:
+        return
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except OverrideParseException:
+        return
+    parsed = [o for o in parsed if not o.is_hydra_override()]
+    swept = [o for o in parsed if o.is_sweep_override()]
+    if swept and not args.multirun:
+        return
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in swept]
+    firsts = [values[0] for values in choices]
+    jobs = [fixed + firsts] + [
+        fixed + firsts[:i] + [value] + firsts[i + 1 :]
+        for i, values in enumerate(choices)
+        for value in values[1:]
+    ]
+    for overrides in jobs:
+        try:
+            compose_config(*overrides)
+        except ConfigCompositionException:
+            return  # Hydra says it in its own words
+        except ConfigError as err:
+            job = f" (multirun job {' '.join(overrides[len(fixed) :])})" if swept else ""
+            raise ConfigError(f"{err}{job}") from None
+
+
 if __name__ == "__main__":
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -54,6 +54,18 @@ MODALITY_TARGETS_KEY = "modality_targets"
 RESERVED_KEYS = (TARGET_KEY, CONDITION_KEY, MODALITY_TARGETS_KEY)
 
 
+class DataFileError(ValueError):
+    """A sample's file cannot be read; the message names the file and where it is listed
+    (a manifest's row and column). Readers raise it, entry points report it without a
+    traceback."""
+
+
+def reader_message(err: DataFileError) -> str:
+    """The reader's own message: one re-raised from a DataLoader worker carries the
+    worker's traceback, whose last line is that message."""
+    return str(err).rpartition(f"{type(err).__name__}: ")[2].strip()
+
+
 @dataclass(frozen=True)
 class Modality:
     """One modality of a dataset: its kind and what an encoder needs to size itself.

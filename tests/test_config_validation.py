@@ -135,11 +135,26 @@ def test_a_mistyped_override_without_plus_gets_close_matches():
     )
 
 
-def test_other_composition_errors_stay_hydras():
-    from hydra.errors import MissingConfigException
-
-    with pytest.raises(MissingConfigException, match="gatd"):
+def test_a_mistyped_group_option_gets_close_matches():
+    with pytest.raises(
+        ConfigError,
+        match=r"config group 'model/fusion': no option 'gatd'; did you mean \['gated'\]\?; "
+        r"the options are \['attention', ",
+    ):
         compose_config("model/fusion=gatd")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.epochz=3", "config key 'trainer.epochz': the config has no such setting; did you mean ['trainer.pretrain.epochs', 'trainer.fuse.epochs']?"),
+        ("+trainer.fuse.lrr=3", "config key 'trainer.fuse.lrr': Key 'lrr' not in 'FuseConfig'; did you mean ['lr']?"),
+    ],
+)  # fmt: skip
+def test_a_mistyped_nested_key_gets_close_matches_anywhere_in_the_config(override, message):
+    with pytest.raises(ConfigError) as caught:
+        compose_config(override)
+    assert str(caught.value).startswith(message)
 
 
 def test_the_entry_point_checks_before_the_recipe_runs(monkeypatch, tmp_path):
@@ -156,3 +171,42 @@ def test_the_entry_point_checks_before_the_recipe_runs(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"^config key 'model.modality_dropout.imgae': .*'image'"):
         train.run(cfg, Path(tmp_path))
     assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["trainer.epochz=3"], "config key 'trainer.epochz': the config has no such setting; did you mean"),
+        (["model/fusion=gatd"], "config group 'model/fusion': no option 'gatd'; did you mean ['gated']?"),
+        (["-m", "trainer.fuse.lr=0.1,-1", "seed=1,2"], "config key 'trainer.fuse.lr': expected a finite number > 0, got -1.0 (multirun job trainer.fuse.lr=-1 seed=1)"),
+        (["--multirun", "seed=0,-5"], "config key 'seed': expected an integer in [0, 4294967295], got -5 (multirun job seed=-5)"),
+    ],
+)  # fmt: skip
+def test_the_command_line_is_checked_before_hydra_starts_every_multirun_value_included(
+    argv, message
+):
+    from experiments.train import check_command_line
+
+    with pytest.raises(ConfigError) as caught:
+        check_command_line(argv)
+    assert str(caught.value).startswith(message)
+
+
+def test_a_valid_multirun_and_what_hydra_reports_itself_pass_the_command_line_check():
+    from experiments.train import check_command_line
+
+    check_command_line(["-m", "model/fusion=concat,gated", "seed=0,1", "hydra.job.chdir=false"])
+    check_command_line(["seed=0,1"])  # a sweep without -m: Hydra says it in its own words
+    check_command_line(["--help"])
+
+
+def test_a_readers_error_from_a_dataloader_worker_is_said_without_the_traceback():
+    from fusion.data import DataFileError, reader_message
+
+    own = "pets.csv, data row 7, column 'photo': cannot decode img/b.png: corrupt"
+    wrapped = DataFileError(
+        "Caught DataFileError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        f'call last):\n  File "x.py", line 1, in f\nfusion.data.DataFileError: {own}\n'
+    )
+    assert reader_message(wrapped) == own
+    assert reader_message(DataFileError(own)) == own

@@ -247,7 +247,7 @@ def test_a_run_dir_or_out_that_is_a_file_is_named(tmp_path, run_dir, capsys):
     a_file.write_text("x")
     for argv, named in [
         ([str(a_file)], f"argument run_dir: expected a training run's directory, {a_file} is a file"),
-        ([str(tmp_path / "no")], f"argument run_dir: expected a training run's directory, {tmp_path / 'no'} is nothing"),
+        ([str(tmp_path / "no")], f"argument run_dir: expected a training run's directory, {tmp_path / 'no'} does not exist"),
         ([str(run_dir), "--out", str(a_file)], f"argument --out: expected a directory, {a_file} is a file"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit):

@@ -39,7 +39,13 @@ def damage(path: Path, how: str) -> str:
         return f"{CORRUPT}, found 0 bytes"
     if how == "garbage":
         path.write_bytes(b"not a checkpoint")
-        return f"{CORRUPT}, found 16 bytes"
+        return (
+            "could not be read: it is not a checkpoint (expected a file written by torch.save, "
+            "a zip archive or a pickle; found one that begins with b'not ')"
+        )
+    if how == "a CSV file":
+        path.write_text("label,x\n1,2\n")
+        return "could not be read: it is not a checkpoint (expected a file written by torch.save"
     if how == "overwritten header":
         path.write_bytes(data[:200] + b"x" * 50 + data[250:])
         return CORRUPT
@@ -65,6 +71,7 @@ DAMAGES = [
     "truncated",
     "empty",
     "garbage",
+    "a CSV file",
     "overwritten header",
     "python objects",
     "a list",
@@ -90,7 +97,7 @@ def test_a_damaged_checkpoint_is_named_with_what_was_expected_and_found(tmp_path
     assert "weights_only=False" not in message
 
 
-@pytest.mark.parametrize("how", ["truncated", "python objects", "lacking entries"])
+@pytest.mark.parametrize("how", ["truncated", "a CSV file", "python objects", "lacking entries"])
 def test_resuming_from_a_damaged_stage2_state_names_the_file(tmp_path, how):
     path = a_checkpoint(tmp_path / "checkpoints" / "fuse_state.pt")
     fragment = damage(path, how)
@@ -193,7 +200,7 @@ def feature_files(root: Path) -> dict[str, Path]:
 @pytest.mark.parametrize(
     ("kind", "content", "fragment"),
     [
-        ("labels", b"not a checkpoint", "is corrupt or truncated"),
+        ("labels", b"not a checkpoint", "is not a checkpoint"),
         ("mask", b"", "is corrupt or truncated"),
         ("features", b"\x93NUMPY garbage", "is corrupt or truncated"),
         ("features", "wrong shape", "expected features of shape [30, 8] and dtype float32, found [30, 2]"),

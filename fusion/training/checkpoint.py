@@ -25,6 +25,7 @@ import torch
 log = logging.getLogger("fusion")
 
 TEMPORARY_SUFFIX = ".tmp"
+TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")  # a zip archive (torch >= 1.6), a pickle
 
 
 class CheckpointError(ValueError):
@@ -123,6 +124,14 @@ def unreadable(path: Path, err: Exception) -> CheckpointError:
             f"found the Python object {found.group(1)}; it is not loaded, since loading it "
             "would run code. Save the weights alone (a state_dict) instead"
         )
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if start and not start.startswith(TORCH_SAVE_STARTS):
+        return CheckpointError(
+            f"checkpoint {path} could not be read: it is not a checkpoint (expected a file "
+            f"written by torch.save, a zip archive or a pickle; found one that begins with "
+            f"{start!r})"
+        )
     detail = type(err).__name__
     first = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
     if first and not isinstance(err, pickle.UnpicklingError):  # that one says weights_only
@@ -130,7 +139,7 @@ def unreadable(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(
         f"checkpoint {path} could not be read: it is corrupt or truncated (expected a file "
         f"written by torch.save, found {path.stat().st_size} bytes that torch.load cannot "
-        f"read, {detail}); delete it and write it again"
+        f"read, {detail}); write it again"
     )
 
 

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from data.manifest import ManifestDataset, load_audio, load_image, stratified_parts
 from fusion.batch import Collate
-from fusion.data import check_dataset
+from fusion.data import DataFileError, check_dataset
 
 SPLITS = ("train", "val", "test")
 # data rows (1-based): 4 lacks a photo and a caption, 5 a clip and a weight, 8 a city;
@@ -258,9 +258,8 @@ def test_augmentation_is_random_in_train_and_fixed_per_view(manifest):
 def test_augment_must_be_built_transforms_that_keep_the_shape(manifest):
     with pytest.raises(TypeError, match=r"augment\[0\] is dict.*Hydra builds it"):
         build(manifest, augment=[{"_target_": "torchvision.transforms.v2.RandomHorizontalFlip"}])
-    crop = build(manifest, augment=[v2.CenterCrop(4)])
     with pytest.raises(ValueError, match=r"augment changed modality 'photo'.*size=\[10, 12\]"):
-        crop[0]
+        build(manifest, augment=[v2.CenterCrop(4)])  # at construction, not in the first epoch
 
 
 def test_stratified_split_keeps_fractions_and_label_mix(tmp_path):
@@ -327,19 +326,105 @@ def test_missing_files_are_reported_together(manifest, folder):
     assert "data row 7" not in message and "and 3 more" in message
 
 
-def test_an_undecodable_file_is_named_with_its_row_and_column(manifest, folder, frame):
+def test_an_undecodable_file_in_any_split_is_named_before_training(manifest, folder, frame):
     (folder / "img" / "broken.png").write_bytes(b"not a png")
-    frame.loc[6, "photo"] = "img/broken.png"  # data row 7, in val
+    frame.loc[6, "photo"] = "img/broken.png"  # data row 7, in val: found when train is built
     frame.to_csv(manifest, index=False)
-    val = build(manifest, "val")
     with pytest.raises(
-        ValueError, match=r"pets\.csv, data row 7, column 'photo': cannot decode .*broken\.png"
+        DataFileError, match=r"pets\.csv, data row 7, column 'photo': cannot decode .*broken\.png"
     ):
-        val[1]
-    frame.loc[1, "clip"] = "img/broken.png"  # data row 2, in train: read for the clip length
+        build(manifest)
+    frame.loc[6, "photo"] = "img/a.png"
+    frame.loc[7, "clip"] = "img/a.png"  # data row 8, in test: an image where a clip should be
     frame.to_csv(manifest, index=False)
-    with pytest.raises(ValueError, match=r"data row 2, column 'clip': cannot decode .*broken\.png"):
+    with pytest.raises(DataFileError, match=r"data row 8, column 'clip': cannot decode .*a\.png"):
         build(manifest, columns={"clip": "audio"})
+
+
+def test_a_file_whose_header_reads_but_whose_body_is_cut_is_named_when_read(
+    manifest, folder, frame
+):
+    whole = (folder / "img" / "a.png").read_bytes()
+    (folder / "img" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    frame.loc[7, "photo"] = "img/cut.png"  # data row 8, in test
+    frame.to_csv(manifest, index=False)
+    test = build(manifest, "test")
+    with pytest.raises(DataFileError, match=r"data row 8, column 'photo': cannot decode .*cut\.png"):
+        test[0]
+
+
+def test_a_folder_where_a_file_should_be_is_named_as_a_folder(manifest, folder, frame):
+    (folder / "img" / "sub.png").mkdir()
+    frame.loc[6, "photo"] = "img/sub.png"
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"do not exist or are folders .*data row 7, column 'photo': .*sub\.png \(a folder\)",
+    ):
+        build(manifest)
+
+
+@pytest.mark.parametrize(
+    ("cells", "kind"),
+    [
+        (["img/a.png"] * 9 + ["img/"], "image"),
+        (["snd/a.wav"] * 9 + ["notes.txt"], "audio"),
+        (["4.0", "20", "heavy", "3.5", "25"], "numeric"),
+        (["1", "2", "1", "2"], "categorical"),  # all numbers, quoted on purpose (JSON)
+        (["a.png", "b.png", "a long caption", "c.wav", "d"], "text"),
+    ],
+)
+def test_a_majority_of_cells_decides_the_kind_and_the_odd_cell_is_named(cells, kind):
+    from data.manifest import infer_kind
+
+    assert infer_kind(pd.Series(cells, name="x", dtype=object)) == kind
+
+
+def test_a_non_number_in_a_mostly_numeric_column_is_named(manifest, frame):
+    frame["weight_kg"] = frame["weight_kg"].astype(object)
+    frame.loc[2, "weight_kg"] = "heavy"
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(
+        ValueError, match=r"data row 3, column 'weight_kg': 'heavy' is not a number"
+    ):
+        build(manifest)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("inf", r"data row 3, column 'weight_kg': 'inf' is infinite"),
+        ("-inf", r"data row 3, column 'weight_kg': '-inf' is infinite"),
+        ("1e300", r"column 'weight_kg': the train values' mean or std overflows float64 \(data row 3"),
+    ],
+)  # fmt: skip
+def test_a_number_that_cannot_be_standardized_is_named(manifest, frame, value, message):
+    frame["weight_kg"] = frame["weight_kg"].astype(object)
+    frame.loc[2, "weight_kg"] = value
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError, match=message):
+        build(manifest)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("id", r"target 'id' in .* holds a different value in each of its 11 rows.*an id column\?"),
+        ("split", r"target 'split' in .* holds only split names \['test', 'train', 'val', 'validation'\]"),
+    ],
+)  # fmt: skip
+def test_a_target_that_cannot_be_a_label_is_refused(manifest, target, message):
+    with pytest.raises(ValueError, match=message):
+        ManifestDataset(path=manifest, target=target)
+
+
+def test_a_row_with_more_cells_than_the_header_is_named_by_its_data_row(tmp_path):
+    (tmp_path / "t.csv").write_text("x,label\n1,a\n2,b,extra\n3,a\n")
+    with pytest.raises(
+        ValueError,
+        match=r"cannot read it as CSV: data row 2 \(file line 3\) has 3 cells, the header 2",
+    ):
+        build(tmp_path / "t.csv")
 
 
 def test_bad_split_values_and_empty_splits_are_refused(manifest, frame):
@@ -379,10 +464,10 @@ def test_numeric_classes_sort_as_numbers(tmp_path):
 def test_doubtful_inferences_are_said_with_the_override(tmp_path, caplog):
     from data.manifest import inference_doubt
 
-    weights = pd.Series(["4.0", "20", "heavy", "3.5", "25"], name="weight_kg")
-    assert inference_doubt(weights, "text") == (
-        "read as text although 4 of 5 cells are numbers (data row 3 holds 'heavy'); set "
-        "data.columns={weight_kg: numeric} to have the other cells named"
+    paths = pd.Series(["a.png", "b.png", "a long caption", "c.wav", "d"], name="scan")
+    assert inference_doubt(paths, "text") == (
+        "read as text although 3 of 5 cells are file paths; set data.columns={scan: image} (or "
+        "audio) to have the others named"
     )
     captions = pd.Series(["a cat", "a dog", "a cat", "a dog"], name="caption")
     assert "set data.columns={caption: text}" in inference_doubt(captions, "categorical")
