@@ -74,8 +74,25 @@ def _stack_labels(name: str, values: list) -> torch.Tensor | dict[str, torch.Ten
         for i, v in enumerate(values):
             if not isinstance(v, Mapping) or list(v) != keys:
                 raise ValueError(f"item {i}: '{name}' should have the keys {keys}, got {v}")
-        return {k: torch.as_tensor([v[k] for v in values]) for k in keys}
-    return torch.as_tensor(values)
+        return {k: _stack_numbers(f"{name}.{k}", [v[k] for v in values]) for k in keys}
+    return _stack_numbers(name, values)
+
+
+def _stack_numbers(name: str, values: list) -> torch.Tensor:
+    """Labels (class indices, or numbers for a regression) as one tensor; an item whose
+    label is no number, or not the kind of the others, is named."""
+    try:
+        return torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    kinds = [type(v).__name__ for v in values]
+    for i, v in enumerate(values):
+        if not isinstance(v, (int, float, bool, torch.Tensor)) or kinds[i] != kinds[0]:
+            raise ValueError(
+                f"item {i}: '{name}' is {kinds[i]} {v!r}; expected a number like item 0's "
+                f"({kinds[0]} {values[0]!r}): labels are class indices (or numbers)"
+            )
+    raise ValueError(f"'{name}': the items' values {values[:8]} do not stack into one tensor")
 
 
 def _stack_modality(
@@ -201,6 +218,12 @@ class Collate:
             values = [item.get(modality) for item in items]
             inputs[modality], present[modality] = _stack_modality(
                 modality, values, self.placeholders.get(modality)
+            )
+        empty = [i for i in range(len(items)) if not any(p[i].any() for p in present.values())]
+        if empty:
+            raise ValueError(
+                f"item {empty[0]} has no modality: each of {modalities} is missing (None or "
+                "no key); a sample needs at least one input"
             )
         for i, item in enumerate(items):
             if TARGET_KEY not in item:

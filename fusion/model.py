@@ -90,9 +90,16 @@ class MultimodalModel(nn.Module):
         Each modality the model needs must be there, of its encoder's shape, on the model's
         device and of its floating-point dtype (integers are not scaled here: see
         `check_dtype`); the batch must not be empty and have one size across modalities;
-        each presence mask must be bool, [B] or [B, T] for a padded input. Modalities the
-        model does not use are not looked at, so a stage-1 model takes the whole batch.
+        each presence mask must be bool, [B] or [B, T] for a padded input, and name a
+        modality of the batch. Modalities the model does not use are not looked at, so a
+        stage-1 model takes the whole batch.
         """
+        unknown = sorted(set(present or {}) - set(inputs))
+        if unknown:
+            raise KeyError(
+                f"present names {unknown}, which the batch does not have; its modalities are "
+                f"{sorted(inputs)}"
+            )
         dtype, device = self._parameter_dtype_device()
         sizes: dict[str, int] = {}
         for modality, encoder in self.encoders.items():

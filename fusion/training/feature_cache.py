@@ -398,7 +398,7 @@ class EncodedDataset(Dataset):
             present.update({m: raw.present[m] for m in self.live})
         return Batch(
             inputs=inputs,
-            present=present,
+            present={m: mask for m, mask in present.items() if m in inputs},
             targets=_take(self.labels["targets"], index),
             condition=_take(self.labels["condition"], index),
             modality_targets=_take(self.labels["modality_targets"], index),

@@ -349,7 +349,9 @@ def test_a_file_whose_header_reads_but_whose_body_is_cut_is_named_when_read(
     frame.loc[7, "photo"] = "img/cut.png"  # data row 8, in test
     frame.to_csv(manifest, index=False)
     test = build(manifest, "test")
-    with pytest.raises(DataFileError, match=r"data row 8, column 'photo': cannot decode .*cut\.png"):
+    with pytest.raises(
+        DataFileError, match=r"data row 8, column 'photo': cannot decode .*cut\.png"
+    ):
         test[0]
 
 

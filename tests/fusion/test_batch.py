@@ -72,7 +72,9 @@ def test_missing_label_is_named():
 
 
 def test_text_stays_a_list_of_strings():
-    items = [{"text": "one", "label": 1}, {"text": None, "label": 2}, {"text": "three", "label": 3}]
+    items = [
+        {"text": t, "x": torch.zeros(1), "label": i} for i, t in enumerate(["one", None, "three"])
+    ]
     batch = collate(items)
     assert batch.inputs["text"] == ["one", "", "three"]
     assert batch.present["text"].tolist() == [True, False, True]
@@ -112,6 +114,25 @@ BAD_ITEMS = {
         [{"a": torch.zeros(2), "label": 0}, (torch.zeros(2), 1)],
         TypeError,
         r"item 1 is a tuple, expected a dict of modality name -> value",
+    ),
+    "a label of another kind": (
+        [{"a": torch.zeros(1), "label": 0}, {"a": torch.zeros(1), "label": "cat"}],
+        ValueError,
+        r"item 1: 'label' is str 'cat'; expected a number like item 0's \(int 0\)",
+    ),
+    "a task's label of another kind": (
+        [{"a": torch.zeros(1), "label": {"t": 1}}, {"a": torch.zeros(1), "label": {"t": None}}],
+        ValueError,
+        r"item 1: 'label.t' is NoneType None; expected a number like item 0's \(int 1\)",
+    ),
+    "an item without any modality": (
+        [
+            {"a": torch.zeros(1), "b": None, "label": 0},
+            {"a": None, "b": None, "label": 1},
+            {"b": torch.ones(1), "label": 0},
+        ],
+        ValueError,
+        r"item 1 has no modality: each of \['a', 'b'\] is missing \(None or no key\)",
     ),
 }
 

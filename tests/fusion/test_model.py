@@ -60,6 +60,18 @@ def test_missing_modality_is_named():
         model({"image": torch.randn(2, 1, 2, 2)})
 
 
+def test_a_presence_mask_for_a_modality_the_batch_lacks_is_named():
+    model = tiny_model()
+    inputs = {"image": torch.randn(2, 1, 2, 2), "audio": torch.randn(2, 6)}
+    mistyped = {"imgae": torch.tensor([True, False])}  # would leave every image present
+    with pytest.raises(
+        KeyError,
+        match=r"present names \['imgae'\], which the batch does not have; its modalities are "
+        r"\['audio', 'image'\]",
+    ):
+        model(inputs, mistyped)
+
+
 def test_wrong_shape_names_modality_expected_and_received():
     model = tiny_model()
     with pytest.raises(
