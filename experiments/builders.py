@@ -281,7 +281,15 @@ def model_spec(model: DictConfig, encoders: Mapping[str, DictConfig]) -> ModelSp
     """Builders for the model's parts (called once per stage, so each stage gets fresh ones)."""
 
     def builder(name: str):
-        return lambda: instantiate(encoders[name])
+        def build() -> Any:
+            try:
+                return instantiate(encoders[name])
+            except InstantiationException as err:  # a setting the encoder refused: name it
+                cause = err.__cause__ or err
+                key = refused_key(f"model.encoders.{name}", encoders[name], cause)
+                raise ConfigError(f"config key '{key}': {cause}") from None
+
+        return build
 
     dropout = model.modality_dropout
     return ModelSpec(

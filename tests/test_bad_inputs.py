@@ -18,6 +18,7 @@ from experiments.builders import (
     check_before_training,
     compose_config,
     encoder_configs,
+    model_spec,
 )
 from experiments.schema import ConfigError
 
@@ -212,3 +213,25 @@ def test_a_folder_probe_leaves_nothing_behind(places):
     prepare(f"paths.output_dir={out}")
     assert sorted(p.name for p in out.iterdir()) == ["features", "pretrained"]
     assert not any((out / "pretrained").iterdir())
+
+
+ENCODER_CASES = [
+    ("+model.encoders.image.freeze=backbon", "model.encoders.image.freeze", "got 'backbon'"),
+    ("+model.encoders.image.weights=IMAGENET1K_V9", "model.encoders.image.weights", "'IMAGENET1K_V9'"),
+    ("+model.encoders.audio.n_mels=0", "model.encoders.audio.n_mels", "0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("override", "key", "found"), ENCODER_CASES)
+def test_an_encoder_setting_its_builder_refuses_is_named(places, override, key, found):
+    """The recipe builds every encoder before stage 1 (`Recipe.check_encoders`) through
+    these builders, so a refused setting stops the run there, naming its key."""
+    cfg = compose_config(f"paths.output_dir={places['out']}", override)
+    datasets = datasets_for(cfg.data)
+    spec = model_spec(cfg.model, encoder_configs(cfg.model, datasets["train"].modalities))
+    modality = key.split(".")[2]
+    with pytest.raises(ConfigError) as caught:
+        spec.encoders[modality]()
+    message = str(caught.value)
+    assert message.startswith(f"config key '{key}'"), message
+    assert found in message, message

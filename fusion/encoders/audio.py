@@ -17,6 +17,7 @@ from torchaudio.models import wav2vec2_model, wavlm_model
 from torchaudio.pipelines import Wav2Vec2Bundle
 
 from fusion import surgery
+from fusion.checks import positive_int
 from fusion.encoders.base import Encoder, apply_freeze
 from fusion.encoders.vision import build_backbone, resolve_weights
 from fusion.weights import load_weights
@@ -157,6 +158,13 @@ def build_spectrogram_encoder(
     `sample_rate` is the rate the front end analyses at; `input_sample_rate` is the data's
     rate (default: the same) and `clip_samples` counts samples at that rate.
     """
+    sizes = {"sample_rate": sample_rate, "clip_samples": clip_samples, "n_fft": n_fft,
+             "hop_length": hop_length, "n_mels": n_mels, "n_mfcc": n_mfcc}  # fmt: skip
+    for name, value in sizes.items():
+        positive_int(name, value)
+    positive_int("input_sample_rate", input_sample_rate, allow_none=True)
+    if front_end == "mfcc" and n_mfcc > n_mels:
+        raise ValueError(f"n_mfcc must be at most n_mels ({n_mels}), got {n_mfcc}")
     if front_end == "logmel":
         spectral = LogMelSpectrogram(sample_rate, n_fft, hop_length, n_mels)
     elif front_end == "mfcc":

@@ -69,7 +69,7 @@ def resolve_weights(name: str, weights: str | WeightsEnum | None) -> WeightsEnum
     except KeyError:
         available = list(dict.fromkeys(["DEFAULT", *enum.__members__]))
         raise ValueError(
-            f"model '{name}' has no weights '{weights}'; available: {available}"
+            f"weights '{weights}': model '{name}' has no such weights; available: {available}"
         ) from None
 
 

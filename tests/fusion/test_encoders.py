@@ -84,7 +84,7 @@ def test_vision_outputs(output, layer, shape):
         ({"name": "resnt18"}, r"unknown torchvision model 'resnt18'; did you mean \['resnet18'"),
         (
             {"weights": "IMAGENET9K"},
-            r"no weights 'IMAGENET9K'; available: \['DEFAULT', 'IMAGENET1K_V1'\]",
+            r"weights 'IMAGENET9K': model 'resnet18' has no such weights; available: \['DEFAULT', 'IMAGENET1K_V1'\]",
         ),
         (
             {"layer": "layer4.1.relu2"},
