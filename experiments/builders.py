@@ -8,6 +8,7 @@ otherwise, with every `???` setting filled from the data's description of the mo
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import re
@@ -175,12 +176,55 @@ def build_split(data: DictConfig, split: str) -> Any:
         dataset = instantiate(data, split=split)
     except InstantiationException as err:
         cause = err.__cause__ or err
+        nested = nested_component(data, err)
+        if nested is not None:
+            key, reason = nested
+            raise ConfigError(f"config key 'data.{key}': {reason}") from None
         key = refused_key("data", data, cause)
         raise ConfigError(
             f"config key '{key}' ({data._target_}, split '{split}'): {cause}"
         ) from None
     check_dataset(dataset, f"data._target_ {data._target_}")
     return dataset
+
+
+def nested_component(settings: DictConfig, err: InstantiationException) -> tuple[str, str] | None:
+    """The key and the reason when Hydra failed to build a component nested in `settings`
+    (an augmentation transform): Hydra's message ends in `full_key: augment0` for
+    `augment[0]`. A target that cannot be imported is named at its `_target_`, with the
+    close names its module has. None when the failure was not in a nested component."""
+    found = re.search(r"full_key: (\S+)", str(err))
+    if found is None:
+        return None
+    own = settings._get_full_key(None)  # Hydra's key starts at the root config
+    path = found.group(1).removeprefix(f"{own}.") if own else found.group(1)
+    node: Any = settings
+    parts = []
+    for part in path.split("."):
+        indexed = re.fullmatch(r"(.+?)(\d+)", part)
+        if isinstance(node, DictConfig) and part in node:
+            parts.append(part)
+            node = node[part]
+        elif (
+            indexed
+            and isinstance(node, DictConfig)
+            and isinstance(node.get(indexed[1]), ListConfig)
+        ):
+            parts.append(f"{indexed[1]}[{indexed[2]}]")
+            node = node[indexed[1]][int(indexed[2])]
+        else:
+            return None
+    key = ".".join(parts).replace(".[", "[")
+    cause = err.__cause__ or err
+    target = re.match(r"Error locating target '([\w.]+)'", str(err))
+    if target is None:
+        return key, str(cause)
+    module, _, name = target[1].rpartition(".")
+    try:
+        hint = close_matches(name, dir(importlib.import_module(module)))
+    except ImportError:
+        hint = ""
+    return f"{key}._target_", f"cannot import '{target[1]}'{hint}"
 
 
 def refused_key(key: str, settings: DictConfig, err: BaseException) -> str:

@@ -144,6 +144,17 @@ CASES = [
     ),
     ("data=manifest data.path={missing} data.target=label", "data.path", "nothing at {missing}"),
     ("data=manifest data.path={dir} data.target=label", "data.path", "a folder at {dir}"),
+    (
+        f"{MANIFEST} data.target=label data.augment=[{{_target_:torchvision.transforms.v2.RandomFlipp}}]",
+        "data.augment[0]._target_",
+        "cannot import 'torchvision.transforms.v2.RandomFlipp'; did you mean",
+    ),
+    (
+        f"{MANIFEST} data.target=label data.augment=[{{_target_:torchvision.transforms.v2.RandomCrop,sizee:3}}]",
+        "data.augment[0]",
+        "unexpected keyword argument 'sizee'",
+    ),
+    (f"{MANIFEST} data.target=x", "data.target", "regression targets are not supported yet"),
 ]
 
 
