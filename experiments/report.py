@@ -39,17 +39,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from experiments.schema import FAILURE, RUN_MECHANICS
+
 # Launch settings that do not change what a run computes: runs differing only in these are
 # seeds of one configuration (a resumed run is the run it continues).
-NOT_CONFIGURATION = (
-    "seed",
-    "tags",
-    "logger",
-    "paths",
-    "hydra",
-    "trainer.resume",
-    "trainer.stop_after_epochs",
-)
+NOT_CONFIGURATION = ("seed", "hydra", *RUN_MECHANICS)
 CURVE_X, CURVE_Y = "fuse/epoch", "fuse/val/accuracy"
 LINESTYLES = ("-", "--", ":", "-.")
 FUSE_STATE = Path("checkpoints") / "fuse_state.pt"
@@ -204,9 +198,13 @@ def last_fuse_epoch(run_dir: Path) -> int | None:
 
 
 def why_incomplete(run_dir: Path, overrides: dict[str, str], config: dict[str, Any]) -> str:
-    """Why a run has no summary.json, as far as its files tell: stopped early on purpose
+    """Why a run has no summary.json, as far as its files tell: failed (the error the run
+    wrote in `FAILURE`: not worth resuming), stopped early on purpose
     (`trainer.stop_after_epochs`, a stage-2 state is left), or crashed, killed or still running
     (in stage 2 when a stage-2 state exists, before that when none does)."""
+    failure = run_dir / FAILURE
+    if failure.is_file():
+        return f"failed: {read_text(failure).strip()}"
     if not (run_dir / FUSE_STATE).is_file():
         return f"crashed, killed or still running before a stage-2 epoch ended (no {FUSE_STATE})"
     epoch, epochs = last_fuse_epoch(run_dir), setting(config, "trainer.fuse.epochs")

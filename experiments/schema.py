@@ -203,6 +203,11 @@ RUN_MECHANICS = (
 )
 
 
+# Written in a run's directory by `experiments.train` when the run stops without a result
+# (a config, data or non-finite error), read by `experiments.report`.
+FAILURE = "failure.txt"
+
+
 def close_matches(name: str, options: Sequence[str]) -> str:
     """ "; did you mean [...]?" for a mistyped name, or "" when nothing is close."""
     close = difflib.get_close_matches(name, list(options), n=3)

@@ -10,6 +10,7 @@ the datasets, the encoders (one per modality of the data) and the tracker, and r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from experiments.builders import (
     trainer_settings,
 )
 from experiments.schema import (
+    FAILURE,
     RUN_MECHANICS,
     ConfigError,
     config_differences,
@@ -194,6 +196,7 @@ def join_processes(cfg: DictConfig) -> Distributed:
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    distributed = SINGLE
     try:
         cfg = validate(cfg)
         distributed = join_processes(cfg)
@@ -201,15 +204,21 @@ def main(cfg: DictConfig) -> None:
         sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
         run(cfg, Path(hydra_cfg.runtime.output_dir), sweep, override_tags(hydra_cfg), distributed)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        stop(f"config error: {err}", 2, distributed)
     except DataFileError as err:
-        print(f"data error: {reader_message(err)}", file=sys.stderr)
-        sys.exit(1)
-    except NonFiniteError as err:  # raised on every process alike; said once
-        if distributed.is_main:
-            print(f"training stopped: {err}", file=sys.stderr)
-        sys.exit(1)
+        stop(f"data error: {reader_message(err)}", 1, distributed)
+    except NonFiniteError as err:  # raised on every process alike
+        stop(f"training stopped: {err}", 1, distributed)
+
+
+def stop(message: str, code: int, distributed: Distributed) -> None:
+    """End the run with one line on stderr (said once), kept in the run directory's
+    `FAILURE` file, where `experiments.report` reads why the run has no result."""
+    if distributed.is_main:
+        print(message, file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):  # ValueError: no Hydra run (a test)
+            (Path(HydraConfig.get().runtime.output_dir) / FAILURE).write_text(message + "\n")
+    sys.exit(code)
 
 
 def check_command_line(argv: Sequence[str]) -> None:

@@ -187,7 +187,8 @@ def test_a_resumed_run_and_launch_settings_do_not_split_a_configuration(tmp_path
     resume = [f"trainer.resume={stopped}", "logger.mode=disabled", "paths.output_dir=/x"]
     fake_run(sweep, "1", ["model/fusion=concat", "seed=0", *resume], 0.8)
     fake_run(sweep, "2", ["model/fusion=concat", "seed=1", "hydra.job.chdir=false"], 0.9)
-    fake_run(sweep, "3", ["model/fusion=concat", "seed=2", "tags=[a]"], 1.0)
+    fake_run(sweep, "3", ["model/fusion=concat", "seed=2", "tags=[a]", "trainer.pretrain.reuse=false",
+                          "trainer.num_workers=2"], 1.0)  # fmt: skip
     assert main([str(sweep)]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "| model/fusion | test/fused/accuracy |",
@@ -201,6 +202,18 @@ def test_a_resumed_run_and_launch_settings_do_not_split_a_configuration(tmp_path
     report = json.loads((sweep / "report" / "report.json").read_text())
     assert list(report["configurations"]) == ["model/fusion=concat"]
     assert report["configurations"]["model/fusion=concat"]["launched"] == 3
+
+
+def test_a_failed_run_is_listed_with_its_error_and_no_advice_to_resume(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "0", ["trainer.fuse.lr=0.1", "seed=0"], 0.8)
+    failed = fake_run(sweep, "1", ["trainer.fuse.lr=1e20", "seed=0"], None, fuse_state=True)
+    error = "training stopped: stage 'fuse', epoch 1, step 3: the loss is nan"
+    (failed / "failure.txt").write_text(error + "\n")
+    assert main([str(sweep)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"- {failed} (trainer.fuse.lr=1e20, seed=0): failed: {error}"
+    )
 
 
 def test_a_cut_last_metrics_line_is_skipped_with_a_note(tmp_path, capsys):

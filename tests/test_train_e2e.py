@@ -124,6 +124,18 @@ def test_config_typo_stops_before_training(tmp_path):
     assert not (tmp_path / "pretrained").exists()
 
 
+def test_a_nonfinite_run_stops_with_one_line_kept_in_its_directory(tmp_path):
+    result, run_dir = train(tmp_path, "nan", "trainer.pretrain.lr=1e20")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(
+        "training stopped: stage 'pretrain image': the training loss is nan"
+    )
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "failure.txt").read_text() == lines[-1] + "\n"
+    assert not (run_dir / "summary.json").exists()
+
+
 def test_trimodal_experiment_with_gradual_unfreezing(tmp_path):
     result, run_dir = train(
         tmp_path,
