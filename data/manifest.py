@@ -83,6 +83,7 @@ CATEGORICAL_MAX_VALUES = 50  # more distinct strings than this make a text colum
 CATEGORICAL_MAX_CHARS = 40  # and so does any value longer than this
 REGRESSION_MIN_VALUES = 20  # a float target with more distinct fractional values is refused
 IMAGE_STATS_SAMPLES = 500
+MISSING_NUMBER_WORDS = ("na", "n/a", "nan", "null", "none")  # a numeric cell spelled missing
 MAJORITY = 0.8  # this share of a column's cells being numbers (or image, audio paths) decides
 AUDIO_CROPS = ("start", "center")
 READER_VERSION = 1  # bump when the items change for the same files and settings
@@ -624,8 +625,9 @@ def infer_kind(series: pd.Series) -> str:
     if pd.api.types.is_numeric_dtype(series):
         return "numeric"
     lowered = [t.lower() for t in texts]
-    numbers = sum(_as_number(t) is not None for t in texts)
-    if MAJORITY * len(texts) <= numbers < len(texts):  # all numbers as strings: quoted on purpose
+    spelled = [t for t in lowered if t not in MISSING_NUMBER_WORDS]
+    numbers = sum(_as_number(t) is not None for t in spelled)
+    if spelled and MAJORITY * len(spelled) <= numbers < len(texts):  # all: quoted on purpose
         return "numeric"
     for kind, extensions in (("image", IMAGE_EXTENSIONS), ("audio", AUDIO_EXTENSIONS)):
         if sum(t.endswith(extensions) for t in lowered) >= MAJORITY * len(lowered):
@@ -703,7 +705,7 @@ def rows_to_keep(
     """Which rows make samples: those with a target and at least one input; the others
     are reported once."""
     inputs = [c for c, k in kinds.items() if k in COLUMN_KINDS and k != "ignore"]
-    has_input = frame[inputs].map(_is_filled).any(axis=1).to_numpy()
+    has_input = filled_cells(frame, kinds, inputs).any(axis=1)
     keep = has_input & np.array([t is not None for t in targets])
     skipped = np.flatnonzero(~keep) + 1
     if len(skipped) == len(keep):
@@ -1066,7 +1068,7 @@ def encode_tabular(
         parts.append(codes)
         cardinalities.append(cardinality)
     table = torch.from_numpy(np.stack(parts, axis=1).astype(np.float32))
-    present = frame[numeric + categorical].map(_is_filled).any(axis=1).to_numpy()
+    present = filled_cells(frame, kinds, numeric + categorical).any(axis=1)
     info = {
         "shape": [table.shape[1]],
         "num_numeric": len(numeric),
@@ -1079,9 +1081,17 @@ def encode_tabular(
 def standardized(
     series: pd.Series, train: np.ndarray, row_numbers: np.ndarray, source: Path
 ) -> np.ndarray:
-    """(value - train mean) / train std; an empty cell becomes 0, the train mean."""
+    """(value - train mean) / train std; an empty cell (or one spelled NA, N/A, NaN, null or
+    None, said once) becomes 0, the train mean."""
     values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
-    filled = series.map(_is_filled).to_numpy()
+    spelled = spelled_missing(series)
+    if spelled.any():
+        words = sorted({str(v).strip() for v in series[spelled]})
+        log.warning(
+            "manifest %s, column '%s': %d cells spelled %s read as missing",
+            source.name, series.name, int(spelled.sum()), words,
+        )  # fmt: skip
+    filled = series.map(_is_filled).to_numpy() & ~spelled
     bad = np.flatnonzero(filled & np.isnan(values))
     if len(bad):
         i = bad[0]
@@ -1110,6 +1120,21 @@ def standardized(
             "the column"
         )
     return np.nan_to_num((values - mean) / (std if std > 0 else 1.0), nan=0.0)
+
+
+def filled_cells(frame: pd.DataFrame, kinds: Mapping[str, str], columns: list[str]) -> np.ndarray:
+    """[rows, columns]: which cells hold a value (a numeric cell spelled missing does not)."""
+    filled = frame[columns].map(_is_filled).to_numpy(dtype=bool, copy=True)
+    for i, column in enumerate(columns):
+        if kinds[column] == "numeric":
+            filled[:, i] &= ~spelled_missing(frame[column])
+    return filled
+
+
+def spelled_missing(series: pd.Series) -> np.ndarray:
+    """Which cells of a numeric column say the number is missing (`MISSING_NUMBER_WORDS`)."""
+    words = series.map(lambda v: isinstance(v, str) and v.strip().lower() in MISSING_NUMBER_WORDS)
+    return words.to_numpy(dtype=bool)
 
 
 def category_codes(series: pd.Series, train: np.ndarray) -> tuple[np.ndarray, int]:

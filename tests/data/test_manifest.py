@@ -392,6 +392,18 @@ def test_a_non_number_in_a_mostly_numeric_column_is_named(manifest, frame):
         build(manifest)
 
 
+def test_a_numeric_cell_spelled_missing_is_missing_and_said(tmp_path, caplog):
+    rows = ["x,c,label,split", *(f"{i}.5,,{'ab'[i % 2]},train" for i in range(8))]
+    rows += ["NA,c1,a,train", "n/a,c1,b,train", "NA,,a,train", "1,,a,val", "2,,b,test"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        data = ManifestDataset("train", path=tmp_path / "t.csv", target="label")
+    assert data.modalities["tabular"].info["columns"] == ["x", "c"]
+    assert "column 'x': 2 cells spelled ['NA', 'n/a'] read as missing" in caplog.text
+    assert "skipped 1 rows without a target or without any input (data rows 11)" in caplog.text
+    assert [data[i]["tabular"].tolist() for i in (8, 9)] == [[0.0, 1.0], [0.0, 1.0]]
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
