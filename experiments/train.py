@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.builders import (
     build_datasets,
     check_before_training,
+    check_writable,
     compose_config,
     encoder_configs,
     model_spec,
@@ -250,7 +251,8 @@ def check_command_line(argv: Sequence[str]) -> None:
     ]
     for overrides in jobs:
         try:
-            compose_config(*overrides)
+            cfg = compose_config(*overrides)
+            check_writable(cfg.paths, cfg.trainer.feature_cache.enabled)  # Hydra writes there
         except ConfigCompositionException:
             return  # Hydra says it in its own words
         except ConfigError as err:

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fusion.training.settings import ConfigError
+
 WANDB_MODES = ("online", "offline", "disabled")
 WANDB_ID_FILE = "wandb_id.txt"
 WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -94,19 +96,27 @@ class Tracker:
             import wandb
 
             run_id = resumed_wandb_id(Path(resume_from)) if resume_from is not None else None
-            self._wandb_run = wandb.init(
-                mode=mode,
-                project=project,
-                name=name,
-                group=group,
-                tags=wandb_tags(tags),
-                config=dict(config or {}),
-                dir=str(self.run_dir),
-                reinit="finish_previous",
-                id=run_id,
-                resume="allow" if run_id else None,
-                settings=wandb.Settings(silent=True),
-            )
+            try:
+                self._wandb_run = wandb.init(
+                    mode=mode,
+                    project=project,
+                    name=name,
+                    group=group,
+                    tags=wandb_tags(tags),
+                    config=dict(config or {}),
+                    dir=str(self.run_dir),
+                    reinit="finish_previous",
+                    id=run_id,
+                    resume="allow" if run_id else None,
+                    settings=wandb.Settings(silent=True),
+                )
+            except (wandb.errors.UsageError, wandb.errors.CommError) as err:
+                reason = str(err).splitlines()[0]
+                raise ConfigError(
+                    f"config key 'logger.mode': W&B could not start the {mode} run ({reason}); "
+                    "log in with `wandb login` (or set WANDB_API_KEY), or log offline with "
+                    "logger.mode=offline and `wandb sync` the run later"
+                ) from None
             self.wandb_dir = Path(self._wandb_run.dir).parent
             (self.run_dir / WANDB_ID_FILE).write_text(self._wandb_run.id + "\n")
             if run_id:

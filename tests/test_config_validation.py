@@ -192,10 +192,27 @@ def test_the_command_line_is_checked_before_hydra_starts_every_multirun_value_in
     assert str(caught.value).startswith(message)
 
 
-def test_a_valid_multirun_and_what_hydra_reports_itself_pass_the_command_line_check():
+def test_an_output_folder_that_is_a_file_is_named_before_hydra_makes_the_run_directory(
+    tmp_path,
+):
     from experiments.train import check_command_line
 
-    check_command_line(["-m", "model/fusion=concat,gated", "seed=0,1", "hydra.job.chdir=false"])
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError) as caught:
+        check_command_line([f"paths.output_dir={tmp_path / 'a_file'}"])
+    assert str(caught.value) == (
+        "config key 'paths.output_dir': expected a folder this user can write to, found a file "
+        f"at {tmp_path / 'a_file'}"
+    )
+
+
+def test_a_valid_multirun_and_what_hydra_reports_itself_pass_the_command_line_check(tmp_path):
+    from experiments.train import check_command_line
+
+    out = f"paths.output_dir={tmp_path}"
+    check_command_line(
+        ["-m", "model/fusion=concat,gated", "seed=0,1", "hydra.job.chdir=false", out]
+    )
     check_command_line(["seed=0,1"])  # a sweep without -m: Hydra says it in its own words
     check_command_line(["--help"])
 

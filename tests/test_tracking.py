@@ -99,3 +99,17 @@ def test_a_stored_wandb_id_that_is_not_an_id_is_refused_naming_the_file(tmp_path
     assert str(err.value) == (
         f"{id_file}: expected a W&B run id (1 to 128 letters, digits, '_' or '-'), found {found!r}"
     )
+
+
+def test_online_mode_without_an_account_is_named_before_training(tmp_path, monkeypatch):
+    from fusion.training.settings import ConfigError
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(ConfigError) as caught:
+        Tracker(tmp_path / "run", mode="online")
+    message = str(caught.value)
+    assert message.startswith("config key 'logger.mode': W&B could not start the online run (")
+    assert "logger.mode=offline" in message
