@@ -21,12 +21,14 @@ import hydra
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from experiments.builders import (
     build_datasets,
+    build_split,
     check_before_training,
     check_writable,
     compose_config,
@@ -38,6 +40,7 @@ from experiments.schema import (
     FAILURE,
     RUN_MECHANICS,
     ConfigError,
+    TrainConfig,
     config_differences,
     register_resolvers,
     validate,
@@ -210,54 +213,118 @@ def main(cfg: DictConfig) -> None:
         stop(f"data error: {reader_message(err)}", 1, distributed)
     except NonFiniteError as err:  # raised on every process alike
         stop(f"training stopped: {err}", 1, distributed)
+    except Exception as err:  # unforeseen: the traceback follows, the cause stays on record
+        keep_failure(f"crashed: {type(err).__name__}: {err}".splitlines()[0], distributed)
+        raise
 
 
 def stop(message: str, code: int, distributed: Distributed) -> None:
-    """End the run with one line on stderr (said once), kept in the run directory's
-    `FAILURE` file, where `experiments.report` reads why the run has no result."""
+    """End the run with one line on stderr (said once), kept in the run directory."""
     if distributed.is_main:
         print(message, file=sys.stderr)
-        with contextlib.suppress(OSError, ValueError):  # ValueError: no Hydra run (a test)
-            (Path(HydraConfig.get().runtime.output_dir) / FAILURE).write_text(message + "\n")
+    keep_failure(message, distributed)
     sys.exit(code)
 
 
+def keep_failure(message: str, distributed: Distributed) -> None:
+    """Write why the run ends without a result to its directory's `FAILURE` file, where
+    `experiments.report` reads it (rank 0 alone)."""
+    if distributed.is_main:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: no Hydra run (a test)
+            (Path(HydraConfig.get().runtime.output_dir) / FAILURE).write_text(message + "\n")
+
+
 def check_command_line(argv: Sequence[str]) -> None:
-    """Compose and validate the config the command line asks for before Hydra starts, so
-    that a mistyped key or option fails with close matches (`ConfigError`); in a multirun,
-    every value of every swept key is checked (each with the others' first values), so a
-    bad value fails before the first job trains. Left to Hydra: other config names, help,
-    and errors that are not about a key or an option."""
-    args = get_args_parser().parse_args(list(argv))
+    """Check what the command line asks for before Hydra starts (`ConfigError`): overrides
+    that cannot be parsed or flags after them, a run directory that already holds a run
+    (Hydra would write over it), deleting a setting the schema would silently default, and
+    the config each job composes, with close matches for a mistyped key or option. In a
+    multirun, every value of every swept key is checked (each with the others' first
+    values), and a swept data setting builds its dataset, so a bad value fails before the
+    first job trains. Left to Hydra: other config names, help, and its own errors."""
+    args, unread = get_args_parser().parse_known_args(list(argv))
+    if unread:
+        raise ConfigError(
+            f"command line: cannot read {unread}; flags (-m, --multirun, --cfg) go before the "
+            "overrides: python -m experiments.train -m key=a,b"
+        )
     if args.config_name not in (None, "train") or args.config_path or args.config_dir:
         return
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return
-    try:
-        parsed = OverridesParser.create().parse_overrides(args.overrides)
-    except OverrideParseException:
-        return
+    parsed = parse_overrides(args.overrides)
+    check_run_directory(parsed, args.multirun)
     parsed = [o for o in parsed if not o.is_hydra_override()]
+    check_deletions(parsed)
     swept = [o for o in parsed if o.is_sweep_override()]
     if swept and not args.multirun:
         return
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in swept]
     firsts = [values[0] for values in choices]
-    jobs = [fixed + firsts] + [
-        fixed + firsts[:i] + [value] + firsts[i + 1 :]
-        for i, values in enumerate(choices)
+    jobs = [(fixed + firsts, False)] + [
+        (fixed + firsts[:i] + [value] + firsts[i + 1 :], o.key_or_group.startswith("data"))
+        for i, (o, values) in enumerate(zip(swept, choices, strict=True))
         for value in values[1:]
     ]
-    for overrides in jobs:
+    for overrides, new_data in jobs:
         try:
             cfg = compose_config(*overrides)
             check_writable(cfg.paths, cfg.trainer.feature_cache.enabled)  # Hydra writes there
+            if new_data:  # the first job builds its own at once
+                build_split(cfg.data, "train")
         except ConfigCompositionException:
             return  # Hydra says it in its own words
         except ConfigError as err:
             job = f" (multirun job {' '.join(overrides[len(fixed) :])})" if swept else ""
             raise ConfigError(f"{err}{job}") from None
+
+
+def parse_overrides(lines: Sequence[str]) -> list[Override]:
+    """The overrides, one by one, so that one Hydra cannot parse is named."""
+    parsed = []
+    for line in lines:
+        try:
+            parsed += OverridesParser.create().parse_overrides([line])
+        except OverrideParseException as err:
+            raise ConfigError(
+                f"override '{line}': Hydra cannot parse it ({str(err).splitlines()[0]}); in a "
+                "dict, write keys without quotes: 'trainer.fuse.lr_mult={head.*: 0.1}'"
+            ) from None
+    return parsed
+
+
+def check_run_directory(parsed: Sequence[Override], multirun: bool) -> None:
+    """Refuse a `hydra.run.dir` (`hydra.sweep.dir`) that already holds a run (a sweep): Hydra
+    would write its files over the finished run's, and a report would credit one run's
+    results to the other's settings."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o for o in parsed if o.key_or_group == key and not o.is_sweep_override()]
+    if not given or launched_processes() > 1:  # DDP's processes share one directory
+        return
+    folder = Path(str(given[-1].value()))
+    marks = ("config.yaml", "summary.json", ".hydra", "multirun.yaml")
+    held = sorted(str(p) for mark in marks for p in [*folder.glob(mark), *folder.glob(f"*/{mark}")])
+    if held:
+        raise ConfigError(
+            f"config key '{key}': {folder} already holds a {'sweep' if multirun else 'run'} "
+            f"({held[0]}); a new run there would write over it. Choose a new folder (to "
+            f"continue a run, start a new one with trainer.resume=<its folder>)"
+        )
+
+
+def check_deletions(parsed: Sequence[Override]) -> None:
+    """Refuse `~key` for a setting the schema defines: the run would silently take the
+    schema's default instead of what the config had."""
+    schema = OmegaConf.structured(TrainConfig)
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() and OmegaConf.select(schema, key, default=MISSING) is not MISSING:
+            raise ConfigError(
+                f"override '~{key}': {key} has a default in the schema "
+                f"({OmegaConf.select(schema, key)!r}) that would be used without a word; set "
+                f"the value you want instead ({key}=...)"
+            )
 
 
 if __name__ == "__main__":

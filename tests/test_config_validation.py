@@ -180,6 +180,10 @@ def test_the_entry_point_checks_before_the_recipe_runs(monkeypatch, tmp_path):
         (["model/fusion=gatd"], "config group 'model/fusion': no option 'gatd'; did you mean ['gated']?"),
         (["-m", "trainer.fuse.lr=0.1,-1", "seed=1,2"], "config key 'trainer.fuse.lr': expected a finite number > 0, got -1.0 (multirun job trainer.fuse.lr=-1 seed=1)"),
         (["--multirun", "seed=0,-5"], "config key 'seed': expected an integer in [0, 4294967295], got -5 (multirun job seed=-5)"),
+        (["-m", "data.task=digit,whch"], "config key 'data.task' (data.avdigits.AVDigits, split 'train'): data.task: expected one of ['digit', 'same', 'which', 'multitask'], found 'whch' (multirun job data.task=whch)"),
+        (["~trainer.fuse.lr"], "override '~trainer.fuse.lr': trainer.fuse.lr has a default in the schema (0.001) that would be used without a word"),
+        (['trainer.fuse.lr_mult={"head.*": 0.1}'], "override 'trainer.fuse.lr_mult={\"head.*\": 0.1}': Hydra cannot parse it (no viable alternative"),
+        (["seed=1", "-m", "trainer.fuse.lr=0.1,0.2"], "command line: cannot read ['trainer.fuse.lr=0.1,0.2']; flags (-m, --multirun, --cfg) go before the overrides"),
     ],
 )  # fmt: skip
 def test_the_command_line_is_checked_before_hydra_starts_every_multirun_value_included(
@@ -204,6 +208,28 @@ def test_an_output_folder_that_is_a_file_is_named_before_hydra_makes_the_run_dir
         "config key 'paths.output_dir': expected a folder this user can write to, found a file "
         f"at {tmp_path / 'a_file'}"
     )
+
+
+@pytest.mark.parametrize(
+    ("multirun", "written", "key"),
+    [(False, "config.yaml", "hydra.run.dir"), (False, ".hydra/overrides.yaml", "hydra.run.dir"),
+     (True, "0/summary.json", "hydra.sweep.dir")],
+)  # fmt: skip
+def test_a_run_directory_that_holds_a_run_is_refused_before_hydra_writes_over_it(
+    tmp_path, multirun, written, key
+):
+    from experiments.train import check_command_line
+
+    (tmp_path / "old" / written).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "old" / written).write_text("{}")
+    argv = ["-m"] * multirun + [f"{key}={tmp_path / 'old'}", f"paths.output_dir={tmp_path}"]
+    with pytest.raises(ConfigError) as caught:
+        check_command_line(argv)
+    assert str(caught.value).startswith(
+        f"config key '{key}': {tmp_path / 'old'} already holds a {'sweep' if multirun else 'run'} "
+        f"({tmp_path / 'old' / written.split('/')[0]}"
+    )
+    check_command_line([f"{key.replace('sweep', 'run')}={tmp_path / 'new'}", f"paths.output_dir={tmp_path}"])
 
 
 def test_a_valid_multirun_and_what_hydra_reports_itself_pass_the_command_line_check(tmp_path):
