@@ -200,6 +200,8 @@ def load_run(run_dir: Path, trusted: Collection[str] = ()) -> tuple[DictConfig, 
             "pass the directory of a training run"
         )
     best = run_dir / "checkpoints" / "best.pt"
+    if best.is_dir():
+        raise EvaluateError(f"{best}: expected the run's best checkpoint, a file; found a folder")
     if not best.is_file():
         if (run_dir / "checkpoints" / FUSE_STATE).is_file():
             how = (
@@ -240,8 +242,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--levels",
         type=float,
         nargs="+",
-        default=list(DEFAULT_LEVELS),
-        help="noise std as multiples of each input's std (with --robustness)",
+        help="noise std as multiples of each input's std (with --robustness; default: "
+        f"{' '.join(map(str, DEFAULT_LEVELS))})",
     )
     parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/eval)")
     parser.add_argument("--device", default="auto", help=DEVICES)
@@ -253,6 +255,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a _target_ of your own that the run's config may build (repeatable)",
     )
     args = parser.parse_args(argv)
+    if args.levels is not None and not args.robustness:
+        parser.error("argument --levels: it sets the noise of --robustness, which is not given")
+    args.levels = list(DEFAULT_LEVELS) if args.levels is None else args.levels
     if any(not math.isfinite(lv) or lv < 0 for lv in args.levels):
         parser.error(f"argument --levels: expected finite values >= 0, got {args.levels}")
     args.levels = sorted(set(args.levels))

@@ -575,14 +575,21 @@ def push_to_wandb(report: dict[str, Any], images: list[Path], mode: str, project
         ]
         for entry in report["configurations"].values()
     ]
-    run = wandb.init(
-        project=project,
-        job_type="report",
-        mode=mode,
-        dir=str(images[0].parent) if images else None,
-        config={"metric": report["metric"]},
-        settings=wandb.Settings(silent=True),
-    )
+    try:
+        run = wandb.init(
+            project=project,
+            job_type="report",
+            mode=mode,
+            dir=str(images[0].parent) if images else None,
+            config={"metric": report["metric"]},
+            settings=wandb.Settings(silent=True),
+        )
+    except (wandb.errors.UsageError, wandb.errors.CommError) as err:
+        raise ReportError(
+            f"--wandb {mode}: W&B could not start the run ({str(err).splitlines()[0]}); log in "
+            "with `wandb login` (or set WANDB_API_KEY), or use --wandb offline; the table and "
+            "plots are written"
+        ) from None
     run.log(
         {
             "report/table": wandb.Table(columns=columns, data=rows),
@@ -612,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--project", default="fusion", help="W&B project for --wandb")
     args = parser.parse_args(argv)
+    if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
+        parser.error(f"argument --plots: expected a directory, {args.plots} is a file")
     try:
         runs = load_runs(args.root)
         check_metric(runs, args.metric)
@@ -625,7 +634,11 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_report(report, table_text, args.plots or args.root / "report")
     print("wrote:", *paths, sep="\n  ", file=sys.stderr)
     if args.wandb:
-        note(f"W&B report run: {push_to_wandb(report, paths, args.wandb, args.project)}")
+        try:
+            note(f"W&B report run: {push_to_wandb(report, paths, args.wandb, args.project)}")
+        except ReportError as error:
+            note(str(error))
+            return 2
     return 0
 
 

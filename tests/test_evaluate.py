@@ -221,8 +221,8 @@ def test_the_allow_list_is_the_configs_builders_transforms_and_what_is_trusted()
         (["--device", "gpu"], "argument --device: expected auto, cpu, cuda, cuda:N (N a GPU index) or mps, got 'gpu'"),
         (["--device", "tpu"], "argument --device: expected auto, cpu, cuda, cuda:N (N a GPU index) or mps, got 'tpu'"),
         (["--device", "cuda:x"], "argument --device: expected auto, cpu, cuda, cuda:N (N a GPU index) or mps, got 'cuda:x'"),
-        (["--levels", "-1"], "argument --levels: expected finite values >= 0, got [-1.0]"),
-        (["--levels", "nan"], "argument --levels: expected finite values >= 0, got [nan]"),
+        (["--robustness", "--levels", "-1"], "argument --levels: expected finite values >= 0, got [-1.0]"),
+        (["--robustness", "--levels", "nan"], "argument --levels: expected finite values >= 0, got [nan]"),
     ],
 )  # fmt: skip
 def test_bad_arguments_are_named_as_the_user_typed_them(run_dir, capsys, extra, named):
@@ -249,7 +249,19 @@ def test_a_run_dir_or_out_that_is_a_file_is_named(tmp_path, run_dir, capsys):
         ([str(a_file)], f"argument run_dir: expected a training run's directory, {a_file} is a file"),
         ([str(tmp_path / "no")], f"argument run_dir: expected a training run's directory, {tmp_path / 'no'} does not exist"),
         ([str(run_dir), "--out", str(a_file)], f"argument --out: expected a directory, {a_file} is a file"),
+        ([str(run_dir), "--levels", "0.5"], "argument --levels: it sets the noise of --robustness, which is not given"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit):
             main(argv)
         assert named in capsys.readouterr().err
+
+
+def test_a_best_checkpoint_that_is_a_folder_is_named(tmp_path, run_dir, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best.pt").mkdir(parents=True)
+    (run / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    assert main([str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"evaluate: {run / 'checkpoints' / 'best.pt'}: expected the run's best checkpoint, a "
+        "file; found a folder\n"
+    )

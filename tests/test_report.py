@@ -122,6 +122,22 @@ def test_report_errors_name_the_problem(tmp_path, capsys):
     assert main([str(tmp_path), "--pivot", "data.task"]) == 2
     assert "no run sets 'data.task'; the runs set: model/fusion" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--plots", str(tmp_path / "0" / "summary.json")])
+    assert "argument --plots: expected a directory, " in capsys.readouterr().err
+
+
+def test_report_to_wandb_online_without_an_account_is_named(tmp_path, capsys, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    fake_run(tmp_path, "0", ["model/fusion=concat"], 0.8)
+    assert main([str(tmp_path), "--wandb", "online"]) == 2
+    err = capsys.readouterr().err
+    assert "--wandb online: W&B could not start the run (" in err
+    assert "use --wandb offline; the table and plots are written" in err
+    assert (tmp_path / "report" / "report.json").is_file()
 
 
 def test_report_can_be_pushed_to_wandb_offline(tmp_path, capsys):
