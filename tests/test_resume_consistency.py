@@ -157,3 +157,15 @@ def test_raised_epochs_follow_the_longer_cosine_from_the_resume_point(tmp_path, 
         assert got["lr"] == pytest.approx(want["lr"], abs=1e-12)
     with pytest.raises(ValueError, match=r"planned for 5 epochs; epochs can only be raised"):
         run(4, resume=resumed)
+
+
+def test_a_finished_run_is_not_resumed_again(tmp_path):
+    run_dir = stopped_run(tmp_path)
+    path = run_dir / "checkpoints" / "fuse_state.pt"
+    save_checkpoint(path, load_checkpoint(path) | {"epoch": 10})
+    with pytest.raises(ConfigError) as err:
+        check_resume(config(f"trainer.resume={run_dir}", "trainer.fuse.epochs=10"))
+    assert str(err.value) == (
+        f"config key 'trainer.resume': {path} finished all 10 epochs of stage 2 already; "
+        "nothing to resume. To train it further, raise trainer.fuse.epochs above 10"
+    )

@@ -291,6 +291,12 @@ def resume_state(resume: str | None, epochs: int) -> dict | None:
             f"{state['epochs']}, this run asks for {epochs}; on resume it can only be raised "
             "(epochs to add)"
         )
+    if state["epoch"] >= epochs:
+        raise ConfigError(
+            f"config key 'trainer.resume': {path} finished all {state['epoch']} epochs of stage "
+            f"2 already; nothing to resume. To train it further, raise trainer.fuse.epochs "
+            f"above {state['epoch']}"
+        )
     return state
 
 
