@@ -20,8 +20,10 @@ file and the first row of a Parquet file.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import csv
 import dataclasses
 import difflib
 import functools
@@ -391,6 +393,7 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
     if settings.check_files:
         check_files(cells, kinds, row_numbers, source)
     tabular = encode_tabular(frame, kinds, split_of == "train", row_numbers, source)
+    warn_uncovered(task, labels, cells, tabular, split_of, row_numbers, source)
     modalities = declare_modalities(kinds, cells, tabular, split_of, row_numbers, settings, source)
     counts = ", ".join(f"{int((split_of == s).sum())} {s}" for s in SPLITS)
     leaving = f"; {escapes} file paths leave its folder through '..'" if escapes else ""
@@ -407,6 +410,39 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
         tabular=tabular,
         files=tuple(paths[i] for i in range(len(labels)) for _, paths in files if paths[i]),
     )
+
+
+def warn_uncovered(
+    task: Task,
+    labels: np.ndarray,
+    cells: Mapping[str, list[str | None]],
+    tabular: EncodedTable | None,
+    split_of: np.ndarray,
+    row_numbers: np.ndarray,
+    source: Path,
+) -> None:
+    """Said out loud, since training would run on without them: classes no train row has
+    (the model never learns them) and modalities a whole split lacks (its metrics do not
+    measure them)."""
+    train = split_of == "train"
+    unseen = [k for k in range(len(task.classes)) if not (labels[train] == k).any()]
+    if unseen:
+        rows = row_numbers[np.isin(labels, unseen)][:5].tolist()
+        log.warning(
+            "manifest %s: the classes %s have no train row (data rows %s), so the model "
+            "cannot learn them", source.name, [task.classes[k] for k in unseen], rows,
+        )  # fmt: skip
+    present = {name: np.array([v is not None for v in values]) for name, values in cells.items()}
+    if tabular is not None:
+        present[TABULAR] = tabular.present
+    for name, mask in present.items():
+        for split in SPLITS:
+            rows = split_of == split
+            if rows.any() and not mask[rows].any():
+                log.warning(
+                    "manifest %s: modality '%s' is empty in every %s row, so the %s metrics "
+                    "do not measure it", source.name, name, split, split,
+                )  # fmt: skip
 
 
 def classify(
@@ -515,7 +551,7 @@ def _read_csv(path: Path, separator: str) -> pd.DataFrame:
     """The table; a row with more cells than the header is named by its data row (pandas
     counts file lines, header included)."""
     try:
-        return pd.read_csv(
+        frame = pd.read_csv(
             path, sep=separator, keep_default_na=False, na_values=[""], skipinitialspace=True
         )
     except pd.errors.ParserError as err:
@@ -527,6 +563,25 @@ def _read_csv(path: Path, separator: str) -> pd.DataFrame:
             f"data row {line - 1} (file line {line}) has {saw} cells, the header {fields} "
             "(quote cells that hold the separator)"
         ) from None
+    check_csv_rows(path, separator)
+    return frame
+
+
+def check_csv_rows(path: Path, separator: str) -> None:
+    """What pandas lets through: a header naming a column twice (it would rename one
+    `name.1`) and a row with fewer cells than the header (it would fill the rest as empty)."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = (row for row in csv.reader(handle, delimiter=separator) if row)
+        header = [name.strip() for name in next(rows, [])]
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            raise ValueError(f"the header names the columns {twice} more than once")
+        for number, row in enumerate(rows, start=1):
+            if len(row) < len(header):
+                raise ValueError(
+                    f"data row {number} has {len(row)} cells, the header {len(header)} "
+                    "(a cell left out shifts the others; leave an empty cell instead)"
+                )
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
@@ -675,6 +730,8 @@ def check_modality_names(kinds: Mapping[str, str], source: Path) -> None:
             continue
         if column in RESERVED_KEYS:
             clash = f"'{column}' is a reserved item key ({list(RESERVED_KEYS)})"
+        elif "." in column:
+            clash = "a modality name holds no '.' (it names the modality's modules)"
         elif has_tabular and column == TABULAR:
             clash = f"'{TABULAR}' names the modality of the numeric and categorical columns"
         else:
@@ -696,7 +753,17 @@ def read_targets(series: pd.Series, source: Path) -> list[str | None]:
             "numbers: regression targets are not supported yet (a classification target "
             "holds class names or integer codes)"
         )
-    return [_cell_text(v) if _is_filled(v) else None for v in series]
+    targets = [_cell_text(v) if _is_filled(v) else None for v in series]
+    filled = [t for t in targets if t is not None]
+    numbers = [_as_number(t) is not None for t in filled]
+    if MAJORITY * len(filled) <= sum(numbers) < len(filled):
+        odd = next(i for i, t in enumerate(targets) if t is not None and _as_number(t) is None)
+        log.warning(
+            "target '%s' in %s: %d of %d values are numbers, and data row %d holds %r, which "
+            "makes a class of its own", series.name, source.name, sum(numbers), len(filled),
+            odd + 1, targets[odd],
+        )  # fmt: skip
+    return targets
 
 
 def rows_to_keep(
@@ -850,7 +917,7 @@ def check_files(
     for column, paths in cells.items():
         if kinds[column] not in FILE_KINDS:
             continue
-        read_header = probe_image if kinds[column] == "image" else soundfile.info
+        read_header = probe_image if kinds[column] == "image" else probe_audio
         for i, path in enumerate(paths):
             if path is not None:
                 with naming_errors(source, int(row_numbers[i]), column, path):
@@ -893,14 +960,10 @@ def image_modality(
             f"manifest {source}: column '{column}' has no image in the train split, so its "
             "size and statistics are unknown"
         )
-    first = samples[0]
-    with naming_errors(source, int(row_numbers[first]), column, paths[first]):
-        channels, size = probe_image(paths[first])
-    channels = settings.image_channels or channels
-    size = settings.image_size or size
     if len(samples) > IMAGE_STATS_SAMPLES:
         rng = np.random.default_rng(settings.seed)
         samples = sorted(rng.choice(samples, IMAGE_STATS_SAMPLES, replace=False).tolist())
+    channels, size = common_shape(column, paths, samples, row_numbers, settings, source)
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     for i in samples:
@@ -926,6 +989,35 @@ def image_modality(
             "std": [round(float(s), 6) for s in std],
         },
     )
+
+
+def common_shape(
+    column: str,
+    paths: Sequence[str | None],
+    samples: Sequence[int],
+    row_numbers: np.ndarray,
+    settings: ManifestSettings,
+    source: Path,
+) -> tuple[int, tuple[int, int]]:
+    """The channels and size images are read at: the settings', else the most common among
+    the measured train images (headers only). Images of several shapes are said out loud:
+    every one is resized to one shape, which may not be what the settings should say."""
+    shapes = {}
+    for i in samples:
+        with naming_errors(source, int(row_numbers[i]), column, paths[i]):
+            shapes[i] = probe_image(paths[i])
+    counts = collections.Counter(shapes.values())
+    (channels, size), count = counts.most_common(1)[0]
+    if len(counts) > 1 and not (settings.image_channels and settings.image_size):
+        odd = next(i for i, shape in shapes.items() if shape != (channels, size))
+        log.warning(
+            "manifest %s, column '%s': the train images have %d shapes; %d of %d are %d x %d x "
+            "%d (data row %d is %d x %d x %d); every image is resized to the most common one "
+            "unless data.image_size and data.image_channels say otherwise",
+            source.name, column, len(counts), count, len(shapes), channels, *size,
+            int(row_numbers[odd]), shapes[odd][0], *shapes[odd][1],
+        )  # fmt: skip
+    return settings.image_channels or channels, settings.image_size or size
 
 
 def probe_image(path: str) -> tuple[int, tuple[int, int]]:
@@ -1027,15 +1119,38 @@ def longest_clip(
     longest = 0.0
     for i in samples:
         with naming_errors(source, int(row_numbers[i]), column, paths[i]):
-            info = soundfile.info(paths[i])
+            info = probe_audio(paths[i])
         longest = max(longest, info.frames / info.samplerate)
     return max(0.1, math.ceil(round(longest * 10, 6)) / 10)
 
 
+def probe_audio(path: str) -> Any:
+    """A clip's `soundfile.info`, from its header; a clip without samples, or one whose
+    data is shorter than its header says (a cut file, which libsndfile would read as a
+    shorter clip without a word), is refused."""
+    info = soundfile.info(path)
+    if info.frames == 0:
+        raise ValueError("it holds no samples (0 frames)")
+    cut = re.search(r"^data\s*: (\d+) \(should be (\d+)\)", info.extra_info, re.MULTILINE)
+    if cut:
+        raise ValueError(
+            f"it is cut short: its header says {cut[1]} bytes of samples, the file holds {cut[2]}"
+        )
+    return info
+
+
 def load_audio(path: str, sample_rate: int, clip_samples: int, crop: str) -> torch.Tensor:
     """A mono float clip `[clip_samples]` at `sample_rate`: channels averaged, resampled,
-    then cropped (from the start or the centre) or zero-padded at the end."""
+    then cropped (from the start or the centre) or zero-padded at the end. Samples must be
+    finite and in [-1, 1] (integer formats always are; a float file may hold any scale)."""
     data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    if not np.isfinite(data).all():
+        raise ValueError(f"it holds {int((~np.isfinite(data)).sum())} NaN or infinite samples")
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    if peak > 1.0:
+        raise ValueError(
+            f"float samples must lie in [-1, 1]; found a peak of {peak:.4g} (rescale the file)"
+        )
     wave = torch.from_numpy(data.mean(axis=1))
     if rate != sample_rate:
         wave = torchaudio.functional.resample(wave, rate, sample_rate)

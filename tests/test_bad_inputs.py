@@ -230,6 +230,7 @@ ENCODER_CASES = [
     ("+model.encoders.image.freeze=backbon", "model.encoders.image.freeze", "got 'backbon'"),
     ("+model.encoders.image.weights=IMAGENET1K_V9", "model.encoders.image.weights", "'IMAGENET1K_V9'"),
     ("+model.encoders.audio.n_mels=0", "model.encoders.audio.n_mels", "0"),
+    ("+model.encoders.audio.clip_samples=100", "model.encoders.audio.clip_samples", "shorter than one analysis window (n_fft=256)"),
 ]  # fmt: skip
 
 

@@ -229,7 +229,9 @@ def test_a_run_directory_that_holds_a_run_is_refused_before_hydra_writes_over_it
         f"config key '{key}': {tmp_path / 'old'} already holds a {'sweep' if multirun else 'run'} "
         f"({tmp_path / 'old' / written.split('/')[0]}"
     )
-    check_command_line([f"{key.replace('sweep', 'run')}={tmp_path / 'new'}", f"paths.output_dir={tmp_path}"])
+    check_command_line(
+        [f"{key.replace('sweep', 'run')}={tmp_path / 'new'}", f"paths.output_dir={tmp_path}"]
+    )
 
 
 def test_a_valid_multirun_and_what_hydra_reports_itself_pass_the_command_line_check(tmp_path):

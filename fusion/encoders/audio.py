@@ -163,6 +163,12 @@ def build_spectrogram_encoder(
     for name, value in sizes.items():
         positive_int(name, value)
     positive_int("input_sample_rate", input_sample_rate, allow_none=True)
+    analysed = clip_samples * sample_rate / (input_sample_rate or sample_rate)
+    if analysed < n_fft:
+        raise ValueError(
+            f"clip_samples is {clip_samples} ({analysed:.0f} at the front end's {sample_rate} Hz), "
+            f"shorter than one analysis window (n_fft={n_fft}); use longer clips or a smaller n_fft"
+        )
     if front_end == "mfcc" and n_mfcc > n_mels:
         raise ValueError(f"n_mfcc must be at most n_mels ({n_mels}), got {n_mfcc}")
     if front_end == "logmel":

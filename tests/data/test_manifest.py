@@ -597,3 +597,111 @@ def test_deep_tiff_pixels_without_a_known_scale_are_refused(tmp_path, array, mes
     with pytest.raises(ValueError) as error:
         load_image(str(tmp_path / "x.tif"), 1, (4, 4))
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("x,x,label\n1,2,a\n", r"cannot read it as CSV: the header names the columns \['x'\] more than once"),
+        ("x,y,label\n1,2,a\n3,b\n4,5,a\n", r"cannot read it as CSV: data row 2 has 2 cells, the header 3"),
+    ],
+)  # fmt: skip
+def test_a_header_naming_a_column_twice_and_a_short_row_are_named(tmp_path, text, message):
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        build(tmp_path / "t.csv")
+
+
+def test_a_column_whose_name_cannot_be_a_modality_is_named(manifest, frame):
+    frame.rename(columns={"caption": "my.caption"}).to_csv(manifest, index=False)
+    with pytest.raises(
+        ValueError,
+        match=r"column 'my.caption' \(text\) cannot be a modality: a modality name holds no '.'",
+    ):
+        build(manifest)
+
+
+def clip_file(folder, how):
+    """A WAV in /snd damaged as `how` says."""
+    path = folder / "snd" / f"{how.replace(' ', '_')}.wav"
+    if how == "no samples":
+        soundfile.write(path, np.zeros(0, dtype=np.float32), 8000)
+    elif how == "cut":
+        soundfile.write(path, sine(0.5, 8000), 8000)
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+    elif how == "nan":
+        soundfile.write(path, np.full(800, np.nan, dtype=np.float32), 8000, subtype="FLOAT")
+    else:  # a float file in another scale
+        soundfile.write(path, 1000 * sine(0.1, 8000), 8000, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("no samples", r"data row 8, column 'clip': cannot decode .*no_samples\.wav: it holds no samples \(0 frames\)"),
+        ("cut", r"data row 8, column 'clip': cannot decode .*cut\.wav: it is cut short: its header says 8000 bytes of samples, the file holds 3978"),
+    ],
+)  # fmt: skip
+def test_a_clip_without_samples_or_cut_short_is_named_before_training(
+    manifest, folder, frame, how, message
+):
+    frame.loc[7, "clip"] = str(clip_file(folder, how).relative_to(folder))  # data row 8, test
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(DataFileError, match=message):
+        build(manifest)
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("nan", r"data row 8, column 'clip': cannot decode .*nan\.wav: it holds 800 NaN or infinite samples"),
+        ("loud", r"data row 8, column 'clip': cannot decode .*loud\.wav: float samples must lie in \[-1, 1\]; found a peak of 500"),
+    ],
+)  # fmt: skip
+def test_a_clip_of_nonfinite_or_out_of_scale_samples_is_named(
+    manifest, folder, frame, how, message
+):
+    frame.loc[7, "clip"] = str(clip_file(folder, how).relative_to(folder))
+    frame.to_csv(manifest, index=False)
+    test = build(manifest, "test")
+    with pytest.raises(DataFileError, match=message):
+        test[0]
+
+
+def test_images_of_several_shapes_are_said_and_read_at_the_most_common(manifest, frame, caplog):
+    frame.loc[[1, 2], "photo"] = "img/a.png"  # train: a.png 3 x 10 x 12 four times, row 4 none
+    frame.loc[0, "photo"] = "img/c.jpg"  # data row 1: 3 x 16 x 20
+    frame.to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        train = build(manifest)
+    assert train.modalities["photo"].info["shape"] == [3, 10, 12]
+    assert (
+        "the train images have 2 shapes; 3 of 4 are 3 x 10 x 12 (data row 1 is 3 x 16 x 20)"
+        in caplog.text
+    )
+
+
+def test_what_training_would_run_on_without_is_said(manifest, frame, caplog):
+    frame.loc[6, "label"] = "bird"  # data row 7, val: a class no train row has
+    frame.loc[[5, 6], "photo"] = None  # every val row without a photo
+    frame.loc[7, "label"] = "3"  # data row 8, test
+    frame.to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(manifest)
+    assert "the classes ['3', 'bird'] have no train row (data rows [7, 8])" in caplog.text
+    assert "modality 'photo' is empty in every val row, so the val metrics do not measure it" in (
+        caplog.text
+    )
+
+
+def test_a_word_among_numeric_targets_is_said(tmp_path, caplog):
+    rows = ["x,label", *(f"{i},{i % 5}" for i in range(20)), "20,seven"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(tmp_path / "t.csv")
+    assert (
+        "target 'label' in t.csv: 20 of 21 values are numbers, and data row 21 holds 'seven', "
+        "which makes a class of its own"
+    ) in caplog.text
