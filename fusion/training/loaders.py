@@ -70,10 +70,12 @@ def make_loader(
         world_size=distributed.world_size,
         pad=split == "train",
     )
+    batch_size = per_process_batch(trainer.batch_size, distributed)
     return DataLoader(
         dataset,
-        batch_size=per_process_batch(trainer.batch_size, distributed),
+        batch_size=batch_size,
         sampler=sampler,
+        drop_last=split == "train" and drops_a_single(len(sampler), batch_size),
         collate_fn=collate_fn or Collate.for_dataset(dataset),
         num_workers=workers,
         pin_memory=pin,
@@ -81,6 +83,24 @@ def make_loader(
         prefetch_factor=trainer.prefetch_factor if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def drops_a_single(samples: int, batch_size: int) -> bool:
+    """Whether a training epoch of `samples` leaves its last batch one sample, which batch
+    norm cannot train on ("expected more than 1 value per channel"); that sample, a
+    different one each shuffled epoch, is then left out, and this is said."""
+    if samples < 2:
+        raise ConfigError(
+            f"config key 'data': the train split holds {samples} sample{'s' * (samples != 1)} "
+            "(per process); training needs at least 2"
+        )
+    if samples % batch_size != 1:
+        return False
+    log.info(
+        "the train split's last batch would hold 1 of its %d samples, which batch norm cannot "
+        "train on: each epoch leaves one sample out (another each epoch)", samples,
+    )  # fmt: skip
+    return True
 
 
 def make_loaders(

@@ -65,3 +65,26 @@ def test_a_fixed_item_is_the_same_at_every_access_in_any_order():
     )
     with pytest.raises(IndexError):
         dataset[10]
+
+
+@pytest.mark.parametrize(("samples", "batches"), [(25, [24]), (26, [24, 2]), (24, [24])])
+def test_a_training_epoch_never_ends_in_a_batch_of_one(samples, batches):
+    from fusion.training.loaders import make_loader
+    from fusion.training.settings import TrainerConfig
+
+    items = [{"x": torch.full((2,), float(i)), "label": i % 2} for i in range(samples)]
+    loader = make_loader(items, "train", TrainerConfig(batch_size=24), seed=0)
+    assert [len(batch) for batch in loader] == batches
+    evaluation = make_loader(items, "val", TrainerConfig(batch_size=24), seed=0)
+    assert sum(len(batch) for batch in evaluation) == samples  # evaluation reads every sample
+
+
+def test_a_train_split_of_one_sample_is_refused():
+    from fusion.training.loaders import make_loader
+    from fusion.training.settings import ConfigError, TrainerConfig
+
+    with pytest.raises(
+        ConfigError,
+        match=r"the train split holds 1 sample \(per process\); training needs at least 2",
+    ):
+        make_loader([{"x": torch.zeros(2), "label": 0}], "train", TrainerConfig(), seed=0)
