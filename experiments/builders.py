@@ -29,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError
 from torch import nn
 
-from experiments.schema import close_matches, unknown_key_hint, validate
+from experiments.schema import close_matches, flatten, unknown_key_hint, validate
 from fusion.data import Modality, Task, check_dataset, output_sizes
 from fusion.model import MultimodalModel
 from fusion.training.recipe import ModelSpec
@@ -68,6 +68,14 @@ def unknown_override(
     if not isinstance(err.__cause__, ConfigAttributeError) or not key:
         return err
     rest = [o for o in overrides if o.split("=", 1)[0] != key]
+    owners = group_options_with(key)
+    if owners:
+        group = key.split(".")[0]
+        return ConfigError(
+            f"config key '{key}': the chosen {group} config has no such setting; it is a "
+            f"setting of {' and '.join(f'{group}={o}' for o in owners)}: choose one with its "
+            "override before the key's"
+        )
     try:
         hint = unknown_key_hint(key, compose("train", overrides=rest))
     except ConfigCompositionException:
@@ -186,6 +194,20 @@ def build_split(data: DictConfig, split: str) -> Any:
         ) from None
     check_dataset(dataset, f"data._target_ {data._target_}")
     return dataset
+
+
+def group_options_with(key: str) -> list[str]:
+    """The options of the config group `key` starts with (`data` for `data.path`) whose
+    file sets `key`: `data.path` belongs to `data=manifest`."""
+    group, _, rest = key.partition(".")
+    folder = CONFIG_DIR / group
+    if not rest or not folder.is_dir():
+        return []
+    return sorted(
+        path.stem
+        for path in folder.glob("*.yaml")
+        if rest in flatten(OmegaConf.to_container(OmegaConf.load(path)))
+    )
 
 
 def nested_component(settings: DictConfig, err: InstantiationException) -> tuple[str, str] | None:

@@ -149,6 +149,7 @@ def test_a_mistyped_group_option_gets_close_matches():
     [
         ("trainer.epochz=3", "config key 'trainer.epochz': the config has no such setting; did you mean ['trainer.pretrain.epochs', 'trainer.fuse.epochs']?"),
         ("+trainer.fuse.lrr=3", "config key 'trainer.fuse.lrr': Key 'lrr' not in 'FuseConfig'; did you mean ['lr']?"),
+        ("data.path=x.csv", "config key 'data.path': the chosen data config has no such setting; it is a setting of data=affect and data=manifest: choose one with its override before the key's"),
     ],
 )  # fmt: skip
 def test_a_mistyped_nested_key_gets_close_matches_anywhere_in_the_config(override, message):
