@@ -60,6 +60,7 @@ from fusion.data import DataFileError, reader_message
 from fusion.model import MultimodalModel
 from fusion.training import load_checkpoint
 from fusion.training.checkpoint import CheckpointError
+from fusion.training.feature_cache import data_key
 from fusion.training.loaders import make_loaders
 from fusion.training.recipe import FUSE_STATE, ModelSpec, build_model
 from fusion.training.settings import DEVICE, DEVICES, resolve_device
@@ -228,6 +229,20 @@ def rebuild_model(spec: ModelSpec, tasks: Any, state: dict[str, Any]) -> Multimo
     return model
 
 
+def data_changed(state: dict[str, Any], split: str, dataset: Any) -> str | None:
+    """Why the split evaluated now is not the one the run evaluated (its files or items
+    changed since), said and kept in the result; None when it is the same, or when the
+    checkpoint holds no key for it (the train split, or a run from before keys were kept)."""
+    stored = state.get("data_keys", {}).get(split)
+    if stored is None or stored == data_key(dataset):
+        return None
+    message = (
+        f"the {split} split's content differs from the one the run evaluated (its files or "
+        "items changed since training); these metrics are for the data as it is now"
+    )
+    return message
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -314,9 +329,12 @@ def run(args: argparse.Namespace) -> None:
     train = datasets["train"]
     model = rebuild_model(spec, train.tasks, state["model"])
     loaders = make_loaders(datasets, trainer_settings(cfg), cfg.seed)
+    changed = data_changed(state, args.split, datasets[args.split])
     evaluator = Evaluator(model, loaders, args.split, cfg.seed, args.device, cfg.trainer.precision)
     metrics = evaluator()
     print(metrics_table(args.split, metrics))
+    if changed:
+        print(f"evaluate: warning: {changed}", file=sys.stderr)
     write_json(
         out / f"eval_{args.split}.json",
         {
@@ -325,6 +343,7 @@ def run(args: argparse.Namespace) -> None:
             "fuser": type(model.fuser).__name__,
             "head": type(model.head).__name__,
             **metrics.as_dict(f"{args.split}/fused"),
+            **({"data_changed": changed} if changed else {}),
         },
     )
     if args.robustness:

@@ -55,6 +55,7 @@ from fusion.training.distributed import (
     launched_processes,
     local_device,
 )
+from fusion.training.feature_cache import data_key
 from fusion.training.loaders import per_process_batch
 from fusion.training.loop import NonFiniteError
 from fusion.training.recipe import Outputs, Recipe, results_table, resume_path, resume_state
@@ -117,7 +118,7 @@ def run(
     )
     failed = True
     try:
-        summary = recipe.run(checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True)})
+        summary = recipe.run(checkpoint_extra=checkpoint_record(cfg, datasets))
         failed = False
     finally:
         wandb_line = tracker.finish(exit_code=int(failed))
@@ -128,6 +129,17 @@ def run(
         print(wandb_line)
     print(f"run directory: {run_dir}  |  fused test accuracy: {summary_accuracy(summary)}")
     return summary
+
+
+def checkpoint_record(cfg: DictConfig, datasets: dict[str, Any]) -> dict[str, Any]:
+    """What `best.pt` keeps beside the weights so that `experiments.evaluate` can check it
+    scores what the run scored: the config, and each evaluated split's content key."""
+    return {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "data_keys": {
+            split: data_key(data) for split, data in datasets.items() if split != "train"
+        },
+    }
 
 
 def summary_accuracy(summary: dict[str, Any]) -> str:

@@ -41,6 +41,24 @@ def test_reproduces_the_runs_test_accuracy(run_dir, evaluated):
     assert result["test/fused/loss"] == pytest.approx(summary["test/fused/loss"], rel=1e-6)
     assert result["fuser"] == summary["fuser"]
     assert f"{summary['test/fused/accuracy']:.2%}" in stdout
+    assert "data_changed" not in result  # the same test split the run evaluated
+
+
+def test_a_split_whose_content_changed_since_training_is_said_and_marked(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    best = run / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    assert sorted(state["data_keys"]) == ["test", "val"]
+    state["data_keys"]["test"] = "another"  # as if the test files had been edited
+    torch.save(state, best)
+    assert main([str(run), "--out", str(tmp_path / "eval")]) == 0
+    message = (
+        "the test split's content differs from the one the run evaluated (its files or items "
+        "changed since training); these metrics are for the data as it is now"
+    )
+    assert f"evaluate: warning: {message}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "eval" / "eval_test.json").read_text())["data_changed"] == message
 
 
 def test_robustness_drops_and_noises_every_modality(evaluated):
