@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -19,4 +20,19 @@ def dropout_rate(value: float, name: str = "dropout") -> float:
     """A dropout probability in [0, 1); a string or bool from a config is not one."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def finite_number(name: str, value: object, minimum: float = 0.0, inclusive: bool = False) -> float:
+    """A finite real number > `minimum` (>= with `inclusive`): a learning rate, a weight
+    decay. Bools, strings from a config, NaN and Inf are not."""
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < minimum
+        or (value == minimum and not inclusive)
+    ):
+        bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)

@@ -46,6 +46,17 @@ class MultimodalModel(nn.Module):
                 f"fuser was built for modalities {list(fuser.in_dims)}, "
                 f"encoders are {list(self.encoders)}"
             )
+        head_in, fuser_out = getattr(head, "in_dim", None), getattr(fuser, "out_dim", None)
+        if head_in is not None and fuser_out is not None and head_in != fuser_out:
+            late = (
+                " (its predictions: a fuser that produces logits is followed by PassThroughHead)"
+                if getattr(fuser, "produces_logits", False)
+                else ""
+            )
+            raise ValueError(
+                f"head.in_dim is {head_in} but the fuser gives out_dim {fuser_out}{late}; "
+                "build the head with in_dim=fuser.out_dim, as MultimodalModel.build does"
+            )
 
     @classmethod
     def build(

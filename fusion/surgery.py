@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fusion.checks import dropout_rate, positive_int
+from fusion.checks import dropout_rate, finite_number, positive_int
 
 CLASSIFIER_NAMES = ("fc", "classifier", "head", "heads")
 
@@ -83,6 +83,7 @@ def remove_classifier(model: nn.Module) -> str:
 
 def replace_classifier(model: nn.Module, num_classes: int) -> nn.Linear | nn.Conv2d:
     """Swap the final classifier for a fresh layer of its kind with the same input size."""
+    num_classes = positive_int("num_classes", num_classes)
     name = find_classifier(model)
     old = model.get_submodule(name)
     if isinstance(old, nn.Conv2d):
@@ -109,6 +110,7 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     activations as the same image in RGB); N channels repeat the kernels cyclically and
     rescale by 3/N so activations keep their magnitude (timm's recipe).
     """
+    in_channels = positive_int("in_channels", in_channels)
     name, conv = first_module_of_type(model, nn.Conv2d)
     if conv.in_channels == in_channels:
         return
@@ -242,8 +244,11 @@ def param_groups(
       `no_decay_parameters`); `weight_decay_for` does not override this.
     All parameters are included, frozen ones too, so that unfreezing later needs no new
     optimizer. A pattern of `lr_mult` or `weight_decay_for` that matches no parameter name
-    is a `ValueError` naming the argument: see `check_param_patterns`.
+    is a `ValueError` naming the argument: see `check_param_patterns`. So is a learning
+    rate that is not a finite number > 0, or a weight decay that is not one >= 0.
     """
+    lr = finite_number("lr", lr)
+    weight_decay = finite_number("weight_decay", weight_decay, inclusive=True)
     lr_mult = dict(lr_mult or {})
     weight_decay_for = dict(weight_decay_for or {})
     check_param_patterns(model, lr_mult=lr_mult, weight_decay_for=weight_decay_for)

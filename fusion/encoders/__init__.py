@@ -9,6 +9,7 @@ from fusion.encoders.audio import (
     build_ssl_speech_encoder,
 )
 from fusion.encoders.base import Encoder, apply_freeze
+from fusion.encoders.sequence import build_sequence_encoder
 from fusion.encoders.tabular import build_tabular_encoder
 from fusion.encoders.text import build_text_encoder, minilm_path
 from fusion.encoders.vision import build_timm_encoder, build_vision_encoder
@@ -17,6 +18,7 @@ __all__ = [
     "Encoder",
     "LogMelSpectrogram",
     "apply_freeze",
+    "build_sequence_encoder",
     "build_spectrogram_encoder",
     "build_ssl_speech_encoder",
     "build_tabular_encoder",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -14,6 +15,7 @@ from torchvision.models import WeightsEnum, get_model, get_model_weights, get_we
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from fusion import surgery
+from fusion.checks import positive_int
 from fusion.encoders.base import Encoder, apply_freeze
 from fusion.weights import load_weights
 
@@ -138,6 +140,18 @@ def tap_node(model: nn.Module, layer: str | None, output: str) -> nn.Module:
 SMALL_IMAGE = 64
 
 
+def image_size_pair(value: object) -> tuple[int, int]:
+    """`image_size` as (height, width) of positive ints; one int is a square."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != 2:
+            raise ValueError(f"image_size must be an int or [height, width], got {value!r}")
+        return positive_int("image_size[0]", value[0]), positive_int("image_size[1]", value[1])
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        size = positive_int("image_size", value)
+        return size, size
+    raise ValueError(f"image_size must be an int or [height, width], got {value!r}")
+
+
 def build_vision_encoder(
     name: str = "resnet18",
     weights: str | None = None,
@@ -145,7 +159,7 @@ def build_vision_encoder(
     weights_prefix: str | None = None,
     strict: bool = True,
     in_channels: int = 3,
-    image_size: Sequence[int] = (224, 224),
+    image_size: int | Sequence[int] = (224, 224),
     small_input_stem: bool | str = False,
     output: str = "pooled",
     layer: str | None = None,
@@ -171,8 +185,11 @@ def build_vision_encoder(
     - `pre` / `post`: new layers before / after the backbone (`surgery.build_layers` specs).
     - `freeze` / `trainable_stages`: see `fusion.encoders.base.apply_freeze`.
     Preprocessing is part of the encoder, so it consumes raw [0, 1] images: the weights'
-    own `transforms()` when they exist (3 channels), else standardization.
+    own `transforms()` when they exist (3 channels), else standardization. `image_size` is
+    [height, width], or one int for a square.
     """
+    in_channels = positive_int("in_channels", in_channels)
+    image_size = image_size_pair(image_size)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got '{output}'")
     enum = resolve_weights(name, weights)
@@ -230,7 +247,7 @@ def build_timm_encoder(
     weights_file: str | None = None,
     strict: bool = True,
     in_channels: int = 3,
-    image_size: Sequence[int] = (224, 224),
+    image_size: int | Sequence[int] = (224, 224),
     output: str = "pooled",
     feature_index: int = -1,
     pre: Sequence[Mapping] | None = None,
@@ -247,6 +264,8 @@ def build_timm_encoder(
         import timm
     except ImportError as err:
         raise ImportError("timm encoders need timm: pip install 'fusion[timm]'") from err
+    in_channels = positive_int("in_channels", in_channels)
+    image_size = image_size_pair(image_size)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got '{output}'")
     if not timm.is_model(name):

@@ -25,16 +25,29 @@ class Fuser(nn.Module):
 
     def __init__(self, in_dims: Mapping[str, int]) -> None:
         super().__init__()
+        if not isinstance(in_dims, Mapping):
+            raise ValueError(
+                f"in_dims must be a dict {{modality: feature size}}, got "
+                f"{type(in_dims).__name__} {in_dims!r}"
+            )
         if not in_dims:
             raise ValueError("a fuser needs at least one modality in in_dims")
+        names = [m for m in in_dims if not isinstance(m, str)]
+        if names:
+            raise ValueError(
+                f"in_dims must be a dict {{modality: feature size}} keyed by modality names "
+                f"(strings), got keys {names!r}"
+            )
         self.in_dims = {m: positive_int(f"in_dims['{m}']", d) for m, d in in_dims.items()}
         self.modalities = list(in_dims)
         self.out_dim: int
 
     def check(self, features: Features, present: Present) -> None:
-        """Every expected modality is there with its declared size, floating point and one
-        batch size; `present` names no other modality."""
+        """Every expected modality is there with its declared size, floating point of the
+        fuser's dtype, and one batch size; `present` names no other modality."""
         first = None
+        weights = self._weights_dtype()
+        expected = None if weights is None else (weights, "the dtype of its parameters")
         for m in self.modalities:
             if m not in features:
                 raise KeyError(f"fuser expects modality '{m}', got features for {sorted(features)}")
@@ -48,6 +61,16 @@ class Fuser(nn.Module):
                 raise ValueError(
                     f"modality '{m}': fuser expects floating-point features, got {x.dtype}"
                 )
+            if torch.is_autocast_enabled(x.device.type):
+                pass  # layers cast: bfloat16 features meet float32 parameters
+            elif expected is None:
+                expected = (x.dtype, f"those of modality '{m}'")
+            elif x.dtype != expected[0]:
+                raise ValueError(
+                    f"modality '{m}': fuser expects {expected[0]} features ({expected[1]}), "
+                    f"got {x.dtype}; convert them with x.to({expected[0]})"
+                    + (f", or the fuser with fuser.to({x.dtype})" if weights else "")
+                )
             first = first or (m, len(x))
             if len(x) != first[1]:
                 raise ValueError(
@@ -60,6 +83,18 @@ class Fuser(nn.Module):
                 f"present names modalities {unknown} that this fuser does not fuse "
                 f"(it fuses {self.modalities})"
             )
+
+    def _weights_dtype(self) -> torch.dtype | None:
+        """The dtype features must have: that of the fuser's floating parameters.
+
+        Under autocast features may differ (layers cast them), so `check` skips it there. A
+        fuser without parameters (plain concatenation) takes any floating dtype, but one
+        for all modalities.
+        """
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return None
 
     def token_mask(self, modality: str, x: torch.Tensor, present: Present) -> torch.Tensor:
         """Bool mask [B, T] of the real tokens of `x` ([B, D] counts as one token)."""

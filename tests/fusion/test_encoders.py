@@ -49,6 +49,23 @@ def test_many_channel_stem_keeps_magnitude():
     assert torch.allclose(model.conv1(x.expand(1, 6, 32, 32)), expected, atol=1e-5)
 
 
+def test_adapting_the_stem_to_no_channels_is_refused():
+    with pytest.raises(ValueError, match=r"^in_channels must be a positive integer, got 0$"):
+        surgery.adapt_input_channels(get_model("resnet18"), 0)
+
+
+def test_vision_image_size_may_be_one_int_for_a_square():
+    enc = build_vision_encoder("resnet18", image_size=8, in_channels=1, small_input_stem=True)
+    assert enc.input_shape == (1, 8, 8)
+
+
+def test_sequence_encoder_is_exported_like_the_other_builders():
+    import fusion.encoders
+
+    assert "build_sequence_encoder" in fusion.encoders.__all__
+    assert fusion.encoders.build_sequence_encoder.__module__ == "fusion.encoders.sequence"
+
+
 def test_frozen_encoder_has_no_gradients_and_stays_in_eval():
     enc = build_vision_encoder(in_channels=1, image_size=(8, 8), small_input_stem=True).freeze()
     parent = nn.ModuleDict({"enc": enc}).train()
@@ -91,6 +108,16 @@ def test_vision_outputs(output, layer, shape):
             r"no node 'layer4.1.relu2'; close matches: \['layer4.1.relu'",
         ),
         ({"output": "grid"}, "output must be one of"),
+        ({"in_channels": 0}, r"^in_channels must be a positive integer, got 0$"),
+        ({"in_channels": 2.0}, r"^in_channels must be a positive integer, got 2.0$"),
+        ({"image_size": (0, 8)}, r"^image_size\[0\] must be a positive integer, got 0$"),
+        ({"image_size": [8, -1]}, r"^image_size\[1\] must be a positive integer, got -1$"),
+        ({"image_size": 0}, r"^image_size must be a positive integer, got 0$"),
+        (
+            {"image_size": (8, 8, 8)},
+            r"^image_size must be an int or \[height, width\], got \(8, 8, 8\)$",
+        ),
+        ({"image_size": "8"}, r"^image_size must be an int or \[height, width\], got '8'$"),
     ],
 )
 def test_vision_bad_input_is_explained(kwargs, message):

@@ -312,6 +312,35 @@ def test_in_dims_are_checked_naming_the_modality(value):
             configured_fuser(config, {"image": 6, "audio": value})
 
 
+@pytest.mark.parametrize(
+    ("in_dims", "message"),
+    [
+        ([4, 5], r"^in_dims must be a dict \{modality: feature size\}, got list \[4, 5\]$"),
+        ((4,), r"^in_dims must be a dict \{modality: feature size\}, got tuple \(4,\)$"),
+        (4, r"^in_dims must be a dict \{modality: feature size\}, got int 4$"),
+        ({0: 4, "audio": 5}, r"keyed by modality names \(strings\), got keys \[0\]$"),
+    ],
+    ids=["list", "tuple", "int", "int-key"],
+)
+def test_in_dims_that_is_not_a_dict_is_named(in_dims, message):
+    for config in FUSION_CONFIGS:
+        with pytest.raises(ValueError, match=message):
+            configured_fuser(config, in_dims)
+
+
+def test_features_of_another_dtype_are_fine_under_autocast():
+    fuser = configured_fuser(CONFIGS / "fusion" / "gated.yaml", DIMS[2])
+    feats = {m: x.bfloat16() for m, x in features(DIMS[2], batch=2).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fuser(feats).shape == (2, fuser.out_dim)
+
+
+def test_a_fuser_in_float64_takes_float64_features():
+    fuser = configured_fuser(CONFIGS / "fusion" / "gated.yaml", DIMS[2]).double()
+    feats = {m: x.double() for m, x in features(DIMS[2], batch=2).items()}
+    assert fuser(feats).dtype == torch.float64
+
+
 def bad_batch(case: str, dims: dict[str, int]):
     """Features and masks that break the contract in one way (see the parametrize ids)."""
     feats = {m: torch.randn(3, d) for m, d in dims.items()}
@@ -326,6 +355,8 @@ def bad_batch(case: str, dims: dict[str, int]):
         feats["audio"] = torch.ones(3, dims["audio"], dtype=torch.long)
     elif case == "mask-shape":
         present["audio"] = torch.ones(2, dtype=torch.bool)
+    elif case == "float64-features":
+        feats["audio"] = feats["audio"].double()
     return feats, present
 
 
@@ -335,6 +366,10 @@ BAD_BATCHES = {
     "batch-sizes": r"modality 'audio' has a batch of 2 samples, modality 'image' has 3",
     "integer-features": r"modality 'audio': fuser expects floating-point features, got torch.int64",
     "mask-shape": r"modality 'audio': present mask has shape \[2\], expected \[3\] or \[3, 1\]",
+    # with parameters: theirs; without (concat): the first modality's
+    "float64-features": r"modality 'audio': fuser expects torch.float32 features \((the dtype "
+    r"of its parameters|those of modality 'image')\), got torch.float64; convert them with "
+    r"x.to\(torch.float32\)",
 }
 
 

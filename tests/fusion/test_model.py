@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -84,6 +86,47 @@ def test_fuser_for_other_modalities_is_rejected():
     encoders = {"image": Encoder(Scale(1.0, 4), input_shape=(4,))}
     with pytest.raises(ValueError, match="fuser was built for modalities"):
         MultimodalModel(encoders, ConcatFuser({"audio": 4}), ClassificationHead(4, 2))
+
+
+@pytest.mark.parametrize(
+    ("fuser", "head", "message"),
+    [
+        pytest.param(
+            GatedFuser({"image": 4}, dim=8),
+            ClassificationHead(100, 3),
+            r"^head.in_dim is 100 but the fuser gives out_dim 8; build the head with "
+            r"in_dim=fuser.out_dim, as MultimodalModel.build does$",
+            id="gated",
+        ),
+        pytest.param(
+            "late",
+            ClassificationHead(4, 3),
+            r"^head.in_dim is 4 but the fuser gives out_dim 3 \(its predictions: a fuser that "
+            r"produces logits is followed by PassThroughHead\)",
+            id="late",
+        ),
+    ],
+)
+def test_head_for_another_fused_size_is_rejected(fuser, head, message):
+    from fusion.fusers import LateFusion
+
+    encoders = {"image": Encoder(Scale(1.0, 4), input_shape=(4,))}
+    if fuser == "late":
+        fuser = LateFusion({"image": 4}, num_classes=3)
+    with pytest.raises(ValueError, match=message):
+        MultimodalModel(encoders, fuser, head)
+
+
+def test_late_fusion_is_followed_by_a_pass_through_head():
+    from fusion.fusers import LateFusion
+    from fusion.model import PassThroughHead
+
+    model = tiny_model(fuser=functools.partial(LateFusion, combine="probs"))
+    assert isinstance(model.head, PassThroughHead)
+    encoders = {"image": Encoder(Scale(1.0, 4), input_shape=(4,))}
+    fuser = LateFusion({"image": 4}, num_classes=3)
+    MultimodalModel(encoders, fuser, PassThroughHead())
+    MultimodalModel(encoders, fuser, ClassificationHead(3, 3))
 
 
 def test_summary_lists_shapes_parameters_and_frozen_parts():

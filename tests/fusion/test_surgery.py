@@ -314,6 +314,34 @@ def test_no_weight_decay_on_biases_and_norms_whatever_their_names():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"lr": -1e-3}, "lr must be a finite number > 0, got -0.001"),
+        ({"lr": 0}, "lr must be a finite number > 0, got 0"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+        ({"lr": "1e-3"}, "lr must be a finite number > 0, got '1e-3'"),
+        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0, got -0.1"),
+        ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0, got inf"),
+    ],
+    ids=["lr-negative", "lr-zero", "lr-nan", "lr-string", "wd-negative", "wd-inf"],
+)
+def test_param_group_rates_that_cannot_train_are_refused(kwargs, message):
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError) as err:
+        surgery.param_groups(model, **{"lr": 1e-3, "weight_decay": 0.0, **kwargs})
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("num_classes", [0, -2, 2.5, True])
+def test_replace_classifier_needs_a_positive_class_count(num_classes):
+    model = nn.Sequential()
+    model.fc = nn.Linear(4, 3)
+    with pytest.raises(ValueError) as err:
+        surgery.replace_classifier(model, num_classes)
+    assert str(err.value) == f"num_classes must be a positive integer, got {num_classes!r}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
         (
             {"lr_mult": {"1.*": 0.1, "head.*": 2.0}},
             "lr_mult: pattern 'head.*' matches no parameter of Sequential; names look like "

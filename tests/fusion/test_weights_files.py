@@ -2,6 +2,9 @@
 other classifiers, and damaged files. Nothing in a file is ever run."""
 
 import functools
+import io
+import os
+import pickle
 import zipfile
 
 import pytest
@@ -107,6 +110,13 @@ def truncated_safetensors(path, model):
     path.write_bytes(path.read_bytes()[:40])
 
 
+def truncated_legacy(path, model):
+    """torch.save's format before torch 1.6 (a pickle, not a zip archive), cut short."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer, _use_new_zipfile_serialization=False)
+    path.write_bytes(buffer.getvalue()[:60])
+
+
 def empty(path, model):
     path.write_bytes(b"")
 
@@ -120,6 +130,7 @@ def garbage(path, model):
     [
         ("half.pt", truncated),
         ("storages-gone.pth", bad_zip_member),
+        ("legacy-cut.pt", truncated_legacy),
         ("cut.safetensors", truncated_safetensors),
         ("empty.ckpt", empty),
         ("noise.bin", garbage),
@@ -156,6 +167,94 @@ def test_files_without_a_state_dict_say_what_they_hold(tmp_path, content, found)
     with pytest.raises(ValueError) as err:
         load_weights(nn.Linear(2, 2), path)
     assert str(err.value).startswith(f"weights file {path} {found}")
+
+
+def test_legacy_torch_save_files_still_load(tmp_path):
+    model = nn.Linear(2, 2)
+    path = tmp_path / "legacy.pt"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    assert load_weights(nn.Linear(2, 2), path).complete
+
+
+class System:
+    """Pickles as a call to os.system: the classic payload of a malicious pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+PLAIN_PICKLE = (
+    "is a plain pickle (written by pickle.dump), not a torch.save file; it is not loaded, "
+    "since unpickling an arbitrary pickle can run code: load it where you trust it and "
+    "re-save the tensors with torch.save(state_dict, path) or "
+    "safetensors.torch.save_file(state_dict, path)"
+)
+PICKLED_CODE = (
+    "is a plain pickle (written by pickle.dump, not torch.save) that names code ({}); it is "
+    "not loaded, since unpickling it would run that code: expected tensors; save the "
+    "state_dict alone, with torch.save(model.state_dict(), path) or safetensors"
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "protocol", "message"),
+    [
+        pytest.param(
+            lambda marker: {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)},
+            pickle.DEFAULT_PROTOCOL,
+            PLAIN_PICKLE,
+            id="tensors",
+        ),
+        pytest.param(
+            lambda marker: nn.Linear(2, 2).state_dict(), 2, PLAIN_PICKLE, id="tensors-protocol-2"
+        ),
+        pytest.param(
+            lambda marker: System(marker),
+            pickle.DEFAULT_PROTOCOL,
+            PICKLED_CODE.format(f"{os.system.__module__}.system"),
+            id="os.system",
+        ),
+        pytest.param(
+            lambda marker: {"weight": torch.zeros(2, 2), "bias": System(marker)},
+            2,
+            PICKLED_CODE.format(f"{os.system.__module__}.system"),
+            id="tensors-and-os.system",
+        ),
+        pytest.param(
+            lambda marker: {"weight": Tripwire()},
+            pickle.DEFAULT_PROTOCOL,
+            PICKLED_CODE.format(f"{__name__}.record"),
+            id="tripwire",
+        ),
+    ],
+)
+def test_plain_pickles_are_named_and_never_unpickled(tmp_path, content, protocol, message):
+    marker = tmp_path / "ran"
+    path = tmp_path / "weights.pkl"
+    with open(path, "wb") as handle:
+        pickle.dump(content(marker), handle, protocol=protocol)
+    with pytest.raises(ValueError) as err:
+        load_weights(nn.Linear(2, 2), path)
+    assert str(err.value) == f"weights file {path} {message}"
+    assert not marker.exists()
+
+
+def test_a_folder_is_named_as_one(tmp_path):
+    with pytest.raises(ValueError) as err:
+        load_weights(nn.Linear(2, 2), tmp_path)
+    assert str(err.value) == (
+        f"weights file {tmp_path} is a folder: expected a weights file (a torch checkpoint or "
+        "a safetensors file); it holds none"
+    )
+    save_file(nn.Linear(2, 2).state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(
+        ValueError, match=r"is a folder: .*; weights files in it: model\.safetensors$"
+    ):
+        load_weights(nn.Linear(2, 2), str(tmp_path))
 
 
 def test_a_file_calling_a_blocked_module_is_refused_and_runs_nothing(tmp_path):
