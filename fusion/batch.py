@@ -26,6 +26,7 @@ from fusion.data import (
     RESERVED_KEYS,
     TARGET_KEY,
     Modality,
+    Task,
 )
 
 
@@ -173,8 +174,15 @@ class Collate:
     one item's shape, or `""` for text.
     """
 
-    def __init__(self, placeholders: Mapping[str, torch.Tensor | str] | None = None) -> None:
+    def __init__(
+        self,
+        placeholders: Mapping[str, torch.Tensor | str] | None = None,
+        tasks: Mapping[str, Task] | None = None,
+    ) -> None:
+        """`tasks` (the dataset's): labels of classification tasks are checked to be class
+        indices of those tasks, so a float or out-of-range label is named, not trained on."""
         self.placeholders = dict(placeholders or {})
+        self.tasks = dict(tasks or {})
 
     @classmethod
     def for_dataset(cls, dataset: Any) -> Collate:
@@ -198,7 +206,7 @@ class Collate:
                     unknown.remove(m)
             if not unknown:
                 break
-        return cls(placeholders)
+        return cls(placeholders, getattr(dataset, "tasks", None))
 
     def __call__(self, items: Sequence[Mapping[str, object]]) -> Batch:
         if not items:
@@ -229,6 +237,7 @@ class Collate:
             if TARGET_KEY not in item:
                 raise KeyError(f"item {i} has no '{TARGET_KEY}'; keys are {sorted(item)}")
         targets = _stack_labels(TARGET_KEY, [item[TARGET_KEY] for item in items])
+        check_class_indices(targets, self.tasks)
         condition = None
         if any(CONDITION_KEY in item for item in items):
             missing = [i for i, item in enumerate(items) if CONDITION_KEY not in item]
@@ -241,6 +250,35 @@ class Collate:
                 MODALITY_TARGETS_KEY, [item[MODALITY_TARGETS_KEY] for item in items]
             )
         return Batch(inputs, present, targets, condition, modality_targets)
+
+
+def check_class_indices(
+    targets: torch.Tensor | dict[str, torch.Tensor], tasks: Mapping[str, Task]
+) -> None:
+    """Each classification task's labels are integer class indices in [0, classes): a float
+    label would be read as class probabilities and a negative one ignored or out of range."""
+    if isinstance(targets, dict):
+        labels = {f"{TARGET_KEY}.{name}": (name, value) for name, value in targets.items()}
+    elif len(tasks) == 1:
+        labels = {TARGET_KEY: (next(iter(tasks)), targets)}
+    else:
+        return
+    for where, (name, values) in labels.items():
+        task = tasks.get(name)
+        if task is None or task.kind not in ("multiclass", "binary"):
+            continue
+        if values.is_floating_point() or values.dtype == torch.bool:
+            raise ValueError(
+                f"'{where}': task '{name}' ({task.kind}) takes class indices, found {values.dtype} "
+                f"labels {values[:4].tolist()}"
+            )
+        outside = ((values < 0) | (values >= len(task.classes))).nonzero()
+        if len(outside):
+            i = int(outside[0, 0])
+            raise ValueError(
+                f"item {i}: '{where}' is {values[i].tolist()}; task '{name}' has "
+                f"{len(task.classes)} classes, so a label is an index in [0, {len(task.classes) - 1}]"
+            )
 
 
 collate = Collate()

@@ -142,3 +142,21 @@ def test_bad_items_are_named_not_promoted(case):
     items, error, message = BAD_ITEMS[case]
     with pytest.raises(error, match=message):
         collate(items)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([0.5, 1.5], r"'label': task 'y' \(multiclass\) takes class indices, found torch.float32 labels \[0.5, 1.5\]"),
+        ([0, -1], r"item 1: 'label' is -1; task 'y' has 3 classes, so a label is an index in \[0, 2\]"),
+        ([3, 0], r"item 0: 'label' is 3; task 'y' has 3 classes, so a label is an index in \[0, 2\]"),
+    ],
+)  # fmt: skip
+def test_a_collate_that_knows_the_tasks_names_labels_that_are_no_class_index(labels, message):
+    from fusion.data import Task
+
+    collate_for = Collate(tasks={"y": Task("multiclass", ("a", "b", "c"))})
+    items = [{"x": torch.zeros(1), "label": label} for label in labels]
+    with pytest.raises(ValueError, match=message):
+        collate_for(items)
+    assert collate_for([{"x": torch.zeros(1), "label": 2}]).targets.tolist() == [2]
