@@ -382,37 +382,16 @@ def test_a_majority_of_cells_decides_the_kind_and_the_odd_cell_is_named(cells, k
     assert infer_kind(pd.Series(cells, name="x", dtype=object)) == kind
 
 
-def test_a_non_number_in_a_mostly_numeric_column_is_named(manifest, frame):
-    frame["weight_kg"] = frame["weight_kg"].astype(object)
-    frame.loc[2, "weight_kg"] = "heavy"
-    frame.to_csv(manifest, index=False)
-    with pytest.raises(
-        ValueError, match=r"data row 3, column 'weight_kg': 'heavy' is not a number"
-    ):
-        build(manifest)
-
-
-def test_a_numeric_cell_spelled_missing_is_missing_and_said(tmp_path, caplog):
-    rows = ["x,c,label,split", *(f"{i}.5,,{'ab'[i % 2]},train" for i in range(8))]
-    rows += ["NA,c1,a,train", "n/a,c1,b,train", "NA,,a,train", "1,,a,val", "2,,b,test"]
-    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
-    with caplog.at_level(logging.WARNING, logger="fusion"):
-        data = ManifestDataset("train", path=tmp_path / "t.csv", target="label")
-    assert data.modalities["tabular"].info["columns"] == ["x", "c"]
-    assert "column 'x': 2 cells spelled ['NA', 'n/a'] read as missing" in caplog.text
-    assert "skipped 1 rows without a target or without any input (data rows 11)" in caplog.text
-    assert [data[i]["tabular"].tolist() for i in (8, 9)] == [[0.0, 1.0], [0.0, 1.0]]
-
-
 @pytest.mark.parametrize(
     ("value", "message"),
     [
+        ("heavy", r"data row 3, column 'weight_kg': 'heavy' is not a number, and the column is numeric"),
         ("inf", r"data row 3, column 'weight_kg': 'inf' is infinite"),
         ("-inf", r"data row 3, column 'weight_kg': '-inf' is infinite"),
         ("1e300", r"column 'weight_kg': the train values' mean or std overflows float64 \(data row 3"),
     ],
 )  # fmt: skip
-def test_a_number_that_cannot_be_standardized_is_named(manifest, frame, value, message):
+def test_a_cell_that_cannot_be_standardized_is_named(manifest, frame, value, message):
     frame["weight_kg"] = frame["weight_kg"].astype(object)
     frame.loc[2, "weight_kg"] = value
     frame.to_csv(manifest, index=False)
