@@ -35,6 +35,7 @@ from experiments.builders import (
     encoder_configs,
     model_spec,
     trainer_settings,
+    unwritable,
 )
 from experiments.schema import (
     FAILURE,
@@ -309,7 +310,7 @@ def parse_overrides(lines: Sequence[str]) -> list[Override]:
 def check_run_directory(parsed: Sequence[Override], multirun: bool) -> None:
     """Refuse a `hydra.run.dir` (`hydra.sweep.dir`) that already holds a run (a sweep): Hydra
     would write its files over the finished run's, and a report would credit one run's
-    results to the other's settings."""
+    results to the other's settings; or one this user cannot create and write to."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [o for o in parsed if o.key_or_group == key and not o.is_sweep_override()]
     if not given or launched_processes() > 1:  # DDP's processes share one directory
@@ -322,6 +323,11 @@ def check_run_directory(parsed: Sequence[Override], multirun: bool) -> None:
             f"config key '{key}': {folder} already holds a {'sweep' if multirun else 'run'} "
             f"({held[0]}); a new run there would write over it. Choose a new folder (to "
             f"continue a run, start a new one with trainer.resume=<its folder>)"
+        )
+    problem = unwritable(folder)
+    if problem:
+        raise ConfigError(
+            f"config key '{key}': expected a folder this user can write to, found {problem}"
         )
 
 

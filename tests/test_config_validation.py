@@ -233,6 +233,12 @@ def test_a_run_directory_that_holds_a_run_is_refused_before_hydra_writes_over_it
     check_command_line(
         [f"{key.replace('sweep', 'run')}={tmp_path / 'new'}", f"paths.output_dir={tmp_path}"]
     )
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(
+        ConfigError,
+        match=f"config key '{key}': expected a folder this user can write to, found a file at",
+    ):
+        check_command_line(["-m"] * multirun + [f"{key}={tmp_path / 'a_file'}"])
 
 
 def test_a_valid_multirun_and_what_hydra_reports_itself_pass_the_command_line_check(tmp_path):
