@@ -269,6 +269,7 @@ def check_command_line(argv: Sequence[str]) -> None:
     check_run_directory(parsed, args.multirun)
     parsed = [o for o in parsed if not o.is_hydra_override()]
     check_deletions(parsed)
+    check_repeated(parsed)
     swept = [o for o in parsed if o.is_sweep_override()]
     if swept and not args.multirun:
         return
@@ -284,6 +285,7 @@ def check_command_line(argv: Sequence[str]) -> None:
         try:
             cfg = compose_config(*overrides)
             check_writable(cfg.paths, cfg.trainer.feature_cache.enabled)  # Hydra writes there
+            check_resume(cfg)
             if new_data:  # the first job builds its own at once
                 build_split(cfg.data, "train")
         except ConfigCompositionException:
@@ -300,35 +302,52 @@ def parse_overrides(lines: Sequence[str]) -> list[Override]:
         try:
             parsed += OverridesParser.create().parse_overrides([line])
         except OverrideParseException as err:
+            hint = (
+                "give it a value: key=value"
+                if "=" not in line and not line.startswith("~")
+                else "in a dict, write keys without quotes: 'trainer.fuse.lr_mult={head.*: 0.1}'"
+            )
             raise ConfigError(
-                f"override '{line}': Hydra cannot parse it ({str(err).splitlines()[0]}); in a "
-                "dict, write keys without quotes: 'trainer.fuse.lr_mult={head.*: 0.1}'"
+                f"override '{line}': Hydra cannot parse it ({str(err).splitlines()[0]}); {hint}"
             ) from None
     return parsed
 
 
 def check_run_directory(parsed: Sequence[Override], multirun: bool) -> None:
-    """Refuse a `hydra.run.dir` (`hydra.sweep.dir`) that already holds a run (a sweep): Hydra
-    would write its files over the finished run's, and a report would credit one run's
-    results to the other's settings; or one this user cannot create and write to."""
+    """Refuse a `hydra.run.dir` (`hydra.sweep.dir`) that is not empty: Hydra would write over
+    what it holds (a finished run, whose results a report would then credit to the new
+    run's settings; the user's data); or one this user cannot create and write to."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [o for o in parsed if o.key_or_group == key and not o.is_sweep_override()]
     if not given or launched_processes() > 1:  # DDP's processes share one directory
         return
     folder = Path(str(given[-1].value()))
-    marks = ("config.yaml", "summary.json", ".hydra", "multirun.yaml")
-    held = sorted(str(p) for mark in marks for p in [*folder.glob(mark), *folder.glob(f"*/{mark}")])
+    held = sorted(folder.iterdir()) if folder.is_dir() else []
     if held:
         raise ConfigError(
-            f"config key '{key}': {folder} already holds a {'sweep' if multirun else 'run'} "
-            f"({held[0]}); a new run there would write over it. Choose a new folder (to "
-            f"continue a run, start a new one with trainer.resume=<its folder>)"
+            f"config key '{key}': {folder} is not empty (it holds {held[0]}); a "
+            f"{'sweep' if multirun else 'run'} there would write over what it holds. Choose a "
+            "new or empty folder (to continue a run, start a new one with "
+            "trainer.resume=<its folder>)"
         )
     problem = unwritable(folder)
     if problem:
         raise ConfigError(
             f"config key '{key}': expected a folder this user can write to, found {problem}"
         )
+
+
+def check_repeated(parsed: Sequence[Override]) -> None:
+    """Refuse a key given twice with different values: Hydra would take the last without a
+    word (easy to do when a Makefile or script adds overrides to yours)."""
+    seen: dict[str, str] = {}
+    for override in parsed:
+        key, line = override.key_or_group, override.input_line
+        if key in seen and seen[key] != line:
+            raise ConfigError(
+                f"override '{line}': {key} is also given as '{seen[key]}'; give it once"
+            )
+        seen[key] = line
 
 
 def check_deletions(parsed: Sequence[Override]) -> None:

@@ -184,6 +184,8 @@ def test_the_entry_point_checks_before_the_recipe_runs(monkeypatch, tmp_path):
         (["-m", "data.task=digit,whch"], "config key 'data.task' (data.avdigits.AVDigits, split 'train'): data.task: expected one of ['digit', 'same', 'which', 'multitask'], found 'whch' (multirun job data.task=whch)"),
         (["~trainer.fuse.lr"], "override '~trainer.fuse.lr': trainer.fuse.lr has a default in the schema (0.001) that would be used without a word"),
         (['trainer.fuse.lr_mult={"head.*": 0.1}'], "override 'trainer.fuse.lr_mult={\"head.*\": 0.1}': Hydra cannot parse it (no viable alternative"),
+        (["trainer.fuse.epochs=1", "trainer.fuse.epochs=3"], "override 'trainer.fuse.epochs=3': trainer.fuse.epochs is also given as 'trainer.fuse.epochs=1'; give it once"),
+        (["trainer.fuse.lr"], "override 'trainer.fuse.lr': Hydra cannot parse it (Error parsing override 'trainer.fuse.lr'); give it a value: key=value"),
         (["seed=1", "-m", "trainer.fuse.lr=0.1,0.2"], "command line: cannot read ['trainer.fuse.lr=0.1,0.2']; flags (-m, --multirun, --cfg) go before the overrides"),
     ],
 )  # fmt: skip
@@ -214,9 +216,9 @@ def test_an_output_folder_that_is_a_file_is_named_before_hydra_makes_the_run_dir
 @pytest.mark.parametrize(
     ("multirun", "written", "key"),
     [(False, "config.yaml", "hydra.run.dir"), (False, ".hydra/overrides.yaml", "hydra.run.dir"),
-     (True, "0/summary.json", "hydra.sweep.dir")],
+     (False, "manifest.csv", "hydra.run.dir"), (True, "0/summary.json", "hydra.sweep.dir")],
 )  # fmt: skip
-def test_a_run_directory_that_holds_a_run_is_refused_before_hydra_writes_over_it(
+def test_a_run_directory_that_is_not_empty_is_refused_before_hydra_writes_over_it(
     tmp_path, multirun, written, key
 ):
     from experiments.train import check_command_line
@@ -227,8 +229,9 @@ def test_a_run_directory_that_holds_a_run_is_refused_before_hydra_writes_over_it
     with pytest.raises(ConfigError) as caught:
         check_command_line(argv)
     assert str(caught.value).startswith(
-        f"config key '{key}': {tmp_path / 'old'} already holds a {'sweep' if multirun else 'run'} "
-        f"({tmp_path / 'old' / written.split('/')[0]}"
+        f"config key '{key}': {tmp_path / 'old'} is not empty (it holds "
+        f"{tmp_path / 'old' / written.split('/')[0]}); a {'sweep' if multirun else 'run'} there "
+        "would write over what it holds"
     )
     check_command_line(
         [f"{key.replace('sweep', 'run')}={tmp_path / 'new'}", f"paths.output_dir={tmp_path}"]
