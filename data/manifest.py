@@ -393,7 +393,7 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
     if settings.check_files:
         check_files(cells, kinds, row_numbers, source)
     tabular = encode_tabular(frame, kinds, split_of == "train", row_numbers, source)
-    warn_uncovered(task, labels, cells, tabular, split_of, row_numbers, source)
+    warn_uncovered(kinds, task, labels, cells, tabular, split_of, row_numbers, source)
     modalities = declare_modalities(kinds, cells, tabular, split_of, row_numbers, settings, source)
     counts = ", ".join(f"{int((split_of == s).sum())} {s}" for s in SPLITS)
     leaving = f"; {escapes} file paths leave its folder through '..'" if escapes else ""
@@ -413,6 +413,7 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
 
 
 def warn_uncovered(
+    kinds: Mapping[str, str],
     task: Task,
     labels: np.ndarray,
     cells: Mapping[str, list[str | None]],
@@ -422,8 +423,9 @@ def warn_uncovered(
     source: Path,
 ) -> None:
     """Said out loud, since training would run on without them: classes no train row has
-    (the model never learns them) and modalities a whole split lacks (its metrics do not
-    measure them)."""
+    (the model never learns them) or only one row has (a typo?), files a train row and a
+    val/test row share (leaked metrics), and modalities a whole split lacks (its metrics do
+    not measure them)."""
     train = split_of == "train"
     unseen = [k for k in range(len(task.classes)) if not (labels[train] == k).any()]
     if unseen:
@@ -432,6 +434,25 @@ def warn_uncovered(
             "manifest %s: the classes %s have no train row (data rows %s), so the model "
             "cannot learn them", source.name, [task.classes[k] for k in unseen], rows,
         )  # fmt: skip
+    counts = np.bincount(labels, minlength=len(task.classes))
+    single = [k for k in range(len(task.classes)) if counts[k] == 1]
+    if single:
+        rows = [int(row_numbers[np.flatnonzero(labels == k)[0]]) for k in single[:5]]
+        log.warning(
+            "manifest %s: the classes %s have one row each (data rows %s): a typo or an "
+            "outlier in the target?", source.name, [task.classes[k] for k in single[:5]], rows,
+        )  # fmt: skip
+    for column, values in cells.items():
+        if kinds[column] not in FILE_KINDS:
+            continue
+        seen = {v for v, t in zip(values, train, strict=True) if t and v is not None}
+        shared = [i for i, v in enumerate(values) if not train[i] and v in seen]
+        if shared:
+            log.warning(
+                "manifest %s, column '%s': %d val/test rows use a file a train row uses too "
+                "(data row %d: %s), so their metrics are not of unseen data",
+                source.name, column, len(shared), int(row_numbers[shared[0]]), values[shared[0]],
+            )  # fmt: skip
     present = {name: np.array([v is not None for v in values]) for name, values in cells.items()}
     if tabular is not None:
         present[TABULAR] = tabular.present
@@ -656,6 +677,17 @@ def column_kinds(
             doubt = None if name in overrides else inference_doubt(frame[name], kinds[name])
             if doubt:
                 log.warning("manifest %s, column '%s': %s", source.name, name, doubt)
+            filled = np.flatnonzero(frame[name].map(_is_filled).to_numpy())
+            if (
+                name not in overrides
+                and kinds[name] != "ignore"
+                and len(filled) <= len(frame) // 100 + 1 < len(frame) // 10
+            ):
+                log.warning(
+                    "manifest %s, column '%s': a value in only %d of %d rows (data row %d); if "
+                    "it is a stray key, set data.columns={%s: ignore}",
+                    source.name, name, len(filled), len(frame), filled[0] + 1, name,
+                )  # fmt: skip
     if not any(k in COLUMN_KINDS and k != "ignore" for k in kinds.values()):
         raise ValueError(f"manifest {source} has no input column: its columns are {kinds}")
     return kinds
@@ -745,6 +777,12 @@ def check_modality_names(kinds: Mapping[str, str], source: Path) -> None:
 def read_targets(series: pd.Series, source: Path) -> list[str | None]:
     """Each row's class name, `None` where the cell is empty; a continuous target (a
     regression, not supported yet) is refused rather than turned into thousands of classes."""
+    for row, value in enumerate(series, start=1):
+        if isinstance(value, (list, dict)):
+            raise ValueError(
+                f"target '{series.name}' in {source}, data row {row}: expected one class name "
+                f"or code, found a {type(value).__name__} {value!r}"
+            )
     filled = {v for v in series if _is_filled(v)}
     continuous = pd.api.types.is_float_dtype(series) and len(filled) > REGRESSION_MIN_VALUES
     if continuous and any(not float(v).is_integer() for v in filled):
@@ -933,7 +971,10 @@ def naming_errors(source: Path, row: int, column: str, path: str) -> Iterator[No
     except FileNotFoundError as err:
         raise DataFileError(f"{where}: file {path} does not exist") from err
     except (OSError, RuntimeError, ValueError) as err:
-        raise DataFileError(f"{where}: cannot decode {path}: {err}") from err
+        reason = str(err)
+        if "does not exist or is not a regular file" in reason and os.path.isfile(path):
+            reason = "libsndfile does not recognise it as audio (a file of another format?)"
+        raise DataFileError(f"{where}: cannot decode {path}: {reason}") from err
 
 
 def train_samples(paths: Sequence[str | None], train: np.ndarray) -> list[int]:

@@ -684,3 +684,45 @@ def test_a_word_among_numeric_targets_is_said(tmp_path, caplog):
         "target 'label' in t.csv: 20 of 21 values are numbers, and data row 21 holds 'seven', "
         "which makes a class of its own"
     ) in caplog.text
+
+
+def test_single_row_classes_shared_files_and_stray_columns_are_said(tmp_path, caplog, folder):
+    rows = ["photo,extra,label,split"]
+    rows += [f"img/a.png,,{i % 3},train" for i in range(30)]
+    rows += ["img/a.png,x,2.5,train", "img/b.png,,0,val", "img/b.png,,1,test"]
+    (folder / "t.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(folder / "t.csv")
+    assert (
+        "the classes ['2.5'] have one row each (data rows [31]): a typo or an outlier"
+        in caplog.text
+    )
+    assert "column 'extra': a value in only 1 of 33 rows (data row 31)" in caplog.text
+    assert "column 'photo': 2 val/test rows use a file a train row uses" not in caplog.text
+    (folder / "t.csv").write_text("\n".join([*rows[:-1], "img/a.png,,1,test"]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(folder / "t.csv")
+    assert (
+        "column 'photo': 1 val/test rows use a file a train row uses too (data row 33: "
+        f"{folder / 'img' / 'a.png'}), so their metrics are not of unseen data"
+    ) in caplog.text
+
+
+def test_a_list_as_a_target_and_a_file_of_another_format_are_named(
+    tmp_path, folder, manifest, frame
+):
+    lines = ['{"x": 1, "label": "a"}', '{"x": 2, "label": ["a", "b"]}', '{"x": 3, "label": "b"}']
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ValueError,
+        match=r"target 'label' in .*t\.jsonl, data row 2: expected one class name or code, found a list \['a', 'b'\]",
+    ):
+        build(tmp_path / "t.jsonl")
+    (folder / "snd" / "notes.mp3").write_text("ID3 not audio")
+    frame.loc[7, "clip"] = "snd/notes.mp3"
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(
+        DataFileError,
+        match=r"data row 8, column 'clip': cannot decode .*notes\.mp3: libsndfile does not recognise it as audio",
+    ):
+        build(manifest, columns={"clip": "audio"})
