@@ -81,11 +81,25 @@ def _stack_labels(name: str, values: list) -> torch.Tensor | dict[str, torch.Ten
 
 def _stack_numbers(name: str, values: list) -> torch.Tensor:
     """Labels (class indices, or numbers for a regression) as one tensor; an item whose
-    label is no number, or not the kind of the others, is named."""
+    label is no number, not the kind of the others, not finite, or a negative integer (no
+    class index) is named."""
     try:
-        return torch.as_tensor(values)
+        stacked = torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError):
-        pass
+        stacked = None
+    if stacked is not None:
+        bad = (
+            (~torch.isfinite(stacked)).nonzero()
+            if stacked.is_floating_point()
+            else (stacked < 0).nonzero()
+            if stacked.dtype != torch.bool
+            else []
+        )
+        if len(bad):
+            i = int(bad[0, 0])
+            expected = "a finite number" if stacked.is_floating_point() else "a class index >= 0"
+            raise ValueError(f"item {i}: '{name}' is {values[i]!r}; expected {expected}")
+        return stacked
     kinds = [type(v).__name__ for v in values]
     for i, v in enumerate(values):
         if not isinstance(v, (int, float, bool, torch.Tensor)) or kinds[i] != kinds[0]:

@@ -105,6 +105,11 @@ class MultimodalModel(nn.Module):
         modality of the batch. Modalities the model does not use are not looked at, so a
         stage-1 model takes the whole batch.
         """
+        if not isinstance(inputs, Mapping):
+            raise TypeError(
+                f"inputs must be a dict {{modality: tensor}}, got {type(inputs).__name__}; "
+                f"the model's modalities are {list(self.encoders)}"
+            )
         unknown = sorted(set(present or {}) - set(inputs))
         if unknown:
             raise KeyError(

@@ -253,6 +253,10 @@ def param_groups(
     weight_decay_for = dict(weight_decay_for or {})
     check_param_patterns(model, lr_mult=lr_mult, weight_decay_for=weight_decay_for)
     stage_scale = {}
+    if layer_decay is not None and not (
+        isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1
+    ):
+        raise ValueError(f"layer_decay must be a number in (0, 1], got {layer_decay!r}")
     if layer_decay is not None:
         for root in decay_roots:
             stage_scale.update(_layer_decay_scales(model, layer_decay, root))

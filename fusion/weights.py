@@ -180,6 +180,8 @@ def load_weights(
     shape-mismatched raises `IncompleteLoadError` before the module is touched: a silent
     partial load is the bug this function exists to prevent. Unexpected keys never raise.
     """
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}")
     prefix = prefix or ""
     weights = _read(source)
     state, renamed, dropped = _apply_key_map(weights.state, key_map or {})
@@ -488,7 +490,12 @@ def _apply_key_map(
 ) -> tuple[dict[str, torch.Tensor], int, list[str]]:
     """Rename keys with each regex -> replacement in turn (None: drop the key); refuse to
     merge two keys into one. Returns the new state, the number renamed and the keys dropped."""
-    patterns = [(re.compile(p), r) for p, r in key_map.items()]
+    patterns = []
+    for pattern, replacement in key_map.items():
+        try:
+            patterns.append((re.compile(pattern), replacement))
+        except re.error as err:
+            raise ValueError(f"key_map pattern {pattern!r} is not a valid regex: {err}") from None
     renamed: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     dropped = []

@@ -44,7 +44,7 @@ class Fuser(nn.Module):
 
     def check(self, features: Features, present: Present) -> None:
         """Every expected modality is there with its declared size, floating point of the
-        fuser's dtype, and one batch size; `present` names no other modality."""
+        fuser's dtype, and one batch size; `features` and `present` name no other modality."""
         first = None
         weights = self._weights_dtype()
         expected = None if weights is None else (weights, "the dtype of its parameters")
@@ -77,12 +77,13 @@ class Fuser(nn.Module):
                     f"modality '{m}' has a batch of {len(x)} samples, modality '{first[0]}' "
                     f"has {first[1]}; every modality needs the same batch size"
                 )
-        unknown = sorted(set(present or {}) - set(self.modalities))
-        if unknown:
-            raise KeyError(
-                f"present names modalities {unknown} that this fuser does not fuse "
-                f"(it fuses {self.modalities})"
-            )
+        for given, name in ((features, "features"), (present or {}, "present")):
+            unknown = sorted(set(given) - set(self.modalities))
+            if unknown:
+                raise KeyError(
+                    f"{name} names modalities {unknown} that this fuser does not fuse "
+                    f"(it fuses {self.modalities})"
+                )
 
     def _weights_dtype(self) -> torch.dtype | None:
         """The dtype features must have: that of the fuser's floating parameters.

@@ -125,6 +125,16 @@ BAD_ITEMS = {
         ValueError,
         r"item 1: 'label.t' is NoneType None; expected a number like item 0's \(int 1\)",
     ),
+    "a NaN label": (
+        [{"a": torch.zeros(1), "label": float("nan")}, {"a": torch.zeros(1), "label": 1.0}],
+        ValueError,
+        r"item 0: 'label' is nan; expected a finite number",
+    ),
+    "a negative class index": (
+        [{"a": torch.zeros(1), "label": 1}, {"a": torch.zeros(1), "label": -1}],
+        ValueError,
+        r"item 1: 'label' is -1; expected a class index >= 0",
+    ),
     "an item without any modality": (
         [
             {"a": torch.zeros(1), "b": None, "label": 0},
@@ -148,7 +158,7 @@ def test_bad_items_are_named_not_promoted(case):
     ("labels", "message"),
     [
         ([0.5, 1.5], r"'label': task 'y' \(multiclass\) takes class indices, found torch.float32 labels \[0.5, 1.5\]"),
-        ([0, -1], r"item 1: 'label' is -1; task 'y' has 3 classes, so a label is an index in \[0, 2\]"),
+        ([0, -1], r"item 1: 'label' is -1; expected a class index >= 0"),
         ([3, 0], r"item 0: 'label' is 3; task 'y' has 3 classes, so a label is an index in \[0, 2\]"),
     ],
 )  # fmt: skip

@@ -373,6 +373,14 @@ BAD_BATCHES = {
 }
 
 
+@pytest.mark.parametrize("config", FUSION_CONFIGS, ids=lambda p: p.stem)
+def test_features_of_a_modality_the_fuser_does_not_fuse_are_named(config):
+    fuser = configured_fuser(config, DIMS[2])
+    feats, present = bad_batch("none", DIMS[2])
+    with pytest.raises(KeyError, match=r"features names modalities \['text'\] that this fuser"):
+        fuser({**feats, "text": torch.randn(3, 5)}, present)
+
+
 @pytest.mark.parametrize("case", BAD_BATCHES)
 @pytest.mark.parametrize("config", FUSION_CONFIGS, ids=lambda p: p.stem)
 def test_bad_features_and_masks_are_named(config, case):

@@ -74,6 +74,11 @@ def test_a_presence_mask_for_a_modality_the_batch_lacks_is_named():
         model(inputs, mistyped)
 
 
+def test_inputs_that_are_not_a_dict_are_named():
+    with pytest.raises(TypeError, match=r"inputs must be a dict \{modality: tensor\}, got list"):
+        tiny_model()([torch.randn(2, 1, 2, 2), torch.randn(2, 6)])
+
+
 def test_wrong_shape_names_modality_expected_and_received():
     model = tiny_model()
     with pytest.raises(

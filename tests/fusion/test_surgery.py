@@ -320,8 +320,10 @@ def test_no_weight_decay_on_biases_and_norms_whatever_their_names():
         ({"lr": "1e-3"}, "lr must be a finite number > 0, got '1e-3'"),
         ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0, got -0.1"),
         ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0, got inf"),
+        ({"layer_decay": 2.0}, "layer_decay must be a number in (0, 1], got 2.0"),
+        ({"layer_decay": 0}, "layer_decay must be a number in (0, 1], got 0"),
     ],
-    ids=["lr-negative", "lr-zero", "lr-nan", "lr-string", "wd-negative", "wd-inf"],
+    ids=["lr-negative", "lr-zero", "lr-nan", "lr-string", "wd-negative", "wd-inf", "ld-2", "ld-0"],
 )
 def test_param_group_rates_that_cannot_train_are_refused(kwargs, message):
     model = nn.Sequential(nn.Linear(2, 2))

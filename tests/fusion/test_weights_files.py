@@ -275,3 +275,13 @@ def test_a_file_calling_a_blocked_module_is_refused_and_runs_nothing(tmp_path):
         "expected tensors; save the state_dict alone"
     )
     assert not marker.exists()
+
+
+def test_a_bad_key_map_pattern_and_a_strict_that_is_not_a_bool_are_named():
+    state = nn.Linear(2, 2).state_dict()
+    with pytest.raises(
+        ValueError, match=r"key_map pattern '\[' is not a valid regex: unterminated"
+    ):
+        load_weights(nn.Linear(2, 2), state, key_map={"[": ""})
+    with pytest.raises(TypeError, match=r"strict must be True or False, got str 'no'"):
+        load_weights(nn.Linear(2, 2), state, strict="no")
