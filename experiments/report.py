@@ -261,10 +261,30 @@ def load_runs(root: Path) -> list[Run]:
     for run in runs:
         if run.summary is None and (successor := resumed_by.get(run.dir.resolve())):
             run.status, run.resumed_by = f"stopped early; resumed by {successor}", successor
+    runs = without_repeats(runs)
     if not any(run.summary is not None for run in runs):
         listed = "".join(f"\n  {run.dir}: {run.status}" for run in runs)
         raise ReportError(f"no summary.json under {root}" + (f"; runs:{listed}" if runs else ""))
     return runs
+
+
+def without_repeats(runs: list[Run]) -> list[Run]:
+    """The runs, each finished (configuration, seed) once: a run directory copied, or a
+    job run twice, would otherwise count as another seed. Each repeat left out is said."""
+    first: dict[tuple, Run] = {}
+    kept = []
+    for run in runs:
+        key = (tuple(sorted(run.config.items())), run.seed)
+        if run.summary is not None and run.seed is not None:
+            if key in first:
+                note(
+                    f"{run.dir} repeats the configuration and seed of {first[key].dir} (a copy, "
+                    "or a job run twice?): counted once"
+                )
+                continue
+            first[key] = run
+        kept.append(run)
+    return kept
 
 
 def finished(runs: list[Run]) -> list[Run]:

@@ -232,6 +232,17 @@ def test_a_failed_run_is_listed_with_its_error_and_no_advice_to_resume(tmp_path,
     )
 
 
+def test_a_copied_run_counts_once(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "0", ["model/fusion=concat", "seed=0"], 0.8)
+    fake_run(sweep, "1", ["model/fusion=concat", "seed=1"], 0.6)
+    fake_run(sweep, "copy", ["model/fusion=concat", "seed=0"], 0.8)
+    assert main([str(sweep)]) == 0
+    out, err = capsys.readouterr()
+    assert "| concat | 70.00% ± 14.14% (n=2) |" in out
+    assert f"{sweep / 'copy'} repeats the configuration and seed of {sweep / '0'}" in err
+
+
 def test_a_cut_last_metrics_line_is_skipped_with_a_note(tmp_path, capsys):
     run = fake_run(tmp_path, "0", ["model/fusion=concat"], 0.8, curve=[0.5, 0.7])
     with (run / "metrics.jsonl").open("a") as f:
