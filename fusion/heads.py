@@ -83,6 +83,7 @@ class ClassificationHead(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, fused: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        check_fused(fused, self.in_dim)
         return self.mlp(fused)
 
 
@@ -145,6 +146,7 @@ class MultiTaskHead(nn.Module):
     def forward(
         self, fused: torch.Tensor, condition: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
+        check_fused(fused, self.in_dim)
         shared = self.trunk(fused)
         return {task: self.heads[task](shared) for task in self.tasks}
 
@@ -236,8 +238,7 @@ class ConditionalHead(nn.Module):
                 "ConditionalHead needs a condition: a LongTensor [batch] of condition ids in "
                 f"[0, {self.num_conditions}), one per sample"
             )
-        if fused.dim() != 2:
-            raise ValueError(f"fused must be [batch, {self.in_dim}], got {list(fused.shape)}")
+        check_fused(fused, self.in_dim)
         if condition.shape != (fused.shape[0],):
             raise ValueError(
                 f"condition must have shape [{fused.shape[0]}] (one id per sample), "
@@ -300,10 +301,18 @@ class MixtureOfExpertsHead(nn.Module):
         self.last_gate: torch.Tensor | None = None
 
     def forward(self, fused: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        check_fused(fused, self.in_dim)
         gate = torch.softmax(self.gate(fused) / self.temperature, dim=-1)  # [B, E]
         logits = torch.stack([expert(fused) for expert in self.experts], dim=-2)  # [B, E, K]
         self.last_gate = gate.detach()
         return (gate.unsqueeze(-1) * logits).sum(dim=-2)
+
+
+def check_fused(fused: torch.Tensor, in_dim: int) -> None:
+    """A head takes the fused features [batch, in_dim]; anything else is named here, not
+    as a matrix-multiply error inside its first layer."""
+    if fused.dim() != 2 or fused.shape[1] != in_dim:
+        raise ValueError(f"fused must be [batch, {in_dim}], got {list(fused.shape)}")
 
 
 def _finite_number(value: object) -> bool:

@@ -204,6 +204,16 @@ def test_layer_sizes_must_be_a_list(config, argument, value):
         configured_head(config, **{argument: value})
 
 
+@pytest.mark.parametrize("shape", [(4, 12), (4, 2, 8)])
+@pytest.mark.parametrize("config", HEAD_CONFIGS, ids=lambda p: p.stem)
+def test_fused_features_of_another_shape_are_named(config, shape):
+    head = configured_head(config)
+    condition = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError) as caught:
+        head(torch.randn(*shape), condition)
+    assert str(caught.value) == f"fused must be [batch, 8], got {list(shape)}"
+
+
 def dropout_rates(module):
     return [m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)]
 
