@@ -30,11 +30,14 @@ import re
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
@@ -379,7 +382,9 @@ def incomplete_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
-def table(runs: list[Run], metric: str, pivot: str | None = None) -> str:
+def table(
+    runs: list[Run], metric: str, pivot: str | None = None, unstarted: Sequence[str] = ()
+) -> str:
     """One row per configuration; with `pivot`, that override's values become the columns.
     Every cell says how many runs it averages; notes under the table list the runs without a
     result, so a crashed or stopped seed is never averaged away without a word."""
@@ -405,7 +410,31 @@ def table(runs: list[Run], metric: str, pivot: str | None = None) -> str:
         lines += ["", f"\\* fewer finished runs than the most in one cell ({most})."]
     if incomplete := incomplete_lines(runs):
         lines += ["", "Runs without a summary.json (not averaged):", "", *incomplete]
+    if unstarted:
+        lines += ["", "Sweeps with jobs that never started:", "", *(f"- {u}" for u in unstarted)]
     return "\n".join(lines)
+
+
+def unstarted_jobs(root: Path) -> list[str]:
+    """Each sweep under `root` whose `multirun.yaml` plans more jobs than it has folders:
+    Hydra stops a multirun at the first job that fails, so the rest were never run."""
+    lines = []
+    for plan in sorted(root.rglob("multirun.yaml")):
+        task = read_yaml(plan, dict, {}).get("hydra", {}).get("overrides", {}).get("task", [])
+        try:
+            parsed = OverridesParser.create().parse_overrides([str(line) for line in task])
+        except OverrideParseException:
+            continue
+        planned = math.prod(
+            len(list(o.sweep_string_iterator())) for o in parsed if o.is_sweep_override()
+        )
+        started = sum((job / ".hydra").is_dir() for job in plan.parent.iterdir())
+        if started < planned:
+            lines.append(
+                f"{plan.parent}: {planned - started} of {planned} planned jobs never started "
+                "(Hydra stops a multirun at the first job that fails)"
+            )
+    return lines
 
 
 def read_curve(run_dir: Path) -> dict[int, float]:
@@ -645,8 +674,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.root)
         check_metric(runs, args.metric)
         check_pivot(runs, args.pivot)
-        table_text = table(runs, args.metric, args.pivot)
-        report = aggregate(runs, args.metric)
+        unstarted = unstarted_jobs(args.root)
+        table_text = table(runs, args.metric, args.pivot, unstarted)
+        report = aggregate(runs, args.metric) | {"unstarted": unstarted}
     except ReportError as error:
         note(str(error))
         return 2

@@ -243,6 +243,24 @@ def test_a_copied_run_counts_once(tmp_path, capsys):
     assert f"{sweep / 'copy'} repeats the configuration and seed of {sweep / '0'}" in err
 
 
+def test_jobs_a_stopped_sweep_never_started_are_listed(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "0", ["model/fusion=concat", "seed=0"], 0.8)
+    fake_run(sweep, "1", ["model/fusion=concat", "seed=1"], None)  # failed: Hydra stopped here
+    task = ["model/fusion=concat,gated", "seed=0,1", "logger.mode=disabled"]
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
+    assert main([str(sweep)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"- {sweep}: 2 of 4 planned jobs never started (Hydra stops a multirun at the first job "
+        "that fails)"
+    )
+    report = json.loads((sweep / "report" / "report.json").read_text())
+    assert report["unstarted"] == [
+        f"{sweep}: 2 of 4 planned jobs never started (Hydra stops a multirun at the first job "
+        "that fails)"
+    ]
+
+
 def test_a_cut_last_metrics_line_is_skipped_with_a_note(tmp_path, capsys):
     run = fake_run(tmp_path, "0", ["model/fusion=concat"], 0.8, curve=[0.5, 0.7])
     with (run / "metrics.jsonl").open("a") as f:
