@@ -338,15 +338,15 @@ def check_run_directory(parsed: Sequence[Override], multirun: bool) -> None:
 
 
 def check_repeated(parsed: Sequence[Override]) -> None:
-    """Refuse a key given twice with different values: Hydra would take the last without a
-    word (easy to do when a Makefile or script adds overrides to yours)."""
+    """Say when a key is given twice with different values: Hydra takes the last, which is
+    what a script that appends your overrides to its own wants, but a typo'd repeat would
+    otherwise pass without a word."""
     seen: dict[str, str] = {}
     for override in parsed:
         key, line = override.key_or_group, override.input_line
         if key in seen and seen[key] != line:
-            raise ConfigError(
-                f"override '{line}': {key} is also given as '{seen[key]}'; give it once"
-            )
+            print(f"warning: {key} is given twice ('{seen[key]}', then '{line}'); the last is used",
+                  file=sys.stderr)  # fmt: skip
         seen[key] = line
 
 

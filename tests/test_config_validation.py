@@ -184,7 +184,6 @@ def test_the_entry_point_checks_before_the_recipe_runs(monkeypatch, tmp_path):
         (["-m", "data.task=digit,whch"], "config key 'data.task' (data.avdigits.AVDigits, split 'train'): data.task: expected one of ['digit', 'same', 'which', 'multitask'], found 'whch' (multirun job data.task=whch)"),
         (["~trainer.fuse.lr"], "override '~trainer.fuse.lr': trainer.fuse.lr has a default in the schema (0.001) that would be used without a word"),
         (['trainer.fuse.lr_mult={"head.*": 0.1}'], "override 'trainer.fuse.lr_mult={\"head.*\": 0.1}': Hydra cannot parse it (no viable alternative"),
-        (["trainer.fuse.epochs=1", "trainer.fuse.epochs=3"], "override 'trainer.fuse.epochs=3': trainer.fuse.epochs is also given as 'trainer.fuse.epochs=1'; give it once"),
         (["trainer.fuse.lr"], "override 'trainer.fuse.lr': Hydra cannot parse it (Error parsing override 'trainer.fuse.lr'); give it a value: key=value"),
         (["seed=1", "-m", "trainer.fuse.lr=0.1,0.2"], "command line: cannot read ['trainer.fuse.lr=0.1,0.2']; flags (-m, --multirun, --cfg) go before the overrides"),
     ],
@@ -242,6 +241,18 @@ def test_a_run_directory_that_is_not_empty_is_refused_before_hydra_writes_over_i
         match=f"config key '{key}': expected a folder this user can write to, found a file at",
     ):
         check_command_line(["-m"] * multirun + [f"{key}={tmp_path / 'a_file'}"])
+
+
+def test_a_key_given_twice_is_said_and_the_last_is_used(tmp_path, capsys):
+    from experiments.train import check_command_line
+
+    check_command_line(
+        [f"paths.output_dir={tmp_path}", "trainer.fuse.epochs=1", "trainer.fuse.epochs=3"]
+    )
+    assert capsys.readouterr().err == (
+        "warning: trainer.fuse.epochs is given twice ('trainer.fuse.epochs=1', then "
+        "'trainer.fuse.epochs=3'); the last is used\n"
+    )
 
 
 def test_a_valid_multirun_and_what_hydra_reports_itself_pass_the_command_line_check(tmp_path):
