@@ -149,13 +149,14 @@ def summary_accuracy(summary: dict[str, Any]) -> str:
     return f"{summary[f'{split}/fused/accuracy']:.2%}" + ("" if split == "test" else " (val)")
 
 
-def check_resume(cfg: DictConfig) -> Path | None:
+def check_resume(cfg: DictConfig, also_ignore: tuple[str, ...] = ()) -> Path | None:
     """With `trainer.resume`, the resumed run's directory, after refusing (`ConfigError`)
     every change of a key outside `RESUME_SAFE`: the resumed state was trained under its
     stored config, so a change would be ignored while this run's config.yaml records it.
 
     The stored config is the copy inside `fuse_state.pt` (loaded as data, weights only);
-    a state written before it held one is compared with its run's `config.yaml`."""
+    a state written before it held one is compared with its run's `config.yaml`. Keys
+    under `also_ignore` are left out (before the data has filled `model.encoders`)."""
     if cfg.trainer.resume is None:
         return None
     path = resume_path(cfg.trainer.resume)
@@ -168,7 +169,7 @@ def check_resume(cfg: DictConfig) -> Path | None:
                 f"{run_dir / 'config.yaml'} does not exist; nothing to check this run against"
             )
         stored = OmegaConf.load(run_dir / "config.yaml")
-    differences = config_differences(stored, cfg, ignore=RESUME_SAFE)
+    differences = config_differences(stored, cfg, ignore=(*RESUME_SAFE, *also_ignore))
     if differences:
         raise ConfigError(
             f"config key 'trainer.resume': {path} was trained with another config; the keys "
@@ -285,7 +286,7 @@ def check_command_line(argv: Sequence[str]) -> None:
         try:
             cfg = compose_config(*overrides)
             check_writable(cfg.paths, cfg.trainer.feature_cache.enabled)  # Hydra writes there
-            check_resume(cfg)
+            check_resume(cfg, also_ignore=("model.encoders",))  # filled from the data later
             if new_data:  # the first job builds its own at once
                 build_split(cfg.data, "train")
         except ConfigCompositionException:
