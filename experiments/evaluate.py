@@ -204,7 +204,12 @@ def load_run(run_dir: Path, trusted: Collection[str] = ()) -> tuple[DictConfig, 
     if best.is_dir():
         raise EvaluateError(f"{best}: expected the run's best checkpoint, a file; found a folder")
     if not best.is_file():
-        if (run_dir / "checkpoints" / FUSE_STATE).is_file():
+        if (run_dir / "summary.json").is_file():
+            how = (
+                "the run finished (its summary.json is there), but its best checkpoint is gone: "
+                "it cannot be evaluated again; train it again to get one"
+            )
+        elif (run_dir / "checkpoints" / FUSE_STATE).is_file():
             how = (
                 "this run stopped before stage 2 finished; finish it with `python -m "
                 f"experiments.train <the run's overrides> trainer.resume={run_dir}` "

@@ -671,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
         parser.error(f"argument --plots: expected a directory, {args.plots} is a file")
     try:
+        if args.plots is not None:
+            args.plots.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"argument --plots: cannot create {args.plots}: {err.strerror}")
+    try:
         runs = load_runs(args.root)
         check_metric(runs, args.metric)
         check_pivot(runs, args.pivot)

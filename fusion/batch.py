@@ -102,7 +102,12 @@ def _stack_numbers(name: str, values: list) -> torch.Tensor:
         return stacked
     kinds = [type(v).__name__ for v in values]
     for i, v in enumerate(values):
-        if not isinstance(v, (int, float, bool, torch.Tensor)) or kinds[i] != kinds[0]:
+        if not isinstance(v, (int, float, bool, torch.Tensor)):
+            raise ValueError(
+                f"item {i}: '{name}' is {kinds[i]} {v!r}; expected a number: labels are class "
+                "indices (or numbers)"
+            )
+        if kinds[i] != kinds[0]:
             raise ValueError(
                 f"item {i}: '{name}' is {kinds[i]} {v!r}; expected a number like item 0's "
                 f"({kinds[0]} {values[0]!r}): labels are class indices (or numbers)"

@@ -283,3 +283,18 @@ def test_a_best_checkpoint_that_is_a_folder_is_named(tmp_path, run_dir, capsys):
         f"evaluate: {run / 'checkpoints' / 'best.pt'}: expected the run's best checkpoint, a "
         "file; found a folder\n"
     )
+
+
+def test_a_finished_run_without_its_best_checkpoint_is_named_without_resume_advice(
+    tmp_path, run_dir, capsys
+):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "summary.json"):
+        (run / name).write_text((run_dir / name).read_text())
+    assert main([str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"evaluate: {run / 'checkpoints' / 'best.pt'} not found: the run finished (its "
+        "summary.json is there), but its best checkpoint is gone: it cannot be evaluated "
+        "again; train it again to get one\n"
+    )

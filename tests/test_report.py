@@ -125,6 +125,9 @@ def test_report_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--plots", str(tmp_path / "0" / "summary.json")])
     assert "argument --plots: expected a directory, " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--plots", str(tmp_path / "0" / "summary.json" / "plots")])
+    assert "argument --plots: cannot create " in capsys.readouterr().err
 
 
 def test_report_to_wandb_online_without_an_account_is_named(tmp_path, capsys, monkeypatch):

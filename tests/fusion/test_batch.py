@@ -115,15 +115,20 @@ BAD_ITEMS = {
         TypeError,
         r"item 1 is a tuple, expected a dict of modality name -> value",
     ),
+    "a word as the first label": (
+        [{"a": torch.zeros(1), "label": "cat"}, {"a": torch.zeros(1), "label": 1}],
+        ValueError,
+        r"item 0: 'label' is str 'cat'; expected a number: labels are class indices",
+    ),
     "a label of another kind": (
         [{"a": torch.zeros(1), "label": 0}, {"a": torch.zeros(1), "label": "cat"}],
         ValueError,
-        r"item 1: 'label' is str 'cat'; expected a number like item 0's \(int 0\)",
+        r"item 1: 'label' is str 'cat'; expected a number: labels are class indices",
     ),
     "a task's label of another kind": (
         [{"a": torch.zeros(1), "label": {"t": 1}}, {"a": torch.zeros(1), "label": {"t": None}}],
         ValueError,
-        r"item 1: 'label.t' is NoneType None; expected a number like item 0's \(int 1\)",
+        r"item 1: 'label.t' is NoneType None; expected a number: labels are class indices",
     ),
     "a NaN label": (
         [{"a": torch.zeros(1), "label": float("nan")}, {"a": torch.zeros(1), "label": 1.0}],
