@@ -107,7 +107,9 @@ def test_text_modality_is_reported_without_noise(tmp_path):
 
 def test_run_without_best_checkpoint_or_config_is_named(run_dir, tmp_path, capsys):
     stopped = tmp_path / "stopped"
-    shutil.copytree(run_dir, stopped, ignore=shutil.ignore_patterns("best.pt", "eval"))
+    shutil.copytree(
+        run_dir, stopped, ignore=shutil.ignore_patterns("best.pt", "eval", "summary.json")
+    )
     assert main([str(stopped)]) == 2
     err = capsys.readouterr().err
     assert str(stopped / "checkpoints" / "best.pt") in err and "experiments.train" in err
