@@ -86,6 +86,7 @@ def test_feature_cache_gives_the_uncached_result(tmp_path):
     assert "the train split is augmented, encoding it live" in augmented_log
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_and_loader_workers(tmp_path):
     result, run_dir = train(
         tmp_path, "fast", "trainer.precision=bf16", "trainer.channels_last=true",
@@ -95,6 +96,9 @@ def test_bf16_channels_last_and_loader_workers(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 0.0 <= json.loads((run_dir / "summary.json").read_text())["test/fused/accuracy"] <= 1
     assert list((tmp_path / "features").rglob("*-float16.npy"))
+
+
+def test_fp16_on_cpu_and_persistent_workers_without_workers_are_named(tmp_path):
     result, _ = train(tmp_path, "fp16", "trainer.precision=fp16", "trainer.device=cpu")
     assert result.returncode == 2
     assert "config key 'trainer.precision': precision 'fp16' needs a CUDA device" in result.stderr
@@ -136,6 +140,7 @@ def test_a_nonfinite_run_stops_with_one_line_kept_in_its_directory(tmp_path):
     assert not (run_dir / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_trimodal_experiment_with_gradual_unfreezing(tmp_path):
     result, run_dir = train(
         tmp_path,
