@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import pickle
-import pickletools
 import re
 import zipfile
 from collections.abc import Callable, Mapping
@@ -26,6 +24,8 @@ import torchaudio.pipelines
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights, get_weight, list_models
+
+from fusion.pickles import plain_pickle, preview
 
 WeightsSource: TypeAlias = (
     Mapping[str, Any] | str | os.PathLike[str] | WeightsEnum | torchaudio.pipelines.Wav2Vec2Bundle
@@ -49,14 +49,6 @@ CONTAINER_ENTRIES = (
 )
 TORCHAUDIO_MODELS_URL = "https://download.pytorch.org/torchaudio/models/"
 TORCHAUDIO_PREFIX = "torchaudio.pipelines."
-PREVIEW = 5
-# How a pickle begins (PROTO), and how torch.save's legacy format (torch < 1.6: a pickle, not
-# a zip archive; see `fusion.training.checkpoint.TORCH_SAVE_STARTS`) begins: its magic number.
-PICKLE_START = b"\x80"
-LEGACY_TORCH_SAVE_START = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-# The modules whose callables pickle.dump of tensors or arrays names (to rebuild them, their
-# storages and their containers); a pickle naming any other one names code.
-TENSOR_PICKLE_MODULES = ("torch", "collections", "_codecs", "numpy")
 MAX_WRAPPERS = 3  # e.g. 'model.module._orig_mod.'
 
 
@@ -122,7 +114,7 @@ class LoadReport:
         ]
         keys = []
         if self.skipped:
-            keys.append(f"skipped pickled objects {_preview(self.skipped)}")
+            keys.append(f"skipped pickled objects {preview(self.skipped)}")
         if self.stripped:
             keys.append("stripped " + ", ".join(repr(p) for p in self.stripped))
         if self.prefix:
@@ -130,7 +122,7 @@ class LoadReport:
         if self.renamed:
             keys.append(f"key_map renamed {self.renamed}")
         if self.dropped:
-            keys.append(f"key_map dropped {len(self.dropped)}: {_preview(self.dropped)}")
+            keys.append(f"key_map dropped {len(self.dropped)}: {preview(self.dropped)}")
         if keys:
             lines.append("  keys: " + "; ".join(keys))
         mismatched = [f"{k}: checkpoint {s} vs model {t}" for k, (s, t) in self.mismatched.items()]
@@ -140,7 +132,7 @@ class LoadReport:
             ("unexpected", self.unexpected),
         ):
             if items:
-                lines.append(f"  {len(items)} {name}: {_preview(items)}")
+                lines.append(f"  {len(items)} {name}: {preview(items)}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -247,7 +239,7 @@ def _read_file(path: Path) -> _Weights:
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES)
-        found = f"weights files in it: {_preview(inside)}" if inside else "it holds none"
+        found = f"weights files in it: {preview(inside)}" if inside else "it holds none"
         raise ValueError(
             f"weights file {path} is a folder: expected a weights file (a torch checkpoint "
             f"or a safetensors file); {found}"
@@ -275,9 +267,9 @@ def _unreadable(path: Path, err: Exception) -> ValueError:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     useful = [line for line in lines if "weights_only" not in line and "documentation" not in line]
     reason = f"{type(err).__name__}: {useful[0]}" if useful else type(err).__name__
-    plain = _plain_pickle(path)
+    plain = plain_pickle(path)
     if plain is not None:
-        return plain
+        return ValueError(f"weights file {path} is {plain}")
     blocked = re.search(r"GLOBAL ([\w.]+) whose module \w+ is blocked", str(err))
     if blocked:
         return ValueError(
@@ -288,71 +280,6 @@ def _unreadable(path: Path, err: Exception) -> ValueError:
         f"weights file {path} is corrupt or truncated: expected a torch checkpoint or a "
         f"safetensors file, found {path.stat().st_size} bytes that do not read as one ({reason})"
     )
-
-
-def _plain_pickle(path: Path) -> ValueError | None:
-    """The error for a file written by `pickle.dump` rather than `torch.save`, or None.
-
-    Such a file begins like a pickle of protocol 2 or later (pickle.dump's default is 4 or
-    5), but neither as torch.save's zip archive nor as its legacy format, and weights_only
-    loading cannot read it. It is never unpickled here, since that can run any code: its
-    opcodes are only scanned for the callables it names.
-    """
-    if path.suffix.lower() == ".safetensors":  # its header's size may begin with 0x80
-        return None
-    with open(path, "rb") as handle:
-        start = handle.read(len(LEGACY_TORCH_SAVE_START))
-    protocol = start[1] if len(start) > 1 else -1  # PROTO's argument
-    if not start.startswith(PICKLE_START) or not 2 <= protocol <= pickle.HIGHEST_PROTOCOL:
-        return None
-    if start == LEGACY_TORCH_SAVE_START:
-        return None
-    code = [
-        name for name in _pickled_globals(path) if name.split(".")[0] not in TENSOR_PICKLE_MODULES
-    ]
-    if code:
-        return ValueError(
-            f"weights file {path} is a plain pickle (written by pickle.dump, not torch.save) "
-            f"that names code ({_preview(code)}); it is not loaded, since unpickling it would "
-            "run that code: expected tensors; save the state_dict alone, with "
-            "torch.save(model.state_dict(), path) or safetensors"
-        )
-    return ValueError(
-        f"weights file {path} is a plain pickle (written by pickle.dump), not a torch.save "
-        "file; it is not loaded, since unpickling an arbitrary pickle can run code: load it "
-        "where you trust it and re-save the tensors with torch.save(state_dict, path) or "
-        "safetensors.torch.save_file(state_dict, path)"
-    )
-
-
-def _pickled_globals(path: Path) -> list[str]:
-    """The `module.name` of each global a pickle names, in order, read from its opcodes
-    (nothing is run); a truncated pickle gives those before the cut."""
-    names: list[str] = []
-    strings: list[str] = []  # the strings pushed so far, the last ones on top
-    memo: dict[int, str | None] = {}
-    top: str | None = None  # the string the last opcode pushed, if it pushed one
-    with open(path, "rb") as handle:
-        try:
-            for opcode, arg, _ in pickletools.genops(handle):
-                op = opcode.name
-                if op in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):  # the stack stays
-                    memo[len(memo) if op == "MEMOIZE" else arg] = top
-                    continue
-                top = None
-                if isinstance(arg, str) and ("UNICODE" in op or "STRING" in op):
-                    top = arg
-                elif op in ("GET", "BINGET", "LONG_BINGET"):
-                    top = memo.get(arg)
-                elif op in ("GLOBAL", "INST"):
-                    names.append(arg.replace(" ", "."))
-                elif op == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
-                if top is not None:
-                    strings.append(top)
-        except Exception:  # a truncated or damaged pickle: what was read so far
-            pass
-    return list(dict.fromkeys(names))
 
 
 class Skipped:
@@ -399,7 +326,7 @@ def _unpack(content: Mapping[str, Any], source: str) -> _Weights:
             return _Weights(dict(content[entry]), source, fmt, entry)
     raise ValueError(
         f"{source} holds no state dict: expected tensors, or one under "
-        f"{[e for e, _ in CONTAINER_ENTRIES]}; its keys are {_preview(list(map(str, content)))}"
+        f"{[e for e, _ in CONTAINER_ENTRIES]}; its keys are {preview(list(map(str, content)))}"
     )
 
 
@@ -567,10 +494,5 @@ def _select(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     if prefix and not under:
         depth = max(prefix.count("."), 1)
         roots = sorted({".".join(k.split(".")[:depth]) + "." for k in state})
-        raise ValueError(f"no key starts with prefix {prefix!r}; keys start with {_preview(roots)}")
+        raise ValueError(f"no key starts with prefix {prefix!r}; keys start with {preview(roots)}")
     return under
-
-
-def _preview(items: list[str]) -> str:
-    shown = ", ".join(items[:PREVIEW])
-    return shown + (f" and {len(items) - PREVIEW} more" if len(items) > PREVIEW else "")

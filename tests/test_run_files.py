@@ -5,6 +5,7 @@ writing the feature cache is an OSError naming the file and the space needed."""
 import errno
 import functools
 import logging
+import pickle
 import shutil
 from pathlib import Path
 
@@ -52,6 +53,17 @@ def damage(path: Path, how: str) -> str:
     if how == "python objects":
         torch.save({"model": functools.partial(print, "hi")}, path)
         return "expected tensors and plain values only, found the Python object functools.partial"
+    if how == "a plain pickle naming code":
+        with open(path, "wb") as handle:
+            pickle.dump({"model": functools.partial(print, "hi")}, handle)
+        return (
+            "could not be read: it is a plain pickle (written by pickle.dump, not torch.save) "
+            "that names code (functools.partial, builtins.print); it is not loaded"
+        )
+    if how == "a plain pickle of tensors":
+        with open(path, "wb") as handle:
+            pickle.dump({"model": torch.ones(1)}, handle)
+        return "could not be read: it is a plain pickle (written by pickle.dump), not a torch.save"
     if how == "a list":
         torch.save([torch.ones(1)], path)
         return "expected a dict of entries, found a list"
@@ -74,6 +86,8 @@ DAMAGES = [
     "a CSV file",
     "overwritten header",
     "python objects",
+    "a plain pickle naming code",
+    "a plain pickle of tensors",
     "a list",
     "a directory",
     "lacking entries",

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from fusion.pickles import plain_pickle
+
 log = logging.getLogger("fusion")
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -153,6 +155,9 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> dict[st
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb"):  # a file we may not read fails here, as what it is (permissions)
         pass
+    plain = plain_pickle(path)  # told before torch.load, which warns about its protocol
+    if plain is not None:
+        raise CheckpointError(f"checkpoint {path} could not be read: it is {plain}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # whatever torch.load trips on in a damaged file
