@@ -9,6 +9,7 @@ wav2vec2-family bundle. Pretrained weights come through the torch hub cache,
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import zipfile
@@ -26,6 +27,8 @@ from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights, get_weight, list_models
 
 from fusion.pickles import plain_pickle, preview
+
+log = logging.getLogger("fusion")
 
 WeightsSource: TypeAlias = (
     Mapping[str, Any] | str | os.PathLike[str] | WeightsEnum | torchaudio.pipelines.Wav2Vec2Bundle
@@ -72,7 +75,12 @@ class IncompleteLoadError(ValueError):
 
     def __init__(self, report: LoadReport) -> None:
         self.report = report
-        super().__init__(f"incomplete load (pass strict=False to load what fits):\n{report}")
+        advice = (
+            "no key fits the module: check the source, prefix and key_map"
+            if not report.loaded
+            else "pass strict=False to load what fits"
+        )
+        super().__init__(f"incomplete load ({advice}):\n{report}")
 
 
 @dataclass
@@ -171,6 +179,8 @@ def load_weights(
     the selection of the sub-tree under `prefix` (None: the whole state dict). With `strict`, anything missing or
     shape-mismatched raises `IncompleteLoadError` before the module is touched: a silent
     partial load is the bug this function exists to prevent. Unexpected keys never raise.
+    A load that fits no key at all raises `IncompleteLoadError` even without `strict`, and
+    a partial one without `strict` is logged as a warning.
     """
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}")
@@ -202,8 +212,10 @@ def load_weights(
         else:
             report.loaded.append(key)
     report.missing = [k for k in target if k not in state]
-    if strict and not report.complete:
+    if (strict and not report.complete) or (target and not report.loaded):
         raise IncompleteLoadError(report)
+    if not report.complete:
+        log.warning("partial load (strict=False): %s", report)
     module.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
 

@@ -68,7 +68,19 @@ def test_strict_error_shows_the_first_keys_and_the_count():
     assert err.value.report.unexpected == ["unrelated"]
 
 
-def test_non_strict_loads_what_fits_and_reports_the_rest(trained):
+def test_a_load_that_fits_nothing_fails_even_without_strict():
+    target = nn.Sequential(nn.Linear(3, 4))
+    before = target[0].weight.clone()
+    with pytest.raises(IncompleteLoadError) as err:
+        load_weights(target, {"fc.weight": torch.zeros(4, 3)}, strict=False)
+    assert str(err.value).startswith(
+        "incomplete load (no key fits the module: check the source, prefix and key_map):\n"
+        "Sequential <- mapping [state_dict]: loaded 0/2 tensors"
+    )
+    assert torch.equal(target[0].weight, before)
+
+
+def test_non_strict_loads_what_fits_and_reports_the_rest(trained, caplog):
     target = small_net()
     state = dict(trained.state_dict())
     state["4.weight"] = torch.zeros(3, 144)
@@ -78,6 +90,9 @@ def test_non_strict_loads_what_fits_and_reports_the_rest(trained):
     assert report.mismatched == {"4.weight": ((3, 144), (5, 144))}
     assert report.missing == ["4.bias"] and report.unexpected == ["extra.weight"]
     assert not report.complete and len(report.loaded) == 7
+    assert [r.getMessage().splitlines()[0] for r in caplog.records] == [
+        "partial load (strict=False): Sequential <- mapping [state_dict]: loaded 7/9 tensors"
+    ]
     assert torch.equal(target[0].weight, trained[0].weight)
     assert not torch.equal(target[4].weight[:3], state["4.weight"])
     text = str(report)
