@@ -793,13 +793,20 @@ def read_targets(series: pd.Series, source: Path) -> list[str | None]:
         )
     targets = [_cell_text(v) if _is_filled(v) else None for v in series]
     filled = [t for t in targets if t is not None]
-    numbers = [_as_number(t) is not None for t in filled]
-    if MAJORITY * len(filled) <= sum(numbers) < len(filled):
-        odd = next(i for i, t in enumerate(targets) if t is not None and _as_number(t) is None)
+    spelled = [i for i, t in enumerate(targets) if t and t.strip().lower() in MISSING_NUMBER_WORDS]
+    if spelled:
+        log.warning(
+            "target '%s' in %s: %d rows (data rows %s) hold %r, which is read as a class of "
+            "its own; leave the cell empty where the target is missing (such rows are skipped)",
+            series.name, source.name, len(spelled), _rows_preview(spelled), targets[spelled[0]],
+        )  # fmt: skip
+    words = [i for i, t in enumerate(targets) if t is not None and _as_number(t) is None]
+    odd = [i for i in words if i not in spelled]
+    if odd and len(words) <= (1 - MAJORITY) * len(filled):
         log.warning(
             "target '%s' in %s: %d of %d values are numbers, and data row %d holds %r, which "
-            "makes a class of its own", series.name, source.name, sum(numbers), len(filled),
-            odd + 1, targets[odd],
+            "makes a class of its own", series.name, source.name, len(filled) - len(words),
+            len(filled), odd[0] + 1, targets[odd[0]],
         )  # fmt: skip
     return targets
 
@@ -812,16 +819,15 @@ def rows_to_keep(
     inputs = [c for c, k in kinds.items() if k in COLUMN_KINDS and k != "ignore"]
     has_input = filled_cells(frame, kinds, inputs).any(axis=1)
     keep = has_input & np.array([t is not None for t in targets])
-    skipped = np.flatnonzero(~keep) + 1
+    skipped = np.flatnonzero(~keep)
     if len(skipped) == len(keep):
         raise ValueError(f"manifest {source}: no row has both a target and an input")
     if len(skipped):
-        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
         log.warning(
             "manifest %s: skipped %d rows without a target or without any input (data rows %s)",
             source.name,
             len(skipped),
-            shown,
+            _rows_preview(skipped),
         )
     return keep
 
@@ -1304,6 +1310,12 @@ def category_codes(series: pd.Series, train: np.ndarray) -> tuple[np.ndarray, in
 
 
 # ----------------------------------------------------------------------------- cells
+
+
+def _rows_preview(indices: Sequence[int]) -> str:
+    """The first few of 0-based row `indices` as data rows (1-based), and '...' past them."""
+    shown = ", ".join(str(i + 1) for i in indices[:5])
+    return shown + (", ..." if len(indices) > 5 else "")
 
 
 def _is_filled(value: Any) -> bool:

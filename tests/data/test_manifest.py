@@ -686,6 +686,20 @@ def test_a_word_among_numeric_targets_is_said(tmp_path, caplog):
     ) in caplog.text
 
 
+@pytest.mark.parametrize("spelling", ["NaN", "null"])
+def test_a_target_spelled_missing_is_said(tmp_path, caplog, spelling):
+    labels = ["cat", "dog"] * 10 + [spelling, spelling]
+    rows = ["x,label", *(f"{i},{label}" for i, label in enumerate(labels))]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(tmp_path / "t.csv")
+    assert (
+        f"target 'label' in t.csv: 2 rows (data rows 21, 22) hold '{spelling}', which is read "
+        "as a class of its own; leave the cell empty where the target is missing"
+    ) in caplog.text
+    assert "which makes a class of its own" not in caplog.text
+
+
 def test_single_row_classes_shared_files_and_stray_columns_are_said(tmp_path, caplog, folder):
     rows = ["photo,extra,label,split"]
     rows += [f"img/a.png,,{i % 3},train" for i in range(30)]
