@@ -14,11 +14,12 @@ marked `*` when it has fewer than another; runs without a `summary.json` are lis
 table with what their files tell (stopped early, resumed by another run, crashed or killed).
 A file that cannot be read as expected fails naming it, what was expected and what was found.
 
-The table and its notes go to stdout. The plots directory (default `<root>/report`) gets
-`table.md`, `report.json` (per configuration: mean, std, n, launched, per-seed values, and the
-mean learning curve with how many runs it averages; the incomplete runs), a bar chart
-`<metric>.png` and `learning_curves.png` (`fuse/val/accuracy` per `fuse/epoch`, read from each
-run's `metrics.jsonl`). Their paths go to stderr, so stdout stays the table alone.
+The table and its notes go to stdout. The plots directory (default `<root>/report`) gets,
+named after the metric (`<metric>-by-<pivot>` with `--pivot`): `<metric>.md` (the table),
+`<metric>.json` (per configuration: mean, std, n, launched, per-seed values, and the mean
+learning curve with how many runs it averages; the incomplete runs) and a bar chart
+`<metric>.png`; and `learning_curves.png` (`fuse/val/accuracy` per `fuse/epoch`, read from
+each run's `metrics.jsonl`). Their paths go to stderr, so stdout stays the table alone.
 """
 
 from __future__ import annotations
@@ -590,14 +591,15 @@ def slug(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", metric).strip("-")
 
 
-def write_report(report: dict[str, Any], table_text: str, out_dir: Path) -> list[Path]:
-    """Write the table, the JSON and the plots into `out_dir`; return the paths written."""
+def write_report(
+    report: dict[str, Any], table_text: str, out_dir: Path, pivot: str | None = None
+) -> list[Path]:
+    """Write the table, the JSON and the bar chart into `out_dir`, named after the metric
+    (and the pivot), so reports over other metrics sit beside them; then the learning
+    curves. Returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [
-        out_dir / "table.md",
-        out_dir / "report.json",
-        out_dir / f"{slug(report['metric'])}.png",
-    ]
+    name = slug(report["metric"]) + (f"-by-{slug(pivot)}" if pivot else "")
+    paths = [out_dir / f"{name}.md", out_dir / f"{name}.json", out_dir / f"{name}.png"]
     paths[0].write_text(table_text + "\n")
     paths[1].write_text(json.dumps(report, indent=2) + "\n")
     bar_chart(report, paths[2])
@@ -659,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plots",
         type=Path,
         metavar="DIR",
-        help="where plots, table.md and report.json go (default: <root>/report)",
+        help="where the table, its JSON and the plots go (default: <root>/report)",
     )
     parser.add_argument(
         "--wandb",
@@ -686,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         note(str(error))
         return 2
     print(table_text)
-    paths = write_report(report, table_text, args.plots or args.root / "report")
+    paths = write_report(report, table_text, args.plots or args.root / "report", args.pivot)
     print("wrote:", *paths, sep="\n  ", file=sys.stderr)
     if args.wandb:
         try:

@@ -56,6 +56,12 @@ def test_report_pivots_an_override_into_columns(tmp_path, capsys):
     assert lines[0] == "| model/fusion | data.task=digit | data.task=same |"
     # tfn was never launched on digit: nothing is missing there
     assert lines[2:] == ["| concat | 90.00% (n=1) | 70.00% (n=1) |", "| tfn | - | 75.00% (n=1) |"]
+    # a report without the pivot (or over another metric) sits beside this one
+    assert main([str(tmp_path)]) == 0
+    assert sorted(p.name for p in (tmp_path / "report").glob("*.md")) == [
+        "test-fused-accuracy-by-data.task.md",
+        "test-fused-accuracy.md",
+    ]
 
 
 def test_report_writes_table_json_and_plots(tmp_path, capsys):
@@ -68,14 +74,19 @@ def test_report_writes_table_json_and_plots(tmp_path, capsys):
     out, err = capsys.readouterr()
 
     report_dir = runs / "report"
-    assert (report_dir / "table.md").read_text() == out
+    assert (report_dir / "test-fused-accuracy.md").read_text() == out
     assert f"{runs / '2'} has no metrics.jsonl" in err
-    written = ["table.md", "report.json", "test-fused-accuracy.png", "learning_curves.png"]
+    written = [
+        "test-fused-accuracy.md",
+        "test-fused-accuracy.json",
+        "test-fused-accuracy.png",
+        "learning_curves.png",
+    ]
     assert err.endswith("".join(f"  {report_dir / name}\n" for name in written))
     assert_png(report_dir / "test-fused-accuracy.png")
     assert_png(report_dir / "learning_curves.png")
 
-    report = json.loads((report_dir / "report.json").read_text())
+    report = json.loads((report_dir / "test-fused-accuracy.json").read_text())
     assert report["metric"] == "test/fused/accuracy"
     concat = report["configurations"]["model/fusion=concat"]
     assert concat["config"] == {"model/fusion": "concat"}
@@ -101,8 +112,8 @@ def test_report_plots_go_where_asked_and_skip_curves_nobody_has(tmp_path, capsys
     assert main([str(tmp_path / "sweep"), "--plots", str(plots)]) == 0
     assert "learning_curves.png not written" in capsys.readouterr().err
     assert sorted(p.name for p in plots.iterdir()) == [
-        "report.json",
-        "table.md",
+        "test-fused-accuracy.json",
+        "test-fused-accuracy.md",
         "test-fused-accuracy.png",
     ]
     assert not (tmp_path / "sweep" / "report").exists()
@@ -140,7 +151,7 @@ def test_report_to_wandb_online_without_an_account_is_named(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "--wandb online: W&B could not start the run (" in err
     assert "use --wandb offline; the table and plots are written" in err
-    assert (tmp_path / "report" / "report.json").is_file()
+    assert (tmp_path / "report" / "test-fused-accuracy.json").is_file()
 
 
 def test_report_can_be_pushed_to_wandb_offline(tmp_path, capsys):
@@ -184,7 +195,7 @@ def test_report_counts_and_lists_crashed_and_stopped_runs(tmp_path, capsys):
         f"- {sweep / '6'} (model/fusion=sum, seed=0): crashed, killed or still running "
         "before a stage-2 epoch ended (no checkpoints/fuse_state.pt)",
     ]
-    report = json.loads((sweep / "report" / "report.json").read_text())
+    report = json.loads((sweep / "report" / "test-fused-accuracy.json").read_text())
     counts = {k: (c["n"], c["launched"], c["mean"]) for k, c in report["configurations"].items()}
     assert counts == {
         "model/fusion=concat": (2, 3, pytest.approx(0.85)),
@@ -218,7 +229,7 @@ def test_a_resumed_run_and_launch_settings_do_not_split_a_configuration(tmp_path
         "",
         f"- {stopped} (model/fusion=concat, seed=0): stopped early; resumed by {sweep / '1'}",
     ]
-    report = json.loads((sweep / "report" / "report.json").read_text())
+    report = json.loads((sweep / "report" / "test-fused-accuracy.json").read_text())
     assert list(report["configurations"]) == ["model/fusion=concat"]
     assert report["configurations"]["model/fusion=concat"]["launched"] == 3
 
@@ -257,7 +268,7 @@ def test_jobs_a_stopped_sweep_never_started_are_listed(tmp_path, capsys):
         f"- {sweep}: 2 of 4 planned jobs never started (Hydra stops a multirun at the first job "
         "that fails)"
     )
-    report = json.loads((sweep / "report" / "report.json").read_text())
+    report = json.loads((sweep / "report" / "test-fused-accuracy.json").read_text())
     assert report["unstarted"] == [
         f"{sweep}: 2 of 4 planned jobs never started (Hydra stops a multirun at the first job "
         "that fails)"
@@ -270,7 +281,7 @@ def test_a_cut_last_metrics_line_is_skipped_with_a_note(tmp_path, capsys):
         f.write('{"fuse/epoch": 3, "fuse/val')  # killed while writing
     assert main([str(tmp_path)]) == 0
     assert f"{run / 'metrics.jsonl'}: line 4 was cut short" in capsys.readouterr().err
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    report = json.loads((tmp_path / "report" / "test-fused-accuracy.json").read_text())
     assert report["configurations"]["model/fusion=concat"]["learning_curve"] == {"1": 0.5, "2": 0.7}
 
 

@@ -260,5 +260,5 @@ def test_two_value_multirun_then_report(tmp_path):
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
     assert "| concat |" in report.stdout and "| sum |" in report.stdout
-    assert (sweep / "report" / "table.md").read_text().strip() == report.stdout.strip()
+    assert (sweep / "report" / "test-fused-accuracy.md").read_text().strip() == report.stdout.strip()
     assert (sweep / "report" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
