@@ -34,6 +34,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ CATEGORICAL_MAX_VALUES = 50  # more distinct strings than this make a text colum
 CATEGORICAL_MAX_CHARS = 40  # and so does any value longer than this
 REGRESSION_MIN_VALUES = 20  # a float target with more distinct fractional values is refused
 IMAGE_STATS_SAMPLES = 500
+DECODE_THREADS = 8  # images decoded at once by the file check
 MISSING_NUMBER_WORDS = ("na", "n/a", "nan", "null", "none")  # a numeric cell spelled missing
 MAJORITY = 0.8  # this share of a column's cells being numbers (or image, audio paths) decides
 AUDIO_CROPS = ("start", "center")
@@ -173,7 +175,8 @@ class ManifestDataset(MultimodalDataset):
             that fixed draw (see `fixed_view`).
         max_samples: keep only the first N samples of the split (for quick checks; the
             statistics still come from the whole train split).
-        check_files: check at construction that every referenced file exists.
+        check_files: check at construction that every referenced file exists, every image
+            decodes and every clip's header reads (see `check_files`).
     """
 
     splits = SPLITS
@@ -938,9 +941,11 @@ def check_files(
     row_numbers: np.ndarray,
     source: Path,
 ) -> None:
-    """Every referenced file of every split is there and its header reads as its column's
-    kind, before anything trains: one error for all missing files (how many, the first
-    five), then one naming the first file that is not an image or a clip."""
+    """Every referenced file of every split is there and reads as its column's kind, before
+    anything trains: one error for all missing files (how many, the first five), then one
+    naming the first file whose header is not an image's or a clip's, then one naming the
+    first image whose pixels do not decode (a cut file reads its header well; clips are
+    checked for cuts from their headers, see `probe_audio`)."""
     missing = sorted(
         (int(row_numbers[i]), column, path)
         for column, paths in cells.items()
@@ -966,6 +971,32 @@ def check_files(
             if path is not None:
                 with naming_errors(source, int(row_numbers[i]), column, path):
                     read_header(path)
+    images = [
+        (int(row_numbers[i]), column, path)
+        for column, paths in cells.items()
+        if kinds[column] == "image"
+        for i, path in enumerate(paths)
+        if path is not None
+    ]
+    pool = ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1))
+    try:  # decoders release the GIL; the first failure in manifest order is named
+        for (row, column, path), failure in zip(
+            images, pool.map(decode_failure, [p for _, _, p in images]), strict=True
+        ):
+            if failure is not None:
+                with naming_errors(source, row, column, path):
+                    raise failure
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def decode_failure(path: str) -> Exception | None:
+    """Why an image's pixels do not decode as `load_image` decodes them, or None."""
+    try:
+        decode_image_file(path, 3)
+    except (OSError, RuntimeError, ValueError) as err:
+        return err
+    return None
 
 
 @contextlib.contextmanager

@@ -341,18 +341,24 @@ def test_an_undecodable_file_in_any_split_is_named_before_training(manifest, fol
         build(manifest, columns={"clip": "audio"})
 
 
-def test_a_file_whose_header_reads_but_whose_body_is_cut_is_named_when_read(
-    manifest, folder, frame
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_an_image_whose_header_reads_but_whose_body_is_cut_is_named_before_training(
+    manifest, folder, frame, suffix
 ):
-    whole = (folder / "img" / "a.png").read_bytes()
-    (folder / "img" / "cut.png").write_bytes(whole[: len(whole) // 2])
-    frame.loc[7, "photo"] = "img/cut.png"  # data row 8, in test
+    pixels = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8, generator=torch.Generator())
+    encode = encode_png if suffix == "png" else encode_jpeg
+    write_file(str(folder / "img" / f"whole.{suffix}"), encode(pixels))
+    whole = (folder / "img" / f"whole.{suffix}").read_bytes()
+    (folder / "img" / f"cut.{suffix}").write_bytes(whole[: len(whole) // 2])
+    frame.loc[7, "photo"] = f"img/cut.{suffix}"  # data row 8, in test
     frame.to_csv(manifest, index=False)
-    test = build(manifest, "test")
     with pytest.raises(
-        DataFileError, match=r"data row 8, column 'photo': cannot decode .*cut\.png"
+        DataFileError, match=rf"data row 8, column 'photo': cannot decode .*cut\.{suffix}"
     ):
-        test[0]
+        build(manifest, "train")
+    frame.loc[7, "photo"] = f"img/whole.{suffix}"
+    frame.to_csv(manifest, index=False)
+    build(manifest, "train")  # the whole file decodes
 
 
 def test_a_folder_where_a_file_should_be_is_named_as_a_folder(manifest, folder, frame):
