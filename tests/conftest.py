@@ -59,4 +59,12 @@ def run_dir(tmp_path_factory) -> Path:
     root_dir = Path(__file__).resolve().parents[1]
     result = subprocess.run(cmd, cwd=root_dir, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stdout.txt").write_text(result.stdout)
     return run
+
+
+@pytest.fixture(scope="session")
+def stage1_dir(run_dir) -> Path:
+    """The stage-1 encoders `run_dir` trained on the `TINY_RUN` data: end-to-end tests that
+    are not about stage 1 pass it as `paths.pretrained_dir` and reuse them."""
+    return run_dir.parent / "pretrained"

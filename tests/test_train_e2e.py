@@ -1,76 +1,79 @@
-"""End to end: the real entry point, composed by Hydra, on a tiny subset."""
+"""End to end: the real entry point, composed by Hydra, on a tiny subset.
+
+Tests that are not about stage 1 reuse the stage-1 encoders of the session's tiny run
+(`stage1_dir`), so each pays for its own stage 2 only."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY_RUN
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "logger.mode=disabled",
-    "data.max_samples=48",
-    "trainer.batch_size=24",
-    "trainer.pretrain.epochs=1",
-    "trainer.fuse.epochs=2",
-]
 
 
-def train(tmp_path, name, *overrides, multirun=False):
+def train(tmp_path, name, *overrides, stage1=None, output_dir=None, multirun=False):
+    """Run the entry point on `TINY_RUN` data into `tmp_path/name`; `stage1` shares a
+    stage-1 folder, `output_dir` every cache (default: `tmp_path`'s own)."""
     run_dir = tmp_path / name
+    shared = [f"paths.pretrained_dir={stage1}"] if stage1 else []
     cmd = [
         sys.executable, "-m", "experiments.train", *(["--multirun"] if multirun else []),
-        f"paths.output_dir={tmp_path}", f"hydra.run.dir={run_dir}", *TINY, *overrides,
+        f"paths.output_dir={output_dir or tmp_path}", f"hydra.run.dir={run_dir}", *TINY_RUN,
+        *shared, *overrides,
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     return result, run_dir
 
 
-def test_main_job_end_to_end_and_checkpoint_reuse(tmp_path):
-    first, run_dir = train(tmp_path, "first")
-    assert first.returncode == 0, first.stderr[-3000:]
+def summary_of(run_dir: Path) -> dict:
+    """A run's summary.json without its checkpoint paths (which name the run directory)."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("test/image_only/accuracy", "test/audio_only/accuracy", "test/fused/accuracy"):
-        assert 0.0 <= summary[key] <= 1.0
+    summary.pop("checkpoints")
+    return summary
+
+
+def test_main_job_end_to_end_and_checkpoint_reuse(run_dir, tmp_path):
+    outputs = run_dir.parent
+    first = (outputs / "stdout.txt").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"test/image_only/accuracy", "test/audio_only/accuracy"} <= set(summary)
     assert summary["fuser"] == "GatedFuser"
-    assert "| fused (GatedFuser) |" in first.stdout and str(run_dir) in first.stdout
+    assert "| fused (GatedFuser) |" in first
+    printed = re.search(rf"run directory: {run_dir}  \|  fused test accuracy: ([\d.]+)%", first)
+    assert float(printed[1]) == pytest.approx(100 * summary["test/fused/accuracy"], abs=0.005)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()
-    checkpoints = sorted((tmp_path / "pretrained").glob("*.pt"))
-    assert [p.name.split("-")[0] for p in checkpoints] == ["audio", "image"]
+    checkpoints = sorted((outputs / "pretrained").glob("*.pt"))
+    assert {p.name.split("-")[0] for p in checkpoints} == {"audio", "image"}
 
     # another fuser reuses the stage-1 encoders, since nothing that shaped them changed
-    second, run_dir = train(tmp_path, "second", "model/fusion=concat")
+    second, second_dir = train(tmp_path, "second", "model/fusion=concat", output_dir=outputs)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("reusing") == 2
     # ... and the frozen encoders' features: each split was encoded once, by the first run
-    assert first.stdout.count("feature cache: encoding") == 5  # val, test per modality; train
+    assert first.count("feature cache: encoding") == 5  # val, test per modality; train
     assert "feature cache: encoding" not in second.stdout
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["fuser"] == "ConcatFuser"
-    assert sorted((tmp_path / "pretrained").glob("*.pt")) == checkpoints
+    assert summary_of(second_dir)["fuser"] == "ConcatFuser"
+    assert sorted((outputs / "pretrained").glob("*.pt")) == checkpoints
 
 
-def test_same_seed_same_metrics(tmp_path):
-    runs = [
-        train(tmp_path / str(i), "run", "data.max_samples=24", "trainer.fuse.epochs=1")
-        for i in range(2)
-    ]
-    for result, _ in runs:
-        assert result.returncode == 0, result.stderr[-3000:]
-    summaries = [json.loads((d / "summary.json").read_text()) for _, d in runs]
-    for summary in summaries:
-        summary.pop("checkpoints")
-    assert summaries[0] == summaries[1]
+def test_same_seed_same_metrics(run_dir, tmp_path):
+    """A second run from scratch (its own stage 1) gives the session run's every metric."""
+    result, again = train(tmp_path, "again")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reusing" not in result.stdout
+    assert summary_of(again) == summary_of(run_dir)
 
 
-def test_feature_cache_gives_the_uncached_result(tmp_path):
+def test_feature_cache_gives_the_uncached_result(stage1_dir, tmp_path):
     def summary(name, *overrides):
-        result, run_dir = train(tmp_path, name, "model/fusion=lmf", *overrides)
+        result, run_dir = train(tmp_path, name, "model/fusion=lmf", *overrides, stage1=stage1_dir)
         assert result.returncode == 0, result.stderr[-3000:]
-        out = json.loads((run_dir / "summary.json").read_text())
-        out.pop("checkpoints")
-        return result.stdout, out
+        return result.stdout, summary_of(run_dir)
 
     cold_log, cold = summary("cold")
     warm_log, warm = summary("warm")
@@ -94,7 +97,7 @@ def test_bf16_channels_last_and_loader_workers(tmp_path):
         "trainer.feature_cache.dtype=float16",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 0.0 <= json.loads((run_dir / "summary.json").read_text())["test/fused/accuracy"] <= 1
+    assert summary_of(run_dir)["fuser"] == "GatedFuser"
     assert list((tmp_path / "features").rglob("*-float16.npy"))
 
 
@@ -129,7 +132,8 @@ def test_config_typo_stops_before_training(tmp_path):
 
 
 def test_a_nonfinite_run_stops_with_one_line_kept_in_its_directory(tmp_path):
-    result, run_dir = train(tmp_path, "nan", "trainer.pretrain.lr=1e20")
+    two_steps = ("data.max_samples=48", "trainer.batch_size=24")  # the 2nd step's loss is nan
+    result, run_dir = train(tmp_path, "nan", "trainer.pretrain.lr=1e20", *two_steps)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(
@@ -158,15 +162,14 @@ def test_trimodal_experiment_with_gradual_unfreezing(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_fuser_trains_through_the_entry_point(tmp_path):
+def test_every_fuser_trains_through_the_entry_point(stage1_dir, tmp_path):
     fusions = sorted(p.stem for p in (ROOT / "configs" / "model" / "fusion").glob("*.yaml"))
     result, _ = train(
         tmp_path,
         "unused",
         f"model/fusion={','.join(fusions)}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        "data.max_samples=24",
-        "trainer.fuse.epochs=1",
+        stage1=stage1_dir,
         multirun=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -176,7 +179,7 @@ def test_every_fuser_trains_through_the_entry_point(tmp_path):
     assert len(fusers) == len(fusions)
 
 
-def test_tasks_with_branching_and_conditional_heads(tmp_path):
+def test_tasks_with_branching_and_conditional_heads(stage1_dir, tmp_path):
     runs = {
         "which": ("data.task=which", "model/head=conditional", "model/fusion=lmf",
                   "model.modality_dropout={image: 0.3, audio: 0.3}"),
@@ -184,49 +187,60 @@ def test_tasks_with_branching_and_conditional_heads(tmp_path):
                   "model.head.loss_weights={same: 2.0}"),
         "same": ("data.task=same", "model/fusion=late", "model.fusion.combine=probs"),
     }  # fmt: skip
+    summaries = {}
     for name, overrides in runs.items():
-        result, run_dir = train(tmp_path, name, "data.max_samples=24", *overrides)
+        result, run_dir = train(tmp_path, name, *overrides, stage1=stage1_dir)
         assert result.returncode == 0, result.stderr[-3000:]
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert 0.0 <= summary["test/fused/accuracy"] <= 1.0
-    multi = json.loads((tmp_path / "multi" / "summary.json").read_text())
-    assert {"test/fused/written/accuracy", "test/fused/same/accuracy"} <= set(multi)
-    assert (
-        json.loads((tmp_path / "which" / "summary.json").read_text())["head"] == "ConditionalHead"
-    )
+        summaries[name] = summary_of(run_dir)
+    assert {"test/fused/written/accuracy", "test/fused/same/accuracy"} <= set(summaries["multi"])
+    assert "test/fused/written/accuracy" not in summaries["which"]
+    assert [summaries[name]["head"] for name in runs] == [
+        "ConditionalHead",
+        "MultiTaskHead",
+        "PassThroughHead",  # late fusion: each modality's own head predicts
+    ]
 
 
-def test_condition_out_of_range_is_named(tmp_path):
+def test_condition_out_of_range_is_named(stage1_dir, tmp_path):
     result, _ = train(
-        tmp_path, "bad", "data.task=which", "model/head=conditional", "model.head.num_conditions=1"
+        tmp_path,
+        "bad",
+        "data.task=which",
+        "model/head=conditional",
+        "model.head.num_conditions=1",
+        stage1=stage1_dir,
     )
     assert result.returncode != 0
     assert "condition" in result.stderr and "1 head" in result.stderr
 
 
-def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    epochs = ("trainer.fuse.epochs=3", "data.max_samples=32")
-    straight, straight_dir = train(tmp_path, "straight", *epochs)
-    stopped, stopped_dir = train(tmp_path, "stopped", *epochs, "trainer.stop_after_epochs=1")
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(stage1_dir, tmp_path):
+    def run(name, *overrides):
+        return train(tmp_path, name, "trainer.fuse.epochs=3", *overrides, stage1=stage1_dir)
+
+    straight, straight_dir = run("straight")
+    stopped, stopped_dir = run("stopped", "trainer.stop_after_epochs=1")
     assert stopped.returncode == 0 and "stopped after epoch 1 of 3" in stopped.stdout
     assert not (stopped_dir / "summary.json").exists()
-    resumed, resumed_dir = train(tmp_path, "resumed", *epochs, f"trainer.resume={stopped_dir}")
+    resumed, resumed_dir = run("resumed", f"trainer.resume={stopped_dir}")
     for result in (straight, resumed):
         assert result.returncode == 0, result.stderr[-3000:]
-    summaries = [json.loads((d / "summary.json").read_text()) for d in (straight_dir, resumed_dir)]
-    assert summaries[0] == summaries[1]
+    assert summary_of(straight_dir) == summary_of(resumed_dir)
     assert (resumed_dir / "checkpoints" / "best.pt").is_file()
-    bad, _ = train(tmp_path, "bad", "trainer.fuse.epochs=2", f"trainer.resume={stopped_dir}")
+    bad, _ = train(
+        tmp_path, "bad", "trainer.fuse.epochs=2", f"trainer.resume={stopped_dir}", stage1=stage1_dir
+    )
     assert bad.returncode == 2 and "trainer.fuse.epochs=3" in bad.stderr
 
 
-def test_offline_wandb_run_with_confusion_matrix_artifact_and_gradients(tmp_path):
+def test_offline_wandb_run_with_confusion_matrix_artifact_and_gradients(stage1_dir, tmp_path):
     result, run_dir = train(
         tmp_path,
         "wandb",
         "logger.mode=offline",
         "logger.watch=gradients",
         "logger.log_every_n_steps=1",
+        stage1=stage1_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     offline = list((run_dir / "wandb").glob("offline-run-*"))
@@ -235,20 +249,21 @@ def test_offline_wandb_run_with_confusion_matrix_artifact_and_gradients(tmp_path
     confusion = json.loads((run_dir / "confusion_test.json").read_text())
     matrix = confusion["matrix"]
     assert confusion["classes"] == [str(d) for d in range(10)]
-    assert len(matrix) == 10 and sum(map(sum, matrix)) == 48  # every test sample counted once
+    assert len(matrix) == 10 and sum(map(sum, matrix)) == 16  # every test sample counted once
+    correct = sum(matrix[i][i] for i in range(10)) / 16
+    assert correct == pytest.approx(summary_of(run_dir)["test/fused/accuracy"])
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("fuse/train/step_loss" in record for record in steps)
 
 
-def test_two_value_multirun_then_report(tmp_path):
+def test_two_value_multirun_then_report(stage1_dir, tmp_path):
     sweep = tmp_path / "sweep"
     result, _ = train(
         tmp_path,
         "unused",
         "model/fusion=concat,sum",
         f"hydra.sweep.dir={sweep}",
-        "data.max_samples=24",
-        "trainer.fuse.epochs=1",
+        stage1=stage1_dir,
         multirun=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -260,5 +275,7 @@ def test_two_value_multirun_then_report(tmp_path):
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
     assert "| concat |" in report.stdout and "| sum |" in report.stdout
-    assert (sweep / "report" / "test-fused-accuracy.md").read_text().strip() == report.stdout.strip()
+    assert (
+        sweep / "report" / "test-fused-accuracy.md"
+    ).read_text().strip() == report.stdout.strip()
     assert (sweep / "report" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
