@@ -77,15 +77,13 @@ def test_plugin_launchers_are_selectable(name):
 
 
 @pytest.mark.slow  # 22-56 s on 2 shared CPU cores: three processes start torch, stage 1 runs twice
-def test_two_jobs_through_the_submitit_local_launcher(tmp_path):
+def test_two_jobs_through_the_submitit_local_launcher(stage1_dir, tmp_path):
     result, _ = train(
         tmp_path,
         "unused",
         "hydra/launcher=submitit_local",
-        "debug=default",
         "model/fusion=concat,sum",
-        "data.max_samples=24",
-        "trainer.fuse.epochs=1",
+        stage1=stage1_dir,
         multirun=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,26 +92,24 @@ def test_two_jobs_through_the_submitit_local_launcher(tmp_path):
     (sweep,) = (tmp_path / "multiruns").iterdir()
     fusers = []
     for job in ("0", "1"):
-        summary = json.loads((sweep / job / "summary.json").read_text())
-        assert 0.0 <= summary["test/fused/accuracy"] <= 1.0
-        fusers.append(summary["fuser"])
+        fusers.append(json.loads((sweep / job / "summary.json").read_text())["fuser"])
     assert fusers == ["ConcatFuser", "SumFuser"]
     # each job's stdout lands in submitit's folder inside the sweep, not in the launcher's
     logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2 and all("fused test accuracy" in p.read_text() for p in logs)
 
 
-def test_ddp_job_with_two_tasks_through_the_submitit_local_launcher(tmp_path):
+def test_ddp_job_with_two_tasks_through_the_submitit_local_launcher(stage1_dir, tmp_path):
     """What a SLURM job with two tasks per node does: both tasks run the entry point, take
     their ranks from submitit's environment, train together and share the job directory."""
     result, _ = train(
         tmp_path, "unused", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-        "trainer=ddp", "data.max_samples=24", "trainer.fuse.epochs=1", multirun=True,
+        "trainer=ddp", stage1=stage1_dir, multirun=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multiruns").iterdir()
     summary = json.loads((sweep / "0" / "summary.json").read_text())
-    assert 0.0 <= summary["test/fused/accuracy"] <= 1.0
+    assert summary["fuser"] == "GatedFuser"
     logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2  # one per task ...
     assert ["fused test accuracy" in p.read_text() for p in logs] == [True, False]  # rank 0 reports
