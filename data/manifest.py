@@ -81,12 +81,14 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".au") + (
     (".mp3",) if "MP3" in soundfile.available_formats() else ()
 )
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # Pillow modes of one-channel images
+DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")  # '3,45': a number in a comma-decimal locale
 ID_NAMES = ("id", "uid", "uuid", "key", "index", "idx", "unnamed: 0")
 CATEGORICAL_MAX_VALUES = 50  # more distinct strings than this make a text column
 CATEGORICAL_MAX_CHARS = 40  # and so does any value longer than this
 REGRESSION_MIN_VALUES = 20  # a float target with more distinct fractional values is refused
 IMAGE_STATS_SAMPLES = 500
-DECODE_THREADS = 8  # images decoded at once by the file check
+DECODE_THREADS = 8  # files decoded at once by the file check
+LONG_CLIP_RATIO = 4  # a train clip this many times the median one is said
 MISSING_NUMBER_WORDS = ("na", "n/a", "nan", "null", "none")  # a numeric cell spelled missing
 MAJORITY = 0.8  # this share of a column's cells being numbers (or image, audio paths) decides
 AUDIO_CROPS = ("start", "center")
@@ -175,8 +177,8 @@ class ManifestDataset(MultimodalDataset):
             that fixed draw (see `fixed_view`).
         max_samples: keep only the first N samples of the split (for quick checks; the
             statistics still come from the whole train split).
-        check_files: check at construction that every referenced file exists, every image
-            decodes and every clip's header reads (see `check_files`).
+        check_files: check at construction that every referenced file exists and every image
+            and clip reads (see `check_files`).
     """
 
     splits = SPLITS
@@ -392,6 +394,7 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
         [t for t, kept in zip(targets, keep, strict=True) if kept], settings, source
     )
     split_of = assign_splits(frame, split_column, labels, settings, row_numbers, source)
+    warn_target_copies(frame, kinds, labels, settings.target, source)
     cells, escapes = input_cells(frame, kinds, source.parent)
     if settings.check_files:
         check_files(cells, kinds, row_numbers, source)
@@ -413,6 +416,26 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
         tabular=tabular,
         files=tuple(paths[i] for i in range(len(labels)) for _, paths in files if paths[i]),
     )
+
+
+def warn_target_copies(
+    frame: pd.DataFrame, kinds: Mapping[str, str], labels: np.ndarray, target: str, source: Path
+) -> None:
+    """Say which input column restates the target: one value per class, filled in every
+    row, so the model can read the answer instead of learning it (a leak)."""
+    for column, kind in kinds.items():
+        if kind not in ("numeric", "categorical", "text"):
+            continue
+        texts = [_cell_text(v) if _is_filled(v) else None for v in frame[column]]
+        if None in texts:
+            continue
+        pairs = set(zip(texts, labels.tolist(), strict=True))
+        if len(pairs) == len(set(texts)) == len(set(labels.tolist())):
+            log.warning(
+                "manifest %s, column '%s' has one value per class of the target '%s' in every "
+                "row: the model can read the answer from it (a leak); if it is derived from "
+                "the target, set data.columns={%s: ignore}", source.name, column, target, column,
+            )  # fmt: skip
 
 
 def warn_uncovered(
@@ -493,6 +516,16 @@ def classify(
             "target (this one is read as the split column when it is named 'split' or given "
             "as split_column)"
         )
+    spellings = collections.defaultdict(list)
+    for name in classes:
+        spellings[name.casefold()].append(name)
+    alike = [names for names in spellings.values() if len(names) > 1]
+    if alike:
+        log.warning(
+            "target '%s' in %s: the classes %s differ only in case, and each is a class of "
+            "its own; if they mean one class, write them alike", settings.target, source.name,
+            "; ".join(map(str, alike)),
+        )  # fmt: skip
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[t] for t in targets], dtype=np.int64)
     return Task("binary" if len(classes) == 2 else "multiclass", classes), labels
@@ -741,6 +774,20 @@ def inference_doubt(series: pd.Series, kind: str) -> str | None:
                 f"read as text although {len(paths)} of {len(values)} cells are file paths; set "
                 f"data.columns={{{name}: image}} (or audio) to have the others named"
             )
+    if kind != "id" and (str(name).lower() in ID_NAMES or str(name).lower().endswith("_id")):
+        distinct = len({_cell_text(v) for v in values})
+        return (
+            f"named like a row id, but its values repeat ({distinct} distinct over "
+            f"{len(values)} cells), so it is read as {kind}, an input; if it identifies rows "
+            f"(or groups of them), set data.columns={{{name}: ignore}}"
+        )
+    commas = [v for v in values if isinstance(v, str) and DECIMAL_COMMA.fullmatch(v.strip())]
+    if kind in ("text", "categorical") and len(commas) >= MAJORITY * len(values):
+        return (
+            f"read as {kind} although {len(commas)} of {len(values)} cells are numbers "
+            f"written with a decimal comma ({commas[0]!r}); write them with a '.' to have the "
+            "column read as numbers"
+        )
     if kind == "categorical" and any(" " in str(v) for v in values):
         distinct = len({str(v) for v in values})
         return (
@@ -944,8 +991,8 @@ def check_files(
     """Every referenced file of every split is there and reads as its column's kind, before
     anything trains: one error for all missing files (how many, the first five), then one
     naming the first file whose header is not an image's or a clip's, then one naming the
-    first image whose pixels do not decode (a cut file reads its header well; clips are
-    checked for cuts from their headers, see `probe_audio`)."""
+    first file whose content does not read as a sample reads it (an image cut short reads
+    its header well; a clip's samples may be NaN or out of scale)."""
     missing = sorted(
         (int(row_numbers[i]), column, path)
         for column, paths in cells.items()
@@ -971,18 +1018,17 @@ def check_files(
             if path is not None:
                 with naming_errors(source, int(row_numbers[i]), column, path):
                     read_header(path)
-    images = [
+    files = [
         (int(row_numbers[i]), column, path)
         for column, paths in cells.items()
-        if kinds[column] == "image"
+        if kinds[column] in FILE_KINDS
         for i, path in enumerate(paths)
         if path is not None
     ]
+    read = [content_reader(kinds[column], path) for _, column, path in files]
     pool = ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1))
     try:  # decoders release the GIL; the first failure in manifest order is named
-        for (row, column, path), failure in zip(
-            images, pool.map(decode_failure, [p for _, _, p in images]), strict=True
-        ):
+        for (row, column, path), failure in zip(files, pool.map(read_failure, read), strict=True):
             if failure is not None:
                 with naming_errors(source, row, column, path):
                     raise failure
@@ -990,11 +1036,18 @@ def check_files(
         pool.shutdown(cancel_futures=True)
 
 
-def decode_failure(path: str) -> Exception | None:
-    """Why an image's pixels do not decode as `load_image` decodes them, or None."""
+def content_reader(kind: str, path: str) -> Callable[[], Any]:
+    """Read a file's content as a sample reads it: an image's pixels, a clip's samples."""
+    if kind == "image":
+        return functools.partial(decode_image_file, path, 3)
+    return functools.partial(read_samples, path)
+
+
+def read_failure(read: Callable[[], Any]) -> Exception | None:
+    """Why `read` fails, or None."""
     try:
-        decode_image_file(path, 3)
-    except (OSError, RuntimeError, ValueError) as err:
+        read()
+    except (OSError, RuntimeError, ValueError, Image.DecompressionBombError) as err:
         return err
     return None
 
@@ -1007,7 +1060,7 @@ def naming_errors(source: Path, row: int, column: str, path: str) -> Iterator[No
         yield
     except FileNotFoundError as err:
         raise DataFileError(f"{where}: file {path} does not exist") from err
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, Image.DecompressionBombError) as err:
         reason = str(err)
         if "does not exist or is not a regular file" in reason and os.path.isfile(path):
             reason = "libsndfile does not recognise it as audio (a file of another format?)"
@@ -1194,11 +1247,20 @@ def longest_clip(
             f"manifest {source}: column '{column}' has no clip in the train split, so the clip "
             "length is unknown; set audio_seconds"
         )
-    longest = 0.0
+    durations = []
     for i in samples:
         with naming_errors(source, int(row_numbers[i]), column, paths[i]):
             info = probe_audio(paths[i])
-        longest = max(longest, info.frames / info.samplerate)
+        durations.append(info.frames / info.samplerate)
+    longest, median = max(durations), float(np.median(durations))
+    if longest > LONG_CLIP_RATIO * median:
+        row = int(row_numbers[samples[int(np.argmax(durations))]])
+        log.warning(
+            "manifest %s, column '%s': the clip of data row %d lasts %.1f s, %.0f times the "
+            "median train clip (%.2f s); every clip is padded to it, which costs memory and "
+            "time: set data.audio_seconds, or check that file", source.name, column, row,
+            longest, longest / median, median,
+        )  # fmt: skip
     return max(0.1, math.ceil(round(longest * 10, 6)) / 10)
 
 
@@ -1217,10 +1279,10 @@ def probe_audio(path: str) -> Any:
     return info
 
 
-def load_audio(path: str, sample_rate: int, clip_samples: int, crop: str) -> torch.Tensor:
-    """A mono float clip `[clip_samples]` at `sample_rate`: channels averaged, resampled,
-    then cropped (from the start or the centre) or zero-padded at the end. Samples must be
-    finite and in [-1, 1] (integer formats always are; a float file may hold any scale)."""
+def read_samples(path: str) -> tuple[np.ndarray, int]:
+    """A clip's float samples `[frames, channels]` and its sample rate; samples that are
+    not finite or lie outside [-1, 1] are refused (integer formats always fit; a float file
+    may hold any scale)."""
     data, rate = soundfile.read(path, dtype="float32", always_2d=True)
     if not np.isfinite(data).all():
         raise ValueError(f"it holds {int((~np.isfinite(data)).sum())} NaN or infinite samples")
@@ -1229,6 +1291,14 @@ def load_audio(path: str, sample_rate: int, clip_samples: int, crop: str) -> tor
         raise ValueError(
             f"float samples must lie in [-1, 1]; found a peak of {peak:.4g} (rescale the file)"
         )
+    return data, rate
+
+
+def load_audio(path: str, sample_rate: int, clip_samples: int, crop: str) -> torch.Tensor:
+    """A mono float clip `[clip_samples]` at `sample_rate`: channels averaged, resampled,
+    then cropped (from the start or the centre) or zero-padded at the end. Samples must be
+    finite and in [-1, 1] (integer formats always are; a float file may hold any scale)."""
+    data, rate = read_samples(path)
     wave = torch.from_numpy(data.mean(axis=1))
     if rate != sample_rate:
         wave = torchaudio.functional.resample(wave, rate, sample_rate)

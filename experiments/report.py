@@ -164,10 +164,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def number(value: Any, where: str) -> float:
-    """A finite real number from a run's files, or a ReportError saying where and what."""
+def number(value: Any, where: str, metric: str | None = None) -> float:
+    """A finite real number from a run's files, or a ReportError saying where and what; for
+    a `metric` shown as a percentage, one in its `fraction_range` (93.0 is a percent, which
+    averaged with fractions would give nonsense)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ReportError(f"{where}: expected a finite number, found {value!r}")
+    span = fraction_range(metric) if metric is not None else None
+    if span is not None and not span[0] <= value <= span[1]:
+        low, high = span
+        raise ReportError(f"{where}: expected a fraction in [{low:g}, {high:g}], found {value!r}")
     return float(value)
 
 
@@ -298,7 +304,8 @@ def finished(runs: list[Run]) -> list[Run]:
 
 def check_metric(runs: list[Run], metric: str) -> None:
     """Fail with the metrics a run does have, so a typo or a wrong prefix is easy to fix; a
-    value that is not a finite number fails naming its summary.json."""
+    value that is not a finite number, or a percentage where a fraction belongs, fails naming
+    its summary.json."""
     done = finished(runs)
     lacking = [run for run in done if metric not in run.summary]
     if lacking:
@@ -309,7 +316,7 @@ def check_metric(runs: list[Run], metric: str) -> None:
             f"its summary.json has: {', '.join(have)}"
         )
     for run in done:
-        number(run.summary[metric], f"{run.dir / 'summary.json'}: '{metric}'")
+        number(run.summary[metric], f"{run.dir / 'summary.json'}: '{metric}'", metric)
 
 
 def check_pivot(runs: list[Run], pivot: str | None) -> None:
@@ -324,9 +331,20 @@ def config_keys(runs: list[Run]) -> list[str]:
     return sorted({k for run in runs for k in run.config})
 
 
+def fraction_range(metric: str) -> tuple[float, float] | None:
+    """The range of a metric shown as a percentage: an accuracy is a fraction in [0, 1], a
+    gain (fused minus the best unimodal accuracy) one in [-1, 1]; None for losses and other
+    values, shown as numbers."""
+    if "gain" in metric:
+        return (-1.0, 1.0)
+    if "accuracy" in metric:
+        return (0.0, 1.0)
+    return None
+
+
 def is_fraction(metric: str) -> bool:
     """Accuracies and gains read as percentages; losses and other values as numbers."""
-    return "accuracy" in metric or "gain" in metric
+    return fraction_range(metric) is not None
 
 
 def cell(scores: list[float], launched: int, percent: bool = True, fewer: bool = False) -> str:
@@ -445,7 +463,7 @@ def read_curve(run_dir: Path) -> dict[int, float]:
     for record in read_metrics(path):
         if CURVE_X in record and CURVE_Y in record:
             epoch = number(record[CURVE_X], f"{path}: '{CURVE_X}'")
-            curve[int(epoch)] = number(record[CURVE_Y], f"{path}: '{CURVE_Y}'")
+            curve[int(epoch)] = number(record[CURVE_Y], f"{path}: '{CURVE_Y}'", CURVE_Y)
     return curve
 
 

@@ -316,6 +316,11 @@ CORRUPT_FILES = {
         '{"test/fused/accuracy": true}',
         "'test/fused/accuracy': expected a finite number, found True",
     ),
+    "metric a percent": (
+        "summary.json",
+        '{"test/fused/accuracy": 93.0}',
+        "'test/fused/accuracy': expected a fraction in [0, 1], found 93.0",
+    ),
     "overrides corrupt yaml": (
         ".hydra/overrides.yaml",
         "- a=1\n- [b\n",
@@ -347,6 +352,11 @@ CORRUPT_FILES = {
         '{"fuse/epoch": 1, "fuse/val/accuracy": "high"}\n',
         "'fuse/val/accuracy': expected a finite number, found 'high'",
     ),
+    "curve value a percent": (
+        "metrics.jsonl",
+        '{"fuse/epoch": 1, "fuse/val/accuracy": 93.0}\n',
+        "'fuse/val/accuracy': expected a fraction in [0, 1], found 93.0",
+    ),
     "curve epoch null": (
         "metrics.jsonl",
         '{"fuse/epoch": null, "fuse/val/accuracy": 0.5}\n',
@@ -366,3 +376,30 @@ def test_a_bad_file_is_named_with_what_was_expected_and_found(
     err = capsys.readouterr().err
     assert err.startswith(f"report: {path}") and message in err, err
     assert not (tmp_path / "sweep" / "report").exists()
+
+
+def test_a_percent_where_a_fraction_belongs_is_refused_naming_the_file(tmp_path, capsys):
+    fake_run(tmp_path, "0", ["model/fusion=concat", "seed=0"], 0.9)
+    percent = fake_run(tmp_path, "1", ["model/fusion=concat", "seed=1"], 93.0)
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"report: {percent / 'summary.json'}: 'test/fused/accuracy': expected a fraction in "
+        "[0, 1], found 93.0\n"
+    )
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_gain_may_be_negative_and_a_loss_above_one_but_a_gain_is_a_fraction(tmp_path, capsys):
+    run = fake_run(tmp_path, "0", ["model/fusion=concat"], 0.9)
+    summary = {"test/fused/accuracy": 0.9, "test/fusion_gain": -0.05, "test/fused/loss": 1.7}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert main([str(tmp_path), "--metric", "test/fusion_gain"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "| concat | -5.00% (n=1) |"
+    assert main([str(tmp_path), "--metric", "test/fused/loss"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "| concat | 1.7000 (n=1) |"
+    (run / "summary.json").write_text(json.dumps(summary | {"test/fusion_gain": 5.0}))
+    assert main([str(tmp_path), "--metric", "test/fusion_gain"]) == 2
+    assert capsys.readouterr().err == (
+        f"report: {run / 'summary.json'}: 'test/fusion_gain': expected a fraction in [-1, 1], "
+        "found 5.0\n"
+    )

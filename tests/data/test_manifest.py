@@ -1,6 +1,7 @@
 import logging
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -8,6 +9,7 @@ import pandas as pd
 import pytest
 import soundfile
 import torch
+from PIL import Image
 from torchvision.io import encode_jpeg, encode_png, write_file
 from torchvision.transforms import v2
 
@@ -627,9 +629,11 @@ def clip_file(folder, how):
     [
         ("no samples", r"data row 8, column 'clip': cannot decode .*no_samples\.wav: it holds no samples \(0 frames\)"),
         ("cut", r"data row 8, column 'clip': cannot decode .*cut\.wav: it is cut short: its header says 8000 bytes of samples, the file holds 3978"),
+        ("nan", r"data row 8, column 'clip': cannot decode .*nan\.wav: it holds 800 NaN or infinite samples"),
+        ("loud", r"data row 8, column 'clip': cannot decode .*loud\.wav: float samples must lie in \[-1, 1\]; found a peak of 500"),
     ],
 )  # fmt: skip
-def test_a_clip_without_samples_or_cut_short_is_named_before_training(
+def test_a_damaged_clip_in_any_split_is_named_before_training(
     manifest, folder, frame, how, message
 ):
     frame.loc[7, "clip"] = str(clip_file(folder, how).relative_to(folder))  # data row 8, test
@@ -638,21 +642,40 @@ def test_a_clip_without_samples_or_cut_short_is_named_before_training(
         build(manifest)
 
 
-@pytest.mark.parametrize(
-    ("how", "message"),
-    [
-        ("nan", r"data row 8, column 'clip': cannot decode .*nan\.wav: it holds 800 NaN or infinite samples"),
-        ("loud", r"data row 8, column 'clip': cannot decode .*loud\.wav: float samples must lie in \[-1, 1\]; found a peak of 500"),
-    ],
-)  # fmt: skip
-def test_a_clip_of_nonfinite_or_out_of_scale_samples_is_named(
-    manifest, folder, frame, how, message
-):
-    frame.loc[7, "clip"] = str(clip_file(folder, how).relative_to(folder))
+def test_a_clip_damaged_after_the_check_is_named_when_read(manifest, folder, frame):
+    frame.loc[7, "clip"] = "snd/later.wav"  # data row 8, test
     frame.to_csv(manifest, index=False)
+    soundfile.write(folder / "snd" / "later.wav", sine(0.5, 8000), 8000)
     test = build(manifest, "test")
-    with pytest.raises(DataFileError, match=message):
+    clip_file(folder, "nan").replace(folder / "snd" / "later.wav")
+    with pytest.raises(
+        DataFileError,
+        match=r"data row 8, column 'clip': cannot decode .*later\.wav: it holds 800 NaN",
+    ):
         test[0]
+
+
+def test_a_clip_far_longer_than_the_others_is_said(manifest, folder, frame, caplog):
+    soundfile.write(folder / "snd" / "long.wav", sine(30.0, 8000), 8000)
+    frame.loc[0, "clip"] = "snd/long.wav"  # data row 1, train
+    frame.to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(manifest)
+    assert re.search(
+        r"column 'clip': the clip of data row 1 lasts 30\.0 s, \d+ times the median train "
+        r"clip \([\d.]+ s\); every clip is padded to it",
+        caplog.text,
+    ), caplog.text
+
+
+def test_a_decompression_bomb_is_named_with_its_row(manifest, folder, frame, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # a.png's 120 pixels are over 2x this
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(
+        DataFileError,
+        match=r"pets\.csv, data row 1, column 'photo': cannot decode .*: Image size \(\d+ pixels\) exceeds limit",
+    ):
+        build(manifest)
 
 
 def test_images_of_several_shapes_are_said_and_read_at_the_most_common(manifest, frame, caplog):
@@ -704,6 +727,27 @@ def test_a_target_spelled_missing_is_said(tmp_path, caplog, spelling):
         "as a class of its own; leave the cell empty where the target is missing"
     ) in caplog.text
     assert "which makes a class of its own" not in caplog.text
+
+
+def test_columns_that_are_probably_not_what_they_are_read_as_are_said(tmp_path, caplog):
+    labels = ["cat", "dog", "Cat", "bird"] * 6
+    rows = ["id,weight,copy,x,label"]
+    rows += [f'{i // 2},"{i % 7},5",{label}-ish,{i},{label}' for i, label in enumerate(labels)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(tmp_path / "t.csv")
+    for said in (
+        "column 'id': named like a row id, but its values repeat (12 distinct over 24 cells), "
+        "so it is read as numeric, an input; if it identifies rows (or groups of them), set "
+        "data.columns={id: ignore}",
+        "column 'weight': read as categorical although 24 of 24 cells are numbers written "
+        "with a decimal comma ('0,5'); write them with a '.'",
+        "column 'copy' has one value per class of the target 'label' in every row: the model "
+        "can read the answer from it (a leak)",
+        "target 'label' in t.csv: the classes ['Cat', 'cat'] differ only in case",
+    ):
+        assert said in caplog.text, caplog.text
+    assert "column 'x' has one value per class" not in caplog.text
 
 
 def test_single_row_classes_shared_files_and_stray_columns_are_said(tmp_path, caplog, folder):
