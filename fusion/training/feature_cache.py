@@ -126,7 +126,9 @@ class FeatureCache:
         shapes = {m: (len(dataset), *model.encoders[m].out_shape) for m in cached}
         labels_path = folder / "labels.pt"
         masks = {m: _read_mask(mask_paths[m], shapes[m]) for m in cached}
-        missing = [m for m in cached if masks[m] is None or not self._valid(paths[m], shapes[m])]
+        missing = [
+            m for m in cached if masks[m] is None or not self._valid(paths[m], shapes[m], masks[m])
+        ]
         labels = _read_labels(labels_path)
         if missing or labels is None:
             log.info("feature cache: encoding %s into %s", missing, folder)
@@ -150,8 +152,9 @@ class FeatureCache:
         live = [m for m in model.encoders if m not in features]
         return EncodedDataset(dataset, features, labels, live, collate_fn)
 
-    def _valid(self, path: Path, shape: tuple[int, ...]) -> bool:
-        """Whether `path` holds features of `shape`; a damaged file is said and rebuilt."""
+    def _valid(self, path: Path, shape: tuple[int, ...], mask: torch.Tensor) -> bool:
+        """Whether `path` holds features of `shape`, finite wherever `mask` says the encoder
+        output is present; a damaged file is said and rebuilt."""
         if not path.is_file():
             return False
         try:
@@ -164,6 +167,15 @@ class FeatureCache:
             _rebuilding(
                 f"{path}: expected features of shape {list(shape)} and dtype {expected[1]}, "
                 f"found {list(stored.shape)} and {stored.dtype}"
+            )
+            return False
+        present = mask.numpy().astype(bool)
+        broken = ~np.isfinite(stored).reshape(*present.shape, -1).all(axis=-1) & present
+        if broken.any():
+            rows = np.flatnonzero(broken.reshape(len(broken), -1).any(axis=1))
+            _rebuilding(
+                f"{path} holds NaN or infinite features for {len(rows)} samples that have the "
+                f"modality (the first: sample {rows[0]}); expected finite features"
             )
             return False
         return True

@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,34 @@ def test_a_partially_written_file_is_never_used(tmp_path):
     with open(path, "r+b") as f:  # a file cut short, as by a crash without the rename
         f.truncate(200)
     rebuilt = encoded(cache, model, Pairs(30)).features["a"]
+    np.testing.assert_array_equal(rebuilt, expected)
+
+
+def test_non_finite_features_of_present_samples_are_rebuilt(tmp_path, caplog):
+    cache, model = FeatureCache(tmp_path), build_model()
+    data = Pairs(30)
+    first = encoded(cache, model, data).features["b"]
+    path, expected = first.filename, np.array(first)
+    del first
+    absent, present = (
+        int(np.flatnonzero(data.missing_b)[0]),
+        int(np.flatnonzero(~data.missing_b)[0]),
+    )
+    damaged = expected.copy()
+    damaged[absent] = np.nan  # an absent sample's slot may hold anything: kept
+    np.save(path, damaged)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        kept = encoded(cache, model, data).features["b"]
+    assert np.isnan(kept[absent]).all() and "rebuilding" not in caplog.text
+    del kept
+    damaged[present, 0] = np.inf
+    np.save(path, damaged)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        rebuilt = np.array(encoded(cache, model, data).features["b"])
+    assert (
+        f"feature cache: {path} holds NaN or infinite features for 1 samples that have the "
+        f"modality (the first: sample {present}); expected finite features; rebuilding it"
+    ) in caplog.text
     np.testing.assert_array_equal(rebuilt, expected)
 
 
