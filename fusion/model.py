@@ -139,6 +139,23 @@ class MultimodalModel(nn.Module):
             if present is not None and modality in present:
                 check_mask(modality, present[modality], x, tokens_only=modality in encoded)
         check_batch_sizes(sizes)
+        if self.training and set(sizes.values()) == {1}:
+            self._check_batch_of_one(encoded)
+
+    def _check_batch_of_one(self, encoded: Set[str]) -> None:
+        """Refuse a training batch of one sample when a batch norm that runs would learn
+        from it: its batch statistics of one sample are degenerate (and torch fails deep
+        inside the layer when one value per channel is left)."""
+        parts = {f"encoders.{m}": e for m, e in self.encoders.items() if m not in encoded}
+        parts |= {"fuser": self.fuser, "head": self.head}
+        for prefix, part in parts.items():
+            for name, module in part.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                    raise ValueError(
+                        f"a training batch of 1 sample: batch norm {prefix}.{name} cannot "
+                        "estimate statistics from one sample; use batches of 2 or more, or "
+                        "call model.eval() (or freeze that part) to use its running statistics"
+                    )
 
     def _parameter_dtype_device(self) -> tuple[torch.dtype, torch.device | None]:
         """The dtype and device inputs must have: those of the model's floating parameters."""

@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights, get_weight, list_models
 
 from fusion.pickles import plain_pickle, preview
+from fusion.training.checkpoint import TORCH_SAVE_STARTS
 
 log = logging.getLogger("fusion")
 
@@ -53,6 +54,11 @@ CONTAINER_ENTRIES = (
 TORCHAUDIO_MODELS_URL = "https://download.pytorch.org/torchaudio/models/"
 TORCHAUDIO_PREFIX = "torchaudio.pipelines."
 MAX_WRAPPERS = 3  # e.g. 'model.module._orig_mod.'
+# How many first bytes of a file that is no weights file its error shows.
+START_SHOWN = 16
+# A safetensors file begins with its header's size (8 bytes, little-endian), then the header,
+# a JSON object: its byte 8 is this.
+SAFETENSORS_HEADER_AT, SAFETENSORS_HEADER_START = 8, b"{"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -180,7 +186,9 @@ def load_weights(
     shape-mismatched raises `IncompleteLoadError` before the module is touched: a silent
     partial load is the bug this function exists to prevent. Unexpected keys never raise.
     A load that fits no key at all raises `IncompleteLoadError` even without `strict`, and
-    a partial one without `strict` is logged as a warning.
+    a partial one without `strict` is logged as a warning. NaN or Inf in a tensor that would
+    load into a floating-point parameter raises ValueError, also before the module is touched
+    (buffers may hold Inf: an attention mask does).
     """
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}")
@@ -214,10 +222,35 @@ def load_weights(
     report.missing = [k for k in target if k not in state]
     if (strict and not report.complete) or (target and not report.loaded):
         raise IncompleteLoadError(report)
+    _check_finite(module, state, report)
     if not report.complete:
         log.warning("partial load (strict=False): %s", report)
     module.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
+
+
+def _check_finite(module: nn.Module, state: Mapping[str, torch.Tensor], report: LoadReport) -> None:
+    """Refuse NaN or Inf in the tensors that would load into the module's floating-point
+    parameters, naming the source, how many and the first few (by the module's names)."""
+    parameters = {
+        name
+        for name, parameter in module.named_parameters(remove_duplicate=False)
+        if parameter.is_floating_point()
+    }
+    checked = [key for key in report.loaded if key in parameters]
+    bad = []
+    for key in checked:
+        value = state[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            counts = {"NaN": int(torch.isnan(value).sum()), "Inf": int(torch.isinf(value).sum())}
+            found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+            bad.append(f"{key} ({found} of {value.numel()} values)")
+    if bad:
+        raise ValueError(
+            f"{report.target} <- {report.source}: expected finite values in the {len(checked)} "
+            f"tensors that would load into its parameters, found NaN or Inf in {len(bad)}: "
+            f"{preview(bad)}; nothing was loaded (a diverged or damaged checkpoint?)"
+        )
 
 
 def _read(source: WeightsSource) -> _Weights:
@@ -275,7 +308,9 @@ def _read_file(path: Path) -> _Weights:
 
 
 def _unreadable(path: Path, err: Exception) -> ValueError:
-    """What failed in reading `path`, in torch's words minus its advice to load unsafely."""
+    """What failed in reading `path`, in torch's words minus its advice to load unsafely; a
+    file that begins neither like a torch.save file nor like a safetensors file (a CSV given
+    as weights) is called no weights file, rather than a damaged one."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     useful = [line for line in lines if "weights_only" not in line and "documentation" not in line]
     reason = f"{type(err).__name__}: {useful[0]}" if useful else type(err).__name__
@@ -287,6 +322,14 @@ def _unreadable(path: Path, err: Exception) -> ValueError:
         return ValueError(
             f"weights file {path} holds pickled code ({blocked.group(1)}), which is never run: "
             "expected tensors; save the state_dict alone"
+        )
+    with open(path, "rb") as handle:
+        start = handle.read(START_SHOWN)
+    header = start[SAFETENSORS_HEADER_AT : SAFETENSORS_HEADER_AT + 1]
+    if start and not start.startswith(TORCH_SAVE_STARTS) and header != SAFETENSORS_HEADER_START:
+        return ValueError(
+            f"weights file {path} is not a weights file: expected a torch checkpoint or a "
+            f"safetensors file, found one that begins with {start!r}"
         )
     return ValueError(
         f"weights file {path} is corrupt or truncated: expected a torch checkpoint or a "

@@ -74,6 +74,22 @@ def test_a_presence_mask_for_a_modality_the_batch_lacks_is_named():
         model(inputs, mistyped)
 
 
+def test_a_training_batch_of_one_is_refused_where_a_batch_norm_would_learn_from_it():
+    model = tiny_model()
+    model.encoders["audio"].backbone.proj = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6))
+    one = {"image": torch.randn(1, 1, 2, 2), "audio": torch.randn(1, 6)}
+    with pytest.raises(
+        ValueError,
+        match=r"^a training batch of 1 sample: batch norm encoders\.audio\.backbone\.proj\.1 "
+        r"cannot estimate statistics from one sample; use batches of 2 or more, or call "
+        r"model\.eval\(\)",
+    ):
+        model(one)
+    assert model.eval()(one).shape == (1, 3)  # running statistics: fine
+    model.train()
+    assert model(one, encoded={"audio"}).shape == (1, 3)  # a cached encoder does not run
+
+
 def test_inputs_that_are_not_a_dict_are_named():
     with pytest.raises(TypeError, match=r"inputs must be a dict \{modality: tensor\}, got list"):
         tiny_model()([torch.randn(2, 1, 2, 2), torch.randn(2, 6)])

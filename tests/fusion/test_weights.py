@@ -235,16 +235,61 @@ def test_bad_files_are_named(tmp_path):
         load_weights(target, tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError, match=r"no/such/dir"):
         load_weights(target, "no/such/dir")
-    for name in ("corrupt.pt", "corrupt.safetensors", "empty.ckpt"):
-        (tmp_path / name).write_bytes(b"" if name.startswith("empty") else b"not a checkpoint")
-        with pytest.raises(ValueError, match=rf"{name} is corrupt or truncated"):
+    for name in ("corrupt.pt", "corrupt.safetensors"):
+        (tmp_path / name).write_bytes(b"not a checkpoint")
+        with pytest.raises(ValueError, match=rf"{name} is not a weights file: "):
             load_weights(target, tmp_path / name)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.ckpt is corrupt or truncated"):
+        load_weights(target, tmp_path / "empty.ckpt")
     torch.save([torch.ones(1)], tmp_path / "list.pt")
     with pytest.raises(ValueError, match=r"list\.pt holds a list, not a state dict"):
         load_weights(target, tmp_path / "list.pt")
     torch.save({"epoch": 1, "weights": [torch.ones(1)]}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match=r"odd\.pt holds no state dict.*keys are epoch, weights"):
         load_weights(target, tmp_path / "odd.pt")
+
+
+def test_non_finite_parameters_are_refused_and_the_module_is_left_untouched(tmp_path):
+    target = small_net()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    state = small_net().state_dict()
+    state["0.weight"][0, 0, 0, :2] = float("nan")
+    state["4.bias"][:] = float("inf")
+    state["4.bias"][0] = float("nan")
+    with pytest.raises(ValueError) as err:
+        load_weights(target, state)
+    assert str(err.value) == (
+        "Sequential <- mapping: expected finite values in the 6 tensors that would load into "
+        "its parameters, found NaN or Inf in 2: 0.weight (2 NaN of 108 values), "
+        "4.bias (1 NaN, 4 Inf of 5 values); nothing was loaded (a diverged or damaged "
+        "checkpoint?)"
+    )
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+    layers = nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])
+    torch.save(
+        {k: torch.full_like(v, float("nan")) for k, v in layers.state_dict().items()},
+        tmp_path / "diverged.pt",
+    )
+    with pytest.raises(ValueError) as err:
+        load_weights(layers, tmp_path / "diverged.pt")
+    assert str(err.value) == (
+        f"Sequential <- {tmp_path / 'diverged.pt'}: expected finite values in the 8 tensors "
+        "that would load into its parameters, found NaN or Inf in 8: 0.weight (4 NaN of 4 "
+        "values), 0.bias (2 NaN of 2 values), 1.weight (4 NaN of 4 values), 1.bias (2 NaN of "
+        "2 values), 2.weight (4 NaN of 4 values) and 3 more; nothing was loaded (a diverged "
+        "or damaged checkpoint?)"
+    )
+
+
+def test_inf_in_a_buffer_loads(trained):
+    """A buffer may hold Inf (an attention mask does): only parameters must be finite."""
+    target = small_net()
+    target.register_buffer("mask", torch.zeros(3))
+    state = trained.state_dict() | {"mask": torch.tensor([0.0, float("-inf"), float("-inf")])}
+    assert load_weights(target, state).complete
+    assert torch.equal(target.mask, state["mask"])
 
 
 def test_unsupported_sources_are_named():

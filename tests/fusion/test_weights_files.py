@@ -121,10 +121,6 @@ def empty(path, model):
     path.write_bytes(b"")
 
 
-def garbage(path, model):
-    path.write_bytes(bytes(range(256)) * 4)
-
-
 @pytest.mark.parametrize(
     ("name", "damage"),
     [
@@ -133,7 +129,6 @@ def garbage(path, model):
         ("legacy-cut.pt", truncated_legacy),
         ("cut.safetensors", truncated_safetensors),
         ("empty.ckpt", empty),
-        ("noise.bin", garbage),
     ],
 )
 def test_damaged_files_are_called_corrupt_naming_the_path(tmp_path, name, damage):
@@ -148,6 +143,32 @@ def test_damaged_files_are_called_corrupt_naming_the_path(tmp_path, name, damage
         f"safetensors file, found {path.stat().st_size} bytes that do not read as one ("
     )
     assert "weights_only" not in message
+
+
+CSV = b"path,label\nimages/0001.png,cat\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "start"),
+    [
+        ("labels.csv", CSV, "b'path,label\\nimage'"),
+        ("labels.pt", CSV, "b'path,label\\nimage'"),
+        ("labels.safetensors", CSV, "b'path,label\\nimage'"),
+        ("noise.bin", bytes(range(256)) * 4, repr(bytes(range(16)))),
+    ],
+)
+def test_a_file_that_is_no_weights_file_is_named_as_such(tmp_path, name, content, start):
+    model = nn.Linear(2, 2)
+    before = model.weight.clone()
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_weights(model, path)
+    assert str(err.value) == (
+        f"weights file {path} is not a weights file: expected a torch checkpoint or a "
+        f"safetensors file, found one that begins with {start}"
+    )
+    assert torch.equal(model.weight, before)
 
 
 @pytest.mark.parametrize(
