@@ -90,7 +90,7 @@ def run(
     datasets = build_datasets(cfg.data)
     check_before_training(cfg, datasets)
     cfg.model.encoders = encoder_configs(cfg.model, datasets["train"].modalities)
-    resumed_dir = check_resume(cfg)
+    resumed_dir = check_resume(cfg, datasets)
     spec = model_spec(cfg.model, cfg.model.encoders)
     tracker = NullTracker()
     if distributed.is_main:
@@ -133,13 +133,12 @@ def run(
 
 
 def checkpoint_record(cfg: DictConfig, datasets: dict[str, Any]) -> dict[str, Any]:
-    """What `best.pt` keeps beside the weights so that `experiments.evaluate` can check it
-    scores what the run scored: the config, and each evaluated split's content key."""
+    """What `best.pt` and the resumable state keep beside the weights so that
+    `experiments.evaluate` can check it scores what the run scored, and a resumed run that
+    it trains on what the run trained on: the config, and each split's content key."""
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "data_keys": {
-            split: data_key(data) for split, data in datasets.items() if split != "train"
-        },
+        "data_keys": {split: data_key(data) for split, data in datasets.items()},
     }
 
 
@@ -149,10 +148,13 @@ def summary_accuracy(summary: dict[str, Any]) -> str:
     return f"{summary[f'{split}/fused/accuracy']:.2%}" + ("" if split == "test" else " (val)")
 
 
-def check_resume(cfg: DictConfig, also_ignore: tuple[str, ...] = ()) -> Path | None:
+def check_resume(
+    cfg: DictConfig, datasets: dict[str, Any] | None = None, also_ignore: tuple[str, ...] = ()
+) -> Path | None:
     """With `trainer.resume`, the resumed run's directory, after refusing (`ConfigError`)
-    every change of a key outside `RESUME_SAFE`: the resumed state was trained under its
-    stored config, so a change would be ignored while this run's config.yaml records it.
+    every change of a key outside `RESUME_SAFE`, and with `datasets`, every split whose
+    content changed: the resumed state was trained under its stored config on its stored
+    data, so a change would be ignored or mixed in while this run's config.yaml records it.
 
     The stored config is the copy inside `fuse_state.pt` (loaded as data, weights only);
     a state written before it held one is compared with its run's `config.yaml`. Keys
@@ -161,7 +163,20 @@ def check_resume(cfg: DictConfig, also_ignore: tuple[str, ...] = ()) -> Path | N
         return None
     path = resume_path(cfg.trainer.resume)
     run_dir = path.parent.parent
-    stored = resume_state(cfg.trainer.resume, cfg.trainer.fuse.epochs).get("config")
+    state = resume_state(cfg.trainer.resume, cfg.trainer.fuse.epochs)
+    changed = [
+        split
+        for split, key in state.get("data_keys", {}).items()
+        if datasets is not None and split in datasets and data_key(datasets[split]) != key
+    ]
+    if changed:
+        raise ConfigError(
+            f"config key 'trainer.resume': the content of the {', '.join(changed)} split(s) "
+            f"changed since {path} was written (files or rows differ; the config may be the "
+            "same): a resumed run must train and select on the data it started with. Restore "
+            "that data, or start a new run"
+        )
+    stored = state.get("config")
     if stored is None:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(

@@ -49,7 +49,7 @@ def test_a_split_whose_content_changed_since_training_is_said_and_marked(run_dir
     shutil.copytree(run_dir, run)
     best = run / "checkpoints" / "best.pt"
     state = torch.load(best, weights_only=True)
-    assert sorted(state["data_keys"]) == ["test", "val"]
+    assert sorted(state["data_keys"]) == ["test", "train", "val"]
     state["data_keys"]["test"] = "another"  # as if the test files had been edited
     torch.save(state, best)
     assert main([str(run), "--out", str(tmp_path / "eval")]) == 0

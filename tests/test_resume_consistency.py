@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from experiments.schema import ConfigError, validate
 from experiments.train import check_resume
 from fusion.training import fit, load_checkpoint, save_checkpoint
+from fusion.training.feature_cache import data_key
 from tests.fusion.test_training import model_with_bn, separable_batches
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -157,6 +158,26 @@ def test_raised_epochs_follow_the_longer_cosine_from_the_resume_point(tmp_path, 
         assert got["lr"] == pytest.approx(want["lr"], abs=1e-12)
     with pytest.raises(ValueError, match=r"planned for 5 epochs; epochs can only be raised"):
         run(4, resume=resumed)
+
+
+def test_a_split_whose_content_changed_is_refused(tmp_path, avdigits_val):
+    run_dir = stopped_run(tmp_path)
+    state_path = run_dir / "checkpoints" / "fuse_state.pt"
+    state = load_checkpoint(state_path)
+    state["data_keys"] = {"train": "the files trained on", "val": data_key(avdigits_val)}
+    save_checkpoint(state_path, state)
+    resumed = config(f"trainer.resume={run_dir}")
+    with pytest.raises(ConfigError) as err:
+        check_resume(resumed, {"train": avdigits_val, "val": avdigits_val})
+    assert str(err.value) == (
+        f"config key 'trainer.resume': the content of the train split(s) changed since "
+        f"{state_path} was written (files or rows differ; the config may be the same): a "
+        "resumed run must train and select on the data it started with. Restore that data, "
+        "or start a new run"
+    )
+    state["data_keys"]["train"] = data_key(avdigits_val)
+    save_checkpoint(state_path, state)
+    assert check_resume(resumed, {"train": avdigits_val, "val": avdigits_val}) == run_dir
 
 
 def test_a_finished_run_is_not_resumed_again(tmp_path):
