@@ -596,12 +596,30 @@ def read_manifest(source: Path) -> pd.DataFrame:
     name, reader = readers[suffix]
     try:
         frame = reader(source)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"manifest {source}: cannot read it as {name}: {not_utf8(source)}"
+        ) from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise ValueError(f"manifest {source}: cannot read it as {name}: {err}") from err
     if frame.empty:
         raise ValueError(f"manifest {source} has no data rows")
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
+
+
+def not_utf8(path: Path) -> str:
+    """Where a text file stops being UTF-8: its file line and the bytes there."""
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad = line[err.start : err.end + 8]
+            return (
+                f"file line {number} (the header is line 1) holds bytes that are not UTF-8 "
+                f"({bad!r}); save the file as UTF-8 (it may be Latin-1 or Windows-1252)"
+            )
+    return "it is not UTF-8 text; save it as UTF-8"
 
 
 def _read_csv(path: Path, separator: str) -> pd.DataFrame:
@@ -1002,12 +1020,11 @@ def check_files(
     )
     if missing:
         shown = "; ".join(
-            f"data row {r}, column '{c}': {p}{' (a folder)' if os.path.isdir(p) else ''}"
-            for r, c, p in missing[:5]
+            f"data row {r}, column '{c}': {p}{not_a_file(p)}" for r, c, p in missing[:5]
         )
         more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise FileNotFoundError(
-            f"manifest {source}: {len(missing)} referenced files do not exist or are folders "
+            f"manifest {source}: {len(missing)} referenced files do not exist or are no files "
             f"(relative paths are read from {source.parent}): {shown}{more}"
         )
     for column, paths in cells.items():
@@ -1034,6 +1051,15 @@ def check_files(
                     raise failure
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def not_a_file(path: str) -> str:
+    """What stands at `path` instead of a regular file, as a note ('' when nothing does)."""
+    if os.path.isdir(path):
+        return " (a folder)"
+    if os.path.exists(path):
+        return " (not a regular file: a device, a pipe or a socket)"
+    return ""
 
 
 def content_reader(kind: str, path: str) -> Callable[[], Any]:

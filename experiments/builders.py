@@ -253,7 +253,7 @@ def refused_key(key: str, settings: DictConfig, err: BaseException) -> str:
     """The setting a component refused: the project's argument checks start their message
     with the argument's name ("max_samples must be ...", "data.occlusion: expected ...");
     else the component's key."""
-    first = re.split(r"[ =:.]", str(err).removeprefix(f"{key}."), maxsplit=1)[0]
+    first = re.split(r"[ =:.[]", str(err).removeprefix(f"{key}."), maxsplit=1)[0]
     return f"{key}.{first}" if first in settings and not first.startswith("_") else key
 
 

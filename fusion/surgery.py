@@ -316,10 +316,15 @@ _BIASES_BY_TYPE = {nn.MultiheadAttention: ("bias_k", "bias_v")}
 
 LAYER_TYPES = ("linear", "conv", "pool", "flatten", "dropout", "relu", "gelu", "batchnorm")
 POOL_KINDS = ("avg", "max")
+# Layer types that take a feature map, [batch, C, H, W]: a conv or pool given a vector or
+# tokens would fail, or read a 3-D input as one unbatched map and mix the batch's samples.
+MAP_LAYER_TYPES = ("conv", "pool")
 LayerSpec = Mapping[str, object] | nn.Module
 
 
-def build_layers(specs: Sequence[LayerSpec] | nn.Module | None) -> nn.Sequential | None:
+def build_layers(
+    specs: Sequence[LayerSpec] | nn.Module | None, name: str | None = None
+) -> nn.Sequential | None:
     """New layers from plain specs, each sized by the layer before it (lazy modules).
 
     `[{"type": "conv", "channels": 256, "kernel": 3, "batchnorm": False},
@@ -327,36 +332,70 @@ def build_layers(specs: Sequence[LayerSpec] | nn.Module | None) -> nn.Sequential
     {"type": "dropout", "p": 0.2}, {"type": "linear", "dim": 128}]`. Input sizes are never
     written down: `nn.LazyLinear` and `nn.LazyConv2d` learn them at the encoder's dry run.
     An `nn.Module` in the list (or in place of it) is used as it is. A bad spec fails here,
-    naming its position, its type and the argument, not at the dry run.
+    naming its position (`name[i]`, e.g. `post[0]`, or `layer i` without a name), its type
+    and the argument, not at the dry run; an input a layer cannot take fails at the
+    encoder's dry run, named the same way (`fusion.encoders.base.Encoder`), for which the
+    returned `nn.Sequential` keeps each layer's type in `kinds` (a module's class name for
+    a module).
     """
     if specs is None or (isinstance(specs, Sequence) and not specs):
         return None
     if isinstance(specs, nn.Module):
         specs = [specs]
     if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence):
+        what = name or "layers"
         raise ValueError(
-            f"layers must be a list of layer specs or modules, got {type(specs).__name__}"
+            f"{what} must be a list of layer specs or modules, got {type(specs).__name__}"
         )
-    return nn.Sequential(*(_build_layer(i, spec) for i, spec in enumerate(specs)))
+    built = [_build_layer(layer_label(name, i), spec) for i, spec in enumerate(specs)]
+    layers = nn.Sequential(*(layer for layer, _ in built))
+    layers.kinds = tuple(kind for _, kind in built)
+    return layers
 
 
-def _build_layer(index: int, spec: LayerSpec) -> nn.Module:
-    """One layer from its spec (or the module itself), errors prefixed with its position."""
+def layer_label(name: str | None, index: int) -> str:
+    """How messages name layer `index` of the list `name`: `post[0]`, or `layer 0`."""
+    return f"layer {index}" if name is None else f"{name}[{index}]"
+
+
+def _build_layer(label: str, spec: LayerSpec) -> tuple[nn.Module, str]:
+    """One layer from its spec (or the module itself) and its type, errors prefixed with
+    its position."""
     if isinstance(spec, nn.Module):
-        return spec
+        return spec, type(spec).__name__
     if not isinstance(spec, Mapping):
         raise ValueError(
-            f"layer {index}: expected a spec such as {{'type': 'linear', 'dim': 128}} or an "
+            f"{label}: expected a spec such as {{'type': 'linear', 'dim': 128}} or an "
             f"nn.Module, got {type(spec).__name__} {spec!r}"
         )
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind not in LAYER_TYPES:
-        raise ValueError(f"layer {index}: unknown type '{kind}'; expected one of {LAYER_TYPES}")
+        raise ValueError(f"{label}: unknown type '{kind}'; expected one of {LAYER_TYPES}")
     try:
-        return _make_layer(kind, spec)
+        return _make_layer(kind, spec), kind
     except ValueError as err:
-        raise ValueError(f"layer {index} ({kind}): {err}") from None
+        raise ValueError(f"{label} ({kind}): {err}") from None
+
+
+def layer_input_problem(kind: str, layer: nn.Module, shape: Sequence[int]) -> str | None:
+    """What layer `layer`, of type `kind`, expects and does not find in its per-sample input
+    `shape` (batch left out), as "expected ..., found", or None when it can take it.
+
+    Checked on the input the encoder's dry run gives the layer, so nothing is computed by
+    hand: a conv or pool needs a map [C, H, W], and a sliding pool a map at least as large
+    as its kernel.
+    """
+    shape = list(shape)
+    if kind in MAP_LAYER_TYPES and len(shape) != 3:
+        return f"expected a feature map [C, H, W], found {shape}"
+    if kind == "pool" and isinstance(layer, (nn.AvgPool2d, nn.MaxPool2d)):
+        kernel = layer.kernel_size
+        height, width = (kernel, kernel) if isinstance(kernel, int) else kernel
+        if height > shape[1] or width > shape[2]:
+            shown = kernel if isinstance(kernel, int) else list(kernel)
+            return f"expected a map of at least {height}x{width} for kernel {shown}, found {shape}"
+    return None
 
 
 def _make_layer(kind: str, spec: dict) -> nn.Module:

@@ -231,6 +231,8 @@ ENCODER_CASES = [
     ("+model.encoders.image.weights=IMAGENET1K_V9", "model.encoders.image.weights", "'IMAGENET1K_V9'"),
     ("+model.encoders.audio.n_mels=0", "model.encoders.audio.n_mels", "0"),
     ("+model.encoders.audio.clip_samples=100", "model.encoders.audio.clip_samples", "shorter than one analysis window (n_fft=256)"),
+    ("+model.encoders.image.post=[{type:pool}]", "model.encoders.image.post", "post[0] (pool): expected a feature map [C, H, W], found [512]"),
+    ("+model.encoders.image.std=[0.0]", "model.encoders.image.std", "std: expected values > 0, found [0.0]"),
 ]  # fmt: skip
 
 

@@ -185,7 +185,7 @@ def build_spectrogram_encoder(
         net,
         input_shape=(clip_samples,),
         preprocess=preprocess,
-        post=surgery.build_layers(post),
+        post=surgery.build_layers(post, "post"),
     )
     return apply_freeze(encoder, freeze, trainable_stages)
 
@@ -238,7 +238,7 @@ def build_ssl_speech_encoder(
         SSLSpeechBackbone(model, layer, pool),
         input_shape=(clip_samples,),
         preprocess=preprocess,
-        post=surgery.build_layers(post),
+        post=surgery.build_layers(post, "post"),
     )
     return apply_freeze(encoder, freeze, trainable_stages)
 

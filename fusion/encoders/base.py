@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from fusion import surgery
 from fusion.freezing import (
     freeze_all_but_last,
     set_frozen_to_eval,
@@ -28,7 +33,10 @@ class Encoder(nn.Module):
     The forward pass is `post(backbone(pre(preprocess(x))))`: `preprocess` is fixed input
     handling (normalization, spectrogram), `pre` and `post` are new trainable layers added
     before and after the pretrained `backbone` (lazy modules, sized by the dry run).
-    Subclasses for non-tensor inputs override `example_input`.
+    Subclasses for non-tensor inputs override `example_input`. A `pre` or `post` layer that
+    cannot take what the dry run gives it fails there, at construction, naming the layer
+    (`post[0] (pool)`), what it expected and the input it found; `backbone_output` is what
+    such messages call the backbone's output (e.g. "the backbone's output 'pooled'").
 
     Masks: `output_mask(x, present)` says which parts of `self(x)` are real, which is what
     the fuser's `present` must be. An encoder that needs its input mask to ignore padding
@@ -47,6 +55,7 @@ class Encoder(nn.Module):
         preprocess: nn.Module | None = None,
         pre: nn.Module | None = None,
         post: nn.Module | None = None,
+        backbone_output: str = "the backbone's output",
     ) -> None:
         super().__init__()
         self.preprocess = preprocess if preprocess is not None else nn.Identity()
@@ -55,6 +64,7 @@ class Encoder(nn.Module):
         self.post = post if post is not None else nn.Identity()
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.frozen = False
+        self.backbone_output = backbone_output
         self.out_shape = self._infer_out_shape()
 
     @property
@@ -76,8 +86,11 @@ class Encoder(nn.Module):
     def _infer_out_shape(self) -> tuple[int, ...]:
         was_training = self.training
         self.eval()
-        out = self.forward(self.example_input(2))
-        self.train(was_training)
+        try:
+            with self._naming_layer_failures():
+                out = self.forward(self.example_input(2))
+        finally:
+            self.train(was_training)
         if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3, 4):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
@@ -85,6 +98,66 @@ class Encoder(nn.Module):
                 "[batch, D], [batch, T, D] or [batch, C, H, W]"
             )
         return tuple(out.shape[1:])
+
+    def _added_layers(self) -> list[tuple[str, str, nn.Module, str]]:
+        """The `pre` and `post` layers: (label, type, module, what its input is called)."""
+        raw = isinstance(self.preprocess, nn.Identity)  # no preprocessing
+        first_inputs = {
+            "pre": "the input" if raw else "the preprocessed input",
+            "post": self.backbone_output,
+        }
+        found = []
+        for name, source in first_inputs.items():
+            stack = getattr(self, name)
+            if isinstance(stack, nn.Identity):
+                continue
+            listed = isinstance(stack, nn.Sequential)
+            layers = list(stack) if listed else [stack]
+            kinds = getattr(stack, "kinds", ())  # `surgery.build_layers` keeps the spec types
+            if len(kinds) != len(layers):
+                kinds = [type(layer).__name__ for layer in layers]
+            for index, (layer, kind) in enumerate(zip(layers, kinds, strict=True)):
+                label = surgery.layer_label(name, index) if listed else name
+                found.append((label, kind, layer, source))
+                source = f"the output of {label} ({kind})"
+        return found
+
+    @contextmanager
+    def _naming_layer_failures(self) -> Iterator[None]:
+        """During the dry run, an input a `pre`/`post` layer cannot take
+        (`surgery.layer_input_problem`), or any error the layer raises, becomes a ValueError
+        naming the layer, its type, and the input it got and where that came from."""
+        running: list[tuple[str, str, object, str]] = []  # the layer now in its forward
+
+        def before(label: str, kind: str, source: str, layer: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            found = list(x.shape[1:]) if isinstance(x, torch.Tensor) else type(x).__name__
+            if isinstance(found, list):
+                problem = surgery.layer_input_problem(kind, layer, found)
+                if problem:
+                    raise ValueError(f"{label} ({kind}): {problem} ({source})")
+            running.append((label, kind, found, source))
+
+        def after(*_: object) -> None:  # returns None: a forward hook's result replaces the output
+            running.pop()
+
+        handles = []
+        for label, kind, layer, source in self._added_layers():
+            hook = partial(before, label, kind, source)
+            handles.append(layer.register_forward_pre_hook(hook, prepend=True))
+            handles.append(layer.register_forward_hook(after))
+        try:
+            yield
+        except Exception as err:
+            if not running:  # not in a layer, or refused by `before`: as it is
+                raise
+            label, kind, found, source = running[-1]
+            raise ValueError(
+                f"{label} ({kind}) failed on its input {found} ({source}): {err}"
+            ) from err
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def check_input(self, x: Any, modality: str) -> None:
         """Raise a message naming `modality` when `x` does not fit `input_shape`."""
@@ -204,3 +277,37 @@ def apply_freeze(
     else:
         set_trainable_by_pattern(encoder, list(freeze), False)
     return encoder.train(encoder.training)
+
+
+def channel_stats(mean: object, std: object, channels: int) -> tuple[list[float], list[float]]:
+    """`mean` and `std` of a per-channel standardization `(x - mean) / std`, checked: one
+    finite number per input channel each, and every std > 0 (a zero std makes every feature
+    non-finite, and training stops on a NaN loss). Lists, tuples, numpy arrays and tensors
+    are accepted. Every encoder that standardizes with a given mean and std checks them here.
+    """
+    mean, std = _per_channel("mean", mean, channels), _per_channel("std", std, channels)
+    if not all(s > 0 for s in std):
+        raise ValueError(f"std: expected values > 0, found {std}")
+    return mean, std
+
+
+def _per_channel(name: str, values: object, channels: int) -> list[float]:
+    """`values` as `channels` finite floats, or a ValueError naming `name`."""
+    if hasattr(values, "tolist"):  # a numpy array or a tensor
+        values = values.tolist()
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        raise ValueError(
+            f"{name}: expected a list of numbers, one per input channel, found {values!r}"
+        )
+    values = [v.item() if hasattr(v, "item") else v for v in values]
+    if len(values) != channels:
+        raise ValueError(
+            f"{name}: expected {channels} value{'s' if channels != 1 else ''} (one per "
+            f"input channel), found {len(values)}: {values}"
+        )
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{name}: expected numbers, found {values}")
+    values = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name}: expected finite values, found {values}")
+    return values

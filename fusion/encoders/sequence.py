@@ -263,5 +263,7 @@ def build_sequence_encoder(
     else:
         network = TransformerSequence(input_dim, hidden, layers, heads, dropout)
     backbone = SequenceBackbone(network, pooling, dropout)
-    encoder = SequenceEncoder(backbone, input_dim, max_length, post=surgery.build_layers(post))
+    encoder = SequenceEncoder(
+        backbone, input_dim, max_length, post=surgery.build_layers(post, "post")
+    )
     return apply_freeze(encoder, freeze)

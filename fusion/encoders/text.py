@@ -221,5 +221,5 @@ def build_text_encoder(
     if limit is not None and max_length > limit:
         raise ValueError(f"max_length {max_length} exceeds the {limit} positions of {source}")
     backbone = TransformerTextBackbone(model, tokenizer, pooling, output, max_length, normalize)
-    encoder = TextEncoder(backbone, post=surgery.build_layers(post))
+    encoder = TextEncoder(backbone, post=surgery.build_layers(post, "post"))
     return apply_freeze(encoder, freeze, trainable_stages)

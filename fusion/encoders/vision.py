@@ -16,7 +16,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from fusion import surgery
 from fusion.checks import positive_int
-from fusion.encoders.base import Encoder, apply_freeze
+from fusion.encoders.base import Encoder, apply_freeze, channel_stats
 from fusion.weights import load_weights
 
 OUTPUTS = ("pooled", "map", "tokens")
@@ -193,6 +193,7 @@ def build_vision_encoder(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got '{output}'")
     enum = resolve_weights(name, weights)
+    preprocess = image_preprocess(enum, in_channels, mean, std, use_weights_transforms)
     backbone = build_backbone(name, enum)
     if classifier_unused(backbone, layer):
         surgery.remove_classifier(backbone)
@@ -213,9 +214,10 @@ def build_vision_encoder(
         Encoder(
             backbone,
             input_shape=(in_channels, *image_size),
-            preprocess=image_preprocess(enum, in_channels, mean, std, use_weights_transforms),
-            pre=surgery.build_layers(pre),
-            post=surgery.build_layers(post),
+            preprocess=preprocess,
+            pre=surgery.build_layers(pre, "pre"),
+            post=surgery.build_layers(post, "post"),
+            backbone_output=f"the backbone's output '{output}'",
         ),
         freeze,
         trainable_stages,
@@ -229,16 +231,18 @@ def image_preprocess(
     std: Sequence[float] | None,
     use_weights_transforms: bool,
 ) -> nn.Module:
-    if weights is not None and use_weights_transforms and in_channels == 3 and mean is None:
-        return weights.transforms()
-    mean = list(mean) if mean is not None else [0.5] * in_channels
-    std = list(std) if std is not None else [0.25] * in_channels
-    if len(mean) != in_channels or len(std) != in_channels:
-        raise ValueError(
-            f"mean and std need {in_channels} values (one per input channel), "
-            f"got {len(mean)} and {len(std)}"
-        )
-    return Standardize(mean, std)
+    if weights is not None and use_weights_transforms and in_channels == 3:
+        if (mean is None) != (std is None):
+            given, other = ("mean", "std") if std is None else ("std", "mean")
+            raise ValueError(
+                f"{given}: given without {other}, while the pretrained weights' transforms "
+                f"would supply both; give {other} too (or neither, to use the weights' own)"
+            )
+        if mean is None:
+            return weights.transforms()
+    mean = [0.5] * in_channels if mean is None else mean
+    std = [0.25] * in_channels if std is None else std
+    return Standardize(*channel_stats(mean, std, in_channels))
 
 
 def build_timm_encoder(
@@ -289,9 +293,10 @@ def build_timm_encoder(
         Encoder(
             backbone,
             input_shape=(in_channels, *image_size),
-            preprocess=Standardize(mean, std),
-            pre=surgery.build_layers(pre),
-            post=surgery.build_layers(post),
+            preprocess=Standardize(*channel_stats(mean, std, in_channels)),
+            pre=surgery.build_layers(pre, "pre"),
+            post=surgery.build_layers(post, "post"),
+            backbone_output=f"the backbone's output '{output}'",
         ),
         freeze,
         trainable_stages,

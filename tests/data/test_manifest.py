@@ -363,13 +363,29 @@ def test_an_image_whose_header_reads_but_whose_body_is_cut_is_named_before_train
     build(manifest, "train")  # the whole file decodes
 
 
-def test_a_folder_where_a_file_should_be_is_named_as_a_folder(manifest, folder, frame):
+def test_a_manifest_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    rows = ["x,label", *(f"{i},{i % 2}" for i in range(6)), "7,caf\u00e9"]
+    (tmp_path / "t.csv").write_bytes("\n".join(rows).encode("latin-1") + b"\n")
+    with pytest.raises(ValueError) as err:
+        build(tmp_path / "t.csv")
+    assert str(err.value) == (
+        f"manifest {tmp_path / 't.csv'}: cannot read it as CSV: file line 8 (the header is line "
+        "1) holds bytes that are not UTF-8 (b'\\xe9'); save the file as UTF-8 (it may be Latin-1 "
+        "or Windows-1252)"
+    )
+
+
+def test_a_folder_or_a_pipe_where_a_file_should_be_is_named_as_such(manifest, folder, frame):
     (folder / "img" / "sub.png").mkdir()
+    os.mkfifo(folder / "img" / "pipe.png")
     frame.loc[6, "photo"] = "img/sub.png"
+    frame.loc[7, "photo"] = "img/pipe.png"
     frame.to_csv(manifest, index=False)
     with pytest.raises(
         FileNotFoundError,
-        match=r"do not exist or are folders .*data row 7, column 'photo': .*sub\.png \(a folder\)",
+        match=r"2 referenced files do not exist or are no files .*data row 7, column 'photo': "
+        r".*sub\.png \(a folder\); data row 8, column 'photo': .*pipe\.png \(not a regular "
+        r"file: a device, a pipe or a socket\)",
     ):
         build(manifest)
 

@@ -1,12 +1,18 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torchvision.models import get_model
 
 from fusion import surgery
-from fusion.encoders import LogMelSpectrogram, build_spectrogram_encoder, build_vision_encoder
+from fusion.encoders import (
+    LogMelSpectrogram,
+    build_sequence_encoder,
+    build_spectrogram_encoder,
+    build_vision_encoder,
+)
 
 
 def test_vision_encoder_out_dim_is_inferred():
@@ -148,9 +154,162 @@ def test_vision_weights_by_name_load_from_the_hub_cache(torch_home):
     assert torch.equal(enc(x), reference(enc.preprocess(x)))
 
 
+def test_std_without_mean_beside_the_weights_transforms_is_refused(torch_home):
+    """The weights' transforms would otherwise be used and the std dropped without a word."""
+    from torchvision.models import ResNet18_Weights
+
+    path = torch_home / Path(ResNet18_Weights.IMAGENET1K_V1.url).name
+    torch.save(get_model("resnet18").state_dict(), path)
+    with pytest.raises(ValueError) as caught:
+        build_vision_encoder("resnet18", weights="IMAGENET1K_V1", std=[0.2, 0.2, 0.2])
+    assert str(caught.value) == (
+        "std: given without mean, while the pretrained weights' transforms would supply both; "
+        "give mean too (or neither, to use the weights' own)"
+    )
+
+
 def test_vision_weights_missing_offline_say_where_to_put_them(torch_home):
     from fusion.weights import WeightsUnavailableError
 
     with pytest.raises(WeightsUnavailableError, match="TORCH_HOME") as err:
         build_vision_encoder("resnet18", weights="DEFAULT")
     assert str(torch_home) in str(err.value)
+
+
+def tiny_vision(**kwargs):
+    """resnet18 on 8x8 one-channel images: a [512, 1, 1] map, built in well under a second."""
+    return build_vision_encoder(
+        "resnet18", in_channels=1, image_size=8, small_input_stem=True, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"post": [{"type": "pool"}]},
+            "post[0] (pool): expected a feature map [C, H, W], found [512] "
+            "(the backbone's output 'pooled')",
+        ),
+        (
+            {"output": "map", "post": [{"type": "pool", "kernel": 3}, {"type": "flatten"}]},
+            "post[0] (pool): expected a map of at least 3x3 for kernel 3, found [512, 1, 1] "
+            "(the backbone's output 'map')",
+        ),
+        (
+            {"output": "tokens", "post": [{"type": "conv", "channels": 8}]},
+            "post[0] (conv): expected a feature map [C, H, W], found [1, 512] "
+            "(the backbone's output 'tokens')",
+        ),
+        (
+            {"output": "map", "post": [{"type": "flatten"}, {"type": "pool"}]},
+            "post[1] (pool): expected a feature map [C, H, W], found [512] "
+            "(the output of post[0] (flatten))",
+        ),
+        (
+            {
+                "output": "map",
+                "post": [{"type": "conv", "channels": 8}, {"type": "pool", "kernel": [1, 2]}],
+            },
+            "post[1] (pool): expected a map of at least 1x2 for kernel [1, 2], found [8, 1, 1] "
+            "(the output of post[0] (conv))",
+        ),
+        (
+            {"pre": [{"type": "pool", "kernel": 16}]},
+            "pre[0] (pool): expected a map of at least 16x16 for kernel 16, found [1, 8, 8] "
+            "(the preprocessed input)",
+        ),
+    ],
+)
+def test_a_layer_that_cannot_take_its_input_is_named_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        tiny_vision(**kwargs)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "prefix", "cause"),
+    [
+        (
+            {"output": "map", "post": [{"type": "conv", "channels": 8}, {"type": "batchnorm"}]},
+            "post[1] (batchnorm) failed on its input [8, 1, 1] (the output of post[0] (conv)): ",
+            "expected 2D or 3D input (got 4D input)",
+        ),
+        (
+            {"post": [nn.Linear(3, 4)]},
+            "post[0] (Linear) failed on its input [512] (the backbone's output 'pooled'): ",
+            "mat1 and mat2 shapes cannot be multiplied (2x512 and 3x4)",
+        ),
+    ],
+)
+def test_any_failure_of_a_layer_at_the_dry_run_names_the_layer_and_its_input(kwargs, prefix, cause):
+    """Torch's own message follows, and the original error is kept as the cause."""
+    with pytest.raises(ValueError) as caught:
+        tiny_vision(**kwargs)
+    assert str(caught.value) == prefix + cause
+    assert str(caught.value.__cause__) == cause
+
+
+def test_other_encoders_name_their_post_layers_too():
+    with pytest.raises(ValueError) as caught:
+        build_sequence_encoder(input_dim=4, hidden=16, post=[{"type": "pool"}])
+    assert str(caught.value) == (
+        "post[0] (pool): expected a feature map [C, H, W], found [16] (the backbone's output)"
+    )
+
+
+def test_layers_that_fit_build_and_leave_no_dry_run_hooks_behind():
+    enc = tiny_vision(
+        output="map",
+        post=[{"type": "conv", "channels": 8}, {"type": "pool", "kernel": 1}, {"type": "flatten"}],
+    )
+    assert enc.out_shape == (8,) and enc.post.kinds == ("conv", "pool", "flatten")
+    assert enc(torch.rand(3, 1, 8, 8)).shape == (3, 8)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in enc.post)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mean": [0.5], "std": [0.0]}, "std: expected values > 0, found [0.0]"),
+        ({"std": [-0.25]}, "std: expected values > 0, found [-0.25]"),
+        ({"mean": [float("nan")]}, "mean: expected finite values, found [nan]"),
+        ({"std": [float("inf")]}, "std: expected finite values, found [inf]"),
+        (
+            {"mean": [0.5, 0.5]},
+            "mean: expected 1 value (one per input channel), found 2: [0.5, 0.5]",
+        ),
+        (
+            {"std": 0.25},
+            "std: expected a list of numbers, one per input channel, found 0.25",
+        ),
+        ({"std": ["0.25"]}, "std: expected numbers, found ['0.25']"),
+    ],
+)
+def test_bad_mean_or_std_is_refused_before_the_backbone_is_built(monkeypatch, kwargs, message):
+    """A zero std built, then gave non-finite features and a NaN loss at stage 1."""
+
+    def unreachable(*_args):
+        raise AssertionError("the backbone was built before mean and std were checked")
+
+    monkeypatch.setattr("fusion.encoders.vision.build_backbone", unreachable)
+    with pytest.raises(ValueError) as caught:
+        tiny_vision(**kwargs)
+    assert str(caught.value) == message
+
+
+def test_channel_stats_take_arrays_and_name_the_channel_count():
+    from fusion.encoders.base import channel_stats
+
+    assert channel_stats(np.array([0.5, 0.4]), torch.tensor([0.25, 0.5]), 2) == (
+        [0.5, 0.4],
+        [0.25, 0.5],
+    )
+    with pytest.raises(ValueError) as caught:
+        channel_stats([0.5] * 3, [0.2, 0.0, 0.3], 3)
+    assert str(caught.value) == "std: expected values > 0, found [0.2, 0.0, 0.3]"
+    with pytest.raises(ValueError) as caught:
+        channel_stats([0.5], [0.25], 3)
+    assert str(caught.value) == "mean: expected 3 values (one per input channel), found 1: [0.5]"
+    enc = tiny_vision(mean=np.array([0.5]), std=torch.tensor([0.25]))
+    assert torch.isfinite(enc(torch.rand(2, 1, 8, 8))).all()

@@ -289,6 +289,38 @@ def test_layer_specs_pool_by_window_or_size_conv_without_norm_and_modules_as_lay
         surgery.build_layers({"type": "relu"})
 
 
+def test_named_layer_lists_say_which_list_and_keep_each_layer_type():
+    """An encoder builds its lists as `pre` and `post`, so messages say `post[1]`."""
+    with pytest.raises(ValueError) as caught:
+        surgery.build_layers([{"type": "flatten"}, {"type": "dropout", "p": 1.5}], "post")
+    assert str(caught.value) == "post[1] (dropout): p must be in [0, 1), got 1.5"
+    with pytest.raises(ValueError) as caught:
+        surgery.build_layers([{"type": "pol"}], "pre")
+    assert str(caught.value) == f"pre[0]: unknown type 'pol'; expected one of {surgery.LAYER_TYPES}"
+    with pytest.raises(ValueError) as caught:
+        surgery.build_layers({"type": "relu"}, "post")
+    assert str(caught.value) == "post must be a list of layer specs or modules, got dict"
+    layers = surgery.build_layers([{"type": "conv", "channels": 4}, nn.Flatten(1)], "post")
+    assert isinstance(layers, nn.Sequential) and layers.kinds == ("conv", "Flatten")
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "problem"),
+    [
+        ({"type": "pool"}, [512], "expected a feature map [C, H, W], found [512]"),
+        ({"type": "conv", "channels": 4}, [4, 512], "expected a feature map [C, H, W], found [4, 512]"),
+        ({"type": "pool", "kernel": 3}, [8, 2, 5], "expected a map of at least 3x3 for kernel 3, found [8, 2, 5]"),
+        ({"type": "pool", "kernel": [2, 6]}, [8, 2, 5], "expected a map of at least 2x6 for kernel [2, 6], found [8, 2, 5]"),
+        ({"type": "pool", "kernel": [2, 5]}, [8, 2, 5], None),
+        ({"type": "pool", "size": 4}, [8, 2, 2], None),  # an adaptive pool takes any map
+        ({"type": "linear", "dim": 4}, [3, 5], None),
+    ],
+)  # fmt: skip
+def test_layer_input_problem(spec, shape, problem):
+    layers = surgery.build_layers([spec])
+    assert surgery.layer_input_problem(layers.kinds[0], layers[0], shape) == problem
+
+
 def test_no_weight_decay_on_biases_and_norms_whatever_their_names():
     model = nn.ModuleDict(
         {
