@@ -8,6 +8,7 @@ of minutes into training. The trainer's settings are the library's own dataclass
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import socket
@@ -72,6 +73,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         key = getattr(err, "full_key", None) or "?"
         reason = str(err).splitlines()[0]
         hint = unknown_key_hint(key, cfg) if isinstance(err, ConfigKeyError) else ""
+        owner = getattr(err, "object_type", None)  # the schema class, when the config has none
+        if not hint and isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(owner):
+            settings = [f.name for f in dataclasses.fields(owner)]
+            hint = close_matches(key.rpartition(".")[2], settings) or f"; it takes {settings}"
         raise ConfigError(f"config key '{key}': {reason}{hint}") from None
     if checked.logger.mode not in ("online", "offline", "disabled"):
         raise ConfigError(

@@ -230,6 +230,24 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(stage1_dir, tmp_pa
     assert bad.returncode == 2 and "trainer.fuse.epochs=3" in bad.stderr
 
 
+def test_early_stopping_accumulation_and_clipping_through_the_entry_point(stage1_dir, tmp_path):
+    controls = (
+        "trainer.fuse.epochs=6", "trainer.fuse.accumulate=2",
+        "trainer.fuse.clip_grad_norm=1.0", "trainer.fuse.monitor=val/loss",
+        "trainer.fuse.early_stopping={patience: 1, min_delta: 100.0}",  # no loss drops by 100
+    )  # fmt: skip
+    result, run_dir = train(tmp_path, "stop", *controls, stage1=stage1_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "stage 'fuse': stopping early after epoch 2 of 6: val/loss has not improved by more "
+        "than 100 since epoch 1 (patience 1); keeping epoch"
+    ) in result.stdout
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["fuse/epoch"] for r in epochs if "fuse/epoch" in r) == 2
+    again, _ = train(tmp_path, "again", *controls, f"trainer.resume={run_dir}", stage1=stage1_dir)
+    assert again.returncode == 2 and "stopped early after epoch 2" in again.stderr
+
+
 def test_offline_wandb_run_with_confusion_matrix_artifact_and_gradients(stage1_dir, tmp_path):
     result, run_dir = train(
         tmp_path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -20,6 +21,7 @@ from fusion.batch import Batch
 from fusion.surgery import param_groups
 from fusion.training.checkpoint import save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed
+from fusion.training.monitor import Monitor
 from fusion.training.precision import FLOAT32, Precision
 
 Outputs = torch.Tensor | dict[str, torch.Tensor]
@@ -210,18 +212,24 @@ def train_epoch(
     distributed: Distributed = SINGLE,
     epoch: int = 1,
     nonfinite: str = "stop",
+    accumulate: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> EpochMetrics:
     """One pass over `batches`; `scaler` scales fp16 losses (it passes others through).
 
-    A step whose loss is NaN or infinite (on any process) raises `NonFiniteError`, or with
-    `nonfinite="skip"` is skipped: no backward pass, no optimizer or scaler update, and the
-    buffers its forward pass changed (batch-norm statistics) are restored. An epoch with
-    every step skipped raises, since nothing trained.
+    The optimizer steps once per `accumulate` batches (and once for the batches left at
+    the end) on the mean gradient over their samples, as one batch of them all would give
+    (batch norm aside, which sees each batch); `clip_grad_norm` then caps the gradients'
+    total 2-norm (`torch.nn.utils.clip_grad_norm_`). A step whose loss is NaN or infinite
+    (on any process) raises `NonFiniteError`, or with `nonfinite="skip"` is skipped: no
+    backward pass, and the buffers its forward pass changed (batch-norm statistics) are
+    restored. An epoch with every step skipped raises, since nothing trained.
     """
     model.train()
     tally = _Tally()
     scaler = scaler or precision.grad_scaler()
-    step = skipped = 0
+    step = skipped = pending = 0  # pending: samples whose gradients await the next step
+    optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(
         tqdm(batches, desc=f"{desc} {epoch}", leave=False, disable=None), start=1
     ):
@@ -230,7 +238,6 @@ def train_epoch(
         with precision.autocast():
             outputs = forward(model, batch)
         loss, hits = batch_loss(outputs, targets(batch), loss_weights)
-        optimizer.zero_grad(set_to_none=True)
         if not finite_on_every_process(loss, distributed):
             if nonfinite != "skip":
                 raise nonfinite_loss_error(desc, epoch, step, loss, optimizer)
@@ -239,12 +246,23 @@ def train_epoch(
                     buffer.copy_(saved)
             skipped += 1
             continue
-        scaler.scale(loss / len(batch)).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        last_of_group = step % accumulate == 0
+        if accumulate == 1:  # the mean loss: bit for bit what a run without accumulation does
+            scaler.scale(loss / len(batch)).backward()
+        else:  # the summed loss; the gradients are divided by the group's samples at the step
+            with contextlib.nullcontext() if last_of_group else no_sync(model):
+                scaler.scale(loss).backward()
+        pending += len(batch)
+        if last_of_group:
+            optimizer_step(
+                model, optimizer, scaler, pending if accumulate > 1 else 1, clip_grad_norm
+            )
+            pending = 0
         tally.add(loss.detach(), hits, len(batch))
         if on_step is not None:
             on_step(loss.item() / len(batch))
+    if pending:
+        optimizer_step(model, optimizer, scaler, pending, clip_grad_norm)
     if skipped and skipped == step:
         raise NonFiniteError(
             f"stage '{desc}': every one of the {step} training steps of epoch {epoch} had a "
@@ -259,6 +277,33 @@ def train_epoch(
     metrics = tally.metrics(distributed)
     metrics.skipped = skipped
     return metrics
+
+
+def no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync` (gradients accumulate locally until the step's backward pass), or
+    nothing for a plain module."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    samples: int,
+    clip_grad_norm: float | None,
+) -> None:
+    """Divide the accumulated gradients by `samples`, clip them, step and clear them."""
+    if samples != 1 or clip_grad_norm is not None:
+        scaler.unscale_(optimizer)  # clip and divide true gradients (fp16 scales them)
+        params = [p for p in model.parameters() if p.grad is not None]
+        if samples != 1:
+            for p in params:
+                p.grad.div_(samples)
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def nonfinite_entries(state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -284,11 +329,13 @@ def check_finite_weights(model: nn.Module, desc: str, epoch: int) -> None:
 
 @dataclass
 class FitResult:
-    """The best validation epoch's metrics, and whether every epoch has run."""
+    """The best validation epoch's metrics, and whether the stage is done (every epoch has
+    run, or it stopped early) or can be resumed."""
 
     best: dict[str, float]
     epochs_done: int
     finished: bool
+    stopped_early: bool = False
 
 
 def rng_state(generators: Sequence[torch.Generator] = ()) -> dict:
@@ -397,6 +444,9 @@ def fit(
     desc: str = "fit",
     nonfinite: str = "stop",
     state_extra: Mapping[str, Any] | None = None,
+    monitor: Monitor | None = None,
+    accumulate: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> FitResult:
     """Train with AdamW and cosine decay; keep the weights of the best validation epoch.
 
@@ -417,7 +467,10 @@ def fit(
     with the cosine schedule stretched (see `stretch_schedule`). `state_extra` entries
     (the run's config, say) are stored in each state beside the weights.
     `precision` picks float32 or mixed precision (with fp16's gradient scaler saved in
-    the state). When every epoch has run, the model holds the best epoch's weights.
+    the state). When every epoch has run, the model holds the best epoch's weights: the
+    best by `monitor` (default: the highest validation accuracy), which also stops the
+    stage early when it has a patience (`FitResult.stopped_early`). `accumulate` and
+    `clip_grad_norm` shape each optimizer step (see `train_epoch`).
 
     Never runs on silently with a broken model: a NaN or infinite training loss raises
     `NonFiniteError` naming `desc`, the epoch and the step (with `nonfinite="skip"`, such
@@ -436,12 +489,20 @@ def fit(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got '{nonfinite}'")
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+    if clip_grad_norm is not None and not 0 < clip_grad_norm < math.inf:
+        raise ValueError(
+            f"clip_grad_norm must be None or a finite number > 0, got {clip_grad_norm}"
+        )
+    monitor = monitor or Monitor()
     groups = groups if groups is not None else param_groups(model, lr, weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     scaler = precision.grad_scaler()
     best: dict[str, float] = {}
     best_state = None
+    improved_at, reference = 0, None  # the last epoch that improved by more than min_delta
     # Without a schedule that thaws them, frozen parameters never change: the states below
     # leave them out (they come from where the model was built from, e.g. stage-1
     # checkpoints), which keeps a per-epoch state small next to large frozen encoders.
@@ -455,6 +516,7 @@ def fit(
             stretch_schedule(scheduler, resume["epochs"], epochs, desc)
         scaler.load_state_dict(resume.get("scaler", {}))
         best, best_state = resume["best"], resume["best_model"]
+        improved_at, reference = resume.get("improved", (0, None))
         rng = resume["rng"]
         if distributed.enabled and len(resume.get("rank_rng", [])) == distributed.world_size:
             rng = resume["rank_rng"][distributed.rank]
@@ -489,6 +551,8 @@ def fit(
             distributed,
             epoch,
             nonfinite,
+            accumulate,
+            clip_grad_norm,
         )
         scheduler.step()
         distributed.broadcast_buffers(model)
@@ -505,9 +569,16 @@ def fit(
                 "stage '%s' epoch %d: validation loss %s, accuracy %s; not a candidate for best",
                 desc, epoch, val.loss, val.accuracy,
             )  # fmt: skip
-        elif not best or val.accuracy > best["val/accuracy"]:
-            best = metrics
-            best_state = copy.deepcopy(changing_state(model, constant))
+        else:
+            value = monitor.value(metrics)
+            if monitor.better(value, best.get(monitor.metric)):
+                best = metrics
+                best_state = copy.deepcopy(changing_state(model, constant))
+            if monitor.better(value, reference, monitor.min_delta):
+                improved_at, reference = epoch, value
+        stop_early = (
+            monitor.should_stop(epoch, improved_at) and epoch < epochs and best_state is not None
+        )
         rank_rng = distributed.gather(rng_state(generators))
         if state_path is not None and distributed.is_main:
             save_checkpoint(
@@ -523,9 +594,19 @@ def fit(
                     "best_model": best_state,
                     "rng": rank_rng[0],
                     "rank_rng": rank_rng,
+                    "improved": (improved_at, reference),
+                    "stopped_early": stop_early,
                     **dict(state_extra or {}),
                 },
             )
+        if stop_early:
+            log.info(
+                "stage '%s': stopping early after epoch %d of %d: %s has not improved by more "
+                "than %g since epoch %d (patience %d); keeping epoch %d", desc, epoch, epochs,
+                monitor.metric, monitor.min_delta, improved_at, monitor.patience, best["epoch"],
+            )  # fmt: skip
+            load_changing_state(model, best_state, constant)
+            return FitResult(best, epoch, finished=True, stopped_early=True)
         if stop_after is not None and epoch - start + 1 >= stop_after and epoch < epochs:
             return FitResult(best, epoch, finished=False)
     if best_state is None:

@@ -39,6 +39,7 @@ from fusion.training.distributed import SINGLE, Distributed
 from fusion.training.feature_cache import data_key
 from fusion.training.loaders import cached_loaders, fuse_datasets, make_loaders, reseed
 from fusion.training.loop import EpochMetrics, evaluate, fit, predict
+from fusion.training.monitor import check_monitor
 from fusion.training.settings import (
     ConfigError,
     StageConfig,
@@ -291,6 +292,12 @@ def resume_state(resume: str | None, epochs: int) -> dict | None:
             f"{state['epochs']}, this run asks for {epochs}; on resume it can only be raised "
             "(epochs to add)"
         )
+    if state.get("stopped_early"):
+        raise ConfigError(
+            f"config key 'trainer.resume': {path} stopped early after epoch {state['epoch']} "
+            "(trainer.fuse.early_stopping: its monitored metric had stopped improving), so "
+            "the run is finished; nothing to resume"
+        )
     if state["epoch"] >= epochs:
         raise ConfigError(
             f"config key 'trainer.resume': {path} finished all {state['epoch']} epochs of stage "
@@ -359,6 +366,9 @@ class Recipe:
             distributed=self.distributed,
             find_unused_parameters=self.trainer.find_unused_parameters,
             nonfinite=self.trainer.nonfinite,
+            monitor=stage.monitor_for(),
+            accumulate=stage.accumulate,
+            clip_grad_norm=stage.clip_grad_norm,
             **kwargs,
         )
 
@@ -404,6 +414,18 @@ class Recipe:
                 ) from None
         check_patterns("pretrain", self.trainer.pretrain, stage1)
         check_patterns("fuse", self.trainer.fuse, [fused])
+        self.check_monitors()
+
+    def check_monitors(self) -> None:
+        """Each stage's `monitor` is a metric that stage computes for every model it trains
+        (stage 1: each modality's target), before anything trains."""
+        stage1 = [stage1_target(self.train_data, m)[1] for m in self.spec.encoders]
+        for name, targets in (("pretrain", stage1), ("fuse", [self.tasks])):
+            for tasks in targets:
+                try:
+                    check_monitor(getattr(self.trainer, name).monitor, tasks)
+                except ValueError as err:
+                    raise ConfigError(f"config key 'trainer.{name}.monitor': {err}") from None
 
     def pretrain(
         self, modality: str, encoder: Encoder, loaders: dict[str, DataLoader]

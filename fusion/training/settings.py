@@ -16,6 +16,7 @@ import torch
 
 from fusion.training.distributed import BACKENDS
 from fusion.training.loop import NONFINITE
+from fusion.training.monitor import Monitor
 from fusion.training.precision import PRECISIONS, Precision
 
 
@@ -33,8 +34,18 @@ class UnfreezeConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop a stage once `monitor` has not improved by more than `min_delta` for `patience`
+    epochs (`fusion.training.monitor.Monitor`)."""
+
+    patience: int = 3
+    min_delta: float = 0.0
+
+
+@dataclass
 class StageConfig:
-    """One training stage: epochs, AdamW with cosine decay, parameter groups."""
+    """One training stage: epochs, AdamW with cosine decay, parameter groups, how each step
+    is taken (accumulation, clipping) and which epoch is kept (`monitor`)."""
 
     epochs: int = 10
     lr: float = 1e-3
@@ -42,6 +53,17 @@ class StageConfig:
     lr_mult: dict[str, float] | None = None
     weight_decay_for: dict[str, float] | None = None
     layer_decay: float | None = None
+    accumulate: int = 1
+    clip_grad_norm: float | None = None
+    monitor: str = "val/accuracy"
+    early_stopping: EarlyStoppingConfig | None = None
+
+    def monitor_for(self) -> Monitor:
+        """The stage's `Monitor`: its metric, with early stopping's patience if set."""
+        stopping = self.early_stopping
+        if stopping is None:
+            return Monitor(self.monitor)
+        return Monitor(self.monitor, stopping.patience, stopping.min_delta)
 
 
 @dataclass
@@ -159,6 +181,27 @@ def check_stage(name: str, stage: StageConfig, fail: Callable[[str, str], None])
                 fail(f"{name}.{key}.{pattern}", f"expected a finite number >= 0, got {value}")
     if stage.layer_decay is not None and not 0 < stage.layer_decay <= 1:
         fail(f"{name}.layer_decay", f"expected null or in (0, 1], got {stage.layer_decay}")
+    if stage.accumulate < 1:
+        fail(
+            f"{name}.accumulate",
+            f"expected >= 1 (batches per optimizer step), got {stage.accumulate}",
+        )
+    if stage.clip_grad_norm is not None and not 0 < stage.clip_grad_norm < math.inf:
+        fail(
+            f"{name}.clip_grad_norm",
+            f"expected null or a finite number > 0, got {stage.clip_grad_norm}",
+        )
+    if stage.early_stopping is not None:
+        if stage.early_stopping.patience < 1:
+            fail(
+                f"{name}.early_stopping.patience",
+                f"expected >= 1 (epochs), got {stage.early_stopping.patience}",
+            )
+        if not 0 <= stage.early_stopping.min_delta < math.inf:
+            fail(
+                f"{name}.early_stopping.min_delta",
+                f"expected a finite number >= 0, got {stage.early_stopping.min_delta}",
+            )
 
 
 def check_guards(trainer: TrainerConfig) -> None:

@@ -158,6 +158,21 @@ def test_a_glob_matching_no_parameter_of_its_stage_is_named_before_training(
     assert not (tmp_path / "pretrained").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.fuse.monitor=val/acc", "config key 'trainer.fuse.monitor': expected one of ['val/loss', 'val/accuracy'], got 'val/acc'"),
+        ("trainer.pretrain.monitor=val/digit/accuracy", "config key 'trainer.pretrain.monitor': expected one of ['val/loss', 'val/accuracy'], got 'val/digit/accuracy'"),
+    ],
+)  # fmt: skip
+def test_a_monitored_metric_no_epoch_computes_is_named_before_training(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        recipe_for(tmp_path, override).check_encoders()
+    assert str(err.value).startswith(message)
+    assert not (tmp_path / "pretrained").exists()
+    recipe_for(tmp_path, "trainer.fuse.monitor=val/loss").check_encoders()
+
+
 def test_a_stage1_glob_for_one_modality_applies_to_that_modalitys_model_only(tmp_path):
     recipe = recipe_for(tmp_path, "trainer.pretrain.lr_mult={encoders.image.*: 0.5}")
     recipe.check_encoders()  # matches the image model: accepted for the stage
