@@ -62,6 +62,7 @@ from fusion.training import load_checkpoint
 from fusion.training.checkpoint import CheckpointError
 from fusion.training.feature_cache import data_key
 from fusion.training.loaders import make_loaders
+from fusion.training.optim import resolve
 from fusion.training.recipe import FUSE_STATE, ModelSpec, build_model
 from fusion.training.settings import DEVICE, DEVICES, resolve_device
 from fusion.weights import load_weights
@@ -109,6 +110,18 @@ def is_transform(target: str) -> bool:
     return isinstance(candidate, type) and issubclass(candidate, v2.Transform)
 
 
+def is_optim(target: str) -> bool:
+    """Whether `target` names a `torch.optim` optimizer or scheduler class (a stage's
+    settings, which `fusion.training.optim` resolves by attribute lookup, never imports)."""
+    for kind in ("optimizer", "scheduler"):
+        try:
+            resolve({"_target_": target}, kind)
+        except ValueError:
+            continue
+        return True
+    return False
+
+
 def check_targets(config: dict[str, Any], trusted: Collection[str], source: Path) -> None:
     """Refuse, before anything is imported or built, a config from `source` that would
     instantiate anything but the project's builders, transforms and `trusted` targets."""
@@ -132,7 +145,9 @@ def check_targets(config: dict[str, Any], trusted: Collection[str], source: Path
             raise EvaluateError(
                 f"{where}_target_': expected a dotted name, found a {type(target).__name__}"
             )
-        if target not in project_targets() and target not in trusted and not is_transform(target):
+        if target not in (*project_targets(), *trusted) and not (
+            is_transform(target) or is_optim(target)
+        ):
             raise EvaluateError(
                 f"{where}_target_' names '{target}', which evaluate does not build: a run "
                 f"directory is data, so only the project's own builders (the _target_ values "

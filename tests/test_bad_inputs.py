@@ -54,6 +54,27 @@ CASES = [
     ("trainer.persistent_workers=true", "trainer.persistent_workers", "num_workers=0"),
     ("trainer.fuse.views=0", "trainer.fuse.views", "0"),
     ("trainer.fuse.accumulate=0", "trainer.fuse.accumulate", "got 0"),
+    (
+        "trainer.fuse.optimizer={_target_:torch.optim.SDG}",
+        "trainer.fuse.optimizer._target_",
+        "did you mean ['torch.optim.SGD'",
+    ),
+    (
+        "trainer.fuse.optimizer={_target_:torch.optim.SGD,momentun:0.9}",
+        "trainer.fuse.optimizer.momentun",
+        "did you mean ['momentum']",
+    ),
+    (
+        "trainer.pretrain.scheduler={_target_:torch.optim.lr_scheduler.StepLR,step:2}",
+        "trainer.pretrain.scheduler.step",
+        "takes no such argument",
+    ),
+    (
+        "trainer.fuse.optimizer={_target_:torch.optim.Rprop}",
+        "trainer.fuse.weight_decay",
+        "takes no weight decay",
+    ),
+    ("trainer.fuse.warmup_epochs=10", "trainer.fuse.warmup_epochs", "got 10"),
     ("trainer.pretrain.clip_grad_norm=-1", "trainer.pretrain.clip_grad_norm", "got -1.0"),
     ("trainer.fuse.clip_grad_norm=inf", "trainer.fuse.clip_grad_norm", "got inf"),
     ("trainer.fuse.early_stopping={patience:0}", "trainer.fuse.early_stopping.patience", "got 0"),

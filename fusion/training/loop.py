@@ -22,6 +22,7 @@ from fusion.surgery import param_groups
 from fusion.training.checkpoint import save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed
 from fusion.training.monitor import Monitor
+from fusion.training.optim import build_optimizer, build_schedule
 from fusion.training.precision import FLOAT32, Precision
 
 Outputs = torch.Tensor | dict[str, torch.Tensor]
@@ -362,11 +363,17 @@ def set_rng_state(state: dict, generators: Sequence[torch.Generator] = ()) -> No
 
 
 def stretch_schedule(
-    scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, planned: int, epochs: int, desc: str
+    scheduler: torch.optim.lr_scheduler.LRScheduler, planned: int, epochs: int, desc: str
 ) -> None:
     """Continue a cosine schedule planned over `planned` epochs as if it had been planned
     over `epochs` from the start: the learning rate jumps to that curve's value now and
     follows it from here (epochs to add). Shortening a schedule is refused."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        raise ValueError(
+            f"stage '{desc}': epochs can be raised on resume ({planned} -> {epochs}) only "
+            "with the default cosine schedule and no warmup, which can be stretched; this "
+            f"stage uses {type(scheduler).__name__}"
+        )
     if epochs < planned:
         raise ValueError(
             f"stage '{desc}': the resumed state was planned for {planned} epochs; epochs can "
@@ -447,8 +454,12 @@ def fit(
     monitor: Monitor | None = None,
     accumulate: int = 1,
     clip_grad_norm: float | None = None,
+    optimizer_spec: Mapping[str, Any] | None = None,
+    scheduler_spec: Mapping[str, Any] | None = None,
+    warmup_epochs: int = 0,
 ) -> FitResult:
-    """Train with AdamW and cosine decay; keep the weights of the best validation epoch.
+    """Train with AdamW and cosine decay (or `optimizer_spec`, `scheduler_spec` and a linear
+    warmup, see `fusion.training.optim`); keep the weights of the best validation epoch.
 
     `groups` are optimizer parameter groups (`fusion.surgery.param_groups`; by default all
     parameters, with no weight decay on norms and biases). They may include frozen
@@ -497,8 +508,8 @@ def fit(
         )
     monitor = monitor or Monitor()
     groups = groups if groups is not None else param_groups(model, lr, weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    optimizer = build_optimizer(optimizer_spec, groups, lr, weight_decay)
+    scheduler = build_schedule(optimizer, scheduler_spec, epochs, warmup_epochs)
     scaler = precision.grad_scaler()
     best: dict[str, float] = {}
     best_state = None

@@ -369,6 +369,9 @@ class Recipe:
             monitor=stage.monitor_for(),
             accumulate=stage.accumulate,
             clip_grad_norm=stage.clip_grad_norm,
+            optimizer_spec=stage.optimizer,
+            scheduler_spec=stage.scheduler,
+            warmup_epochs=stage.warmup_epochs,
             **kwargs,
         )
 

@@ -11,12 +11,14 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from fusion.training.distributed import BACKENDS
 from fusion.training.loop import NONFINITE
 from fusion.training.monitor import Monitor
+from fusion.training.optim import resolve, takes_weight_decay
 from fusion.training.precision import PRECISIONS, Precision
 
 
@@ -57,6 +59,9 @@ class StageConfig:
     clip_grad_norm: float | None = None
     monitor: str = "val/accuracy"
     early_stopping: EarlyStoppingConfig | None = None
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    warmup_epochs: int = 0
 
     def monitor_for(self) -> Monitor:
         """The stage's `Monitor`: its metric, with early stopping's patience if set."""
@@ -190,6 +195,28 @@ def check_stage(name: str, stage: StageConfig, fail: Callable[[str, str], None])
         fail(
             f"{name}.clip_grad_norm",
             f"expected null or a finite number > 0, got {stage.clip_grad_norm}",
+        )
+    for kind in ("optimizer", "scheduler"):
+        spec = getattr(stage, kind)
+        if spec is not None:
+            try:
+                resolve(spec, kind)
+            except ValueError as err:
+                key, _, message = str(err).partition(": ")
+                fail(f"{name}.{kind}.{key}", message)
+    if stage.optimizer is not None and not takes_weight_decay(stage.optimizer):
+        decays = [stage.weight_decay, *(stage.weight_decay_for or {}).values()]
+        if any(decays):
+            fail(
+                f"{name}.weight_decay",
+                f"{stage.optimizer['_target_']} takes no weight decay, so it would be ignored; "
+                "set it (and weight_decay_for) to 0",
+            )
+    if not 0 <= stage.warmup_epochs < stage.epochs:
+        fail(
+            f"{name}.warmup_epochs",
+            f"expected 0 to {stage.epochs - 1} (fewer than the stage's epochs), "
+            f"got {stage.warmup_epochs}",
         )
     if stage.early_stopping is not None:
         if stage.early_stopping.patience < 1:
