@@ -25,11 +25,7 @@ def by_definition(a, b, scale):
 
 
 def test_infonce_is_the_mean_of_both_directions_cross_entropies():
-    g = torch.Generator().manual_seed(0)
-    a, b = (
-        torch.randn(5, 4, generator=g, dtype=torch.float64),
-        torch.randn(5, 4, generator=g, dtype=torch.float64),
-    )
+    a, b = pairs(5)
     loss = InfoNCE(temperature=0.5).double()
     scale = float(loss.log_scale.detach().exp())  # 2, as near as a float32 parameter holds log 2
     assert scale == pytest.approx(2.0, rel=1e-7)
@@ -38,11 +34,7 @@ def test_infonce_is_the_mean_of_both_directions_cross_entropies():
 
 
 def test_the_temperature_gets_its_gradient_and_stops_at_the_clamp():
-    g = torch.Generator().manual_seed(1)
-    a, b = (
-        torch.randn(6, 3, generator=g, dtype=torch.float64),
-        torch.randn(6, 3, generator=g, dtype=torch.float64),
-    )
+    a, b = pairs(6)
     loss = InfoNCE(temperature=0.2).double()
     loss(a, b).backward()
     # d/d(log s) of CE_i = s * (E_p[z_i.] - z_ii), for rows and for columns
