@@ -28,7 +28,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from experiments.builders import (
     build_datasets,
-    build_split,
     check_before_training,
     check_writable,
     compose_config,
@@ -59,7 +58,14 @@ from fusion.training.distributed import (
 from fusion.training.feature_cache import data_key
 from fusion.training.loaders import per_process_batch
 from fusion.training.loop import NonFiniteError
-from fusion.training.recipe import Outputs, Recipe, results_table, resume_path, resume_state
+from fusion.training.recipe import (
+    ModelSpec,
+    Outputs,
+    Recipe,
+    results_table,
+    resume_path,
+    resume_state,
+)
 from fusion.training.settings import resolve_device
 
 log = logging.getLogger("fusion")
@@ -88,10 +94,7 @@ def run(
     device = local_device(resolve_device(trainer.device), distributed)
     set_seed(cfg.seed)
     datasets = build_datasets(cfg.data)
-    check_before_training(cfg, datasets)
-    cfg.model.encoders = encoder_configs(cfg.model, datasets["train"].modalities)
-    resumed_dir = check_resume(cfg, datasets)
-    spec = model_spec(cfg.model, cfg.model.encoders)
+    spec, resumed_dir = prepare(cfg, datasets)
     tracker = NullTracker()
     if distributed.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -130,6 +133,32 @@ def run(
         print(wandb_line)
     print(f"run directory: {run_dir}  |  fused test accuracy: {summary_accuracy(summary)}")
     return summary
+
+
+def prepare(cfg: DictConfig, datasets: dict[str, Any]) -> tuple[ModelSpec, Path | None]:
+    """What a job checks once its datasets are built, before the recipe (`ConfigError`):
+    the config against the data (`check_before_training`), the encoder configs filled from
+    the data's modalities (into `cfg.model.encoders`) and a resumed run's config and data.
+    Returns the model's builders and the resumed run's directory (None when not resuming)."""
+    check_before_training(cfg, datasets)
+    cfg.model.encoders = encoder_configs(cfg.model, datasets["train"].modalities)
+    resumed_dir = check_resume(cfg, datasets)
+    return model_spec(cfg.model, cfg.model.encoders), resumed_dir
+
+
+def check_job(cfg: DictConfig, datasets: dict[str, Any]) -> None:
+    """Everything a job refuses before it trains, without training: `prepare`, then the
+    recipe's own check (every encoder built on CPU and given two validation items, the
+    stage models' parameter globs, the monitored metrics). A multirun runs it for every
+    job before the first starts."""
+    spec, _ = prepare(cfg, datasets)
+    trainer = trainer_settings(cfg)
+    paths = cfg.paths
+    outputs = Outputs(
+        Path(paths.output_dir), Path(paths.pretrained_dir), Path(paths.feature_cache_dir)
+    )
+    device = resolve_device(trainer.device)
+    Recipe(datasets, spec, trainer, cfg.seed, outputs, NullTracker(), device).check_encoders()
 
 
 def checkpoint_record(cfg: DictConfig, datasets: dict[str, Any]) -> dict[str, Any]:
@@ -269,8 +298,9 @@ def check_command_line(argv: Sequence[str]) -> None:
     (Hydra would write over it), deleting a setting the schema would silently default, and
     the config each job composes, with close matches for a mistyped key or option. In a
     multirun, every value of every swept key is checked (each with the others' first
-    values), and a swept data setting builds its dataset, so a bad value fails before the
-    first job trains. Left to Hydra: other config names, help, and its own errors."""
+    values) as its job will run (`check_job`: its datasets, built once per data config, and
+    its model), so a bad value fails before the first job trains. Left to Hydra: other
+    config names, help, and its own errors."""
     args, unread = get_args_parser().parse_known_args(list(argv))
     if unread:
         raise ConfigError(
@@ -292,23 +322,46 @@ def check_command_line(argv: Sequence[str]) -> None:
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in swept]
     firsts = [values[0] for values in choices]
-    jobs = [(fixed + firsts, False)] + [
-        (fixed + firsts[:i] + [value] + firsts[i + 1 :], o.key_or_group.startswith("data"))
-        for i, (o, values) in enumerate(zip(swept, choices, strict=True))
+    jobs = [fixed + firsts] + [
+        fixed + firsts[:i] + [value] + firsts[i + 1 :]
+        for i, values in enumerate(choices)
         for value in values[1:]
     ]
-    for overrides, new_data in jobs:
-        try:
-            cfg = compose_config(*overrides)
+    composed = []
+    for overrides in jobs:
+        with named_job(overrides[len(fixed) :] if swept else None):
+            try:
+                cfg = compose_config(*overrides)
+            except ConfigCompositionException:
+                return  # Hydra says it in its own words
             check_writable(cfg.paths, cfg.trainer.feature_cache.enabled)  # Hydra writes there
             check_resume(cfg, also_ignore=("model.encoders",))  # filled from the data later
-            if new_data:  # the first job builds its own at once
-                build_split(cfg.data, "train")
-        except ConfigCompositionException:
-            return  # Hydra says it in its own words
-        except ConfigError as err:
-            job = f" (multirun job {' '.join(overrides[len(fixed) :])})" if swept else ""
-            raise ConfigError(f"{err}{job}") from None
+        composed.append((overrides[len(fixed) :], cfg))
+    if len(composed) < 2:
+        return  # a single job checks itself before it trains
+    # Every job as it will run, data and model included; one data config's datasets at a
+    # time (jobs grouped by it), so each is built once and let go before the next.
+    by_data: dict[str, list] = {}
+    for job, cfg in composed:
+        by_data.setdefault(OmegaConf.to_yaml(cfg.data), []).append((job, cfg))
+    for group in by_data.values():
+        datasets = None
+        for job, cfg in group:
+            with named_job(job):
+                datasets = datasets or build_datasets(cfg.data)
+                check_job(cfg, datasets)
+
+
+@contextlib.contextmanager
+def named_job(job: Sequence[str] | None):
+    """Name a multirun job's own overrides after a `ConfigError` or `DataFileError` raised
+    while checking it (None: a single run, named by its config alone)."""
+    try:
+        yield
+    except (ConfigError, DataFileError) as err:
+        if job is None:
+            raise
+        raise type(err)(f"{err} (multirun job {' '.join(job)})") from None
 
 
 def parse_overrides(lines: Sequence[str]) -> list[Override]:
@@ -386,4 +439,7 @@ if __name__ == "__main__":
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except DataFileError as err:
+        print(f"data error: {reader_message(err)}", file=sys.stderr)
+        sys.exit(1)
     main()

@@ -182,6 +182,10 @@ def test_the_entry_point_checks_before_the_recipe_runs(monkeypatch, tmp_path):
         (["-m", "trainer.fuse.lr=0.1,-1", "seed=1,2"], "config key 'trainer.fuse.lr': expected a finite number > 0, got -1.0 (multirun job trainer.fuse.lr=-1 seed=1)"),
         (["--multirun", "seed=0,-5"], "config key 'seed': expected an integer in [0, 4294967295], got -5 (multirun job seed=-5)"),
         (["-m", "data.task=digit,whch"], "config key 'data.task' (data.avdigits.AVDigits, split 'train'): data.task: expected one of ['digit', 'same', 'which', 'multitask'], found 'whch' (multirun job data.task=whch)"),
+        (["-m", "debug=default", "model.modality_dropout={image: 0.3},{imag: 0.3}"], "config key 'model.modality_dropout.imag': the data has no modality 'imag'; did you mean ['image']?; its modalities are ['image', 'audio'] (multirun job model.modality_dropout={imag:0.3})"),
+        (["-m", "debug=default", "model/head=moe", "model.head.num_experts=2,0"], "config key 'model.head.num_experts' (fusion.heads.MixtureOfExpertsHead): num_experts must be a positive integer, got 0"),
+        (["-m", "debug=default", "model/fusion=film", "model.fusion.conditioner=audio,video"], "config key 'model.fusion.conditioner' (fusion.fusers.FiLMFuser): conditioner must be one of the modalities ['image', 'audio'], got 'video'"),
+        (["-m", "debug=default", "+model.encoders.image.freeze=backbone,[backbone.conv9.*]"], "config key 'model.encoders.image.freeze': freeze: pattern 'backbone.conv9.*' matches no parameter of Encoder"),
         (["~trainer.fuse.lr"], "override '~trainer.fuse.lr': trainer.fuse.lr has a default in the schema (0.001) that would be used without a word"),
         (['trainer.fuse.lr_mult={"head.*": 0.1}'], "override 'trainer.fuse.lr_mult={\"head.*\": 0.1}': Hydra cannot parse it (no viable alternative"),
         (["trainer.fuse.lr"], "override 'trainer.fuse.lr': Hydra cannot parse it (Error parsing override 'trainer.fuse.lr'); give it a value: key=value"),
@@ -196,6 +200,30 @@ def test_the_command_line_is_checked_before_hydra_starts_every_multirun_value_in
     with pytest.raises(ConfigError) as caught:
         check_command_line(argv)
     assert str(caught.value).startswith(message)
+
+
+def test_a_multirun_checks_every_job_with_its_data_and_model_before_the_first_starts(
+    monkeypatch, tmp_path
+):
+    """Checks that need the data or the built model (modality names, head and fuser
+    settings, encoder builders) run for every job before Hydra launches any, naming the
+    job's overrides; each distinct data config's datasets are built once."""
+    import experiments.train as train
+
+    built, checked = [], []
+    build, check = train.build_datasets, train.check_job
+    monkeypatch.setattr(train, "build_datasets", lambda d: built.append(d.task) or build(d))
+    monkeypatch.setattr(train, "check_job", lambda c, d: checked.append(c.seed) or check(c, d))
+    out = f"paths.output_dir={tmp_path}"
+    train.check_command_line(["-m", "debug=default", "data.task=digit,same", "seed=0,1", out])
+    assert built == ["digit", "same"]
+    assert sorted(checked) == [0, 0, 1]  # every value of every swept key
+    with pytest.raises(ConfigError) as caught:
+        train.check_command_line(
+            ["-m", "debug=default", "model/fusion=film", "model.fusion.conditioner=audio,video",
+             "seed=0,1", out]
+        )  # fmt: skip
+    assert str(caught.value).endswith("(multirun job model.fusion.conditioner=video seed=0)")
 
 
 def test_an_output_folder_that_is_a_file_is_named_before_hydra_makes_the_run_directory(
