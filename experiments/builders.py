@@ -379,6 +379,7 @@ def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
     train = datasets["train"]
     check_modality_names("model.modality_dropout", cfg.model.modality_dropout, train.modalities)
     check_conditions(cfg, train)
+    check_head_serves_tasks(cfg, train.tasks)
     check_model_parts(cfg.model, train.modalities, train.tasks)
     check_writable(cfg.paths, cfg.trainer.feature_cache.enabled)
 
@@ -408,7 +409,8 @@ def check_conditions(cfg: DictConfig, train: Any) -> None:
     if reads and not conditions:
         raise ConfigError(
             f"config key 'model.head': {head._target_} routes each sample by its condition, "
-            f"but the data{task} gives none; use another head (model/head=mlp)"
+            f"but the data{task} gives none; use another head "
+            f"(model/head={'multitask' if len(train.tasks) > 1 else 'mlp'})"
         )
     given = head.get("num_conditions")
     if reads and not late and given != conditions:
@@ -416,6 +418,37 @@ def check_conditions(cfg: DictConfig, train: Any) -> None:
             f"config key 'model.head.num_conditions': the data{task} gives {conditions} "
             f"conditions, got {given} ({given} head{'' if given == 1 else 's'}, one per condition)"
         )
+
+
+def takes_several_tasks(target: str) -> bool:
+    """Whether a head's `num_classes` takes one size per task (a mapping), by its annotation."""
+    hint = type_hints(get_method(target)).get("num_classes")
+    return hint is None or matches({"task": 1}, hint)
+
+
+def head_options() -> dict[str, str]:
+    """Each `model/head=` option with its head's `_target_`."""
+    folder = CONFIG_DIR / "model" / "head"
+    return {path.stem: OmegaConf.load(path)._target_ for path in sorted(folder.glob("*.yaml"))}
+
+
+def check_head_serves_tasks(cfg: DictConfig, tasks: Mapping[str, Task]) -> None:
+    """Data with several tasks needs a head with one output per task; a single-task head
+    would otherwise be refused for a `num_classes` the user never set. (Late fusion skips
+    the head; its own check names the fuser.)"""
+    head = cfg.model.head
+    late = getattr(get_method(cfg.model.fusion._target_), "produces_logits", False)
+    if len(tasks) < 2 or late or takes_several_tasks(head._target_):
+        return
+    where = f"data.task={cfg.data.task}" if "task" in cfg.data else "the data"
+    options = head_options()
+    chosen = [f"the {o} head" for o, target in options.items() if target == head._target_]
+    several = [f"model/head={o}" for o, target in options.items() if takes_several_tasks(target)]
+    raise ConfigError(
+        f"config key 'model.head': {where} has {len(tasks)} tasks ({', '.join(tasks)}); "
+        f"{(chosen or ['the head'])[0]} ({head._target_}) predicts one; use "
+        f"{' or '.join(several)} (one branch per task)"
+    )
 
 
 class StandIn(nn.Identity):

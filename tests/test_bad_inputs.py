@@ -133,7 +133,14 @@ CASES = [
         "model.head.num_conditions",
         "got 3",
     ),
-    ("data.task=multitask", "model.head", "{'written': 10, 'spoken': 10, 'same': 2}"),
+    (
+        "data.task=multitask",
+        "model.head",
+        "data.task=multitask has 3 tasks (written, spoken, same); the mlp head "
+        "(fusion.heads.ClassificationHead) predicts one; use model/head=multitask",
+    ),
+    ("data.task=multitask model/head=moe", "model.head", "the moe head"),
+    ("data.task=multitask model/head=conditional", "model.head", "(model/head=multitask)"),
     ("data.task=same model/head=multitask", "model.head", "got 2"),
     ("data.task=multitask model/fusion=late model/head=multitask", "model.fusion", "several"),
     ("model.head.dropout=1.5", "model.head.dropout", "1.5"),
