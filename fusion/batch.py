@@ -3,9 +3,13 @@
 `collate` stacks dataset items (see `fusion.data`) into a `Batch`:
 
 - a tensor modality whose items share a shape is stacked, with a `[B]` mask;
-- one whose items differ only in their first dimension (audio `[T]`, feature sequences
-  `[T, D]` of varying length) is zero-padded to the longest, with a `[B, T]` mask that is
-  `True` at real positions;
+- a sequence modality whose items differ only in their first dimension (feature sequences
+  `[T, D]`, waveforms `[T]` of varying length) is zero-padded to the longest, with a
+  `[B, T]` mask that is `True` at real positions. Which modalities are sequences: those
+  declared so (`padded=`, or the dataset's kinds `audio` and `features` through
+  `Collate.for_dataset`), and, when nothing is declared, items of two or more dimensions
+  (`[T, D]`). One-dimensional items are vectors (a table row) unless declared: a row of
+  another length is refused, never padded as if it were a sequence;
 - text stays a list of strings (`""` where absent);
 - a missing modality (`None` or no key) is a zero placeholder with `present` `False`,
   even when every item of the batch lacks it (its shape then comes from the dataset's
@@ -14,7 +18,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,10 +119,24 @@ def _stack_numbers(name: str, values: list) -> torch.Tensor:
     raise ValueError(f"'{name}': the items' values {values[:8]} do not stack into one tensor")
 
 
+PADDED_KINDS = ("audio", "features")
+"""Modality kinds (`fusion.data.MODALITY_KINDS`) whose items are sequences of varying length
+along their first dimension, padded by `collate`: waveforms `[T]`, feature sequences `[T, D]`.
+Images and table rows of different sizes are refused instead."""
+
+
 def _stack_modality(
-    modality: str, values: list[Any], placeholder: torch.Tensor | str | None
+    modality: str,
+    values: list[Any],
+    placeholder: torch.Tensor | str | None,
+    sequence: bool | None = None,
+    kind: str | None = None,
 ) -> tuple[torch.Tensor | list[str], torch.Tensor]:
-    """One modality's inputs and presence mask, padded along the first dimension if needed."""
+    """One modality's inputs and presence mask, padded along the first dimension if needed.
+
+    `sequence`: True when the modality is declared a sequence (padded), False when declared
+    something else (never padded), None when undeclared (items of 2+ dimensions are padded,
+    one-dimensional ones are vectors)."""
     present = torch.tensor([v is not None for v in values], dtype=torch.bool)
     real = [(i, v) for i, v in enumerate(values) if v is not None]
     if not real:
@@ -139,6 +157,8 @@ def _stack_modality(
         if t.shape == first.shape:
             continue
         if t.dim() == first.dim() >= 1 and t.shape[1:] == first.shape[1:]:
+            if sequence is False or (sequence is None and t.dim() == 1):
+                raise ValueError(_not_a_sequence(modality, kind, i, t, first_index, first))
             ragged = True
             continue
         raise ValueError(
@@ -156,6 +176,27 @@ def _stack_modality(
         out[i, : t.shape[0]] = t
         mask[i, : t.shape[0]] = True
     return out, mask
+
+
+def _not_a_sequence(
+    modality: str, kind: str | None, i: int, item: torch.Tensor, j: int, first: torch.Tensor
+) -> str:
+    """Why items of different lengths of a modality that is no sequence are refused."""
+    if item.dim() == 1:
+        sizes = f"item {i} has {len(item)} values, item {j} has {len(first)}"
+    else:
+        sizes = f"item {i} has shape {tuple(item.shape)}, item {j} has {tuple(first.shape)}"
+    if kind is not None:
+        return (
+            f"modality '{modality}' ({kind}): {sizes}; every item of a {kind} modality has "
+            f"one shape (only {' and '.join(PADDED_KINDS)} modalities are padded to the longest)"
+        )
+    return (
+        f"modality '{modality}': {sizes}; one-dimensional items are vectors (a table row), "
+        "which are never padded: give every item the same size, or declare the modality a "
+        f"sequence to pad it (Collate(padded=['{modality}']), or kind 'audio' or 'features' "
+        "in the dataset's modalities with Collate.for_dataset)"
+    )
 
 
 def _as_tensors(modality: str, real: list[tuple[int, Any]]) -> dict[int, torch.Tensor]:
@@ -197,11 +238,32 @@ class Collate:
         self,
         placeholders: Mapping[str, torch.Tensor | str] | None = None,
         tasks: Mapping[str, Task] | None = None,
+        *,
+        kinds: Mapping[str, str] | None = None,
+        padded: Iterable[str] | None = None,
     ) -> None:
         """`tasks` (the dataset's): labels of classification tasks are checked to be class
-        indices of those tasks, so a float or out-of-range label is named, not trained on."""
+        indices of those tasks, so a float or out-of-range label is named, not trained on.
+
+        `kinds` (modality -> the dataset's kind) and `padded` (modality names) declare which
+        modalities are sequences, padded to the longest item of a batch: those in `padded`
+        and those of a kind in `PADDED_KINDS`. A declared modality that is no sequence is
+        never padded; an undeclared one is padded when its items have two or more
+        dimensions (`[T, D]`), never when they have one (see the module docstring).
+        """
         self.placeholders = dict(placeholders or {})
         self.tasks = dict(tasks or {})
+        if isinstance(padded, str):
+            raise TypeError(f"padded must be a list of modality names, got str {padded!r}")
+        self.kinds = dict(kinds or {})
+        self.padded = set(padded or ()) | {m for m, k in self.kinds.items() if k in PADDED_KINDS}
+
+    def is_sequence(self, modality: str) -> bool | None:
+        """Whether `modality` is declared a sequence (True), declared something else
+        (False), or undeclared (None)."""
+        if modality in self.padded:
+            return True
+        return False if modality in self.kinds else None
 
     @classmethod
     def for_dataset(cls, dataset: Any) -> Collate:
@@ -225,7 +287,8 @@ class Collate:
                     unknown.remove(m)
             if not unknown:
                 break
-        return cls(placeholders, getattr(dataset, "tasks", None))
+        kinds = {name: modality.kind for name, modality in modalities.items()}
+        return cls(placeholders, getattr(dataset, "tasks", None), kinds=kinds)
 
     def __call__(self, items: Sequence[Mapping[str, object]]) -> Batch:
         if not items:
@@ -244,7 +307,11 @@ class Collate:
         for modality in modalities:
             values = [item.get(modality) for item in items]
             inputs[modality], present[modality] = _stack_modality(
-                modality, values, self.placeholders.get(modality)
+                modality,
+                values,
+                self.placeholders.get(modality),
+                self.is_sequence(modality),
+                self.kinds.get(modality),
             )
         empty = [i for i in range(len(items)) if not any(p[i].any() for p in present.values())]
         if empty:
@@ -301,4 +368,6 @@ def check_class_indices(
 
 
 collate = Collate()
-"""Collate items whose modalities each appear in at least one item of every batch."""
+"""Collate items whose modalities each appear in at least one item of every batch; nothing
+is declared, so `[T, D]` items of different lengths are padded and one-dimensional ones must
+share their size (use `Collate(padded=[...])` or `Collate.for_dataset` for waveforms)."""

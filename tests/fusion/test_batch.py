@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -37,7 +39,7 @@ def test_variable_lengths_are_padded_with_a_mask():
         {"audio": torch.full((5,), 2.0), "seq": None, "label": 1},
         {"audio": None, "seq": torch.ones(4, 4), "label": 2},
     ]
-    batch = collate(items)
+    batch = Collate(padded=["audio"])(items)  # waveforms: declared; [T, D] sequences: by shape
     assert batch.inputs["audio"].tolist() == [[1, 1, 1, 0, 0], [2, 2, 2, 2, 2], [0, 0, 0, 0, 0]]
     assert batch.present["audio"].tolist() == [
         [True, True, True, False, False],
@@ -46,6 +48,70 @@ def test_variable_lengths_are_padded_with_a_mask():
     ]
     assert batch.inputs["seq"].shape == (3, 4, 4)
     assert batch.present["seq"].sum(1).tolist() == [2, 0, 4]
+
+
+def test_table_rows_of_different_sizes_are_refused_not_padded():
+    items = [{"tab": torch.randn(4), "label": 0}, {"tab": torch.randn(3), "label": 1}]
+    with pytest.raises(ValueError) as caught:
+        collate(items)
+    message = str(caught.value)
+    assert message.startswith("modality 'tab': item 1 has 3 values, item 0 has 4; ")
+    assert "vectors (a table row), which are never padded" in message
+    assert "Collate(padded=['tab'])" in message
+    # declared a sequence (a waveform), the same items are padded with a [B, T] mask
+    batch = Collate(padded=["tab"])(items)
+    assert batch.present["tab"].tolist() == [[True] * 4, [True] * 3 + [False]]
+
+
+@pytest.mark.parametrize(
+    ("kind", "values", "message"),
+    [
+        ("tabular", [torch.zeros(4), torch.zeros(3)], r"modality 'm' \(tabular\): item 1 has 3 values, item 0 has 4; every item of a tabular modality has one shape"),
+        ("image", [torch.zeros(1, 8, 8), torch.zeros(3, 8, 8)], r"modality 'm' \(image\): item 1 has shape \(3, 8, 8\), item 0 has \(1, 8, 8\); .*only audio and features modalities are padded"),
+    ],
+)  # fmt: skip
+def test_a_declared_kind_that_is_no_sequence_is_never_padded(kind, values, message):
+    items = [{"m": v, "label": i} for i, v in enumerate(values)]
+    with pytest.raises(ValueError, match=message):
+        Collate(kinds={"m": kind})(items)
+
+
+def test_audio_and_feature_kinds_are_padded_as_sequences():
+    from fusion.data import Modality
+
+    class Ragged:
+        modalities: ClassVar = {
+            "wave": Modality("audio", {"shape": [None]}),
+            "feats": Modality("features", {"shape": [None, 2], "input_dim": 2}),
+            "row": Modality("tabular", {"shape": [3]}),
+        }
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            n = 2 + i
+            return {
+                "wave": torch.ones(n),
+                "feats": torch.ones(n, 2),
+                "row": torch.ones(3),
+                "label": i,
+            }
+
+    collate_fn = Collate.for_dataset(Ragged())
+    assert collate_fn.padded == {"wave", "feats"}
+    batch = collate_fn([Ragged()[0], Ragged()[1]])
+    assert batch.present["wave"].tolist() == [[True, True, False], [True, True, True]]
+    assert batch.present["feats"].shape == (2, 3) and batch.present["row"].shape == (2,)
+    with pytest.raises(ValueError, match=r"modality 'row' \(tabular\): item 1 has 4 values"):
+        collate_fn([Ragged()[0], {**Ragged()[1], "row": torch.ones(4)}])
+
+
+def test_padded_must_be_a_list_of_names():
+    with pytest.raises(
+        TypeError, match=r"padded must be a list of modality names, got str 'audio'"
+    ):
+        Collate(padded="audio")
 
 
 def test_shape_mismatch_beyond_the_length_names_modality_items_and_shapes():
