@@ -137,7 +137,13 @@ class MultimodalModel(nn.Module):
                 check_dtype(modality, x, dtype, device)
             sizes[modality] = len(x)
             if present is not None and modality in present:
-                check_mask(modality, present[modality], x, tokens_only=modality in encoded)
+                check_mask(
+                    modality,
+                    present[modality],
+                    x,
+                    tokens_only=modality in encoded,
+                    sequence=modality in encoded or takes_sequences(encoder, x),
+                )
         check_batch_sizes(sizes)
         if self.training and set(sizes.values()) == {1}:
             self._check_batch_of_one(encoded)
@@ -271,10 +277,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_mask(modality: str, mask: Any, x: Any, tokens_only: bool = False) -> None:
+def takes_sequences(encoder: nn.Module, x: Any) -> bool:
+    """Whether `encoder` reads a sequence along the first dimension of each sample, so that a
+    [B, T] mask (False at padding) fits its input: it takes its mask (`takes_mask`), or its
+    samples are token sequences [T, D]. A vector per sample (a table row, a fixed-length clip)
+    or an image is not a sequence: a [B, T] mask there would zero columns or channels."""
+    if getattr(encoder, "takes_mask", False):
+        return True
+    shape = getattr(encoder, "input_shape", None)
+    if shape is None and isinstance(x, torch.Tensor):
+        shape = tuple(x.shape[1:])
+    return shape is not None and len(shape) == 2
+
+
+def check_mask(
+    modality: str, mask: Any, x: Any, tokens_only: bool = False, sequence: bool = True
+) -> None:
     """A presence mask is a bool tensor [B], or [B, T] for an input padded along its first
     dimension (`tokens_only`: cached features, where only token sequences [B, T, D] have
-    one). A float or int mask is refused: 0.5 or 2 would silently count as True."""
+    one; `sequence` False: an encoder that takes one vector or image per sample, see
+    `takes_sequences`, so a [B, T] mask is refused). A float or int mask is refused: 0.5 or 2
+    would silently count as True."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         found = _dtype_name(mask.dtype) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(
@@ -283,7 +306,14 @@ def check_mask(modality: str, mask: Any, x: Any, tokens_only: bool = False) -> N
         )
     batch = len(x)
     allowed = [(batch,)]
-    if isinstance(x, torch.Tensor) and x.dim() >= (3 if tokens_only else 2):
+    if not sequence and mask.dim() == 2 and isinstance(x, torch.Tensor):
+        what = "one vector" if x.dim() == 2 else f"one {list(x.shape[1:])} input"
+        raise ValueError(
+            f"modality '{modality}': a [B, T] mask ({list(mask.shape)}) was given but its "
+            f"encoder takes {what} per sample (input {list(x.shape)}), not a sequence; give "
+            f"a [B] mask ([{batch}]: True where a sample has the modality)"
+        )
+    if sequence and isinstance(x, torch.Tensor) and x.dim() >= (3 if tokens_only else 2):
         allowed.append((batch, x.shape[1]))
     if tuple(mask.shape) not in allowed:
         shapes = " or ".join(str(list(shape)) for shape in allowed)

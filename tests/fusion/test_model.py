@@ -284,18 +284,27 @@ BAD_INPUTS = {
     "mask-batch": (
         batch(),
         {"audio": torch.ones(3, dtype=torch.bool)},
-        r"modality 'audio': the presence mask has shape \[3\], expected \[2\] or \[2, 6\] for "
-        r"an input of shape \[2, 6\]",
+        r"modality 'audio': the presence mask has shape \[3\], expected \[2\] for an input "
+        r"of shape \[2, 6\]",
     ),
-    "mask-length": (
+    "token-mask-for-a-vector": (
         batch(),
-        {"audio": torch.ones(2, 5, dtype=torch.bool)},
-        r"modality 'audio': the presence mask has shape \[2, 5\], expected \[2\] or \[2, 6\]",
+        {"audio": torch.ones(2, 6, dtype=torch.bool)},
+        r"^modality 'audio': a \[B, T\] mask \(\[2, 6\]\) was given but its encoder takes one "
+        r"vector per sample \(input \[2, 6\]\), not a sequence; give a \[B\] mask \(\[2\]: "
+        r"True where a sample has the modality\)$",
+    ),
+    "token-mask-for-an-image": (
+        batch(),
+        {"image": torch.ones(2, 1, dtype=torch.bool)},
+        r"modality 'image': a \[B, T\] mask \(\[2, 1\]\) was given but its encoder takes one "
+        r"\[1, 2, 2\] input per sample",
     ),
     "mask-rank": (
         batch(),
         {"image": torch.ones(2, 1, 2, dtype=torch.bool)},
-        r"modality 'image': the presence mask has shape \[2, 1, 2\], expected \[2\] or \[2, 1\]",
+        r"modality 'image': the presence mask has shape \[2, 1, 2\], expected \[2\] for an "
+        r"input of shape \[2, 1, 2, 2\]",
     ),
 }
 
@@ -353,3 +362,26 @@ def test_modalities_the_model_does_not_use_are_not_checked():
     extra = dict(batch(), text=["a", "b", "c"])
     present = {"text": torch.tensor([0.5, 1.0, 2.0])}
     assert tiny_model()(extra, present).shape == (2, 3)
+
+
+def test_a_token_mask_for_a_table_is_refused_and_fits_only_sequences():
+    """A [B, F] mask over a table row would zero columns and change the output silently."""
+    from fusion.encoders.tabular import build_tabular_encoder
+
+    table = build_tabular_encoder(num_numeric=4, categorical_cardinalities=[], hidden=[8])
+    sequence = Encoder(nn.Linear(3, 4), input_shape=(5, 3))  # [T, D] tokens per sample
+    model = MultimodalModel.build(
+        {"tab": table, "seq": sequence}, ConcatFuser, ClassificationHead, 3
+    ).eval()
+    inputs = {"tab": torch.randn(2, 4), "seq": torch.randn(2, 5, 3)}
+    with pytest.raises(ValueError) as caught:
+        model(inputs, {"tab": torch.tensor([[True, True, False, False]] * 2)})
+    assert str(caught.value) == (
+        "modality 'tab': a [B, T] mask ([2, 4]) was given but its encoder takes one vector per "
+        "sample (input [2, 4]), not a sequence; give a [B] mask ([2]: True where a sample has "
+        "the modality)"
+    )
+    padding = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    out = model(inputs, {"tab": torch.tensor([True, True]), "seq": padding})
+    poisoned = {**inputs, "seq": inputs["seq"].masked_fill(~padding.unsqueeze(-1), float("nan"))}
+    torch.testing.assert_close(model(poisoned, {"seq": padding}), out)
