@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import re
 import tempfile
@@ -34,6 +35,8 @@ from fusion.data import Modality, Task, check_dataset, output_sizes
 from fusion.model import MultimodalModel
 from fusion.training.recipe import ModelSpec
 from fusion.training.settings import ConfigError, TrainerConfig
+
+log = logging.getLogger("fusion")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ENCODER_DIR = CONFIG_DIR / "model" / "encoder"
@@ -381,7 +384,80 @@ def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
     check_conditions(cfg, train)
     check_head_serves_tasks(cfg, train.tasks)
     check_model_parts(cfg.model, train.modalities, train.tasks)
+    check_audio_memory(cfg, train)
     check_writable(cfg.paths, cfg.trainer.feature_cache.enabled)
+
+
+# A training step of the default audio encoder (log-mel ResNet-18) holds some 50 times its
+# batch's clips in activations and gradients (measured); a padded batch whose clips alone
+# take more than 1/ACTIVATION_FACTOR of the memory left cannot train.
+ACTIVATION_FACTOR = 32
+PADDING_RATIO = 4  # clips padded to more than this many times the longest train clip: said
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (MemAvailable), else its physical size."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def longest_train_clip(train: Any, name: str) -> float | None:
+    """The longest train clip of audio modality `name` in seconds, from the files' headers,
+    for a dataset that lists its files (the manifest's `table.cells`); None otherwise."""
+    cells = getattr(getattr(train, "table", None), "cells", {}).get(name)
+    indices = getattr(train, "indices", None)
+    if cells is None or indices is None:
+        return None
+    import soundfile
+
+    durations = []
+    for index in indices:
+        if cells[index] is not None:
+            try:
+                durations.append(soundfile.info(cells[index]).duration)
+            except (OSError, RuntimeError):  # the reader has named unreadable files already
+                continue
+    return max(durations, default=None)
+
+
+def check_audio_memory(cfg: DictConfig, train: Any) -> None:
+    """Every clip is padded to the clip length the data sets (`audio_seconds`); a length far
+    beyond the clips makes batches no memory holds, which the kernel answers by killing
+    the run without a word during stage 1. Refused now, naming the setting and the sizes;
+    padding far beyond the longest train clip is said."""
+    batch = cfg.trainer.batch_size
+    setting = next(
+        (f"data.{k}" for k in ("audio_seconds", "clip_seconds") if k in cfg.data), "data"
+    )
+    for name, modality in train.modalities.items():
+        samples, rate = modality.info.get("clip_samples"), modality.info.get("sample_rate")
+        if modality.kind != "audio" or not samples or not rate:
+            continue
+        seconds, batch_bytes, memory = samples / rate, samples * batch * 4, available_memory()
+        longest = longest_train_clip(train, name)
+        said = f"the longest train clip lasts {longest:.2f} s" if longest else ""
+        if batch_bytes * ACTIVATION_FACTOR > memory:
+            raise ConfigError(
+                f"config key '{setting}': every '{name}' clip is padded to {seconds:g} s, "
+                f"{samples:,} samples at {rate} Hz, so a batch of {batch} clips "
+                f"(trainer.batch_size) takes {batch_bytes / 1e9:.2f} GB before the model's "
+                f"activations (some {ACTIVATION_FACTOR}-50 times that while training), and "
+                f"this machine has {memory / 1e9:.1f} GB available; "
+                f"{said + ': ' if said else ''}set {setting} to the length the clips need, "
+                "or lower trainer.batch_size"
+            )
+        if longest and seconds > PADDING_RATIO * longest:
+            log.warning(
+                "%s=%g pads every '%s' clip to %.0f times the longest train clip (%.2f s): the "
+                "padding is only zeros, which cost memory and time; set it near %.1f",
+                setting, seconds, name, seconds / longest, longest, longest,
+            )  # fmt: skip
 
 
 def describe_tasks(tasks: Mapping[str, Task]) -> str:

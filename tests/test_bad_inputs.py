@@ -291,3 +291,53 @@ def test_an_encoder_setting_its_builder_refuses_is_named(places, override, key, 
     message = str(caught.value)
     assert message.startswith(f"config key '{key}'"), message
     assert found in message, message
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> str:
+    """A manifest of 1 s clips (16 kHz), 12 train, 4 val, 4 test."""
+    import numpy as np
+    import soundfile
+
+    root = tmp_path_factory.mktemp("clips")
+    rows = []
+    for i in range(20):
+        tone = np.sin(np.arange(16000) * (0.01 + 0.002 * (i % 2))).astype(np.float32) * 0.5
+        soundfile.write(root / f"{i}.wav", tone, 16000)
+        rows.append(f"{i}.wav,l{i % 2},{'train' if i < 12 else 'val' if i < 16 else 'test'}")
+    (root / "manifest.csv").write_text("\n".join(["sound,label,split", *rows]) + "\n")
+    return str(root / "manifest.csv")
+
+
+def test_clips_padded_beyond_any_memory_are_refused_before_stage_1(places, clips):
+    """600 s at 44.1 kHz on 1 s clips: a batch no machine holds while training, which the
+    kernel would kill silently during stage 1."""
+    with pytest.raises(ConfigError) as caught:
+        prepare(f"paths.output_dir={places['out']}", "data=manifest", f"data.path={clips}",
+                "data.target=label", "data.audio_sample_rate=44100", "data.audio_seconds=60000",
+                "trainer.batch_size=16")  # fmt: skip
+    message = str(caught.value)
+    assert message.startswith(
+        "config key 'data.audio_seconds': every 'sound' clip is padded to 60000 s, "
+        "2,646,000,000 samples at 44100 Hz, so a batch of 16 clips (trainer.batch_size) "
+        "takes 169.34 GB before the model's activations"
+    ), message
+    assert "the longest train clip lasts 1.00 s: set data.audio_seconds" in message, message
+
+
+def test_clips_padded_far_beyond_the_longest_are_said(places, clips, caplog):
+    cfg = compose_config(f"paths.output_dir={places['out']}", "data=manifest",
+                         f"data.path={clips}", "data.target=label", "data.audio_seconds=5")  # fmt: skip
+    datasets = datasets_for(cfg.data)
+    with caplog.at_level("WARNING", logger="fusion"):
+        check_before_training(cfg, datasets)
+    assert (
+        "data.audio_seconds=5 pads every 'sound' clip to 5 times the longest train clip "
+        "(1.00 s): the padding is only zeros" in caplog.text
+    ), caplog.text
+    caplog.clear()
+    cfg = compose_config(f"paths.output_dir={places['out']}", "data=manifest",
+                         f"data.path={clips}", "data.target=label")  # fmt: skip
+    with caplog.at_level("WARNING", logger="fusion"):
+        check_before_training(cfg, datasets_for(cfg.data))
+    assert "padding" not in caplog.text
