@@ -7,8 +7,11 @@ in `fusion.freezing`.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import inspect
+import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -249,16 +252,17 @@ def param_groups(
     """
     lr = finite_number("lr", lr)
     weight_decay = finite_number("weight_decay", weight_decay, inclusive=True)
-    lr_mult = dict(lr_mult or {})
-    weight_decay_for = dict(weight_decay_for or {})
+    lr_mult = _pattern_values("lr_mult", lr_mult)
+    weight_decay_for = _pattern_values("weight_decay_for", weight_decay_for)
     check_param_patterns(model, lr_mult=lr_mult, weight_decay_for=weight_decay_for)
     stage_scale = {}
-    if layer_decay is not None and not (
-        isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1
+    if layer_decay is not None and (
+        not _is_number(layer_decay) or not 0 < layer_decay <= 1  # NaN fails the comparison
     ):
         raise ValueError(f"layer_decay must be a number in (0, 1], got {layer_decay!r}")
+    roots = _decay_roots(model, decay_roots)
     if layer_decay is not None:
-        for root in decay_roots:
+        for root in roots:
             stage_scale.update(_layer_decay_scales(model, layer_decay, root))
     no_decay = no_decay_parameters(model) if no_decay_norm_bias else set()
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
@@ -272,6 +276,62 @@ def param_groups(
             decay = 0.0
         groups.setdefault((lr * mult * scale, decay), []).append(param)
     return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _typed(value: object) -> str:
+    """A value as messages show it: its type, then its repr (`str 'high'`, `float nan`)."""
+    return f"{type(value).__name__} {value!r}"
+
+
+def _pattern_values(argument: str, mapping: Mapping[str, float] | None) -> dict[str, float]:
+    """`lr_mult` / `weight_decay_for` as a dict of glob -> finite number >= 0, or an error
+    naming the argument and the glob: a string would become the optimizer's weight decay,
+    a negative multiplier a negative learning rate, NaN a model of NaN."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise ValueError(
+            f"{argument}: expected a dict of glob pattern -> number, got {_typed(mapping)}"
+        )
+    values = {}
+    for pattern, value in mapping.items():
+        if not isinstance(pattern, str):
+            raise ValueError(f"{argument}: expected glob patterns as keys, got {_typed(pattern)}")
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"{argument}[{pattern!r}]: expected a finite number >= 0, got {_typed(value)}"
+            )
+        values[pattern] = float(value)
+    return values
+
+
+def _decay_roots(model: nn.Module, roots: Sequence[str]) -> list[str]:
+    """`decay_roots` as submodule names of `model` ("" is the model), or an error naming the
+    missing one, the model's submodules and the closest names."""
+    if isinstance(roots, str) or not isinstance(roots, Sequence):
+        raise ValueError(
+            f'decay_roots: expected a list of submodule names ("" for the whole model), '
+            f"got {_typed(roots)}"
+        )
+    names = [name for name, _ in model.named_modules() if name]
+    for root in roots:
+        if not isinstance(root, str):
+            raise ValueError(f"decay_roots: expected submodule names, got {_typed(root)}")
+        if root and root not in names:
+            close = difflib.get_close_matches(root, names, n=3)
+            children = [name for name, _ in model.named_children()]
+            nested = next((name for name in names if "." in name), None)
+            example = f" (nested ones by dotted name, e.g. {nested!r})" if nested else ""
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(
+                f"decay_roots: {type(model).__name__} has no submodule {root!r}; its "
+                f"submodules are {children}{example}{hint}"
+            )
+    return list(roots)
 
 
 def _layer_decay_scales(model: nn.Module, layer_decay: float, root: str) -> dict[str, float]:

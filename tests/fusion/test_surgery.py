@@ -354,9 +354,30 @@ def test_no_weight_decay_on_biases_and_norms_whatever_their_names():
         ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0, got inf"),
         ({"layer_decay": 2.0}, "layer_decay must be a number in (0, 1], got 2.0"),
         ({"layer_decay": 0}, "layer_decay must be a number in (0, 1], got 0"),
+        ({"layer_decay": float("nan")}, "layer_decay must be a number in (0, 1], got nan"),
+        ({"layer_decay": True}, "layer_decay must be a number in (0, 1], got True"),
+        ({"layer_decay": "0.5"}, "layer_decay must be a number in (0, 1], got '0.5'"),
+        (
+            {"weight_decay_for": {"0.*": "high"}},
+            "weight_decay_for['0.*']: expected a finite number >= 0, got str 'high'",
+        ),
+        (
+            {"weight_decay_for": {"0.*": -1e-4}},
+            "weight_decay_for['0.*']: expected a finite number >= 0, got float -0.0001",
+        ),
+        ({"lr_mult": {"0.*": -0.1}}, "lr_mult['0.*']: expected a finite number >= 0, got float -0.1"),
+        ({"lr_mult": {"0.*": float("nan")}}, "lr_mult['0.*']: expected a finite number >= 0, got float nan"),
+        ({"lr_mult": {"0.*": float("inf")}}, "lr_mult['0.*']: expected a finite number >= 0, got float inf"),
+        ({"lr_mult": {"0.*": None}}, "lr_mult['0.*']: expected a finite number >= 0, got NoneType None"),
+        ({"lr_mult": {"0.*": False}}, "lr_mult['0.*']: expected a finite number >= 0, got bool False"),
+        ({"lr_mult": [0.1]}, "lr_mult: expected a dict of glob pattern -> number, got list [0.1]"),
     ],
-    ids=["lr-negative", "lr-zero", "lr-nan", "lr-string", "wd-negative", "wd-inf", "ld-2", "ld-0"],
-)
+    ids=[
+        "lr-negative", "lr-zero", "lr-nan", "lr-string", "wd-negative", "wd-inf", "ld-2", "ld-0",
+        "ld-nan", "ld-bool", "ld-string", "wdf-string", "wdf-negative", "mult-negative",
+        "mult-nan", "mult-inf", "mult-none", "mult-bool", "mult-list",
+    ],
+)  # fmt: skip
 def test_param_group_rates_that_cannot_train_are_refused(kwargs, message):
     model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ValueError) as err:
@@ -396,3 +417,31 @@ def test_param_group_patterns_that_match_nothing_are_refused(kwargs, message):
     with pytest.raises(ValueError) as err:
         surgery.check_param_patterns(model, **kwargs)
     assert str(err.value) == message
+
+
+def test_param_groups_multipliers_may_be_zero_or_integers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    groups = surgery.param_groups(model, lr=1.0, weight_decay=0.0, lr_mult={"0.*": 0, "1.*": 2})
+    assert sorted(g["lr"] for g in groups) == [0.0, 2.0]
+
+
+def test_a_decay_root_that_is_no_submodule_is_named_with_the_close_ones():
+    from fusion.encoders import build_vision_encoder
+
+    encoder = build_vision_encoder("resnet18", image_size=(32, 32))
+    with pytest.raises(ValueError) as caught:
+        surgery.param_groups(
+            encoder, lr=1e-3, weight_decay=1e-4, layer_decay=0.5, decay_roots=["backbone9"]
+        )
+    assert str(caught.value) == (
+        "decay_roots: Encoder has no submodule 'backbone9'; its submodules are ['preprocess', "
+        "'pre', 'backbone', 'post'] (nested ones by dotted name, e.g. 'backbone.conv1'); did you "
+        "mean ['backbone', 'backbone.fc', 'backbone.bn1']?"
+    )
+    with pytest.raises(ValueError, match=r"^decay_roots: expected a list of submodule names"):
+        surgery.param_groups(encoder, lr=1e-3, weight_decay=0.0, decay_roots="backbone")
+    groups = surgery.param_groups(
+        encoder, lr=1.0, weight_decay=0.0, layer_decay=0.5, decay_roots=["backbone.layer4"]
+    )
+    rates = {g["lr"] for g in groups}  # a nested root is decayed, the rest keeps lr
+    assert 1.0 in rates and min(rates) < 1.0
