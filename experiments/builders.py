@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.errors import (
     ConfigCompositionException,
     InstantiationException,
@@ -187,7 +188,7 @@ def build_split(data: DictConfig, split: str) -> Any:
         dataset = instantiate(data, split=split)
     except InstantiationException as err:
         cause = err.__cause__ or err
-        nested = nested_component(data, err)
+        nested = nested_component(data, err) or failing_augment(data, split)
         if nested is not None:
             key, reason = nested
             raise ConfigError(f"config key 'data.{key}': {reason}") from None
@@ -250,6 +251,45 @@ def nested_component(settings: DictConfig, err: InstantiationException) -> tuple
     except ImportError:
         hint = ""
     return f"{key}._target_", f"cannot import '{target[1]}'{hint}"
+
+
+def failing_augment(data: DictConfig, split: str) -> tuple[str, str] | None:
+    """When building a split with `augment` failed, the transform that fails and why: the
+    split is built without it and each transform is tried, in order, on its first item's
+    images, so the error names `augment[i]`, its settings and the shape it was given. None
+    when every transform takes them (the failure was elsewhere)."""
+    augment = data.get("augment")
+    if not isinstance(augment, ListConfig | DictConfig) or not augment:
+        return None
+    entries = list(augment) if isinstance(augment, ListConfig) else [augment]
+    keys = (
+        [f"augment[{i}]" for i in range(len(entries))]
+        if isinstance(augment, ListConfig)
+        else ["augment"]
+    )
+    try:
+        plain = instantiate(data, split=split, augment=None)
+        item = plain[0] if len(plain) else {}
+        transforms = [instantiate(entry) for entry in entries]
+    except Exception:  # the failure is not the transforms': the caller names it
+        return None
+    for name, modality in plain.modalities.items():
+        image = item.get(name)
+        if modality.kind != "image" or image is None:
+            continue
+        with torch.random.fork_rng(devices=[]):
+            for key, entry, transform in zip(keys, entries, transforms, strict=True):
+                shape = list(getattr(image, "shape", []))
+                try:
+                    image = transform(image)
+                except Exception as err:
+                    settings = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "_target_")
+                    target = str(entry.get("_target_", "?")).rpartition(".")[2]
+                    return key, (
+                        f"{target}({settings}) fails on the {split} split's first '{name}' "
+                        f"image, of shape {shape}: {err}"
+                    )
+    return None
 
 
 def refused_key(key: str, settings: DictConfig, err: BaseException) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
 from experiments.builders import (
     build_datasets,
@@ -23,6 +24,7 @@ from experiments.builders import (
 from experiments.schema import ConfigError
 
 MANIFEST = "data=manifest data.path={manifest}"
+IMAGES = "data=manifest data.path={images} data.target=label"  # 8x8 RGB PNGs
 
 # (overrides, the key the error must name, what it must say it found)
 CASES = [
@@ -197,6 +199,18 @@ CASES = [
         "unexpected keyword argument 'sizee'",
     ),
     (f"{MANIFEST} data.target=x", "data.target", "regression targets are not supported yet"),
+    (
+        f"{IMAGES} data.augment=[{{_target_:torchvision.transforms.v2.RandomCrop,size:16}}]",
+        "data.augment[0]",
+        "RandomCrop(size=16) fails on the train split's first 'photo' image, of shape [3, 8, 8]: "
+        "Required crop size (16, 16) is larger than input image size (8, 8)",
+    ),
+    (
+        f"{IMAGES} data.augment=[{{_target_:torchvision.transforms.v2.RandomHorizontalFlip}},"
+        "{_target_:torchvision.transforms.v2.RandomCrop,size:16,padding:1}]",
+        "data.augment[1]",
+        "RandomCrop(size=16, padding=1) fails on the train split's first 'photo' image",
+    ),
 ]
 
 
@@ -209,9 +223,15 @@ def places(tmp_path_factory) -> dict[str, str]:
             for i in range(24)]  # fmt: skip
     (root / "manifest.csv").write_text("\n".join(["x,c,label,split", *rows]) + "\n")
     (root / "file").write_text("not a folder")
+    for i in range(20):
+        Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(root / f"{i}.png")
+    rows = [f"{i}.png,l{i % 2},{'train' if i < 12 else 'val' if i < 16 else 'test'}"
+            for i in range(20)]  # fmt: skip
+    (root / "images.csv").write_text("\n".join(["photo,label,split", *rows]) + "\n")
     (root / "dir").mkdir()
     return {
         "manifest": str(root / "manifest.csv"),
+        "images": str(root / "images.csv"),
         "file": str(root / "file"),
         "dir": str(root / "dir"),
         "missing": str(root / "missing.npz"),
