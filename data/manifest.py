@@ -20,6 +20,7 @@ file and the first row of a Parquet file.
 
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
 import copy
@@ -35,7 +36,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ REGRESSION_MIN_VALUES = 20  # a float target with more distinct fractional value
 IMAGE_STATS_SAMPLES = 500
 DECODE_THREADS = 8  # files decoded at once by the file check
 LONG_CLIP_RATIO = 4  # a train clip this many times the median one is said
+SHORT_CLIP_RATIO = 4  # and so is one this many times shorter than the median
+UNSEEN_SHARE = 0.5  # a split's share of rows whose category train lacks that is said
 MISSING_NUMBER_WORDS = ("na", "n/a", "nan", "null", "none")  # a numeric cell spelled missing
 MAJORITY = 0.8  # this share of a column's cells being numbers (or image, audio paths) decides
 AUDIO_CROPS = ("start", "center")
@@ -136,6 +139,8 @@ class Table:
     cells: dict[str, list[str | None]]  # image/audio: a file path, text: the text
     tabular: EncodedTable | None
     files: tuple[str, ...]  # every referenced file, sample by sample
+    kinds: dict[str, str] = field(default_factory=dict)  # every column's kind or role
+    checked: set[str] = field(default_factory=set)  # the splits whose files were checked
 
 
 class ManifestDataset(MultimodalDataset):
@@ -178,7 +183,7 @@ class ManifestDataset(MultimodalDataset):
         max_samples: keep only the first N samples of the split (for quick checks; the
             statistics still come from the whole train split).
         check_files: check at construction that every referenced file exists and every image
-            and clip reads (see `check_files`).
+            and clip reads (see `check_split_files`).
     """
 
     splits = SPLITS
@@ -230,6 +235,9 @@ class ManifestDataset(MultimodalDataset):
         self.augment = transforms if split == "train" else ()
         self.view = view
         self.max_samples = max_samples
+        if self.settings.check_files and split not in self.table.checked:
+            check_split_files(self.table, split)  # train's were checked building the table
+            self.table.checked.add(split)
         self.indices = np.flatnonzero(self.table.split_of == split)[:max_samples]
         self.modalities = self.table.modalities
         self.tasks = {self.settings.target: self.table.task}
@@ -252,12 +260,20 @@ class ManifestDataset(MultimodalDataset):
         return drawn
 
     def fingerprint(self) -> str:
-        """What determines the items: the manifest's bytes, the settings, the split and
-        its augmentation, and the bytes of every referenced file (all splits' files, since
-        train statistics shape the other splits' items)."""
-        files = hashlib.sha256()
-        for path in self.table.files:
-            files.update(file_digest(path).encode())
+        """What determines this split's items: the settings, the split and its
+        augmentation, what the train split fixes for every split (the classes, the
+        modalities' shapes; the train statistics are in the encoded table values), and the
+        content of each of its samples (its label, texts, encoded table values and the bytes
+        of its files). Another split's rows and files are not in it, so an edit is told
+        apart by split (a resumed run names the splits that changed)."""
+        columns, cells = self._cell_digests()
+        samples = hashlib.sha256(json.dumps(columns).encode())
+        for row in cells:
+            samples.update("|".join(row).encode())
+        modalities = {
+            name: {k: v for k, v in m.info.items() if k not in ("mean", "std")}
+            for name, m in self.modalities.items()
+        }  # an image's mean and std shape the encoder (in its config), not the items
         return json.dumps(
             {
                 "reader": READER_VERSION,
@@ -266,11 +282,83 @@ class ManifestDataset(MultimodalDataset):
                 "augment": [repr(t) for t in self.augment],
                 "view": self.view if self.augment else None,
                 "max_samples": self.max_samples,
-                "manifest": file_digest(self.source),
-                "files": files.hexdigest(),
+                "task": dataclasses.asdict(self.table.task),
+                "modalities": {n: [m.kind, modalities[n]] for n, m in self.modalities.items()},
+                "samples": samples.hexdigest(),
             },
             sort_keys=True,
+            default=str,
         )
+
+    def row_record(self) -> dict[str, Any]:
+        """A short digest of each cell of each sample (4 bytes; the bytes of a file), with
+        the samples' data rows: kept in checkpoints so that a resumed run can name the row,
+        column and file that changed (`row_changes`). Plain tensors and lists, as a
+        checkpoint loads with `weights_only=True`."""
+        columns, cells = self._cell_digests()
+        digests = [[int(d[:8], 16) - (1 << 31) for d in row] for row in cells]
+        return {
+            "rows": torch.as_tensor(self.table.row_numbers[self.indices], dtype=torch.int64),
+            "columns": columns,
+            "digests": torch.tensor(digests, dtype=torch.int32).reshape(len(cells), len(columns)),
+        }
+
+    def row_changes(self, record: Mapping[str, Any]) -> str:
+        """How this split differs from a `row_record` taken earlier: the first sample whose
+        cells changed, named by data row, column and file (or value), and how many did."""
+        now = self.row_record()
+        if list(record["columns"]) != now["columns"]:
+            return f"its columns were {list(record['columns'])}, now {now['columns']}"
+        before, after = record["digests"], now["digests"]
+        if len(before) != len(after):
+            return f"it held {len(before)} samples, now {len(after)}"
+        differ = (before != after).any(dim=1).nonzero().flatten().tolist()
+        if not differ:
+            return "its rows hold the same cells (the settings or train statistics differ)"
+        first = differ[0]
+        changed = [c for j, c in enumerate(now["columns"]) if before[first, j] != after[first, j]]
+        sample = int(self.indices[first])
+        said = "; ".join(f"column '{c}': {self._cell_change(c, sample)}" for c in changed)
+        more = f" (and {len(differ) - 1} more samples)" if len(differ) > 1 else ""
+        return f"data row {int(now['rows'][first])}, {said}{more}"
+
+    def _cell_change(self, column: str, sample: int) -> str:
+        """What a changed cell holds now, said for a person."""
+        cells = self.table.cells.get(column)
+        if column == self.settings.target:
+            return f"the target is now '{self.table.task.classes[self.table.labels[sample]]}'"
+        if cells is None:
+            return "holds another value"
+        value = cells[sample]
+        if value is None:
+            return "is empty now"
+        if self.table.kinds.get(column) in FILE_KINDS:
+            return f"{shown_path(value, self.source)} has other bytes"
+        return f"holds another text ({value[:40]!r})"
+
+    def _cell_digests(self) -> tuple[list[str], list[list[str]]]:
+        """The columns that make this split's items (the target, each file and text column,
+        each table column) and a hex digest of each of their cells, sample by sample."""
+        table = self.table
+        tabular = table.tabular
+        table_columns = list(tabular.modality.info["columns"]) if tabular else []
+        columns = [self.settings.target, *table.cells, *table_columns]
+        rows = []
+        for sample in self.indices.tolist():
+            row = [_digest(table.task.classes[table.labels[sample]])]
+            for column, cells in table.cells.items():
+                value = cells[sample]
+                if value is None:
+                    row.append(_digest(None))
+                elif table.kinds.get(column) in FILE_KINDS:
+                    row.append(file_digest(value))
+                else:
+                    row.append(_digest(value))
+            if tabular is not None:
+                present = bool(tabular.present[sample])
+                row.extend(_digest((present, float(v))) for v in tabular.values[sample].tolist())
+            rows.append(row)
+        return columns, rows
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -328,6 +416,17 @@ class ManifestDataset(MultimodalDataset):
             item[name] = image
 
 
+def _digest(value: Any) -> str:
+    """A hex digest of a small value (a text, a number, None)."""
+    return hashlib.sha256(repr(value).encode()).hexdigest()
+
+
+def shown_path(path: str, source: Path) -> str:
+    """A file's path as the manifest would write it: relative to its folder when inside."""
+    relative = os.path.relpath(path, source.parent)
+    return path if relative.startswith("..") else relative
+
+
 def draw_seed(*key: int) -> int:
     """A seed that depends on `key` alone, so a fixed draw is the same in any order."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint32)[0])
@@ -379,43 +478,81 @@ def load_table(source: Path, settings: ManifestSettings) -> Table:
 
 @functools.lru_cache(maxsize=8)
 def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSettings) -> Table:
-    frame = read_manifest(source)
+    frame, data_rows = read_manifest(source)
     split_column = find_split_column(frame, settings, source)
-    kinds = column_kinds(frame, settings, split_column, source)
+    kinds = column_kinds(frame, settings, split_column, data_rows, source)
     log.info(
         "manifest %s columns: %s", source.name, " | ".join(f"{c}={k}" for c, k in kinds.items())
     )
     check_modality_names(kinds, source)
-    targets = read_targets(frame[settings.target], source)
-    keep = rows_to_keep(frame, kinds, targets, source)
+    targets = read_targets(frame[settings.target], data_rows, source)
+    keep = rows_to_keep(frame, kinds, targets, data_rows, source)
     frame = frame[keep].reset_index(drop=True)
-    row_numbers = np.flatnonzero(keep) + 1
+    row_numbers = data_rows[keep]
     task, labels = classify(
         [t for t, kept in zip(targets, keep, strict=True) if kept], settings, source
     )
     split_of = assign_splits(frame, split_column, labels, settings, row_numbers, source)
     warn_target_copies(frame, kinds, labels, settings.target, source)
+    refuse_untrained_columns(frame, kinds, split_of, source)
     cells, escapes = input_cells(frame, kinds, source.parent)
-    if settings.check_files:
-        check_files(cells, kinds, row_numbers, source)
-    tabular = encode_tabular(frame, kinds, split_of == "train", row_numbers, source)
-    warn_uncovered(kinds, task, labels, cells, tabular, split_of, row_numbers, source)
-    modalities = declare_modalities(kinds, cells, tabular, split_of, row_numbers, settings, source)
-    counts = ", ".join(f"{int((split_of == s).sum())} {s}" for s in SPLITS)
-    leaving = f"; {escapes} file paths leave its folder through '..'" if escapes else ""
-    log.info("manifest %s: %d samples (%s)%s", source.name, len(labels), counts, leaving)
+    tabular = encode_tabular(frame, kinds, split_of, row_numbers, source)
     files = [(c, cells[c]) for c, kind in kinds.items() if kind in FILE_KINDS]
-    return Table(
+    table = Table(
         source=source,
         row_numbers=row_numbers,
         split_of=split_of,
         labels=labels,
         task=task,
-        modalities=modalities,
+        modalities={},
         cells=cells,
         tabular=tabular,
         files=tuple(paths[i] for i in range(len(labels)) for _, paths in files if paths[i]),
+        kinds=kinds,
     )
+    if settings.check_files:  # before the train files are read for statistics; the other
+        check_split_files(table, "train")  # splits' are checked when those splits are built
+        table.checked.add("train")
+    warn_uncovered(kinds, task, labels, cells, tabular, split_of, row_numbers, source)
+    table.modalities.update(
+        declare_modalities(kinds, cells, tabular, split_of, row_numbers, settings, source)
+    )
+    counts = ", ".join(f"{int((split_of == s).sum())} {s}" for s in SPLITS)
+    leaving = f"; {escapes} file paths leave its folder through '..'" if escapes else ""
+    log.info("manifest %s: %d samples (%s)%s", source.name, len(labels), counts, leaving)
+    return table
+
+
+def refuse_untrained_columns(
+    frame: pd.DataFrame, kinds: Mapping[str, str], split_of: np.ndarray, source: Path
+) -> None:
+    """Refuse an input column without a value in any train row: its encoder (or, for a
+    table column, the tabular encoder's weights for it) would never see it in training, so
+    the fused model would ignore it, while val/test rows would carry it in vain."""
+    train = split_of == "train"
+    inputs = [c for c, k in kinds.items() if k in COLUMN_KINDS and k != "ignore"]
+    filled = filled_cells(frame, kinds, inputs)
+    for j, column in enumerate(inputs):
+        if filled[train, j].any():
+            continue
+        kind = kinds[column]
+        others = {s: int(filled[split_of == s, j].sum()) for s in SPLITS if s != "train"}
+        where = ", ".join(f"{n} {s}" for s, n in others.items() if n) or "no"
+        if kind in TABULAR_KINDS:
+            what = (
+                f"a {kind} column of modality '{TABULAR}', so the tabular encoder cannot learn "
+                "what it says and the fused model would ignore it"
+            )
+        else:
+            what = (
+                f"modality '{column}' ({kind}), so its encoder cannot be trained and the "
+                "fused model would ignore it"
+            )
+        raise ValueError(
+            f"manifest {source}: column '{column}' is empty in every one of the "
+            f"{int(train.sum())} train rows (it has values in {where} rows); it is {what}. "
+            f"Fill it in train rows, or drop it with data.columns={{{column}: ignore}}"
+        )
 
 
 def warn_target_copies(
@@ -483,7 +620,7 @@ def warn_uncovered(
     if tabular is not None:
         present[TABULAR] = tabular.present
     for name, mask in present.items():
-        for split in SPLITS:
+        for split in SPLITS[1:]:  # an input empty in every train row is refused earlier
             rows = split_of == split
             if rows.any() and not mask[rows].any():
                 log.warning(
@@ -576,11 +713,13 @@ def declare_modalities(
     return modalities
 
 
-def read_manifest(source: Path) -> pd.DataFrame:
-    """The manifest as a DataFrame with string column names. In a CSV only empty cells are
+def read_manifest(source: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The manifest as a DataFrame with string column names, and the data row number of
+    each of its rows (blank lines, which the readers skip, still count, so a CSV's data row
+    is its file line - 1 and a JSONL file's its file line). In a CSV only empty cells are
     missing, so a category spelled "NA" or "null" stays a category."""
     suffix = source.suffix.lower()
-    readers: dict[str, tuple[str, Callable[[Path], pd.DataFrame]]] = {
+    readers: dict[str, tuple[str, Callable[[Path], tuple[pd.DataFrame, np.ndarray]]]] = {
         ".csv": ("CSV", lambda p: _read_csv(p, ",")),
         ".tsv": ("TSV", lambda p: _read_csv(p, "\t")),
         ".jsonl": ("JSON lines", _read_jsonl),
@@ -595,7 +734,7 @@ def read_manifest(source: Path) -> pd.DataFrame:
         )
     name, reader = readers[suffix]
     try:
-        frame = reader(source)
+        frame, data_rows = reader(source)
     except UnicodeDecodeError as err:
         raise ValueError(
             f"manifest {source}: cannot read it as {name}: {not_utf8(source)}"
@@ -605,7 +744,9 @@ def read_manifest(source: Path) -> pd.DataFrame:
     if frame.empty:
         raise ValueError(f"manifest {source} has no data rows")
     frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
+    if len(data_rows) != len(frame):  # a reader and pandas disagree: count rows as pandas does
+        data_rows = np.arange(1, len(frame) + 1)
+    return frame, data_rows
 
 
 def not_utf8(path: Path) -> str:
@@ -622,9 +763,9 @@ def not_utf8(path: Path) -> str:
     return "it is not UTF-8 text; save it as UTF-8"
 
 
-def _read_csv(path: Path, separator: str) -> pd.DataFrame:
-    """The table; a row with more cells than the header is named by its data row (pandas
-    counts file lines, header included)."""
+def _read_csv(path: Path, separator: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The table and each row's data row; a row with more cells than the header is named
+    by its data row (pandas counts file lines, header included)."""
     try:
         frame = pd.read_csv(
             path, sep=separator, keep_default_na=False, na_values=[""], skipinitialspace=True
@@ -638,30 +779,45 @@ def _read_csv(path: Path, separator: str) -> pd.DataFrame:
             f"data row {line - 1} (file line {line}) has {saw} cells, the header {fields} "
             "(quote cells that hold the separator)"
         ) from None
-    check_csv_rows(path, separator)
-    return frame
+    return frame, check_csv_rows(path, separator)
 
 
-def check_csv_rows(path: Path, separator: str) -> None:
+def check_csv_rows(path: Path, separator: str) -> np.ndarray:
     """What pandas lets through: a header naming a column twice (it would rename one
-    `name.1`) and a row with fewer cells than the header (it would fill the rest as empty)."""
+    `name.1`) and a row with fewer cells than the header (it would fill the rest as empty).
+    Returns the data row of each row pandas reads: its first file line - 1, since pandas
+    skips blank lines (and a cell may span lines)."""
+    data_rows = []
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = (row for row in csv.reader(handle, delimiter=separator) if row)
+        reader = csv.reader(handle, delimiter=separator)
+        rows = (row for row in reader if not _blank_record(row))
         header = [name.strip() for name in next(rows, [])]
         twice = sorted({name for name in header if header.count(name) > 1})
         if twice:
             raise ValueError(f"the header names the columns {twice} more than once")
-        for number, row in enumerate(rows, start=1):
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if _blank_record(row):
+                continue
             if len(row) < len(header):
                 raise ValueError(
-                    f"data row {number} has {len(row)} cells, the header {len(header)} "
+                    f"data row {start - 1} has {len(row)} cells, the header {len(header)} "
                     "(a cell left out shifts the others; leave an empty cell instead)"
                 )
+            data_rows.append(start - 1)
+    return np.array(data_rows, dtype=np.int64)
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    """One JSON object per line, values kept as JSON typed them (no date guessing)."""
-    records = []
+def _blank_record(row: list[str]) -> bool:
+    """A CSV line pandas skips: empty, or blanks only (`,,` is a row of empty cells)."""
+    return len(row) <= 1 and not "".join(row).strip()
+
+
+def _read_jsonl(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """One JSON object per line, values kept as JSON typed them (no date guessing), and
+    each record's file line (its data row: blank lines count)."""
+    records, lines = [], []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -673,17 +829,19 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             if not isinstance(record, dict):
                 raise ValueError(f"line {number} is a JSON {type(record).__name__}, not an object")
             records.append(record)
-    return pd.DataFrame.from_records(records)
+            lines.append(number)
+    return pd.DataFrame.from_records(records), np.array(lines, dtype=np.int64)
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+def _read_parquet(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
         raise ImportError(
             f"reading the Parquet manifest {path} needs pyarrow: pip install 'fusion[parquet]'"
         ) from None
-    return pd.read_parquet(path)
+    frame = pd.read_parquet(path)
+    return frame, np.arange(1, len(frame) + 1)
 
 
 def check_column(frame: pd.DataFrame, name: str, setting: str, source: Path) -> None:
@@ -709,7 +867,11 @@ def find_split_column(frame: pd.DataFrame, settings: ManifestSettings, source: P
 
 
 def column_kinds(
-    frame: pd.DataFrame, settings: ManifestSettings, split_column: str | None, source: Path
+    frame: pd.DataFrame,
+    settings: ManifestSettings,
+    split_column: str | None,
+    data_rows: np.ndarray,
+    source: Path,
 ) -> dict[str, str]:
     """Every column's role, in the manifest's order: a kind of `COLUMN_KINDS`, or
     `target`, `split` or `id` (which are not modalities)."""
@@ -740,7 +902,7 @@ def column_kinds(
                 log.warning(
                     "manifest %s, column '%s': a value in only %d of %d rows (data row %d); if "
                     "it is a stray key, set data.columns={%s: ignore}",
-                    source.name, name, len(filled), len(frame), filled[0] + 1, name,
+                    source.name, name, len(filled), len(frame), data_rows[filled[0]], name,
                 )  # fmt: skip
     if not any(k in COLUMN_KINDS and k != "ignore" for k in kinds.values()):
         raise ValueError(f"manifest {source} has no input column: its columns are {kinds}")
@@ -842,15 +1004,26 @@ def check_modality_names(kinds: Mapping[str, str], source: Path) -> None:
         )
 
 
-def read_targets(series: pd.Series, source: Path) -> list[str | None]:
+def read_targets(series: pd.Series, data_rows: np.ndarray, source: Path) -> list[str | None]:
     """Each row's class name, `None` where the cell is empty; a continuous target (a
     regression, not supported yet) is refused rather than turned into thousands of classes."""
-    for row, value in enumerate(series, start=1):
+    for row, value in zip(data_rows, series, strict=True):
         if isinstance(value, (list, dict)):
             raise ValueError(
                 f"target '{series.name}' in {source}, data row {row}: expected one class name "
                 f"or code, found a {type(value).__name__} {value!r}"
             )
+    listed = [i for i, v in enumerate(series) if _is_filled(v) and _written_list(v)]
+    count = int(series.map(_is_filled).sum())
+    if listed and len(listed) > count / 2:
+        first = listed[0]
+        raise ValueError(
+            f"target '{series.name}' in {source}: {len(listed)} of its {count} values are "
+            f"lists (data row {data_rows[first]}: {_cell_text(series.iloc[first])!r}); "
+            "multi-label targets written as lists are not supported as class names (each "
+            "distinct list would be a class of its own); expected one class name or code "
+            "per row"
+        )
     filled = {v for v in series if _is_filled(v)}
     continuous = pd.api.types.is_float_dtype(series) and len(filled) > REGRESSION_MIN_VALUES
     if continuous and any(not float(v).is_integer() for v in filled):
@@ -866,7 +1039,8 @@ def read_targets(series: pd.Series, source: Path) -> list[str | None]:
         log.warning(
             "target '%s' in %s: %d rows (data rows %s) hold %r, which is read as a class of "
             "its own; leave the cell empty where the target is missing (such rows are skipped)",
-            series.name, source.name, len(spelled), _rows_preview(spelled), targets[spelled[0]],
+            series.name, source.name, len(spelled), _rows_preview(data_rows[spelled]),
+            targets[spelled[0]],
         )  # fmt: skip
     words = [i for i, t in enumerate(targets) if t is not None and _as_number(t) is None]
     odd = [i for i in words if i not in spelled]
@@ -874,13 +1048,28 @@ def read_targets(series: pd.Series, source: Path) -> list[str | None]:
         log.warning(
             "target '%s' in %s: %d of %d values are numbers, and data row %d holds %r, which "
             "makes a class of its own", series.name, source.name, len(filled) - len(words),
-            len(filled), odd[0] + 1, targets[odd[0]],
+            len(filled), data_rows[odd[0]], targets[odd[0]],
         )  # fmt: skip
     return targets
 
 
+def _written_list(value: Any) -> bool:
+    """Whether a cell is a list written as text: `[1, 2]`, `["cat", "dog"]`, `[]`."""
+    text = str(value).strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return False
+    try:
+        return isinstance(ast.literal_eval(text), list)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return False
+
+
 def rows_to_keep(
-    frame: pd.DataFrame, kinds: Mapping[str, str], targets: Sequence[str | None], source: Path
+    frame: pd.DataFrame,
+    kinds: Mapping[str, str],
+    targets: Sequence[str | None],
+    data_rows: np.ndarray,
+    source: Path,
 ) -> np.ndarray:
     """Which rows make samples: those with a target and at least one input; the others
     are reported once."""
@@ -895,7 +1084,7 @@ def rows_to_keep(
             "manifest %s: skipped %d rows without a target or without any input (data rows %s)",
             source.name,
             len(skipped),
-            _rows_preview(skipped),
+            _rows_preview(data_rows[skipped]),
         )
     return keep
 
@@ -1000,48 +1189,54 @@ def file_cells(series: pd.Series, folder: Path) -> tuple[list[str | None], int]:
     return paths, leaving
 
 
-def check_files(
-    cells: Mapping[str, list[str | None]],
-    kinds: Mapping[str, str],
-    row_numbers: np.ndarray,
-    source: Path,
-) -> None:
-    """Every referenced file of every split is there and reads as its column's kind, before
-    anything trains: one error for all missing files (how many, the first five), then one
-    naming the first file whose header is not an image's or a clip's, then one naming the
-    first file whose content does not read as a sample reads it (an image cut short reads
-    its header well; a clip's samples may be NaN or out of scale)."""
-    missing = sorted(
-        (int(row_numbers[i]), column, path)
-        for column, paths in cells.items()
+def check_split_files(table: Table, split: str) -> None:
+    """Every referenced file of `split`'s samples is there and reads as its column's kind,
+    before anything trains: one error for all missing files (how many, the first five),
+    then one naming the first file whose header is not an image's or a clip's, then one
+    naming the first file whose content does not read as a sample reads it (an image cut
+    short reads its header well; a clip's samples may be NaN or out of scale). Each split
+    checks its own files when it is built, so an error is reported under its split (the
+    missing files of the splits not checked yet are listed with its own). An animated
+    image is said: only its first frame is used."""
+    source, kinds, row_numbers = table.source, table.kinds, table.row_numbers
+    unchecked = [s for s in SPLITS if s == split or s not in table.checked]
+    listed = [
+        (int(row_numbers[i]), column, paths[i], str(table.split_of[i]))
+        for column, paths in table.cells.items()
         if kinds[column] in FILE_KINDS
-        for i, path in enumerate(paths)
-        if path is not None and not os.path.isfile(path)
-    )
-    if missing:
+        for i in np.flatnonzero(np.isin(table.split_of, unchecked)).tolist()
+        if paths[i] is not None
+    ]
+    missing = sorted(f for f in listed if not os.path.isfile(f[2]))
+    if any(f[3] == split for f in missing):
         shown = "; ".join(
-            f"data row {r}, column '{c}': {p}{not_a_file(p)}" for r, c, p in missing[:5]
+            f"data row {r}, column '{c}' ({s}): {p}{not_a_file(p)}" for r, c, p, s in missing[:5]
         )
         more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+        counts = collections.Counter(f[3] for f in missing)
+        per_split = ", ".join(f"{counts[s]} {s}" for s in SPLITS if counts[s])
         raise FileNotFoundError(
             f"manifest {source}: {len(missing)} referenced files do not exist or are no files "
-            f"(relative paths are read from {source.parent}): {shown}{more}"
+            f"({per_split}; relative paths are read from {source.parent}): {shown}{more}"
         )
-    for column, paths in cells.items():
-        if kinds[column] not in FILE_KINDS:
-            continue
-        read_header = probe_image if kinds[column] == "image" else probe_audio
-        for i, path in enumerate(paths):
-            if path is not None:
-                with naming_errors(source, int(row_numbers[i]), column, path):
-                    read_header(path)
-    files = [
-        (int(row_numbers[i]), column, path)
-        for column, paths in cells.items()
-        if kinds[column] in FILE_KINDS
-        for i, path in enumerate(paths)
-        if path is not None
-    ]
+    files = [(r, c, p) for r, c, p, s in listed if s == split]
+    files.sort(key=lambda f: (list(table.cells).index(f[1]), f[0]))  # column by column
+    animated: dict[str, list[tuple[int, str, int]]] = collections.defaultdict(list)
+    for row, column, path in files:
+        with naming_errors(source, row, column, path):
+            if kinds[column] == "image":
+                frames = image_frames(path)
+                if frames > 1:
+                    animated[column].append((row, path, frames))
+            else:
+                probe_audio(path)
+    for column, found in animated.items():
+        row, path, frames = found[0]
+        log.warning(
+            "manifest %s, column '%s': %d %s images are animated (data row %d: %s has %d "
+            "frames); only the first frame of each is used",
+            source.name, column, len(found), split, row, shown_path(path, source), frames,
+        )  # fmt: skip
     read = [content_reader(kinds[column], path) for _, column, path in files]
     pool = ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1))
     try:  # decoders release the GIL; the first failure in manifest order is named
@@ -1051,6 +1246,13 @@ def check_files(
                     raise failure
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def image_frames(path: str) -> int:
+    """How many frames an image holds (GIF, WebP, APNG animations), from its header; it
+    fails as `probe_image` does on a file that is no image."""
+    with Image.open(path) as image:
+        return int(getattr(image, "n_frames", 1))
 
 
 def not_a_file(path: str) -> str:
@@ -1242,7 +1444,14 @@ def audio_modality(
     source: Path,
 ) -> Modality:
     """An audio column's modality: the sample rate and clip length every clip is fit to."""
-    seconds = settings.audio_seconds or longest_clip(column, paths, train, row_numbers, source)
+    durations = clip_durations(column, paths, train, row_numbers, source)
+    if not durations and settings.audio_seconds is None:
+        raise ValueError(
+            f"manifest {source}: column '{column}' has no clip in the train split, so the clip "
+            "length is unknown; set audio_seconds"
+        )
+    warn_odd_clips(column, paths, durations, row_numbers, source)
+    seconds = settings.audio_seconds or longest_clip(durations)
     clip_samples = round(seconds * settings.audio_sample_rate)
     log.info(
         "manifest %s, column '%s': clips read as mono at %d Hz, %s to %.2f s (%d samples; "
@@ -1259,34 +1468,63 @@ def audio_modality(
     )
 
 
-def longest_clip(
+def clip_durations(
     column: str,
     paths: Sequence[str | None],
     train: np.ndarray,
     row_numbers: np.ndarray,
     source: Path,
-) -> float:
-    """The longest train clip's duration in seconds, rounded up to 0.1 s (headers only)."""
-    samples = train_samples(paths, train)
-    if not samples:
-        raise ValueError(
-            f"manifest {source}: column '{column}' has no clip in the train split, so the clip "
-            "length is unknown; set audio_seconds"
-        )
-    durations = []
-    for i in samples:
+) -> dict[int, float]:
+    """Each train clip's duration in seconds, by sample (headers only)."""
+    durations = {}
+    for i in train_samples(paths, train):
         with naming_errors(source, int(row_numbers[i]), column, paths[i]):
             info = probe_audio(paths[i])
-        durations.append(info.frames / info.samplerate)
-    longest, median = max(durations), float(np.median(durations))
-    if longest > LONG_CLIP_RATIO * median:
-        row = int(row_numbers[samples[int(np.argmax(durations))]])
+        durations[i] = info.frames / info.samplerate
+    return durations
+
+
+def warn_odd_clips(
+    column: str,
+    paths: Sequence[str | None],
+    durations: Mapping[int, float],
+    row_numbers: np.ndarray,
+    source: Path,
+) -> None:
+    """Say a train clip far longer than the median one (every clip is padded to the
+    longest, which costs memory and time) or far shorter (it is mostly padding: silence)."""
+    if not durations:
+        return
+    median = float(np.median(list(durations.values())))
+    longest = max(durations, key=durations.__getitem__)
+    if durations[longest] > LONG_CLIP_RATIO * median:
         log.warning(
             "manifest %s, column '%s': the clip of data row %d lasts %.1f s, %.0f times the "
             "median train clip (%.2f s); every clip is padded to it, which costs memory and "
-            "time: set data.audio_seconds, or check that file", source.name, column, row,
-            longest, longest / median, median,
+            "time: set data.audio_seconds, or check that file", source.name, column,
+            int(row_numbers[longest]), durations[longest], durations[longest] / median, median,
         )  # fmt: skip
+    short = [i for i, d in durations.items() if d * SHORT_CLIP_RATIO < median]
+    if short:
+        i = min(short, key=durations.__getitem__)
+        log.warning(
+            "manifest %s, column '%s': the clip of data row %d (%s) lasts %s, 1/%.0f of the "
+            "median train clip (%s); it is zero-padded, so the encoder hears mostly silence: "
+            "check that file (%d train clips are under 1/%d of the median)", source.name,
+            column, int(row_numbers[i]), shown_path(str(paths[i]), source),
+            _duration(durations[i]), median / durations[i], _duration(median), len(short),
+            SHORT_CLIP_RATIO,
+        )  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    """A duration for a person: milliseconds under 0.1 s."""
+    return f"{seconds * 1000:.3g} ms" if seconds < 0.1 else f"{seconds:.2f} s"
+
+
+def longest_clip(durations: Mapping[int, float]) -> float:
+    """The longest clip's duration in seconds, rounded up to 0.1 s."""
+    longest = max(durations.values())
     return max(0.1, math.ceil(round(longest * 10, 6)) / 10)
 
 
@@ -1340,7 +1578,7 @@ def load_audio(path: str, sample_rate: int, clip_samples: int, crop: str) -> tor
 def encode_tabular(
     frame: pd.DataFrame,
     kinds: Mapping[str, str],
-    train: np.ndarray,
+    split_of: np.ndarray,
     row_numbers: np.ndarray,
     source: Path,
 ) -> EncodedTable | None:
@@ -1350,10 +1588,11 @@ def encode_tabular(
     categorical = [c for c, k in kinds.items() if k == "categorical"]
     if not numeric and not categorical:
         return None
+    train = split_of == "train"
     parts = [standardized(frame[c], train, row_numbers, source) for c in numeric]
     cardinalities = []
     for column in categorical:
-        codes, cardinality = category_codes(frame[column], train)
+        codes, cardinality = category_codes(frame[column], split_of, row_numbers, source)
         parts.append(codes)
         cardinalities.append(cardinality)
     table = torch.from_numpy(np.stack(parts, axis=1).astype(np.float32))
@@ -1408,6 +1647,13 @@ def standardized(
             f"float64 (data row {row_numbers[i]} holds {_cell_text(series.iloc[i])}); rescale "
             "the column"
         )
+    if len(reference) > 1 and std == 0:
+        log.warning(
+            "manifest %s, column '%s': every one of its %d train values is %s (std 0), so it "
+            "carries no information (every row reads as 0); if it is a constant, set "
+            "data.columns={%s: ignore}", source.name, series.name, len(reference),
+            _cell_text(float(reference[0])), series.name,
+        )  # fmt: skip
     return np.nan_to_num((values - mean) / (std if std > 0 else 1.0), nan=0.0)
 
 
@@ -1426,23 +1672,38 @@ def spelled_missing(series: pd.Series) -> np.ndarray:
     return words.to_numpy(dtype=bool)
 
 
-def category_codes(series: pd.Series, train: np.ndarray) -> tuple[np.ndarray, int]:
+def category_codes(
+    series: pd.Series, split_of: np.ndarray, row_numbers: np.ndarray, source: Path
+) -> tuple[np.ndarray, int]:
     """Codes 1.. for the train split's values (in `sort_names` order); 0 for an empty cell
-    or a value the train split never shows. Returns the codes and the cardinality."""
+    or a value the train split never shows. Returns the codes and the cardinality. A split
+    whose rows mostly hold values train never shows is said: they all read as empty."""
     names = [_cell_text(v) if _is_filled(v) else None for v in series]
-    seen = {n for n, t in zip(names, train, strict=True) if t and n is not None}
+    seen = {n for n, s in zip(names, split_of, strict=True) if s == "train" and n is not None}
     vocabulary = {name: code for code, name in enumerate(sort_names(seen), start=1)}
     codes = np.array([vocabulary.get(n, 0) if n is not None else 0 for n in names])
+    for split in SPLITS[1:]:
+        rows = np.flatnonzero(split_of == split)
+        unseen = [i for i in rows if names[i] is not None and names[i] not in vocabulary]
+        if len(rows) and len(unseen) > UNSEEN_SHARE * len(rows):
+            values = sorted({names[i] for i in unseen})
+            log.warning(
+                "manifest %s, column '%s': %d of the %d %s rows hold values the train split "
+                "never shows (%s; data row %d), so they are coded 0, as an empty cell: do "
+                "train and %s draw from the same values?", source.name, series.name,
+                len(unseen), len(rows), split, ", ".join(map(repr, values[:5]))
+                + (", ..." if len(values) > 5 else ""), int(row_numbers[unseen[0]]), split,
+            )  # fmt: skip
     return codes.astype(np.float32), len(vocabulary) + 1
 
 
 # ----------------------------------------------------------------------------- cells
 
 
-def _rows_preview(indices: Sequence[int]) -> str:
-    """The first few of 0-based row `indices` as data rows (1-based), and '...' past them."""
-    shown = ", ".join(str(i + 1) for i in indices[:5])
-    return shown + (", ..." if len(indices) > 5 else "")
+def _rows_preview(rows: Sequence[int]) -> str:
+    """The first few of the data rows `rows`, and '...' past them."""
+    shown = ", ".join(str(int(r)) for r in rows[:5])
+    return shown + (", ..." if len(rows) > 5 else "")
 
 
 def _is_filled(value: Any) -> bool:

@@ -320,27 +320,44 @@ def test_missing_files_are_reported_together(manifest, folder):
     for name in ("img/c.jpg", "snd/a8k.wav", "snd/b16k.wav"):  # rows 1-4, 6-8 and 11
         (folder / name).unlink()
     with pytest.raises(
-        FileNotFoundError, match=r"pets\.csv: 8 referenced files do not exist"
+        FileNotFoundError,
+        match=r"pets\.csv: 8 referenced files do not exist or are no files \(4 train, 2 val, "
+        r"2 test;",
     ) as err:
         build(manifest)
     message = str(err.value)
-    assert "data row 1, column 'clip'" in message and "data row 3, column 'photo'" in message
+    assert "data row 1, column 'clip' (train)" in message
+    assert "data row 3, column 'photo' (train)" in message
     assert "data row 7" not in message and "and 3 more" in message
+
+
+def test_a_missing_file_is_reported_by_the_split_that_lists_it(manifest, folder, frame):
+    frame.loc[10, "clip"] = "snd/gone.wav"  # data row 11, in test
+    frame.to_csv(manifest, index=False)
+    build(manifest)  # train and val have all their files
+    build(manifest, "val")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"pets\.csv: 1 referenced files do not exist or are no files \(1 test;.*"
+        r"data row 11, column 'clip' \(test\): .*gone\.wav",
+    ):
+        build(manifest, "test")
 
 
 def test_an_undecodable_file_in_any_split_is_named_before_training(manifest, folder, frame):
     (folder / "img" / "broken.png").write_bytes(b"not a png")
-    frame.loc[6, "photo"] = "img/broken.png"  # data row 7, in val: found when train is built
+    frame.loc[6, "photo"] = "img/broken.png"  # data row 7, in val: found when val is built
     frame.to_csv(manifest, index=False)
+    build(manifest)
     with pytest.raises(
         DataFileError, match=r"pets\.csv, data row 7, column 'photo': cannot decode .*broken\.png"
     ):
-        build(manifest)
+        build(manifest, "val")
     frame.loc[6, "photo"] = "img/a.png"
     frame.loc[7, "clip"] = "img/a.png"  # data row 8, in test: an image where a clip should be
     frame.to_csv(manifest, index=False)
     with pytest.raises(DataFileError, match=r"data row 8, column 'clip': cannot decode .*a\.png"):
-        build(manifest, columns={"clip": "audio"})
+        build(manifest, "test", columns={"clip": "audio"})
 
 
 @pytest.mark.parametrize("suffix", ["png", "jpg"])
@@ -357,10 +374,10 @@ def test_an_image_whose_header_reads_but_whose_body_is_cut_is_named_before_train
     with pytest.raises(
         DataFileError, match=rf"data row 8, column 'photo': cannot decode .*cut\.{suffix}"
     ):
-        build(manifest, "train")
+        build(manifest, "test")
     frame.loc[7, "photo"] = f"img/whole.{suffix}"
     frame.to_csv(manifest, index=False)
-    build(manifest, "train")  # the whole file decodes
+    build(manifest, "test")  # the whole file decodes
 
 
 def test_a_manifest_that_is_not_utf8_is_named_with_its_line(tmp_path):
@@ -383,11 +400,11 @@ def test_a_folder_or_a_pipe_where_a_file_should_be_is_named_as_such(manifest, fo
     frame.to_csv(manifest, index=False)
     with pytest.raises(
         FileNotFoundError,
-        match=r"2 referenced files do not exist or are no files .*data row 7, column 'photo': "
-        r".*sub\.png \(a folder\); data row 8, column 'photo': .*pipe\.png \(not a regular "
-        r"file: a device, a pipe or a socket\)",
+        match=r"2 referenced files do not exist or are no files \(1 val, 1 test; .*data row 7, "
+        r"column 'photo' \(val\): .*sub\.png \(a folder\); data row 8, column 'photo' "
+        r"\(test\): .*pipe\.png \(not a regular file: a device, a pipe or a socket\)",
     ):
-        build(manifest)
+        build(manifest, "val")
 
 
 @pytest.mark.parametrize(
@@ -655,7 +672,7 @@ def test_a_damaged_clip_in_any_split_is_named_before_training(
     frame.loc[7, "clip"] = str(clip_file(folder, how).relative_to(folder))  # data row 8, test
     frame.to_csv(manifest, index=False)
     with pytest.raises(DataFileError, match=message):
-        build(manifest)
+        build(manifest, "test")
 
 
 def test_a_clip_damaged_after_the_check_is_named_when_read(manifest, folder, frame):
@@ -805,4 +822,181 @@ def test_a_list_as_a_target_and_a_file_of_another_format_are_named(
         DataFileError,
         match=r"data row 8, column 'clip': cannot decode .*notes\.mp3: libsndfile does not recognise it as audio",
     ):
-        build(manifest, columns={"clip": "audio"})
+        build(manifest, "test", columns={"clip": "audio"})
+
+
+def test_blank_lines_count_as_data_rows_in_every_message(tmp_path, caplog):
+    lines = ["x,city,label,split"]
+    lines += [f"{i},{'ab'[i % 2]},{'cd'[i % 2]},{'train' if i < 7 else 'val'}" for i in range(10)]
+    lines += ["", ",,,", ""]  # file lines 12-14 (data rows 11-13): a row of empty cells
+    lines += ["3,a,c,test", "4,b,d,test", "5,a,c,test"]  # file lines 15-17
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        test = build(tmp_path / "t.csv", "test")
+    assert "skipped 1 rows without a target or without any input (data rows 12)" in caplog.text
+    assert test.table.row_numbers[test.indices].tolist() == [14, 15, 16]
+    lines[15] = "heavy,a,c,test"  # file line 16, data row 15
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"t\.csv, data row 15, column 'x': 'heavy' is not a"):
+        build(tmp_path / "t.csv", columns={"x": "numeric"})
+    lines[15] = "4,b"  # a row that leaves cells out, after the blank lines
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"data row 15 has 2 cells, the header 4"):
+        build(tmp_path / "t.csv")
+    records = [f'{{"x": {i}, "label": "{"cd"[i % 2]}", "split": "train"}}' for i in range(6)]
+    records[2:2] = ["", '{"x": "?", "label": "c", "split": "val"}']  # a blank line 3, then 4
+    records += ['{"x": 1, "label": "c", "split": "test"}']
+    (tmp_path / "t.jsonl").write_text("\n".join(records) + "\n")
+    with pytest.raises(ValueError, match=r"t\.jsonl, data row 4, column 'x': '\?' is not a"):
+        build(tmp_path / "t.jsonl", columns={"x": "numeric"})
+
+
+def test_a_column_empty_in_every_train_row_is_refused_and_can_be_dropped(manifest, frame):
+    frame.loc[frame["split"] == "train", "clip"] = None
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError) as err:
+        build(manifest)
+    assert str(err.value) == (
+        f"manifest {manifest}: column 'clip' is empty in every one of the 5 train rows (it has "
+        "values in 2 val, 2 test rows); it is modality 'clip' (audio), so its encoder cannot be "
+        "trained and the fused model would ignore it. Fill it in train rows, or drop it with "
+        "data.columns={clip: ignore}"
+    )
+    assert "clip" not in build(manifest, columns={"clip": "ignore"}).modalities
+    frame = pd.DataFrame(ROWS, columns=COLUMNS)
+    frame.loc[frame["split"] == "train", "weight_kg"] = None  # filled in val and test only
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(
+        ValueError,
+        match=r"column 'weight_kg' is empty in every one of the 5 train rows \(it has values in "
+        r"2 val, 2 test rows\); it is a numeric column of modality 'tabular', so the tabular "
+        r"encoder cannot learn what it says and the fused model would ignore it\. .*"
+        r"data\.columns=\{weight_kg: ignore\}",
+    ):
+        build(manifest, "test")
+    assert build(manifest, columns={"weight_kg": "ignore"}).modalities["tabular"].info[
+        "columns"
+    ] == ["city"]
+
+
+def test_a_constant_numeric_column_is_said(manifest, frame, caplog):
+    frame["weight_kg"] = 5.0
+    frame.to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(manifest)
+    assert (
+        "column 'weight_kg': every one of its 5 train values is 5 (std 0), so it carries no "
+        "information (every row reads as 0); if it is a constant, set "
+        "data.columns={weight_kg: ignore}" in caplog.text
+    )
+    frame["weight_kg"] = [4.0, 5.0] * 5 + [6.0]
+    frame.to_csv(manifest, index=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(manifest)
+    assert "std 0" not in caplog.text
+
+
+def test_a_clip_far_shorter_than_the_median_is_said(manifest, folder, frame, caplog):
+    soundfile.write(folder / "snd" / "tiny.wav", sine(0.00125, 8000), 8000)  # 10 samples
+    frame.loc[3, "clip"] = "snd/tiny.wav"  # data row 4, train
+    frame.to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(manifest)
+    assert (
+        "column 'clip': the clip of data row 4 (snd/tiny.wav) lasts 1.25 ms, 1/320 of the "
+        "median train clip (0.40 s); it is zero-padded, so the encoder hears mostly silence: "
+        "check that file (1 train clips are under 1/4 of the median)" in caplog.text
+    )
+    caplog.clear()
+    frame.loc[3, "clip"] = "snd/a8k.wav"
+    frame.to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(manifest, audio_seconds=1.0)
+    assert "zero-padded" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "targets", [["[1, 2]", "[3]"], ["['cat', 'dog']", "['dog']"], ["[]", "[1]"]]
+)
+def test_targets_written_as_lists_are_refused(manifest, frame, targets):
+    frame["label"] = [targets[i % 2] for i in range(len(frame))]
+    frame.loc[9, "label"] = None
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError) as err:
+        build(manifest)
+    assert str(err.value) == (
+        f"target 'label' in {manifest}: 10 of its 10 values are lists (data row 1: "
+        f"{targets[0]!r}); multi-label targets written as lists are not supported as class "
+        "names (each distinct list would be a class of its own); expected one class name or "
+        "code per row"
+    )
+
+
+def test_a_bracketed_class_name_among_plain_ones_is_a_class(manifest, frame):
+    frame.loc[0, "label"] = "[unsure]"  # one odd value, not a list of labels
+    frame.to_csv(manifest, index=False)
+    assert "[unsure]" in build(manifest).tasks["label"].classes
+
+
+def test_split_fingerprints_and_row_records_name_the_changed_file(manifest, folder):
+    before = {s: build(manifest, s) for s in SPLITS}
+    keys = {s: d.fingerprint() for s, d in before.items()}
+    records = {s: d.row_record() for s, d in before.items()}
+    assert records["test"]["columns"] == ["label", "photo", "clip", "caption", "weight_kg", "city"]
+    assert records["test"]["rows"].tolist() == [8, 11]
+    assert records["test"]["digests"].shape == (2, 6)
+    assert records["test"]["digests"].dtype == torch.int32
+    image = folder / "img" / "d.png"
+    write_file(str(image), encode_png(torch.zeros(3, 10, 12, dtype=torch.uint8)))
+    frame = pd.DataFrame(ROWS, columns=COLUMNS)
+    frame.loc[10, "photo"] = "img/d.png"  # data row 11, test
+    frame.to_csv(manifest, index=False)
+    after = {s: build(manifest, s) for s in SPLITS}
+    assert {s: after[s].fingerprint() == keys[s] for s in SPLITS} == {
+        "train": True,
+        "val": True,
+        "test": False,
+    }
+    record = after["test"].row_record()
+    write_file(str(image), encode_png(torch.ones(3, 10, 12, dtype=torch.uint8)))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    changed = build(manifest, "test")
+    assert changed.row_changes(record) == ("data row 11, column 'photo': img/d.png has other bytes")
+    assert after["val"].row_changes(records["val"]) == (
+        "its rows hold the same cells (the settings or train statistics differ)"
+    )
+    frame.loc[7, "caption"] = "a cat"
+    frame.loc[7, "city"] = "lyon"
+    frame.to_csv(manifest, index=False)
+    assert build(manifest, "test").row_changes(records["test"]) == (
+        "data row 8, column 'caption': holds another text ('a cat'); column 'city': holds "
+        "another value (and 1 more samples)"
+    )
+
+
+def test_an_animated_image_is_said_to_use_its_first_frame(manifest, folder, frame, caplog):
+    frames = [Image.new("RGB", (12, 10), (40 * i, 0, 0)) for i in range(3)]
+    frames[0].save(folder / "img" / "anim.gif", save_all=True, append_images=frames[1:])
+    frame.loc[10, "photo"] = "img/anim.gif"  # data row 11, test
+    frame.to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        test = build(manifest, "test")
+    assert (
+        "column 'photo': 1 test images are animated (data row 11: img/anim.gif has 3 frames); "
+        "only the first frame of each is used" in caplog.text
+    )
+    assert test[1]["photo"].shape == (3, 10, 12)
+
+
+def test_a_split_whose_categories_train_never_shows_is_said(manifest, frame, caplog):
+    frame.loc[[7, 10], "city"] = ["rome", "oslo"]  # both test rows
+    frame.to_csv(manifest, index=False)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(manifest)
+    assert (
+        "column 'city': 2 of the 2 test rows hold values the train split never shows ('oslo', "
+        "'rome'; data row 8), so they are coded 0, as an empty cell: do train and test draw "
+        "from the same values?" in caplog.text
+    )
+    assert "of the 2 val rows" not in caplog.text  # berlin is one of two val rows: not most
