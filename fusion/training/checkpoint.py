@@ -16,7 +16,7 @@ import pickle
 import re
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +173,46 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> dict[st
             f"found {sorted(state)}"
         )
     return state
+
+
+def data_record(datasets: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint keeps of the data it was trained on, to refuse a resume on other
+    data with `data_changes`: each split's content key (`data_keys`) and, from datasets that
+    offer `row_record()` (the manifest), a short digest of each cell (`data_rows`: 4 bytes
+    a cell, so 1e5 rows of 4 columns add 1.6 MB), which names the row and file that
+    changed."""
+    from fusion.training.feature_cache import data_key  # it imports this module
+
+    record: dict[str, Any] = {"data_keys": {s: data_key(d) for s, d in datasets.items()}}
+    rows = {
+        s: d.row_record() for s, d in datasets.items() if callable(getattr(d, "row_record", None))
+    }
+    if rows:
+        record["data_rows"] = rows
+    return record
+
+
+def data_changes(state: Mapping[str, Any], datasets: Mapping[str, Any]) -> str | None:
+    """How `datasets` differ from the data a checkpoint `state` (with a `data_record`) was
+    trained on: each changed split named, with the first changed data row, column and file
+    when the state holds row records, and the unchanged splits; None when nothing changed
+    (or the state holds no keys). For example "split 'test' changed: data row 81, column
+    'image': images/test_0.png has other bytes; the train and val splits are unchanged"."""
+    from fusion.training.feature_cache import data_key  # it imports this module
+
+    keys = state.get("data_keys", {})
+    compared = [s for s in keys if s in datasets]
+    changed = [s for s in compared if data_key(datasets[s]) != keys[s]]
+    if not changed:
+        return None
+    said = []
+    for split in changed:
+        stored = state.get("data_rows", {}).get(split)
+        how = getattr(datasets[split], "row_changes", None)
+        detail = f": {how(stored)}" if stored is not None and callable(how) else ""
+        said.append(f"split '{split}' changed{detail}")
+    same = [s for s in compared if s not in changed]
+    if same:
+        names = " and ".join([", ".join(same[:-1]), same[-1]] if len(same) > 1 else same)
+        said.append(f"the {names} split{'s are' if len(same) > 1 else ' is'} unchanged")
+    return "; ".join(said)

@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 from data.manifest import ManifestDataset, load_audio, load_image, stratified_parts
 from fusion.batch import Collate
 from fusion.data import DataFileError, check_dataset
+from fusion.training.checkpoint import data_changes, data_record, load_checkpoint, save_checkpoint
 
 SPLITS = ("train", "val", "test")
 # data rows (1-based): 4 lacks a photo and a caption, 5 a clip and a weight, 8 a city;
@@ -1000,3 +1001,35 @@ def test_a_split_whose_categories_train_never_shows_is_said(manifest, frame, cap
         "from the same values?" in caplog.text
     )
     assert "of the 2 val rows" not in caplog.text  # berlin is one of two val rows: not most
+
+
+def test_a_resume_check_names_only_the_changed_split_and_its_file(manifest, folder, tmp_path):
+    datasets = {s: build(manifest, s) for s in SPLITS}
+    path = save_checkpoint(tmp_path / "state.pt", {"model": {}, **data_record(datasets)})
+    state = load_checkpoint(path, required=("data_keys", "data_rows"))  # weights only
+    assert data_changes(state, datasets) is None
+    sound = folder / "snd" / "b16k.wav"  # data rows 2 (train), 6 (val) and 11 (test)
+    stat = sound.stat()
+    soundfile.write(sound, sine(0.3, 16000, freq=300.0), 16000)
+    os.utime(sound, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert data_changes(state, {"val": datasets["val"], "test": datasets["test"]}) == (
+        "split 'val' changed: data row 6, column 'clip': snd/b16k.wav has other bytes; "
+        "split 'test' changed: data row 11, column 'clip': snd/b16k.wav has other bytes"
+    )
+    stat = sound.stat()
+    soundfile.write(sound, sine(0.3, 16000), 16000)  # back as it was
+    os.utime(sound, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    image = folder / "img" / "d.png"
+    write_file(str(image), encode_png(torch.zeros(3, 10, 12, dtype=torch.uint8)))
+    frame = pd.DataFrame(ROWS, columns=COLUMNS)
+    frame.loc[7, "photo"] = "img/d.png"  # data row 8, test
+    frame.to_csv(manifest, index=False)
+    now = {s: build(manifest, s) for s in SPLITS}
+    assert data_changes(state, now) == (
+        "split 'test' changed: data row 8, column 'photo': img/d.png has other bytes; the "
+        "train and val splits are unchanged"
+    )
+    del state["data_rows"]  # a state written without row records still names the split
+    assert data_changes(state, now) == (
+        "split 'test' changed; the train and val splits are unchanged"
+    )
