@@ -44,6 +44,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from experiments.schema import FAILURE, RUN_MECHANICS
+from fusion.training.checkpoint import load_checkpoint
 
 # Launch settings that do not change what a run computes: runs differing only in these are
 # seeds of one configuration (a resumed run is the run it continues).
@@ -217,6 +218,19 @@ def why_incomplete(run_dir: Path, overrides: dict[str, str], config: dict[str, A
         return f"failed: {read_text(failure).strip()}"
     if not (run_dir / FUSE_STATE).is_file():
         return f"crashed, killed or still running before a stage-2 epoch ended (no {FUSE_STATE})"
+    finished = finished_epochs(run_dir / FUSE_STATE)
+    if finished is not None:
+        best = run_dir / "checkpoints" / "best.pt"
+        recompute = (
+            f"`python -m experiments.evaluate {run_dir}` recomputes its test metrics from "
+            f"{best} (into {run_dir / 'eval' / 'eval_test.json'}; it writes no summary.json)"
+            if best.is_file()
+            else f"{best} is gone too, so nothing can recompute its metrics: train it again"
+        )
+        return (
+            f"finished stage 2 ({finished}; {FUSE_STATE} says so), but its summary.json is "
+            f"missing (deleted, or the run died during the final evaluation); {recompute}"
+        )
     epoch, epochs = last_fuse_epoch(run_dir), setting(config, "trainer.fuse.epochs")
     progress = f" after stage-2 epoch {epoch}" if epoch is not None else ""
     progress += f" of {epochs}" if epoch is not None and isinstance(epochs, int) else ""
@@ -225,6 +239,19 @@ def why_incomplete(run_dir: Path, overrides: dict[str, str], config: dict[str, A
     if stop not in (None, "null"):
         return f"stopped early{progress} (trainer.stop_after_epochs={stop}){resume}"
     return f"crashed, killed or still running in stage 2{progress} ({FUSE_STATE} exists){resume}"
+
+
+def finished_epochs(path: Path) -> str | None:
+    """How a stage-2 state says its run finished every epoch ("all 3 epochs", or "stopped
+    early after epoch 2" by early stopping), which `trainer.resume` refuses; None when it
+    has epochs left or cannot be read."""
+    try:
+        state = load_checkpoint(path, required=("epoch", "epochs"))
+    except (OSError, ValueError):
+        return None
+    if state.get("stopped_early"):
+        return f"stopped early after epoch {state['epoch']}"
+    return f"all {state['epoch']} epochs" if state["epoch"] >= state["epochs"] else None
 
 
 def resumed_dir(value: str) -> Path:

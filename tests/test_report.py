@@ -162,6 +162,32 @@ def test_report_can_be_pushed_to_wandb_offline(tmp_path, capsys):
     assert list((tmp_path / "report" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+def test_a_finished_run_whose_summary_is_gone_is_not_sent_to_resume(tmp_path, capsys):
+    """trainer.resume refuses a state that finished every epoch; the report says what is
+    missing and what recomputes it (experiments.evaluate, from best.pt), or that nothing can."""
+    from fusion.training.checkpoint import save_checkpoint
+
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "0", ["seed=0"], 0.8)
+    for name, state in (("1", {"epoch": 3}), ("2", {"epoch": 2, "stopped_early": True})):
+        run = fake_run(sweep, name, [f"seed={name}"], None, curve=[0.5, 0.6, 0.7], fuse_state=True)
+        save_checkpoint(run / "checkpoints" / "fuse_state.pt", {"epochs": 3, **state})
+    (sweep / "1" / "checkpoints" / "best.pt").write_bytes(b"weights")
+    assert main([str(sweep)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [
+        f"- {sweep / '1'} (seed=1): finished stage 2 (all 3 epochs; checkpoints/fuse_state.pt says so), but "
+        "its summary.json is missing (deleted, or the run died during the final evaluation); "
+        f"`python -m experiments.evaluate {sweep / '1'}` recomputes its test metrics from "
+        f"{sweep / '1' / 'checkpoints' / 'best.pt'} (into {sweep / '1' / 'eval' / 'eval_test.json'}; "
+        "it writes no summary.json)",
+        f"- {sweep / '2'} (seed=2): finished stage 2 (stopped early after epoch 2; checkpoints/fuse_state.pt "
+        "says so), but its summary.json is missing (deleted, or the run died during the final "
+        f"evaluation); {sweep / '2' / 'checkpoints' / 'best.pt'} is gone too, so nothing can "
+        "recompute its metrics: train it again",
+    ]
+
+
 def test_report_counts_and_lists_crashed_and_stopped_runs(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     fake_run(sweep, "0", ["model/fusion=concat", "seed=0"], 0.8)
