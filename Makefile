@@ -33,7 +33,7 @@ speech: $(VENV)/.installed  ## Regenerate the committed speech asset (needs espe
 EXAMPLE_DATA ?= outputs/avdigits_files
 
 example-data: $(VENV)/.installed  ## AV-Digits as image/audio files + manifest.csv (for data=manifest)
-	$(PY) -m data.export_avdigits $(EXAMPLE_DATA) $(ARGS)
+	$(PY) -m data.export_avdigits $(EXAMPLE_DATA) --overwrite $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -38,16 +38,33 @@ def draw_splits(max_samples: int | None, seed: int) -> dict[str, AVDigits]:
     }
 
 
-def export(out_dir: str | Path, max_samples: int | None = None, seed: int = 0) -> Path:
+def export(
+    out_dir: str | Path, max_samples: int | None = None, seed: int = 0, overwrite: bool = False
+) -> Path:
     """Write the files and the manifest under `out_dir`; returns the manifest's path.
+    A file of the same name already there is refused (`FileExistsError`, before anything
+    is written) unless `overwrite`.
 
     Clips are scaled by one factor, 1 / (the largest absolute sample over every split), so
     that none clips in 16-bit PCM and their relative loudness is kept.
     """
     out = Path(out_dir)
+    datasets = draw_splits(max_samples, seed)
+    names = ["manifest.csv"] + [
+        f"{folder}/{split}_{i}.{ext}"
+        for split, dataset in datasets.items()
+        for i in range(len(dataset))
+        for folder, ext in (("images", "png"), ("audio", "wav"))
+    ]
+    held = [name for name in names if (out / name).exists()]
+    if held and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {len(held)} of the files this export would write "
+            f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); nothing was written. "
+            "Choose a new or empty folder, or pass --overwrite to replace them"
+        )
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    datasets = draw_splits(max_samples, seed)
     items = {split: list(dataset) for split, dataset in datasets.items()}
     peak = max(float(item["audio"].abs().max()) for split in items.values() for item in split)
     scale = 1.0 / peak if peak > 0 else 1.0
@@ -82,10 +99,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("out_dir", help="folder to write into (created if needed)")
     parser.add_argument("--max-samples", type=int, default=None, help="at most N per split")
     parser.add_argument("--seed", type=int, default=0, help="AV-Digits seed (splits, draws)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace files of the same names in out_dir"
+    )
     args = parser.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
         parser.error(f"--max-samples must be a positive integer, got {args.max_samples}")
-    return export(args.out_dir, args.max_samples, args.seed)
+    try:
+        return export(args.out_dir, args.max_samples, args.seed, args.overwrite)
+    except FileExistsError as err:
+        parser.error(f"argument out_dir: {err}")
 
 
 if __name__ == "__main__":

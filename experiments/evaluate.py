@@ -283,6 +283,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/eval)")
     parser.add_argument("--device", default="auto", help=DEVICES)
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results an earlier evaluation left in --out (refused without it)",
+    )
+    parser.add_argument(
         "--trust-target",
         action="append",
         default=[],
@@ -305,8 +310,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parse_trusted(parser, target)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: expected a directory, {args.out} is a file")
+    held = [p.name for p in output_files(args.out, args.split, args.robustness) if p.exists()]
+    if args.out is not None and held and not args.overwrite:
+        parser.error(
+            f"argument --out: {args.out} already holds {', '.join(held)}, which this evaluation "
+            "would overwrite; nothing was written. Choose another folder, or pass --overwrite "
+            "to replace them"
+        )
     args.device = parse_device(parser, args.device)
     return args
+
+
+def output_files(out: Path | None, split: str, robustness: bool) -> list[Path]:
+    """What an evaluation writes into `out` (none without one: the run's own eval/ folder,
+    where a new evaluation replaces the last)."""
+    if out is None:
+        return []
+    names = [f"eval_{split}.json"] + ["robustness.json", "robustness.png"] * robustness
+    return [out / name for name in names]
 
 
 def parse_trusted(parser: argparse.ArgumentParser, target: str) -> None:

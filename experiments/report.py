@@ -636,6 +636,15 @@ def slug(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", metric).strip("-")
 
 
+def report_files(out_dir: Path, metric: str, pivot: str | None) -> list[Path]:
+    """The table, JSON and bar chart a report writes, named after the metric (and the
+    pivot), then the learning curves."""
+    name = slug(metric) + (f"-by-{slug(pivot)}" if pivot else "")
+    return [out_dir / f"{name}.{ext}" for ext in ("md", "json", "png")] + [
+        out_dir / "learning_curves.png"
+    ]
+
+
 def write_report(
     report: dict[str, Any], table_text: str, out_dir: Path, pivot: str | None = None
 ) -> list[Path]:
@@ -643,8 +652,7 @@ def write_report(
     (and the pivot), so reports over other metrics sit beside them; then the learning
     curves. Returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = slug(report["metric"]) + (f"-by-{slug(pivot)}" if pivot else "")
-    paths = [out_dir / f"{name}.md", out_dir / f"{name}.json", out_dir / f"{name}.png"]
+    paths = report_files(out_dir, report["metric"], pivot)[:3]
     paths[0].write_text(table_text + "\n")
     paths[1].write_text(json.dumps(report, indent=2) + "\n")
     bar_chart(report, paths[2])
@@ -714,9 +722,22 @@ def main(argv: list[str] | None = None) -> int:
         help="also log the table and plots as a W&B run (online needs an account)",
     )
     parser.add_argument("--project", default="fusion", help="W&B project for --wandb")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files an earlier report left in --plots DIR (refused without it)",
+    )
     args = parser.parse_args(argv)
     if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
         parser.error(f"argument --plots: expected a directory, {args.plots} is a file")
+    planned = report_files(args.plots, args.metric, args.pivot) if args.plots else []
+    held = [path.name for path in planned if path.exists()]
+    if held and not args.overwrite:
+        parser.error(
+            f"argument --plots: {args.plots} already holds {', '.join(held)}, which this report "
+            "would overwrite; nothing was written. Choose another folder, or pass --overwrite "
+            "to replace them"
+        )
     try:
         if args.plots is not None:
             args.plots.mkdir(parents=True, exist_ok=True)

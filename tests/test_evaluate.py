@@ -300,3 +300,28 @@ def test_a_finished_run_without_its_best_checkpoint_is_named_without_resume_advi
         "summary.json is there), but its best checkpoint is gone: it cannot be evaluated "
         "again; train it again to get one\n"
     )
+
+
+def test_an_out_folder_holding_results_it_would_overwrite_is_refused(tmp_path, capsys):
+    """--out is a folder of the user's: an earlier robustness.json there is named before
+    anything runs; --overwrite replaces it. The run's own eval/ folder is rewritten."""
+    from experiments.evaluate import parse_args
+
+    run, out = tmp_path / "run", tmp_path / "mine"
+    run.mkdir()
+    out.mkdir()
+    (out / "robustness.json").write_text('{"mine": 1}')
+    with pytest.raises(SystemExit) as caught:
+        main([str(run), "--robustness", "--out", str(out)])
+    assert caught.value.code == 2
+    assert (
+        f"argument --out: {out} already holds robustness.json, which this evaluation would "
+        "overwrite; nothing was written. Choose another folder, or pass --overwrite to replace "
+        "them"
+    ) in capsys.readouterr().err
+    assert (out / "robustness.json").read_text() == '{"mine": 1}'
+    assert parse_args([str(run), "--robustness", "--out", str(out), "--overwrite"]).overwrite
+    assert parse_args([str(run), "--out", str(out)]).out == out  # eval_test.json only
+    (run / "eval").mkdir()
+    (run / "eval" / "robustness.json").write_text("{}")
+    assert parse_args([str(run), "--robustness"]).out is None

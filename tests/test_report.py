@@ -162,6 +162,25 @@ def test_report_can_be_pushed_to_wandb_offline(tmp_path, capsys):
     assert list((tmp_path / "report" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+def test_report_refuses_a_plots_folder_holding_files_it_would_overwrite(tmp_path, capsys):
+    fake_run(tmp_path / "sweep", "0", ["model/fusion=concat"], 0.8, curve=[0.5])
+    plots = tmp_path / "figures"
+    plots.mkdir()
+    (plots / "test-fused-accuracy.md").write_text("my notes\n")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "sweep"), "--plots", str(plots)])
+    assert (
+        f"argument --plots: {plots} already holds test-fused-accuracy.md, which this report "
+        "would overwrite; nothing was written. Choose another folder, or pass --overwrite to "
+        "replace them"
+    ) in capsys.readouterr().err
+    assert sorted(p.name for p in plots.iterdir()) == ["test-fused-accuracy.md"]
+    assert main([str(tmp_path / "sweep"), "--plots", str(plots), "--overwrite"]) == 0
+    assert (plots / "test-fused-accuracy.md").read_text().startswith("| model/fusion |")
+    assert main([str(tmp_path / "sweep")]) == 0  # the sweep's own report/ folder: rewritten
+    assert main([str(tmp_path / "sweep")]) == 0
+
+
 def test_a_finished_run_whose_summary_is_gone_is_not_sent_to_resume(tmp_path, capsys):
     """trainer.resume refuses a state that finished every epoch; the report says what is
     missing and what recomputes it (experiments.evaluate, from best.pt), or that nothing can."""

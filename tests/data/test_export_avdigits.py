@@ -27,3 +27,25 @@ def test_export_reads_back_as_the_fixed_avdigits_draw(tmp_path, capsys):
             assert classes[item["label"]] == str(want["label"])
             assert torch.allclose(item["image"], want["image"].clamp(0, 1), atol=1 / 255)
             assert torch.allclose(item["audio"], want["audio"] / peak, atol=2 / 32768)
+
+
+def test_an_export_refuses_a_folder_holding_files_it_would_overwrite(tmp_path, capsys):
+    import pytest
+
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "manifest.csv").write_text("my,own\n")
+    (mine / "images" / "train_0.png").write_bytes(b"my picture")
+    with pytest.raises(SystemExit) as caught:
+        main([str(mine), "--max-samples", "5"])
+    assert caught.value.code == 2
+    assert (
+        f"argument out_dir: {mine} already holds 2 of the files this export would write "
+        "(manifest.csv, images/train_0.png); nothing was written. Choose a new or empty folder, "
+        "or pass --overwrite to replace them"
+    ) in capsys.readouterr().err
+    assert (mine / "manifest.csv").read_text() == "my,own\n"
+    assert (mine / "images" / "train_0.png").read_bytes() == b"my picture"
+    assert not (mine / "audio").exists()
+    main([str(mine), "--max-samples", "2", "--overwrite"])
+    assert (mine / "manifest.csv").read_text().startswith("image,audio,label,split")
