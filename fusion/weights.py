@@ -2,18 +2,20 @@
 
 One entry point, `load_weights`, takes a state dict, a checkpoint file (plain, safetensors,
 Lightning, timm, our trainer's), a torchvision weights enum (or its name) or a torchaudio
-wav2vec2-family bundle. Pretrained weights come through the torch hub cache,
-`$TORCH_HOME/hub/checkpoints/<file name from the url>`, so a file placed there loads offline.
+wav2vec2-family bundle. Pretrained weights are read from the torch hub cache,
+`$TORCH_HOME/hub/checkpoints/<file name from the url>`, and never downloaded: a file that is
+not there is an error naming the url and the path to place it at.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import logging
 import os
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -62,30 +64,43 @@ SAFETENSORS_HEADER_AT, SAFETENSORS_HEADER_START = 8, b"{"
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights are neither in the hub cache nor downloadable (offline machine)."""
+    """Pretrained weights are not in the torch hub cache; nothing is downloaded at run time."""
 
-    def __init__(self, name: str, url: str, path: Path, reason: BaseException) -> None:
+    def __init__(self, name: str, url: str, path: Path) -> None:
         self.url, self.path = url, path
         home = os.environ.get("TORCH_HOME", "unset, so ~/.cache/torch")
         super().__init__(
-            f"weights {name} are not in the torch hub cache and could not be downloaded "
-            f"({reason}). Download {url} on a machine with network access and place it at\n"
+            f"weights {name} are not in the torch hub cache, and nothing is downloaded at run "
+            f"time. Download {url} (on a machine with network access) and place it at\n"
             f"  {path}\n"
+            f'for instance with: python -c "import torch; torch.hub.download_url_to_file('
+            f"'{url}', '{path}')\"\n"
             f"(the cache directory is torch.hub.get_dir()/checkpoints = {path.parent}, which "
             f"follows $TORCH_HOME/hub; TORCH_HOME is {home})."
         )
 
 
 class IncompleteLoadError(ValueError):
-    """A strict load found missing or shape-mismatched keys; the module was left untouched."""
+    """A strict load found missing, shape-mismatched or unexpected keys (or a load fitted no
+    key at all); the module was left untouched."""
 
     def __init__(self, report: LoadReport) -> None:
         self.report = report
-        advice = (
-            "no key fits the module: check the source, prefix and key_map"
-            if not report.loaded
-            else "pass strict=False to load what fits"
-        )
+        if not report.loaded:
+            advice = "no key fits the module: check the source, prefix and key_map"
+        elif report.complete:  # only keys the module has no place for
+            count = len(report.unexpected)
+            keys = ", ".join(repr(k) for k in report.unexpected[:3])
+            more = f" and {count - 3} more" if count > 3 else ""
+            advice = (
+                f"{count} {'key' if count == 1 else 'keys'} of the source "
+                f"{'does' if count == 1 else 'do'} not fit the module, e.g. {keys}{more}: a "
+                "checkpoint of a larger or different model? Pass strict=False to load what "
+                "fits (with a warning), or ignore_unexpected=[globs] for parts left out on "
+                "purpose"
+            )
+        else:
+            advice = "pass strict=False to load what fits"
         super().__init__(f"incomplete load ({advice}):\n{report}")
 
 
@@ -97,7 +112,10 @@ class LoadReport:
     "trainer", "torchvision", "torchaudio") and `entry` the checkpoint key that held the state
     dict; `skipped` the pickled objects beside it that were not rebuilt (a Lightning
     checkpoint's hyper-parameters); `stripped` the wrapper prefixes removed; `dropped` the
-    keys `key_map` removed; `mismatched` maps a key to its (checkpoint shape, model shape).
+    keys `key_map` removed; `mismatched` maps a key to its (checkpoint shape, model shape);
+    `ignored` the source's keys without a place in the module that are left out on purpose
+    (named by `ignore_unexpected`, or a Lightning module's other attributes beside the one
+    loaded), which `unexpected` does not hold.
     """
 
     target: str
@@ -113,10 +131,18 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: dict[str, tuple[Shape, Shape]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
+        """Every tensor of the module was loaded (the source may hold more: `exact`)."""
         return not (self.missing or self.mismatched)
+
+    @property
+    def exact(self) -> bool:
+        """Complete, and every key of the source found its place (those `ignored` aside):
+        what `strict=True` requires, as torch's own strict loading does."""
+        return self.complete and not self.unexpected
 
     def summary(self) -> str:
         """Several lines for the run log; lists show their first few keys and a count."""
@@ -137,6 +163,8 @@ class LoadReport:
             keys.append(f"key_map renamed {self.renamed}")
         if self.dropped:
             keys.append(f"key_map dropped {len(self.dropped)}: {preview(self.dropped)}")
+        if self.ignored:
+            keys.append(f"ignored {len(self.ignored)}: {preview(self.ignored)}")
         if keys:
             lines.append("  keys: " + "; ".join(keys))
         mismatched = [f"{k}: checkpoint {s} vs model {t}" for k, (s, t) in self.mismatched.items()]
@@ -171,6 +199,7 @@ def load_weights(
     prefix: str | None = None,
     key_map: Mapping[str, str | None] | None = None,
     strict: bool = True,
+    ignore_unexpected: Sequence[str] = (),
 ) -> LoadReport:
     """Load weights from `source` into `module` and report what matched.
 
@@ -182,16 +211,26 @@ def load_weights(
     Keys go through, in order: `key_map` (regex -> replacement, on the keys as stored; a
     replacement of None drops the keys the regex finds, e.g. `{"^fc\\.": None}`), the
     automatic stripping of wrapper prefixes (kept only when more keys fit the module), and
-    the selection of the sub-tree under `prefix` (None: the whole state dict). With `strict`, anything missing or
-    shape-mismatched raises `IncompleteLoadError` before the module is touched: a silent
-    partial load is the bug this function exists to prevent. Unexpected keys never raise.
-    A load that fits no key at all raises `IncompleteLoadError` even without `strict`, and
-    a partial one without `strict` is logged as a warning. NaN or Inf in a tensor that would
+    the selection of the sub-tree under `prefix` (None: the whole state dict). With `strict`,
+    anything missing, shape-mismatched or unexpected (a key of the source the module has no
+    place for: a checkpoint of a larger or different model) raises `IncompleteLoadError`
+    before the module is touched, as torch's own strict loading does: a silent partial load
+    is the bug this function exists to prevent. `ignore_unexpected` names, as globs on the
+    module's key names (after `prefix`), the source's keys left out on purpose (a classifier
+    head removed from the module, layers not built): they are reported as `ignored` and
+    never raise. A load that fits no key at all raises `IncompleteLoadError` even without
+    `strict`, and any other misfit without `strict` is logged as a warning. Torchvision and
+    torchaudio weights are read from the torch hub cache only; when the file is not there,
+    `WeightsUnavailableError` says where to put it, and nothing is downloaded. NaN or Inf in a tensor that would
     load into a floating-point parameter raises ValueError, also before the module is touched
     (buffers may hold Inf: an attention mask does).
     """
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}")
+    if isinstance(ignore_unexpected, str) or not all(isinstance(p, str) for p in ignore_unexpected):
+        raise TypeError(
+            f"ignore_unexpected must be a list of glob patterns, got {ignore_unexpected!r}"
+        )
     prefix = prefix or ""
     weights = _read(source)
     state, renamed, dropped = _apply_key_map(weights.state, key_map or {})
@@ -199,7 +238,13 @@ def load_weights(
     roots = WRAPPER_PREFIXES
     if weights.format == "lightning":  # keys start with the LightningModule's attribute names
         roots += tuple(sorted({k.split(".")[0] + "." for k in state}))
-    state, stripped = _strip_wrappers(state, target, prefix, roots)
+    keyed, (state, stripped) = state, _strip_wrappers(state, target, prefix, roots)
+    # A Lightning checkpoint loaded by one attribute (`model.`): its other attributes' keys
+    # (a loss's buffers, metrics) are the LightningModule's, never this module's.
+    others = set()
+    if weights.format == "lightning" and stripped:
+        others = {k.removeprefix(prefix) for k in _under(keyed, prefix)}
+        others = {k for k in others if not k.startswith(stripped[0])}
     state = _select(state, prefix)
     report = LoadReport(
         target=type(module).__name__,
@@ -214,17 +259,20 @@ def load_weights(
     )
     for key, value in state.items():
         if key not in target:
-            report.unexpected.append(key)
+            ignored = key in others or any(fnmatch.fnmatchcase(key, p) for p in ignore_unexpected)
+            (report.ignored if ignored else report.unexpected).append(key)
         elif target[key].shape != value.shape:
             report.mismatched[key] = (tuple(value.shape), tuple(target[key].shape))
         else:
             report.loaded.append(key)
     report.missing = [k for k in target if k not in state]
-    if (strict and not report.complete) or (target and not report.loaded):
+    if (strict and not report.exact) or (target and not report.loaded):
         raise IncompleteLoadError(report)
     _check_finite(module, state, report)
     if not report.complete:
         log.warning("partial load (strict=False): %s", report)
+    elif not report.exact:
+        log.warning("load with unexpected keys left out (strict=False): %s", report)
     module.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
 
@@ -451,20 +499,19 @@ def _from_torchaudio(bundle: torchaudio.pipelines.Wav2Vec2Bundle) -> _Weights:
 
 
 def _from_hub(name: str, url: str, fetch: Callable[[], Mapping[str, Any]]) -> Mapping[str, Any]:
-    """Run a torch hub fetch, turning 'not cached and offline' into where to put the file."""
+    """Run a torch hub fetch of a file that is in the cache; a file that is not there is a
+    `WeightsUnavailableError` saying where to put it, before any network access (the fetch
+    would download it: nothing is downloaded at run time)."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-    if cached.is_file():
-        try:
-            return fetch()
-        except Exception as err:
-            raise ValueError(
-                f"cached weights {cached} are corrupt or truncated ({type(err).__name__}: "
-                f"{err}); delete the file to download it again"
-            ) from err
+    if not cached.is_file():
+        raise WeightsUnavailableError(name, url, cached)
     try:
         return fetch()
-    except OSError as err:  # URLError, timeouts, refused connections: all OSErrors
-        raise WeightsUnavailableError(name, url, cached, err) from err
+    except Exception as err:
+        raise ValueError(
+            f"cached weights {cached} are corrupt or truncated ({type(err).__name__}: "
+            f"{err}); replace the file with a complete copy of {url}"
+        ) from err
 
 
 def _apply_key_map(

@@ -7,7 +7,6 @@ so a dataset never has to know what rate a model was trained at.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,8 +25,6 @@ FRONT_ENDS = ("logmel", "mfcc")
 POOLINGS = ("mean", "max", "first", "none")
 # torchaudio's bundles name the constructor of their architecture by a string.
 _SSL_FACTORIES = {"Wav2Vec2": wav2vec2_model, "WavLM": wavlm_model}
-# Checkpoint keys of a bundle's transformer layers; the number is the layer's index.
-_SSL_LAYER_KEY = re.compile(r"encoder\.transformer\.layers\.(\d+)\.")
 
 
 class LogMelSpectrogram(nn.Module):
@@ -209,9 +206,9 @@ def build_ssl_speech_encoder(
     `pooling="none"` gives the frame sequence [B, T, D] for attention fusers. Inputs at
     `input_sample_rate` (default: the bundle's) are resampled to the bundle's rate;
     `clip_samples` counts samples at the input rate. Pretrained weights come through
-    `fusion.weights.load_weights` from torchaudio's cache, `$TORCH_HOME/hub/checkpoints`,
-    downloaded there when missing; offline and not cached, `WeightsUnavailableError` names
-    the file to place there.
+    `fusion.weights.load_weights` from torchaudio's cache, `$TORCH_HOME/hub/checkpoints`
+    (nothing is downloaded): when the file is not there, `WeightsUnavailableError` names the
+    url and the path to place it at.
     """
     spec = _ssl_bundle(bundle)
     params = spec._params
@@ -263,24 +260,13 @@ def _load_ssl_weights(
 ) -> None:
     """Load a bundle's checkpoint into a model built without its CTC head and later layers.
 
-    Those dropped parts come back as unexpected keys, which is expected; any other unexpected
-    key means the checkpoint does not fit the architecture (missing or shape-mismatched keys
-    already raise in `load_weights`).
+    Those dropped parts are named to `load_weights` as left out on purpose; any other key
+    without a place in the model means the checkpoint does not fit the architecture, and
+    `load_weights` refuses it (as it does missing or shape-mismatched keys).
     """
-    report = load_weights(model, spec)
-    misfits = [k for k in report.unexpected if not _is_dropped(k, kept_layers)]
-    if misfits:
-        raise ValueError(
-            f"the checkpoint of bundle {bundle} ({report.source}) does not fit its "
-            f"architecture: {len(misfits)} unexpected keys, e.g. {misfits[:5]}"
-        )
-
-
-def _is_dropped(key: str, kept_layers: int) -> bool:
-    """Whether a checkpoint key belongs to the CTC head or a transformer layer past the readout."""
-    if match := _SSL_LAYER_KEY.match(key):
-        return int(match[1]) >= kept_layers
-    return key.startswith("aux.")
+    layers = range(kept_layers, spec._params["encoder_num_layers"])
+    dropped = ["aux.*", *(f"encoder.transformer.layers.{i}.*" for i in layers)]
+    load_weights(model, spec, ignore_unexpected=dropped)
 
 
 def _resampler(input_sample_rate: int | None, sample_rate: int) -> nn.Module | None:

@@ -81,6 +81,9 @@ BUILD_SETTINGS = {
     "inception_v3": {"aux_logits": False},
     "googlenet": {"aux_logits": False},
 }
+# The weights of the auxiliary heads those settings leave unbuilt (module key globs): left out
+# of the load on purpose, where any other key without a place in the model is an error.
+UNBUILT_KEYS = {"inception_v3": ("AuxLogits.*",), "googlenet": ("aux1.*", "aux2.*")}
 
 
 def build_backbone(name: str, weights: WeightsEnum | None) -> nn.Module:
@@ -88,7 +91,7 @@ def build_backbone(name: str, weights: WeightsEnum | None) -> nn.Module:
 
     Settings are those of torchvision's own builder: Inception and GoogLeNet with weights
     convert ImageNet-normalized inputs to their own (`transform_input`), as their weights
-    expect; the weights of their auxiliary heads are reported unexpected and left out.
+    expect; the weights of their auxiliary heads are reported ignored and left out.
     """
     if name not in classification_models():
         close = difflib.get_close_matches(name, classification_models(), n=5)
@@ -99,7 +102,7 @@ def build_backbone(name: str, weights: WeightsEnum | None) -> nn.Module:
     if weights is None:
         return get_model(name, **settings)
     model = get_model(name, num_classes=len(weights.meta["categories"]), **settings)
-    log.info("%s", load_weights(model, weights))
+    log.info("%s", load_weights(model, weights, ignore_unexpected=UNBUILT_KEYS.get(name, ())))
     return model
 
 
@@ -195,10 +198,13 @@ def build_vision_encoder(
     enum = resolve_weights(name, weights)
     preprocess = image_preprocess(enum, in_channels, mean, std, use_weights_transforms)
     backbone = build_backbone(name, enum)
-    if classifier_unused(backbone, layer):
-        surgery.remove_classifier(backbone)
-    if weights_file is not None:
-        log.info("%s", load_weights(backbone, weights_file, prefix=weights_prefix, strict=strict))
+    removed = surgery.remove_classifier(backbone) if classifier_unused(backbone, layer) else None
+    if weights_file is not None:  # the removed classifier's weights are left out on purpose
+        ignored = [f"{removed}.*"] if removed else []
+        report = load_weights(
+            backbone, weights_file, prefix=weights_prefix, strict=strict, ignore_unexpected=ignored
+        )
+        log.info("%s", report)
     if small_input_stem == "auto":
         small_input_stem = min(image_size) < SMALL_IMAGE
     elif not isinstance(small_input_stem, bool):
@@ -245,6 +251,13 @@ def image_preprocess(
     return Standardize(*channel_stats(mean, std, in_channels))
 
 
+def timm_classifiers(model: nn.Module) -> list[str]:
+    """The classifier's module names in a timm model's pretrained config (`fc`, `head.fc`, or
+    several for distilled models): what `num_classes=0` and `features_only` leave out."""
+    names = model.pretrained_cfg.get("classifier") or []
+    return [names] if isinstance(names, str) else list(names)
+
+
 def build_timm_encoder(
     name: str,
     pretrained: bool = False,
@@ -281,8 +294,10 @@ def build_timm_encoder(
     else:
         kwargs["features_only"] = True
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if weights_file is not None:
-        log.info("%s", load_weights(model, weights_file, strict=strict))
+    if weights_file is not None:  # the classifier timm left out: its weights too
+        ignored = [f"{c}.*" for c in timm_classifiers(model)]
+        report = load_weights(model, weights_file, strict=strict, ignore_unexpected=ignored)
+        log.info("%s", report)
     config = model.pretrained_cfg
     mean = list(config.get("mean", (0.5,) * 3))
     std = list(config.get("std", (0.25,) * 3))

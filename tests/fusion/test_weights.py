@@ -68,6 +68,52 @@ def test_strict_error_shows_the_first_keys_and_the_count():
     assert err.value.report.unexpected == ["unrelated"]
 
 
+def test_unexpected_keys_fail_a_strict_load_as_torch_does_and_leave_the_module_untouched(
+    tmp_path, caplog
+):
+    """A resnet34 checkpoint holds all of resnet18's keys and 96 more: not a resnet18's."""
+    path = tmp_path / "r34.pt"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    target = torchvision.models.resnet18()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(IncompleteLoadError) as err:
+        load_weights(target, path)
+    assert str(err.value).startswith(
+        "incomplete load (96 keys of the source do not fit the module, e.g. "
+        "'layer1.2.conv1.weight', 'layer1.2.bn1.weight', 'layer1.2.bn1.bias' and 93 more: a "
+        "checkpoint of a larger or different model? Pass strict=False to load what fits (with "
+        "a warning), or ignore_unexpected=[globs] for parts left out on purpose):\n"
+        f"ResNet <- {path} [state_dict]: loaded 122/122 tensors\n  96 unexpected: "
+    )
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    report = load_weights(target, path, strict=False)
+    assert report.complete and not report.exact and len(report.unexpected) == 96
+    assert [r.getMessage().splitlines()[0] for r in caplog.records] == [
+        f"load with unexpected keys left out (strict=False): ResNet <- {path} [state_dict]: "
+        "loaded 122/122 tensors"
+    ]
+
+
+def test_keys_left_out_on_purpose_are_ignored_not_unexpected():
+    source = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    target = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(IncompleteLoadError, match=r"\(2 keys of the source do not fit the module"):
+        load_weights(target, source.state_dict())
+    report = load_weights(target, source.state_dict(), ignore_unexpected=["1.*"])
+    assert report.exact and report.ignored == ["1.weight", "1.bias"] and report.unexpected == []
+    assert "ignored 2: 1.weight, 1.bias" in report.summary()
+    one = {**source.state_dict(), "extra": torch.zeros(1)}
+    with pytest.raises(
+        IncompleteLoadError,
+        match=r"\(1 key of the source does not fit the module, e\.g\. 'extra': a checkpoint",
+    ):
+        load_weights(target, one, ignore_unexpected=["1.*"])
+    with pytest.raises(
+        TypeError, match=r"ignore_unexpected must be a list of glob patterns, got '1\.\*'"
+    ):
+        load_weights(target, source.state_dict(), ignore_unexpected="1.*")
+
+
 def test_a_load_that_fits_nothing_fails_even_without_strict():
     target = nn.Sequential(nn.Linear(3, 4))
     before = target[0].weight.clone()
@@ -317,11 +363,23 @@ def test_torchvision_weights_load_offline_from_the_hub_cache(torch_home):
     assert_same_outputs(original, fresh, torch.randn(1, 3, 32, 32))
 
 
-def test_missing_torchvision_weights_say_where_to_put_the_file(torch_home):
+def test_missing_torchvision_weights_say_where_to_put_the_file(torch_home, monkeypatch, capsys):
+    """Nothing is downloaded at run time: the error comes before any network access."""
+    tried = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: tried.append(a))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: tried.append(a))
     with pytest.raises(WeightsUnavailableError, match="TORCH_HOME") as err:
-        load_weights(small_net(), torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
-    assert err.value.path == torch_home / "resnet18-f37072fd.pth"
-    assert str(err.value.path) in str(err.value) and "network disabled" in str(err.value)
+        load_weights(small_net(), "ResNet18_Weights.IMAGENET1K_V1")
+    assert tried == [] and "Downloading" not in capsys.readouterr().err
+    url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+    path = torch_home / "resnet18-f37072fd.pth"
+    assert err.value.path == path and err.value.url == url
+    assert str(err.value).startswith(
+        "weights ResNet18_Weights.IMAGENET1K_V1 are not in the torch hub cache, and nothing is "
+        f"downloaded at run time. Download {url} (on a machine with network access) and place "
+        f'it at\n  {path}\nfor instance with: python -c "import torch; '
+        f"torch.hub.download_url_to_file('{url}', '{path}')\"\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -345,7 +403,7 @@ def test_missing_torchaudio_weights_say_where_to_put_the_file(torch_home):
 
 def test_corrupt_cached_file_is_named(torch_home):
     (torch_home / "resnet18-f37072fd.pth").write_bytes(b"truncated")
-    with pytest.raises(ValueError, match=r"resnet18-f37072fd\.pth are corrupt or trunc.*delete"):
+    with pytest.raises(ValueError, match=r"resnet18-f37072fd\.pth are corrupt or trunc.*replace"):
         load_weights(small_net(), torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
 
 
@@ -373,3 +431,17 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path):
         save_checkpoint(path, {"v": Unpicklable()})
     assert load_checkpoint(path)["v"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_lightning_modules_other_attributes_are_ignored_its_models_extra_keys_are_not():
+    source = nn.Sequential(nn.Linear(3, 4))
+    state = {f"model.{k}": v for k, v in source.state_dict().items()}
+    checkpoint = {"global_step": 1, "state_dict": {**state, "criterion.pos_weight": torch.ones(1)}}
+    report = load_weights(nn.Sequential(nn.Linear(3, 4)), checkpoint)
+    assert report.exact and report.ignored == ["criterion.pos_weight"]
+    checkpoint["state_dict"]["model.1.weight"] = torch.ones(2, 4)  # the model's, not in ours
+    with pytest.raises(
+        IncompleteLoadError,
+        match=r"\(1 key of the source does not fit the module, e\.g\. '1\.weight'",
+    ):
+        load_weights(nn.Sequential(nn.Linear(3, 4)), checkpoint)

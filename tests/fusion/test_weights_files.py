@@ -306,3 +306,35 @@ def test_a_bad_key_map_pattern_and_a_strict_that_is_not_a_bool_are_named():
         load_weights(nn.Linear(2, 2), state, key_map={"[": ""})
     with pytest.raises(TypeError, match=r"strict must be True or False, got str 'no'"):
         load_weights(nn.Linear(2, 2), state, strict="no")
+
+
+def test_a_timm_checkpoint_with_its_classifier_loads_strictly_into_a_pooled_encoder(tmp_path):
+    """timm's num_classes=0 leaves the classifier out: its keys are ignored, others are not."""
+    timm = pytest.importorskip("timm")
+    from fusion.encoders.vision import build_timm_encoder
+
+    trained = timm.create_model("resnet18", num_classes=5)
+    path = tmp_path / "timm.pt"
+    torch.save(trained.state_dict(), path)
+    encoder = build_timm_encoder("resnet18", weights_file=str(path), image_size=32).eval()
+    trained.reset_classifier(0)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(encoder(x), trained.eval()(encoder.preprocess(x)))
+    torch.save({**trained.state_dict(), "neck.weight": torch.ones(1)}, path)
+    with pytest.raises(
+        IncompleteLoadError, match=r"1 key of the source does not fit .*'neck\.weight'"
+    ):
+        build_timm_encoder("resnet18", weights_file=str(path), image_size=32)
+
+
+def test_googlenet_weights_with_aux_heads_load_strictly_into_a_model_without_them(torch_home):
+    """The aux heads' keys are named to `load_weights` as unbuilt: ignored, not unexpected."""
+    from torchvision.models import GoogLeNet_Weights, get_model
+
+    from fusion.encoders.vision import build_backbone
+
+    weights = GoogLeNet_Weights.IMAGENET1K_V1
+    full = get_model("googlenet", aux_logits=True, init_weights=False)
+    torch.save(full.state_dict(), torch_home / weights.url.rsplit("/", 1)[-1])
+    model = build_backbone("googlenet", weights)
+    assert torch.equal(model.fc.weight, full.fc.weight) and model.aux1 is None
