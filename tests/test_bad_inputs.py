@@ -200,6 +200,12 @@ CASES = [
     ),
     (f"{MANIFEST} data.target=x", "data.target", "regression targets are not supported yet"),
     (
+        "data=manifest data.path={bad_test} data.target=label",
+        "data",
+        "(data.manifest.ManifestDataset, split 'test'): {bad_test}, data row 20, column 'photo': "
+        "cannot decode",
+    ),
+    (
         f"{IMAGES} data.augment=[{{_target_:torchvision.transforms.v2.RandomCrop,size:16}}]",
         "data.augment[0]",
         "RandomCrop(size=16) fails on the train split's first 'photo' image, of shape [3, 8, 8]: "
@@ -228,10 +234,14 @@ def places(tmp_path_factory) -> dict[str, str]:
     rows = [f"{i}.png,l{i % 2},{'train' if i < 12 else 'val' if i < 16 else 'test'}"
             for i in range(20)]  # fmt: skip
     (root / "images.csv").write_text("\n".join(["photo,label,split", *rows]) + "\n")
+    (root / "garbage.png").write_bytes(b"not an image")  # in the test split's last row
+    rows[-1] = rows[-1].replace("19.png", "garbage.png")
+    (root / "bad_test.csv").write_text("\n".join(["photo,label,split", *rows]) + "\n")
     (root / "dir").mkdir()
     return {
         "manifest": str(root / "manifest.csv"),
         "images": str(root / "images.csv"),
+        "bad_test": str(root / "bad_test.csv"),
         "file": str(root / "file"),
         "dir": str(root / "dir"),
         "missing": str(root / "missing.npz"),
