@@ -15,7 +15,11 @@ the file (never the SIGBUS of a write into a memory map).
 Layout: `<root>/<data key>/labels.pt` (sample masks, targets, conditions: small, loaded
 whole), `<root>/<data key>/<modality>-<encoder key>-<dtype>.npy` ([N, *out_shape], float32
 or float16, read through `np.load(mmap_mode="r")`, so data larger than memory works) and
-`<modality>-<encoder key>-mask.pt`, the encoder's output mask ([N], or [N, T'] for tokens).
+`<modality>-<encoder key>-mask.pt`, the encoder's output mask ([N], or [N, T'] for tokens)
+and the sha256 digest of the `.npy` file's bytes, taken while it was written. Every read
+checks the file against that digest (1 to 2 ms per MB of features), so a file whose content changed
+since (another modality's features copied over it, values edited) is rebuilt with a
+warning naming it, never read; a cache written before digests were kept is rebuilt once.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import io
 import logging
 import shutil
@@ -50,6 +55,8 @@ log = logging.getLogger("fusion")
 CACHE_VERSION = 2  # 2: output masks beside the features
 DTYPES = {"float32": np.float32, "float16": np.float16}
 LABEL_FIELDS = ("present", "targets", "condition", "modality_targets")
+DIGEST_PREFIX = "sha256:"  # the digest of a features file, kept in its mask file
+DIGEST_CHUNK = 1 << 22  # bytes read at a time to hash a features file
 
 
 def encoder_key(encoder: nn.Module, config: Any = None, autocast: str = "float32") -> str:
@@ -125,9 +132,12 @@ class FeatureCache:
         mask_paths = {m: folder / f"{m}-{keys[m]}-mask.pt" for m in cached}
         shapes = {m: (len(dataset), *model.encoders[m].out_shape) for m in cached}
         labels_path = folder / "labels.pt"
-        masks = {m: _read_mask(mask_paths[m], shapes[m]) for m in cached}
+        stored = {m: _read_mask(mask_paths[m], shapes[m]) for m in cached}
+        masks = {m: None if stored[m] is None else stored[m][0] for m in cached}
         missing = [
-            m for m in cached if masks[m] is None or not self._valid(paths[m], shapes[m], masks[m])
+            m
+            for m in cached
+            if stored[m] is None or not self._valid(paths[m], shapes[m], *stored[m])
         ]
         labels = _read_labels(labels_path)
         if missing or labels is None:
@@ -138,11 +148,11 @@ class FeatureCache:
                 collate_fn=collate_fn,
                 generator=torch.Generator(),  # not the global one: a cache miss draws nothing
             )
-            labels, built = self._build(
+            labels, built, digests = self._build(
                 model, loader, {m: paths[m] for m in missing}, shapes, device, autocast
             )
             for m, mask in built.items():
-                save_checkpoint(mask_paths[m], {"mask": mask})
+                save_checkpoint(mask_paths[m], {"mask": mask, "digest": digests[m]})
                 masks[m] = mask
             save_checkpoint(labels_path, labels)
         else:
@@ -152,9 +162,10 @@ class FeatureCache:
         live = [m for m in model.encoders if m not in features]
         return EncodedDataset(dataset, features, labels, live, collate_fn)
 
-    def _valid(self, path: Path, shape: tuple[int, ...], mask: torch.Tensor) -> bool:
-        """Whether `path` holds features of `shape`, finite wherever `mask` says the encoder
-        output is present; a damaged file is said and rebuilt."""
+    def _valid(self, path: Path, shape: tuple[int, ...], mask: torch.Tensor, digest: str) -> bool:
+        """Whether `path` holds features of `shape`, whose bytes have the `digest` recorded
+        when they were written, finite wherever `mask` says the encoder output is present;
+        a damaged or changed file is said and rebuilt."""
         if not path.is_file():
             return False
         try:
@@ -167,6 +178,13 @@ class FeatureCache:
             _rebuilding(
                 f"{path}: expected features of shape {list(shape)} and dtype {expected[1]}, "
                 f"found {list(stored.shape)} and {stored.dtype}"
+            )
+            return False
+        found = file_digest(path)
+        if found != digest:
+            _rebuilding(
+                f"{path} does not hold the features written there: its content changed since "
+                f"(copied over from another file, or edited; expected {digest}, found {found})"
             )
             return False
         present = mask.numpy().astype(bool)
@@ -189,10 +207,10 @@ class FeatureCache:
         shapes: dict[str, tuple[int, ...]],
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager],
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
         """Encode every batch once into `.npy` files that appear only when complete; return
-        the split's labels, gathered in the same pass, and the output mask of each modality
-        encoded now.
+        the split's labels, gathered in the same pass, the output mask of each modality
+        encoded now and the digest of each file written (hashed as it is written).
 
         The labels hold each modality's [N] sample mask (a padded [B, T] input mask's T
         changes from batch to batch, so it could not be stacked). A cached modality's
@@ -228,7 +246,8 @@ class FeatureCache:
                         masks[m].append(encoder.output_mask(x, p).cpu())
             for m, file in files.items():
                 file.check_size(npy_size(shapes[m], dtype))
-        return stack_labels(labels), {m: torch.cat(parts) for m, parts in masks.items()}
+        digests = {m: file.digest() for m, file in files.items()}
+        return stack_labels(labels), {m: torch.cat(parts) for m, parts in masks.items()}, digests
 
 
 def _rebuilding(problem: str) -> None:
@@ -236,22 +255,40 @@ def _rebuilding(problem: str) -> None:
     log.warning("feature cache: %s; rebuilding it", problem)
 
 
-def _read_mask(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """A cached modality's output mask, or None when missing, unreadable, or not fitting its
-    features' shape `shape` ([N] for vectors and maps, [N, T'] for tokens): to rebuild."""
+def _read_mask(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, str] | None:
+    """A cached modality's output mask and the digest of its features file, or None when
+    missing, unreadable, not fitting its features' shape `shape` ([N] for vectors and maps,
+    [N, T'] for tokens) or without a digest (written before digests were kept): to rebuild."""
     try:
-        mask = load_checkpoint(path, required=("mask",))["mask"]
+        stored = load_checkpoint(path, required=("mask",))
     except FileNotFoundError:
         return None
     except CheckpointError as err:
         _rebuilding(str(err))
         return None
+    mask, digest = stored["mask"], stored.get("digest")
     expected = shape[:2] if len(shape) == 3 else shape[:1]
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(expected):
         found = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         _rebuilding(f"{path}: expected a mask of shape {list(expected)}, found {found}")
         return None
-    return mask
+    if not isinstance(digest, str) or not digest.startswith(DIGEST_PREFIX):
+        log.info(
+            "feature cache: %s records no digest of its features (written by an older "
+            "version), so they cannot be checked; rebuilding them",
+            path,
+        )
+        return None
+    return mask, digest
+
+
+def file_digest(path: Path) -> str:
+    """`sha256:<hex>` of a file's bytes, read in chunks (1 to 2 ms per MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(DIGEST_CHUNK):
+            digest.update(chunk)
+    return DIGEST_PREFIX + digest.hexdigest()
 
 
 def _read_labels(path: Path) -> dict[str, Any] | None:
@@ -302,10 +339,12 @@ class NpyWriter:
 
     def __init__(self, file: io.RawIOBase, path: Path) -> None:
         self.file, self.path, self.size = file, path, 0
+        self.hash = hashlib.sha256()
 
     def write(self, data: bytes | np.ndarray) -> None:
         view = memoryview(data).cast("B")
         self.size += len(view)
+        self.hash.update(view)
         try:
             while view:
                 view = view[self.file.write(view) :]
@@ -316,6 +355,10 @@ class NpyWriter:
                 f"feature cache: writing {self.path} failed ({err.strerror}); it needs "
                 f"{self.size - len(view)} more bytes at least, {free} are free on its disk",
             ) from err
+
+    def digest(self) -> str:
+        """`file_digest` of what was written, without reading the file back."""
+        return DIGEST_PREFIX + self.hash.hexdigest()
 
     def check_size(self, expected: int) -> None:
         """A file shorter than its header says would be refused by every later read."""

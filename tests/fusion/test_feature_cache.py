@@ -13,11 +13,13 @@ from fusion.fusers import GatedFuser
 from fusion.heads import ClassificationHead
 from fusion.model import MultimodalModel
 from fusion.training import evaluate, fit
+from fusion.training.checkpoint import load_checkpoint, save_checkpoint
 from fusion.training.feature_cache import (
     EncodedDataset,
     FeatureCache,
     data_key,
     encoder_key,
+    file_digest,
     keep_batch,
 )
 
@@ -148,6 +150,14 @@ def test_a_partially_written_file_is_never_used(tmp_path):
     np.testing.assert_array_equal(rebuilt, expected)
 
 
+def written_as(path, features):
+    """`features` saved at `path` as if the encoder had written them: with their digest
+    recorded, so that only the checks after the digest's can refuse them."""
+    np.save(path, features)
+    masks = Path(str(path).rsplit("-", 1)[0] + "-mask.pt")
+    save_checkpoint(masks, {**load_checkpoint(masks), "digest": file_digest(path)})
+
+
 def test_non_finite_features_of_present_samples_are_rebuilt(tmp_path, caplog):
     cache, model = FeatureCache(tmp_path), build_model()
     data = Pairs(30)
@@ -160,13 +170,13 @@ def test_non_finite_features_of_present_samples_are_rebuilt(tmp_path, caplog):
     )
     damaged = expected.copy()
     damaged[absent] = np.nan  # an absent sample's slot may hold anything: kept
-    np.save(path, damaged)
+    written_as(path, damaged)
     with caplog.at_level(logging.WARNING, logger="fusion"):
         kept = encoded(cache, model, data).features["b"]
     assert np.isnan(kept[absent]).all() and "rebuilding" not in caplog.text
     del kept
     damaged[present, 0] = np.inf
-    np.save(path, damaged)
+    written_as(path, damaged)
     with caplog.at_level(logging.WARNING, logger="fusion"):
         rebuilt = np.array(encoded(cache, model, data).features["b"])
     assert (
@@ -285,3 +295,45 @@ def test_corrupt_labels_or_features_are_rebuilt_not_fatal(tmp_path):
     again = encoded(cache, model, Pairs(30)).__getitems__([0, 4])
     assert torch.equal(again.targets, expected.targets)
     assert torch.equal(again.inputs["b"], expected.inputs["b"])
+
+
+@pytest.mark.parametrize("change", ["copied over", "edited"])
+def test_a_features_file_whose_content_changed_is_rebuilt_loudly(tmp_path, caplog, change):
+    """Same shape and dtype, other bytes: only the digest recorded at writing tells."""
+    cache, model, data = FeatureCache(tmp_path), build_model(), Pairs(30)
+    first = encoded(cache, model, data).features
+    a, b = Path(first["a"].filename), Path(first["b"].filename)
+    expected = np.array(first["a"])
+    recorded = load_checkpoint(Path(str(a).rsplit("-", 1)[0] + "-mask.pt"))["digest"]
+    assert recorded == file_digest(a) and recorded.startswith("sha256:")
+    del first
+    if change == "copied over":  # another modality's features, padded to a's shape
+        np.save(a, np.resize(np.load(b), expected.shape).astype(np.float32))
+    else:
+        np.save(a, expected * 1000 + 7)
+    found = file_digest(a)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        rebuilt = np.array(encoded(cache, model, data).features["a"])
+    assert (
+        f"feature cache: {a} does not hold the features written there: its content changed "
+        f"since (copied over from another file, or edited; expected {recorded}, found {found}); "
+        "rebuilding it"
+    ) in caplog.text
+    np.testing.assert_array_equal(rebuilt, expected)
+    assert file_digest(a) == recorded
+
+
+def test_a_cache_written_before_digests_is_rebuilt_once(tmp_path, caplog):
+    cache, model, data = FeatureCache(tmp_path), build_model(), Pairs(30)
+    path = Path(encoded(cache, model, data).features["a"].filename)
+    masks = Path(str(path).rsplit("-", 1)[0] + "-mask.pt")
+    save_checkpoint(masks, {"mask": load_checkpoint(masks)["mask"]})  # as an older version wrote
+    calls = []
+    hook = model.encoders["a"].register_forward_hook(lambda *_: calls.append(1))
+    with caplog.at_level(logging.INFO, logger="fusion"):
+        encoded(cache, model, data)
+    assert calls and f"feature cache: {masks} records no digest of its features" in caplog.text
+    calls.clear()
+    encoded(cache, model, data)
+    assert calls == []  # the digest is recorded now
+    hook.remove()

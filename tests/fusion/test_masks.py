@@ -310,10 +310,12 @@ def test_a_stored_mask_that_does_not_fit_the_cached_tokens_is_rebuilt(tmp_path):
     from fusion.training.feature_cache import _read_mask
 
     path = tmp_path / "text-key-mask.pt"
-    save_checkpoint(path, {"mask": torch.ones(4, dtype=torch.bool)})  # [N]: stale for tokens
-    assert _read_mask(path, (4, 16, 8)) is None  # so the cache encodes it again
-    save_checkpoint(path, {"mask": torch.ones(4, 16, dtype=torch.bool)})
-    assert _read_mask(path, (4, 16, 8)).shape == (4, 16)
+    digest = "sha256:" + "0" * 64
+    save_checkpoint(path, {"mask": torch.ones(4, dtype=torch.bool), "digest": digest})  # [N]
+    assert _read_mask(path, (4, 16, 8)) is None  # stale for tokens: the cache encodes it again
+    save_checkpoint(path, {"mask": torch.ones(4, 16, dtype=torch.bool), "digest": digest})
+    mask, recorded = _read_mask(path, (4, 16, 8))
+    assert mask.shape == (4, 16) and recorded == digest
     assert _read_mask(tmp_path / "absent.pt", (4, 16, 8)) is None
 
 
