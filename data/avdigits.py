@@ -31,11 +31,13 @@ from fusion.data import Modality, MultimodalDataset, Task
 SPEECH_ASSET = Path(__file__).resolve().parent / "assets" / "avdigits_speech.npz"
 SPLITS = ("train", "val", "test")
 MODALITIES = ("image", "audio")
-TASKS = ("digit", "same", "which", "multitask")
+TASKS = ("digit", "same", "which", "multitask", "sum", "digits", "mixed")
 IMAGE_SIZE = (8, 8)
 DRAW_VERSION = 2  # bump when `_draw` or the degradations change what an item holds
 DIGIT = Task("multiclass", classes=tuple(str(d) for d in range(10)))
 SAME = Task("binary", classes=("different", "same"))
+SUM = Task("regression", num_targets=1)
+DIGITS = Task("multilabel", classes=tuple(str(d) for d in range(10)))
 IMAGE_MEAN, IMAGE_STD = [0.3], [0.4]  # of the degraded scans, rounded
 
 
@@ -206,8 +208,11 @@ class AVDigits(MultimodalDataset):
     `task` picks what is asked: `digit` (the written digit; the clip says the same one),
     `same` (do the written and the spoken digit agree? an interaction of both modalities),
     `which` (a per-sample `condition` asks for the written (0) or the spoken (1) digit) or
-    `multitask` (a dict label with all three). Every item also carries `modality_targets`,
-    the digit each modality shows, for pretraining one encoder per modality.
+    `multitask` (a dict label with all three). Tasks of other kinds: `sum` (regression:
+    written + spoken, a float in [0, 18]), `digits` (multilabel: the 0/1 list of which
+    digits are shown or said) and `mixed` (a dict label: `written`, `sum` and `digits`).
+    Every item also carries `modality_targets`, the digit each modality shows, for
+    pretraining one encoder per modality.
 
     With `text_accuracy`, items also carry a third modality, `"text"`: a short caption
     that guesses the digit, right with that probability (the tri-modal example).
@@ -343,10 +348,14 @@ class AVDigits(MultimodalDataset):
 
     @property
     def tasks(self) -> dict[str, Task]:
-        """`digit` and `which` ask for a digit, `same` for agreement, `multitask` all three."""
+        """`digit` and `which` ask for a digit, `same` for agreement, `multitask` all three;
+        `sum` (regression) for written + spoken, `digits` (multilabel) for the set of digits
+        shown or said, `mixed` for written, sum and digits (three kinds at once)."""
         if self.task == "multitask":
             return {"written": DIGIT, "spoken": DIGIT, "same": SAME}
-        return {self.task: SAME if self.task == "same" else DIGIT}
+        if self.task == "mixed":
+            return {"written": DIGIT, "sum": SUM, "digits": DIGITS}
+        return {self.task: {"same": SAME, "sum": SUM, "digits": DIGITS}.get(self.task, DIGIT)}
 
     @property
     def modality_tasks(self) -> dict[str, tuple[str, Task]]:
@@ -411,8 +420,15 @@ class AVDigits(MultimodalDataset):
         elif self.task == "which":
             item["condition"] = int(torch.randint(2, (), generator=generator))
             item["label"] = spoken if item["condition"] else written
-        else:
+        elif self.task == "multitask":
             item["label"] = {"written": written, "spoken": spoken, "same": same}
+        else:
+            labels = {
+                "written": written,
+                "sum": float(written + spoken),
+                "digits": [int(d in (written, spoken)) for d in range(10)],
+            }
+            item["label"] = labels if self.task == "mixed" else labels[self.task]
         return item
 
     def __len__(self) -> int:

@@ -415,6 +415,17 @@ def trainer_settings(cfg: DictConfig) -> TrainerConfig:
     return OmegaConf.to_object(cfg.trainer)
 
 
+def task_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """`cfg.tasks` as plain dicts: per task name, the `fusion.tasks.Objective` settings
+    given (unset ones are left to the task kind's defaults)."""
+    tasks = cfg.get("tasks")
+    tasks = {} if tasks is None else OmegaConf.to_container(tasks, resolve=True)
+    return {
+        name: {k: v for k, v in (given or {}).items() if v is not None}
+        for name, given in tasks.items()
+    }
+
+
 def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
     """What the config asks of the data and the file system, checked once the datasets are
     built and before the recipe runs: a setting that cannot work fails now, naming its key,

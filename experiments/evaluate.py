@@ -45,6 +45,7 @@ from experiments.builders import (
     CONFIG_DIR,
     build_datasets,
     model_spec,
+    task_settings,
     trainer_settings,
     unwritable,
 )
@@ -58,6 +59,7 @@ from fusion.analysis.robustness import (
 )
 from fusion.data import DataFileError, reader_message
 from fusion.model import MultimodalModel
+from fusion.tasks import objectives_for
 from fusion.training import load_checkpoint
 from fusion.training.checkpoint import CheckpointError
 from fusion.training.feature_cache import data_key
@@ -371,7 +373,13 @@ def run(args: argparse.Namespace) -> None:
     model = rebuild_model(spec, train.tasks, state["model"])
     loaders = make_loaders(datasets, trainer_settings(cfg), cfg.seed)
     changed = data_changed(state, args.split, datasets[args.split])
-    evaluator = Evaluator(model, loaders, args.split, cfg.seed, args.device, cfg.trainer.precision)
+    try:
+        objectives = objectives_for(train.tasks, task_settings(cfg))
+    except ValueError as err:
+        raise EvaluateError(f"{args.run_dir / 'config.yaml'}: config key '{err}") from None
+    evaluator = Evaluator(
+        model, loaders, args.split, cfg.seed, args.device, cfg.trainer.precision, objectives
+    )
     metrics = evaluator()
     print(metrics_table(args.split, metrics))
     if changed:

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from fusion.tasks import TaskSettings
 from fusion.training.settings import ConfigError, TrainerConfig, check_trainer
 
 __all__ = ["ConfigError", "TrainConfig", "register_resolvers", "validate"]
@@ -63,6 +64,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     tags: list[str] = field(default_factory=list)
+    tasks: dict[str, TaskSettings] = field(default_factory=dict)
 
 
 def validate(cfg: DictConfig) -> DictConfig:

@@ -96,13 +96,16 @@ class Modality:
 class Task:
     """One prediction target: its kind and its classes (names, in label order).
 
-    Classification targets are class indices into `classes`. A `regression` task has
-    `num_targets` values per sample and no classes.
+    Multiclass and binary targets are class indices into `classes`; multilabel targets are
+    one 0/1 value per class. A `regression` task has `num_targets` numbers per sample and
+    no classes. `metrics` names the metrics the field reports for this task (see
+    `fusion.tasks.METRICS`; empty: the kind's defaults).
     """
 
     kind: str = "multiclass"
     classes: tuple[str, ...] = ()
     num_targets: int = 1
+    metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -112,6 +115,7 @@ class Task:
                 f"a {self.kind} task needs at least 2 classes, got {list(self.classes)}"
             )
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        object.__setattr__(self, "metrics", tuple(self.metrics))
 
     @property
     def num_outputs(self) -> int:

@@ -68,7 +68,7 @@ def test_robustness_drops_and_noises_every_modality(evaluated):
     assert list(report["modalities"]) == ["image", "audio"]
     for m, entry in report["modalities"].items():
         assert entry["input_std"] > 0
-        assert entry["noise"][0] == report["clean_accuracy"], m  # level 0 is the clean input
+        assert entry["noise"][0] == report["clean"], m  # level 0 is the clean input
         assert 0.0 <= entry["noise"][1] <= 1.0
         assert 0.0 <= entry["dropped"] <= 1.0
         assert stdout.count(f"| {m} |") == 1
@@ -92,7 +92,8 @@ def test_noise_is_seeded_and_skips_text():
 
 def test_text_modality_is_reported_without_noise(tmp_path):
     report = {
-        "split": "val", "seed": 0, "levels": [0.0, 1.0], "clean_accuracy": 0.5,
+        "split": "val", "seed": 0, "levels": [0.0, 1.0], "metric": "accuracy",
+        "lower_is_better": False, "clean": 0.5,
         "modalities": {
             "image": {"input_std": 0.4, "dropped": 0.3, "noise": [0.5, 0.4]},
             "text": {"input_std": None, "dropped": 0.2, "noise": None, "note": "no noise"},
@@ -101,6 +102,7 @@ def test_text_modality_is_reported_without_noise(tmp_path):
     table = robustness_table(report)
     assert "| image | 0.4 | 50.00% | 40.00% | 30.00% |" in table
     assert "| text | - | - | - | 20.00% |" in table and "text: no noise" in table
+    assert "clean accuracy on val: 50.00% (higher is better)" in table
     plot_robustness(report, tmp_path / "robustness.png")
     assert (tmp_path / "robustness.png").stat().st_size > 0
 

@@ -75,7 +75,7 @@ def test_affect_feature_sequences_train_evaluate_and_report(affect_runs, capsys)
     robust, printed = evaluate_robustness(tmp / "runs" / "gated")
     assert list(robust["modalities"]) == ["vision", "audio", "text"]
     for modality, entry in robust["modalities"].items():
-        assert entry["input_std"] > 0 and entry["noise"][0] == robust["clean_accuracy"]
+        assert entry["input_std"] > 0 and entry["noise"][0] == robust["clean"]
         assert printed.count(f"| {modality} |") == 1
     assert report([str(tmp / "runs")]) == 0
     table = capsys.readouterr().out
@@ -126,7 +126,7 @@ def test_a_manifest_of_files_and_columns_trains_every_modality(pets_run):
     assert "text.build_text_encoder" in config and "tabular.build_tabular_encoder" in config
     robust, _ = evaluate_robustness(run_dir)
     tabular = robust["modalities"]["tabular"]
-    assert tabular["noise"][0] == robust["clean_accuracy"]  # only the numeric column is noised
+    assert tabular["noise"][0] == robust["clean"]  # only the numeric column is noised
     assert robust["modalities"]["caption"]["noise"] is None
 
 

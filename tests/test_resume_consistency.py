@@ -170,10 +170,10 @@ def test_a_split_whose_content_changed_is_refused(tmp_path, avdigits_val):
     with pytest.raises(ConfigError) as err:
         check_resume(resumed, {"train": avdigits_val, "val": avdigits_val})
     assert str(err.value) == (
-        f"config key 'trainer.resume': the content of the train split(s) changed since "
-        f"{state_path} was written (files or rows differ; the config may be the same): a "
-        "resumed run must train and select on the data it started with. Restore that data, "
-        "or start a new run"
+        f"config key 'trainer.resume': the data changed since {state_path} was written (split "
+        "'train' changed; the val split is unchanged; the config may be the same): a resumed "
+        "run must train and select on the data it started with. Restore that data, or start "
+        "a new run"
     )
     state["data_keys"]["train"] = data_key(avdigits_val)
     save_checkpoint(state_path, state)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from fusion.batch import Batch
 from fusion.data import Modality
 from fusion.model import MultimodalModel
+from fusion.tasks import Objective, format_score, is_fraction, lower_is_better
 from fusion.training.loaders import reseed
 from fusion.training.loop import EpochMetrics, evaluate
 from fusion.training.settings import resolve_precision
@@ -92,9 +93,10 @@ class Evaluator:
         seed: int,
         device: torch.device,
         precision: str = "32",
+        objectives: Mapping[str, Objective] | None = None,
     ) -> None:
         self.model, self.loaders, self.split = model.to(device), loaders, split
-        self.seed, self.device = seed, device
+        self.seed, self.device, self.objectives = seed, device, objectives
         self.precision = resolve_precision(precision, device)
         self.loss_weights = getattr(model.head, "loss_weights", None)
 
@@ -112,6 +114,7 @@ class Evaluator:
             self.device,
             loss_weights=self.loss_weights,
             precision=self.precision,
+            objectives=self.objectives,
         )
 
 
@@ -120,20 +123,24 @@ def robustness(
     levels: Sequence[float],
     modalities: Mapping[str, Modality] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy per modality when dropped and at each noise level, with the clean accuracy.
-    `modalities` (the data's) says which columns of a table are numeric."""
+    """The main score (`metric`: accuracy, or MAE for a regression, ...) per modality when
+    dropped and at each noise level, with the clean score. `modalities` (the data's) says
+    which columns of a table are numeric."""
     modalities = modalities or {}
+    clean = evaluator()
     report: dict[str, Any] = {
         "split": evaluator.split,
         "seed": evaluator.seed,
         "levels": list(levels),
-        "clean_accuracy": evaluator().accuracy,
+        "metric": clean.main,
+        "lower_is_better": lower_is_better(clean.main),
+        "clean": clean.score(),
         "modalities": {},
     }
     for m in evaluator.model.modalities:
         columns = noised_columns(modalities.get(m))
         std = input_std(evaluator.batches(), m, columns)
-        entry: dict[str, Any] = {"input_std": std, "dropped": evaluator(drop(m)).accuracy}
+        entry: dict[str, Any] = {"input_std": std, "dropped": evaluator(drop(m)).score()}
         if std is None:
             entry["noise"] = None
             entry["note"] = (
@@ -141,7 +148,7 @@ def robustness(
             )
         else:
             entry["noise"] = [
-                evaluator(add_noise(m, level * std, evaluator.seed, columns)).accuracy
+                evaluator(add_noise(m, level * std, evaluator.seed, columns)).score()
                 for level in levels
             ]
         report["modalities"][m] = entry
@@ -149,19 +156,20 @@ def robustness(
 
 
 def metrics_table(split: str, metrics: EpochMetrics) -> str:
-    tasks = list(metrics.tasks)
+    """One row: the loss and every metric (fractions as percentages)."""
+    names = list(metrics.scores)
     lines = [
-        "| split | loss | accuracy |" + "".join(f" {t} |" for t in tasks),
-        "|---|---:|---:|" + "---:|" * len(tasks),
-        f"| {split} | {metrics.loss:.4f} | {metrics.accuracy:.2%} |"
-        + "".join(f" {metrics.tasks[t]:.2%} |" for t in tasks),
+        "| split | loss |" + "".join(f" {n} |" for n in names),
+        "|---|---:|" + "---:|" * len(names),
+        f"| {split} | {metrics.loss:.4f} |"
+        + "".join(f" {format_score(n, metrics.scores[n])} |" for n in names),
     ]
     return "\n".join(lines)
 
 
 def robustness_table(report: dict[str, Any]) -> str:
-    """One row per modality: its input std, accuracy at each noise level, and when dropped."""
-    levels = report["levels"]
+    """One row per modality: its input std, the score at each noise level, and when dropped."""
+    levels, metric = report["levels"], report["metric"]
     lines = [
         "| modality | input std |" + "".join(f" noise x{lv:g} |" for lv in levels) + " dropped |",
         "|---|---:|" + "---:|" * (len(levels) + 1),
@@ -169,15 +177,18 @@ def robustness_table(report: dict[str, Any]) -> str:
     for m, entry in report["modalities"].items():
         noise = entry["noise"] or ["-"] * len(levels)
         std = "-" if entry["input_std"] is None else f"{entry['input_std']:.3g}"
-        cells = [f"{a:.2%}" if isinstance(a, float) else a for a in noise]
-        lines.append(f"| {m} | {std} | " + " | ".join(cells) + f" | {entry['dropped']:.2%} |")
+        cells = [format_score(metric, a) if isinstance(a, float) else a for a in noise]
+        dropped = format_score(metric, entry["dropped"])
+        lines.append(f"| {m} | {std} | " + " | ".join(cells) + f" | {dropped} |")
     notes = [f"{m}: {e['note']}" for m, e in report["modalities"].items() if "note" in e]
-    lines.append(f"\nclean accuracy on {report['split']}: {report['clean_accuracy']:.2%}")
+    direction = "lower" if report["lower_is_better"] else "higher"
+    clean = format_score(metric, report["clean"])
+    lines.append(f"\nclean {metric} on {report['split']}: {clean} ({direction} is better)")
     return "\n".join(lines + notes)
 
 
 def plot_robustness(report: dict[str, Any], path: Path) -> None:
-    """Accuracy against noise level, one line per modality, dashed at its dropped accuracy."""
+    """The score against noise level, one line per modality, dashed at its dropped score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,8 +201,9 @@ def plot_robustness(report: dict[str, Any], path: Path) -> None:
             ax.plot(report["levels"], entry["noise"], "o-", color=color, label=f"{m} noised")
         ax.axhline(entry["dropped"], color=color, linestyle="--", label=f"{m} dropped")
     ax.set_xlabel("noise std / input std")
-    ax.set_ylabel(f"{report['split']} accuracy")
-    ax.set_ylim(-0.02, 1.02)  # keep a line at 0 or 1 visible
+    ax.set_ylabel(f"{report['split']} {report['metric']}")
+    if is_fraction(report["metric"]):
+        ax.set_ylim(-0.02, 1.02)  # keep a line at 0 or 1 visible
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -18,10 +18,12 @@ from torch import nn
 from tqdm.autonotebook import tqdm  # not tqdm.auto: it calls iter() twice per loop
 
 from fusion.batch import Batch
+from fusion.data import TARGET_KEY, Task
 from fusion.surgery import param_groups
+from fusion.tasks import CLASSIFICATION, LOSS_NAME, Objective, main_metric
 from fusion.training.checkpoint import save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed
-from fusion.training.monitor import Monitor
+from fusion.training.monitor import Monitor, default_monitor
 from fusion.training.optim import build_optimizer, build_schedule
 from fusion.training.precision import FLOAT32, Precision
 
@@ -50,72 +52,141 @@ def batch_targets(batch: Batch) -> torch.Tensor | dict[str, torch.Tensor]:
 
 @dataclass
 class EpochMetrics:
-    """Mean loss, accuracy (the mean over tasks for multi-task heads), and each task's."""
+    """Mean loss and the metrics of one pass over a split.
+
+    `scores` are keyed like the summary without its split prefix: a single task's metrics
+    by name (`accuracy`, `mae`), several tasks' as `<task>/<metric>` plus, when every task
+    computes an accuracy, their mean as `accuracy`. `main` names the main score
+    (`fusion.tasks.main_metric`; `loss` when there is none).
+    """
 
     loss: float
-    accuracy: float
-    tasks: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    main: str = LOSS_NAME
     skipped: int = 0  # training steps skipped for a non-finite loss
 
     def as_dict(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}/loss": self.loss, f"{prefix}/accuracy": self.accuracy}
-        out.update({f"{prefix}/{task}/accuracy": acc for task, acc in self.tasks.items()})
+        out = {f"{prefix}/{LOSS_NAME}": self.loss}
+        out.update({f"{prefix}/{name}": value for name, value in self.scores.items()})
         return out
+
+    def score(self, name: str | None = None) -> float:
+        """The score `name` (default: the main one); ValueError lists those computed."""
+        name = name or self.main
+        if name == LOSS_NAME:
+            return self.loss
+        if name not in self.scores:
+            raise ValueError(f"no metric '{name}' was computed; there are {sorted(self.scores)}")
+        return self.scores[name]
+
+    @property
+    def accuracy(self) -> float:
+        return self.score("accuracy")
+
+
+def default_objectives(outputs: dict[str, torch.Tensor]) -> dict[str, Objective]:
+    """Without declared tasks, each output is a multiclass task of as many classes as it
+    has logits (cross-entropy, accuracy and macro-F1)."""
+    return {
+        task: Objective(Task("multiclass", tuple(map(str, range(logits.shape[1])))))
+        for task, logits in outputs.items()
+    }
+
+
+def matched(
+    outputs: Outputs,
+    targets: torch.Tensor | dict[str, torch.Tensor],
+    objectives: Mapping[str, Objective] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Objective]]:
+    """Outputs, targets and objectives keyed alike: by task name, or "" for a single-output
+    model. A branching head's dict of outputs is matched to the batch's dict of targets."""
+    if not isinstance(outputs, dict):
+        if isinstance(targets, dict):
+            raise ValueError(f"the head gives one output but the labels have tasks {list(targets)}")
+        outputs, targets = {"": outputs}, {"": targets}
+        if objectives is not None:
+            if len(objectives) != 1:
+                raise ValueError(f"the head gives one output but the tasks are {list(objectives)}")
+            objectives = {"": next(iter(objectives.values()))}
+    elif not isinstance(targets, dict) or set(outputs) - set(targets):
+        have = list(targets) if isinstance(targets, dict) else "a single label"
+        raise ValueError(f"the head predicts tasks {list(outputs)} but the labels have {have}")
+    if objectives is None:
+        objectives = default_objectives(outputs)
+    elif set(outputs) - set(objectives):
+        raise ValueError(
+            f"the head predicts tasks {list(outputs)} but the objectives are for {list(objectives)}"
+        )
+    return outputs, targets, dict(objectives)
+
+
+Scored = dict[str, tuple[Objective, torch.Tensor, torch.Tensor]]
+"""Per task ("" for a single-output model): its objective, predictions and targets."""
 
 
 def batch_loss(
     outputs: Outputs,
     targets: torch.Tensor | dict[str, torch.Tensor],
+    objectives: Mapping[str, Objective] | None = None,
     loss_weights: Mapping[str, float] | None = None,
-) -> tuple[torch.Tensor, dict[str, int]]:
-    """Summed cross-entropy (weighted per task) and the number of correct predictions per task.
-
-    A single-task model is the task "". A branching head's dict of logits is matched to the
-    batch's dict of labels by task name.
-    """
-    if not isinstance(outputs, dict):
-        if isinstance(targets, dict):
-            raise ValueError(f"the head gives one output but the labels have tasks {list(targets)}")
-        outputs, targets = {"": outputs}, {"": targets}
-    elif not isinstance(targets, dict) or set(outputs) - set(targets):
-        have = list(targets) if isinstance(targets, dict) else "a single label"
-        raise ValueError(f"the head predicts tasks {list(outputs)} but the labels have {have}")
+) -> tuple[torch.Tensor, Scored]:
+    """The loss summed over the batch (weighted per task), each task's by its objective
+    (`fusion.tasks`), and what each task's metrics take."""
+    outputs, targets, objectives = matched(outputs, targets, objectives)
     loss = torch.zeros(())
-    hits = {}
-    for task, logits in outputs.items():
-        weight = (loss_weights or {}).get(task, 1.0)
-        y = targets[task]
-        loss = loss + weight * nn.functional.cross_entropy(logits, y, reduction="sum")
-        hits[task] = int((logits.argmax(dim=1) == y).sum())
-    return loss, hits
+    scored: Scored = {}
+    for task, out in outputs.items():
+        objective = objectives[task]
+        where = f"{TARGET_KEY}.{task}" if task else TARGET_KEY
+        y = objective.targets(out, targets[task], where)
+        loss = loss + (loss_weights or {}).get(task, 1.0) * objective.loss_sum(out, y)
+        scored[task] = (objective, objective.predictions(out).detach(), objective.metric_targets(y))
+    return loss, scored
 
 
 class _Tally:
-    """Running sums over an epoch."""
+    """The running loss and each task's torchmetrics over one pass of one process."""
 
-    def __init__(self) -> None:
-        self.loss, self.count, self.hits = 0.0, 0, {}
+    def __init__(self, distributed: Distributed = SINGLE) -> None:
+        self.distributed = distributed
+        self.loss, self.count = 0.0, 0
+        self.objectives: dict[str, Objective] = {}
+        self.metrics: dict[str, dict[str, Any]] = {}
 
-    def add(self, loss: torch.Tensor, hits: dict[str, int], n: int) -> None:
+    def add(self, loss: torch.Tensor, scored: Scored, n: int) -> None:
         self.loss += loss.item()
         self.count += n
-        for task, h in hits.items():
-            self.hits[task] = self.hits.get(task, 0) + h
+        for task, (objective, preds, y) in scored.items():
+            if task not in self.metrics:
+                self.objectives[task] = objective
+                self.metrics[task] = objective.build_metrics(sync=self.distributed.enabled)
+            for metric in self.metrics[task].values():
+                metric.to(preds.device).update(preds, y)
 
-    def metrics(self, distributed: Distributed = SINGLE) -> EpochMetrics:
-        """The epoch's metrics, over the samples of every process."""
-        tasks = sorted(self.hits)
-        loss, count, *hits = distributed.all_sum(
-            [self.loss, float(self.count), *(float(self.hits[t]) for t in tasks)]
-        )
+    def result(self) -> EpochMetrics:
+        """The pass's metrics over the samples of every process (all of them take part)."""
+        loss, count = self.distributed.all_sum([self.loss, float(self.count)])
         if count == 0:
             raise ValueError("no batches to compute metrics over")
-        per_task = {task: h / count for task, h in zip(tasks, hits, strict=True)}
-        return EpochMetrics(
-            loss=loss / count,
-            accuracy=sum(per_task.values()) / len(per_task),
-            tasks={t: a for t, a in per_task.items() if t},
-        )
+        scores = {
+            (f"{task}/{name}" if task else name): _value(metric.compute())
+            for task, metrics in self.metrics.items()
+            for name, metric in metrics.items()
+        }
+        objectives = self.objectives
+        main = main_metric(objectives) if objectives else LOSS_NAME
+        if len(objectives) > 1 and main == "accuracy":
+            scores = {
+                "accuracy": sum(scores[f"{t}/accuracy"] for t in objectives) / len(objectives),
+                **scores,
+            }
+        return EpochMetrics(loss=loss / count, scores=scores, main=main)
+
+
+def _value(value: torch.Tensor) -> float:
+    """A metric's value as a float: the mean over outputs for a per-output metric (Pearson
+    of several regression targets)."""
+    return float(value.float().mean())
 
 
 def forward(model: nn.Module, batch: Batch) -> Outputs:
@@ -133,17 +204,20 @@ def evaluate(
     loss_weights: Mapping[str, float] | None = None,
     precision: Precision = FLOAT32,
     distributed: Distributed = SINGLE,
+    objectives: Mapping[str, Objective] | None = None,
 ) -> EpochMetrics:
-    """Mean loss and accuracy of `model` over `batches` (each process's share of them)."""
+    """Mean loss and the tasks' metrics of `model` over `batches` (each process's share of
+    them; the metrics are computed over all of them). `objectives` (by task name) give each
+    task's loss and metrics; None: every output is a multiclass task."""
     model.eval()
-    tally = _Tally()
+    tally = _Tally(distributed)
     for batch in batches:
         batch = batch.to(device)
         with precision.autocast():
             outputs = forward(model, batch)
-        loss, hits = batch_loss(outputs, targets(batch), loss_weights)
-        tally.add(loss, hits, len(batch))
-    return tally.metrics(distributed)
+        loss, scored = batch_loss(outputs, targets(batch), objectives, loss_weights)
+        tally.add(loss, scored, len(batch))
+    return tally.result()
 
 
 @torch.no_grad()
@@ -154,19 +228,20 @@ def predict(
     targets: TargetFn = batch_targets,
     precision: Precision = FLOAT32,
     distributed: Distributed = SINGLE,
+    objectives: Mapping[str, Objective] | None = None,
 ) -> dict[str, tuple[list[int], list[int]]]:
-    """(true, predicted) classes per task ("" for a single-task model), for confusion matrices;
-    gathered from every process."""
+    """(true, predicted) classes of each multiclass or binary task ("" for a single-task
+    model), for confusion matrices; gathered from every process."""
     model.eval()
     out: dict[str, tuple[list[int], list[int]]] = {}
     for batch in batches:
         batch = batch.to(device)
         with precision.autocast():
             outputs = forward(model, batch)
-        labels = targets(batch)
-        if not isinstance(outputs, dict):
-            outputs, labels = {"": outputs}, {"": labels}
+        outputs, labels, tasks = matched(outputs, targets(batch), objectives)
         for task, logits in outputs.items():
+            if tasks[task].task.kind not in CLASSIFICATION:
+                continue
             true, pred = out.setdefault(task, ([], []))
             true += labels[task].tolist()
             pred += logits.argmax(dim=1).tolist()
@@ -215,8 +290,10 @@ def train_epoch(
     nonfinite: str = "stop",
     accumulate: int = 1,
     clip_grad_norm: float | None = None,
+    objectives: Mapping[str, Objective] | None = None,
 ) -> EpochMetrics:
     """One pass over `batches`; `scaler` scales fp16 losses (it passes others through).
+    `objectives` as in `evaluate`.
 
     The optimizer steps once per `accumulate` batches (and once for the batches left at
     the end) on the mean gradient over their samples, as one batch of them all would give
@@ -227,7 +304,7 @@ def train_epoch(
     restored. An epoch with every step skipped raises, since nothing trained.
     """
     model.train()
-    tally = _Tally()
+    tally = _Tally(distributed)
     scaler = scaler or precision.grad_scaler()
     step = skipped = pending = 0  # pending: samples whose gradients await the next step
     optimizer.zero_grad(set_to_none=True)
@@ -238,7 +315,7 @@ def train_epoch(
         buffers = [b.clone() for b in model.buffers()] if nonfinite == "skip" else []
         with precision.autocast():
             outputs = forward(model, batch)
-        loss, hits = batch_loss(outputs, targets(batch), loss_weights)
+        loss, scored = batch_loss(outputs, targets(batch), objectives, loss_weights)
         if not finite_on_every_process(loss, distributed):
             if nonfinite != "skip":
                 raise nonfinite_loss_error(desc, epoch, step, loss, optimizer)
@@ -259,7 +336,7 @@ def train_epoch(
                 model, optimizer, scaler, pending if accumulate > 1 else 1, clip_grad_norm
             )
             pending = 0
-        tally.add(loss.detach(), hits, len(batch))
+        tally.add(loss.detach(), scored, len(batch))
         if on_step is not None:
             on_step(loss.item() / len(batch))
     if pending:
@@ -275,7 +352,7 @@ def train_epoch(
             "stage '%s' epoch %d: skipped %d of %d training steps with a non-finite loss",
             desc, epoch, skipped, step,
         )  # fmt: skip
-    metrics = tally.metrics(distributed)
+    metrics = tally.result()
     metrics.skipped = skipped
     return metrics
 
@@ -457,6 +534,7 @@ def fit(
     optimizer_spec: Mapping[str, Any] | None = None,
     scheduler_spec: Mapping[str, Any] | None = None,
     warmup_epochs: int = 0,
+    objectives: Mapping[str, Objective] | None = None,
 ) -> FitResult:
     """Train with AdamW and cosine decay (or `optimizer_spec`, `scheduler_spec` and a linear
     warmup, see `fusion.training.optim`); keep the weights of the best validation epoch.
@@ -465,7 +543,8 @@ def fit(
     parameters, with no weight decay on norms and biases). They may include frozen
     parameters: those get no gradient and stay untouched until `before_epoch` (a gradual
     unfreezing schedule, say) makes them trainable. `targets` picks the labels from a batch
-    (by default `batch.targets`), and `loss_weights` weighs a branching head's tasks.
+    (by default `batch.targets`), `objectives` give each task's loss and metrics (see
+    `evaluate`), and `loss_weights` weighs a branching head's tasks.
     `on_step` gets each training step's mean loss; `on_epoch` each epoch's metrics. A
     loader's sampler with `set_epoch` (shuffling or sharding per epoch) is told each epoch.
 
@@ -486,8 +565,8 @@ def fit(
     Never runs on silently with a broken model: a NaN or infinite training loss raises
     `NonFiniteError` naming `desc`, the epoch and the step (with `nonfinite="skip"`, such
     steps are skipped and counted instead, see `train_epoch`), and so do non-finite
-    weights after an epoch. An epoch whose validation loss or accuracy is not finite is
-    never the best one; if no epoch is, `NonFiniteError` says so.
+    weights after an epoch. An epoch whose validation loss or monitored metric is not
+    finite is never the best one; if no epoch is, `NonFiniteError` says so.
 
     With `distributed` (one of several processes, each given its share of the batches),
     training steps go through DistributedDataParallel, which averages gradients; metrics
@@ -506,7 +585,7 @@ def fit(
         raise ValueError(
             f"clip_grad_norm must be None or a finite number > 0, got {clip_grad_norm}"
         )
-    monitor = monitor or Monitor()
+    monitor = monitor or Monitor(default_monitor(objectives))
     groups = groups if groups is not None else param_groups(model, lr, weight_decay)
     optimizer = build_optimizer(optimizer_spec, groups, lr, weight_decay)
     scheduler = build_schedule(optimizer, scheduler_spec, epochs, warmup_epochs)
@@ -564,24 +643,26 @@ def fit(
             nonfinite,
             accumulate,
             clip_grad_norm,
+            objectives,
         )
         scheduler.step()
         distributed.broadcast_buffers(model)
         check_finite_weights(model, desc, epoch)
-        val = evaluate(model, val_batches, device, targets, loss_weights, precision, distributed)
+        val = evaluate(
+            model, val_batches, device, targets, loss_weights, precision, distributed, objectives
+        )
         metrics = {"epoch": epoch, **train.as_dict("train"), **val.as_dict("val")}
         if nonfinite == "skip":
             metrics["train/skipped_steps"] = train.skipped
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        finite = math.isfinite(val.loss) and math.isfinite(val.accuracy)
-        if not finite:
+        value = monitor.value(metrics)
+        if not (math.isfinite(val.loss) and math.isfinite(value)):
             log.warning(
-                "stage '%s' epoch %d: validation loss %s, accuracy %s; not a candidate for best",
-                desc, epoch, val.loss, val.accuracy,
+                "stage '%s' epoch %d: validation loss %s, %s %s; not a candidate for best",
+                desc, epoch, val.loss, monitor.metric, value,
             )  # fmt: skip
         else:
-            value = monitor.value(metrics)
             if monitor.better(value, best.get(monitor.metric)):
                 best = metrics
                 best_state = copy.deepcopy(changing_state(model, constant))
@@ -622,7 +703,7 @@ def fit(
             return FitResult(best, epoch, finished=False)
     if best_state is None:
         raise NonFiniteError(
-            f"stage '{desc}': no epoch had a finite validation loss and accuracy, so there is "
+            f"stage '{desc}': no epoch had a finite validation loss and {monitor.metric}, so there is "
             "no model to keep. Check the validation data for NaN/Inf values"
         )
     load_changing_state(model, best_state, constant)

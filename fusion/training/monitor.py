@@ -1,7 +1,7 @@
 """Which epoch is best, and when to stop: a monitored validation metric and its direction.
 
-A metric named like a loss (`val/loss`) is better lower; every other metric the loop
-computes (accuracies) is better higher. Early stopping follows Keras' and Lightning's
+Losses and errors (`val/loss`, `val/mae`) are better lower, every other metric higher, as
+torchmetrics declares them (`fusion.tasks.lower_is_better`). Early stopping follows Keras' and Lightning's
 `EarlyStopping`: the stage ends once the monitored metric has not improved by more than
 `min_delta` for `patience` epochs, and the best epoch's weights are kept.
 """
@@ -10,28 +10,27 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-LOWER_IS_BETTER = ("loss",)
+from fusion.tasks import LOSS_NAME, Objective, lower_is_better, main_metric, metric_names
 
 
-def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of `metric` is better (losses), from its last name part."""
-    return metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+def default_monitor(objectives: Mapping[str, Objective] | None) -> str:
+    """The validation metric a stage keeps its best epoch by when none is configured: the
+    main score of its tasks (accuracy without declared tasks)."""
+    return f"val/{main_metric(objectives) if objectives else 'accuracy'}"
 
 
-def validation_metrics(tasks: Iterable[str]) -> list[str]:
-    """The validation metrics every epoch computes for a model predicting `tasks`: the loss,
-    the accuracy (the mean over tasks), and each task's accuracy when there are several."""
-    tasks = list(tasks)
-    per_task = [f"val/{task}/accuracy" for task in tasks] if len(tasks) > 1 else []
-    return ["val/loss", "val/accuracy", *per_task]
+def validation_metrics(objectives: Mapping[str, Objective]) -> list[str]:
+    """The validation metrics every epoch computes for a model predicting these tasks: the
+    loss and the tasks' metrics (`fusion.tasks.metric_names`)."""
+    return [f"val/{name}" for name in (LOSS_NAME, *metric_names(objectives))]
 
 
-def check_monitor(metric: str, tasks: Iterable[str]) -> None:
-    """Raise ValueError when `metric` is not one `validation_metrics(tasks)` computes."""
-    known = validation_metrics(tasks)
+def check_monitor(metric: str, objectives: Mapping[str, Objective]) -> None:
+    """Raise ValueError when `metric` is not one `validation_metrics` computes."""
+    known = validation_metrics(objectives)
     if metric not in known:
         close = difflib.get_close_matches(metric, known, n=3, cutoff=0.5)
         hint = f"; did you mean {close}?" if close else ""
@@ -47,7 +46,7 @@ class Monitor:
     last epoch that improved by that much.
     """
 
-    metric: str = "val/accuracy"
+    metric: str = "val/accuracy"  # see default_monitor
     patience: int | None = None
     min_delta: float = 0.0
 

@@ -33,6 +33,7 @@ from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead, MultiTaskHead
 from fusion.model import FuserFactory, HeadFactory, MultimodalModel
 from fusion.surgery import param_groups
+from fusion.tasks import Objective, format_score, lower_is_better, main_metric, objectives_for
 from fusion.tracking import Tracker
 from fusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed
@@ -51,7 +52,6 @@ from fusion.weights import load_weights
 log = logging.getLogger("fusion")
 
 FUSE_STATE = "fuse_state.pt"
-CLASSIFICATION = ("multiclass", "binary")
 
 
 @dataclass
@@ -85,17 +85,7 @@ class Row:
     model: str
     target: str
     metrics: dict[str, EpochMetrics]
-    targets: tuple[str, ...]
-
-
-def check_tasks(tasks: Mapping[str, Task]) -> None:
-    """Refuse task kinds the trainer cannot train yet, before anything runs."""
-    other = {name: t.kind for name, t in tasks.items() if t.kind not in CLASSIFICATION}
-    if other:
-        raise ConfigError(
-            f"the data's tasks {other} are not classification tasks; the trainer trains "
-            f"{' and '.join(CLASSIFICATION)} tasks (cross-entropy) so far"
-        )
+    objectives: Mapping[str, Objective]
 
 
 def build_model(
@@ -311,9 +301,10 @@ class Recipe:
     """Both stages and the evaluation of one run.
 
     `datasets` maps each split name to that split (see `fusion.data`): "train" trains,
-    "val" selects the best epoch, and every split but "train" is evaluated. With
-    `distributed`, every process trains on its share of each batch and rank 0 alone writes
-    files and logs.
+    "val" selects the best epoch, and every split but "train" is evaluated. `tasks`
+    (`{task name: settings}`, see `fusion.tasks.objectives_for`) sets each task's loss and
+    metrics; tasks not named get their kind's defaults. With `distributed`, every process
+    trains on its share of each batch and rank 0 alone writes files and logs.
     """
 
     def __init__(
@@ -328,6 +319,7 @@ class Recipe:
         distributed: Distributed = SINGLE,
         log_every_n_steps: int = 10,
         watch: str | None = None,
+        tasks: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.datasets, self.spec, self.trainer, self.seed = dict(datasets), spec, trainer, seed
         self.outputs, self.tracker, self.device = outputs, tracker, device
@@ -335,10 +327,22 @@ class Recipe:
         self.log_every, self.watch = log_every_n_steps, watch
         self.train_data = self.datasets["train"]
         self.tasks: dict[str, Task] = dict(self.train_data.tasks)
+        self.task_settings = dict(tasks or {})
+        self.objectives = self.objectives_for(self.tasks)
         self.eval_splits = [s for s in self.datasets if s != "train"]
         self.rows: list[Row] = []  # the results table's lines, once `run` has finished
-        check_tasks(self.tasks)
         self.precision = resolve_precision(trainer.precision, device)
+
+    def objectives_for(self, tasks: Mapping[str, Task]) -> dict[str, Objective]:
+        """Each task's objective, from the run's `tasks` settings: every setting names a
+        task of the data; a stage-1 target of its own takes the settings of its name."""
+        settings = self.task_settings if tasks is self.tasks else {}
+        if tasks is not self.tasks:
+            settings = {n: v for n, v in self.task_settings.items() if n in tasks}
+        try:
+            return objectives_for(tasks, settings)
+        except ValueError as err:
+            raise ConfigError(f"config key '{err}") from None
 
     def loaders(self, model: MultimodalModel, datasets: Mapping[str, Any]) -> dict[str, DataLoader]:
         return cached_loaders(
@@ -352,7 +356,14 @@ class Recipe:
             self.distributed,
         )
 
-    def fit_stage(self, model: MultimodalModel, loaders, stage: StageConfig, **kwargs):
+    def fit_stage(
+        self,
+        model: MultimodalModel,
+        loaders,
+        stage: StageConfig,
+        objectives: Mapping[str, Objective],
+        **kwargs,
+    ):
         return fit(
             model,
             loaders["train"],
@@ -366,7 +377,8 @@ class Recipe:
             distributed=self.distributed,
             find_unused_parameters=self.trainer.find_unused_parameters,
             nonfinite=self.trainer.nonfinite,
-            monitor=stage.monitor_for(),
+            monitor=stage.monitor_for(objectives),
+            objectives=objectives,
             accumulate=stage.accumulate,
             clip_grad_norm=stage.clip_grad_norm,
             optimizer_spec=stage.optimizer,
@@ -375,7 +387,9 @@ class Recipe:
             **kwargs,
         )
 
-    def evaluate(self, model: MultimodalModel, loaders, **kwargs) -> dict[str, EpochMetrics]:
+    def evaluate(
+        self, model: MultimodalModel, loaders, objectives: Mapping[str, Objective], **kwargs
+    ) -> dict[str, EpochMetrics]:
         return {
             split: evaluate(
                 model,
@@ -383,6 +397,7 @@ class Recipe:
                 self.device,
                 precision=self.precision,
                 distributed=self.distributed,
+                objectives=objectives,
                 **kwargs,
             )
             for split in self.eval_splits
@@ -422,11 +437,14 @@ class Recipe:
     def check_monitors(self) -> None:
         """Each stage's `monitor` is a metric that stage computes for every model it trains
         (stage 1: each modality's target), before anything trains."""
-        stage1 = [stage1_target(self.train_data, m)[1] for m in self.spec.encoders]
-        for name, targets in (("pretrain", stage1), ("fuse", [self.tasks])):
-            for tasks in targets:
+        stage1 = [
+            self.objectives_for(stage1_target(self.train_data, m)[1]) for m in self.spec.encoders
+        ]
+        for name, targets in (("pretrain", stage1), ("fuse", [self.objectives])):
+            for objectives in targets:
+                stage = getattr(self.trainer, name)
                 try:
-                    check_monitor(getattr(self.trainer, name).monitor, tasks)
+                    check_monitor(stage.monitor_for(objectives).metric, objectives)
                 except ValueError as err:
                     raise ConfigError(f"config key 'trainer.{name}.monitor': {err}") from None
 
@@ -464,6 +482,7 @@ class Recipe:
             model,
             loaders,
             self.trainer.pretrain,
+            self.objectives_for(target[1]),
             targets=stage1_labels(self.train_data, modality),
             on_epoch=lambda _, m: tracker.log(
                 {f"pretrain/{modality}/{k}": v for k, v in m.items()}
@@ -512,10 +531,11 @@ class Recipe:
             unimodal.encoders[modality].freeze()  # only evaluated from here on: cacheable
             evaluation = self.loaders(unimodal, {s: self.datasets[s] for s in self.eval_splits})
             name, tasks = stage1_target(self.train_data, modality)
+            objectives = self.objectives_for(tasks)
             metrics = self.evaluate(
-                unimodal, evaluation, targets=stage1_labels(self.train_data, modality)
+                unimodal, evaluation, objectives, targets=stage1_labels(self.train_data, modality)
             )
-            rows.append(Row(f"{modality} only", name, metrics, tuple(tasks)))
+            rows.append(Row(f"{modality} only", name, metrics, objectives))
 
         reseed(self.seed, loaders, self.distributed)
         model = self.fused_model(checkpoints)
@@ -537,6 +557,7 @@ class Recipe:
             model,
             fuse_loaders,
             fuse,
+            self.objectives,
             loss_weights=loss_weights,
             before_epoch=unfreeze_schedule(model, fuse.unfreeze),
             on_epoch=lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()}),
@@ -565,12 +586,17 @@ class Recipe:
         fused = Row(
             f"fused ({fuser_name})",
             ", ".join(self.tasks),
-            self.evaluate(model, fuse_loaders, loss_weights=loss_weights),
-            tuple(self.tasks),
+            self.evaluate(model, fuse_loaders, self.objectives, loss_weights=loss_weights),
+            self.objectives,
         )
         rows.append(fused)
         summary = run_summary(rows, fused)
-        summary.update(fuser=fuser_name, head=type(model.head).__name__, tasks=list(self.tasks))
+        summary.update(
+            fuser=fuser_name,
+            head=type(model.head).__name__,
+            tasks=list(self.tasks),
+            metric=main_metric(self.objectives),
+        )
         summary["checkpoints"] = {m: str(p) for m, p in checkpoints.items()}
         self.tracker.update_summary(summary)
         self.rows = rows
@@ -581,7 +607,7 @@ class Recipe:
         split = self.eval_splits[-1]
         predictions = predict(
             model, loaders[split], self.device, precision=self.precision,
-            distributed=self.distributed,
+            distributed=self.distributed, objectives=self.objectives,
         )  # fmt: skip
         for name, (true, pred) in predictions.items():
             task = self.tasks[name] if name else next(iter(self.tasks.values()))
@@ -598,38 +624,47 @@ def slug(name: str) -> str:
 
 def run_summary(rows: Sequence[Row], fused: Row) -> dict[str, Any]:
     """Flat `split/model/metric` entries, and the fusion gain of each task that a unimodal
-    model was trained on too: fused accuracy minus the best unimodal accuracy on it."""
+    model was trained on too: how much the fused model's main score of the task beats the
+    best unimodal one (fused minus best for scores, best minus fused for errors, so a
+    positive gain always means fusion helped)."""
     summary: dict[str, Any] = {}
     for row in rows:
         for split, metrics in row.metrics.items():
             summary.update(metrics.as_dict(f"{split}/{slug(row.model)}"))
-    for task in fused.targets:
-        rivals = [r for r in rows if r is not fused and task in r.targets]
+    for task, objective in fused.objectives.items():
+        rivals = [r for r in rows if r is not fused and task in r.objectives]
         if not rivals:
             continue
+        metric = objective.main_metric
+        sign = -1 if lower_is_better(metric) else 1
         for split in fused.metrics:
             key = (
-                f"{split}/fusion_gain" if len(fused.targets) == 1 else f"{split}/{task}/fusion_gain"
+                f"{split}/fusion_gain"
+                if len(fused.objectives) == 1
+                else f"{split}/{task}/fusion_gain"
             )
-            summary[key] = task_accuracy(fused, split, task) - max(
-                task_accuracy(r, split, task) for r in rivals
-            )
+            best = max(sign * task_score(r, split, task, metric) for r in rivals)
+            summary[key] = sign * task_score(fused, split, task, metric) - best
     return summary
 
 
-def task_accuracy(row: Row, split: str, task: str) -> float:
+def task_score(row: Row, split: str, task: str, metric: str) -> float:
+    """`row`'s `metric` of `task` on `split`."""
     metrics = row.metrics[split]
-    return metrics.accuracy if len(row.targets) == 1 else metrics.tasks[task]
+    return metrics.score(metric if len(row.objectives) == 1 else f"{task}/{metric}")
 
 
 def results_table(rows: Sequence[Row]) -> str:
-    """Markdown: one line per model, what it predicts, its accuracy on each evaluated split."""
+    """Markdown: one line per model, what it predicts, its main score on each evaluated
+    split (accuracy for classification), in a column of its own when the rows' main
+    scores differ (a regression fused from encoders pretrained on classes)."""
     splits = list(rows[0].metrics)
-    lines = [
-        "| model | target |" + "".join(f" {s} accuracy |" for s in splits),
-        "|---|---|" + "---:|" * len(splits),
-    ]
-    for row in rows:
-        cells = "".join(f" {row.metrics[s].accuracy:.2%} |" for s in splits)
-        lines.append(f"| {row.model} | {row.target} |{cells}")
+    mains = [row.metrics[splits[0]].main for row in rows]
+    shared = len(set(mains)) == 1
+    header = "| model | target |" + ("" if shared else " metric |")
+    header += "".join(f" {s} {mains[0]} |" if shared else f" {s} |" for s in splits)
+    lines = [header, "|---|---|" + ("" if shared else "---|") + "---:|" * len(splits)]
+    for row, main in zip(rows, mains, strict=True):
+        cells = "".join(f" {format_score(main, row.metrics[s].score())} |" for s in splits)
+        lines.append(f"| {row.model} | {row.target} |{'' if shared else f' {main} |'}{cells}")
     return "\n".join(lines)

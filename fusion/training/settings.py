@@ -9,15 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from fusion.tasks import Objective
 from fusion.training.distributed import BACKENDS
 from fusion.training.loop import NONFINITE
-from fusion.training.monitor import Monitor
+from fusion.training.monitor import Monitor, default_monitor
 from fusion.training.optim import resolve, takes_weight_decay
 from fusion.training.precision import PRECISIONS, Precision
 
@@ -57,18 +58,20 @@ class StageConfig:
     layer_decay: float | None = None
     accumulate: int = 1
     clip_grad_norm: float | None = None
-    monitor: str = "val/accuracy"
+    monitor: str | None = None  # None: the tasks' main score (see default_monitor)
     early_stopping: EarlyStoppingConfig | None = None
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     warmup_epochs: int = 0
 
-    def monitor_for(self) -> Monitor:
-        """The stage's `Monitor`: its metric, with early stopping's patience if set."""
+    def monitor_for(self, objectives: Mapping[str, Objective] | None = None) -> Monitor:
+        """The stage's `Monitor` for a model predicting these tasks: its metric (by default
+        their main score), with early stopping's patience if set."""
+        metric = self.monitor or default_monitor(objectives)
         stopping = self.early_stopping
         if stopping is None:
-            return Monitor(self.monitor)
-        return Monitor(self.monitor, stopping.patience, stopping.min_delta)
+            return Monitor(metric)
+        return Monitor(metric, stopping.patience, stopping.min_delta)
 
 
 @dataclass

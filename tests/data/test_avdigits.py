@@ -140,7 +140,7 @@ BAD_ARGUMENTS = {
     ),
     "task unknown": (
         {"task": "parity"},
-        "data.task: expected one of ['digit', 'same', 'which', 'multitask'], found 'parity'",
+        "data.task: expected one of ['digit', 'same', 'which', 'multitask', 'sum', 'digits', 'mixed'], found 'parity'",
     ),
 }
 

@@ -8,10 +8,10 @@ import torch
 
 from data.avdigits import SPEECH_ASSET, AVDigits
 from fusion.data import Task
+from fusion.tasks import Objective
 from fusion.training.loop import EpochMetrics
 from fusion.training.recipe import (
     Row,
-    check_tasks,
     optimizer_groups,
     pretrain_key,
     results_table,
@@ -74,47 +74,78 @@ def test_stage1_key_follows_the_content_of_a_weights_file(tmp_path):
     assert with_file_contents({"a": [str(weights), "x"]})["a"][0]["file"] == str(weights)
 
 
-def test_tasks_the_trainer_cannot_train_are_refused_before_training():
-    check_tasks({"digit": Task(classes=("0", "1", "2"))})
-    with pytest.raises(ConfigError, match=r"\{'score': 'regression'\} are not classification"):
-        check_tasks({"score": Task("regression")})
-
-
-def metrics(val, test, **tasks):
+def metrics(val, test, main="accuracy", **tasks):
+    scores = {f"{task}/accuracy": value for task, value in tasks.items()}
     return {
-        "val": EpochMetrics(loss=1.0, accuracy=val, tasks=tasks),
-        "test": EpochMetrics(loss=1.0, accuracy=test, tasks=tasks),
+        split: EpochMetrics(loss=1.0, scores={main: value, **scores}, main=main)
+        for split, value in (("val", val), ("test", test))
     }
 
 
+def objectives(*names, kind="multiclass"):
+    task = Task("regression") if kind == "regression" else Task(kind, ("a", "b"))
+    return {name: Objective(task) for name in names}
+
+
 def test_fusion_gain_is_reported_for_each_task_a_unimodal_model_shares():
-    image = Row("image only", "digit", metrics(0.6, 0.7), ("digit",))
-    audio = Row("audio only", "digit", metrics(0.8, 0.75), ("digit",))
-    fused = Row("fused (GatedFuser)", "digit", metrics(0.9, 0.9), ("digit",))
+    image = Row("image only", "digit", metrics(0.6, 0.7), objectives("digit"))
+    audio = Row("audio only", "digit", metrics(0.8, 0.75), objectives("digit"))
+    fused = Row("fused (GatedFuser)", "digit", metrics(0.9, 0.9), objectives("digit"))
     summary = run_summary([image, audio, fused], fused)
     assert summary["test/fusion_gain"] == pytest.approx(0.15)
     assert summary["val/fusion_gain"] == pytest.approx(0.1)
     assert summary["test/image_only/accuracy"] == 0.7 and summary["test/fused/accuracy"] == 0.9
 
-    written = Row("image only", "written", metrics(0.6, 0.7), ("written",))
-    spoken = Row("audio only", "spoken", metrics(0.8, 0.75), ("spoken",))
+    written = Row("image only", "written", metrics(0.6, 0.7), objectives("written"))
+    spoken = Row("audio only", "spoken", metrics(0.8, 0.75), objectives("spoken"))
     multi = Row(
         "fused (X)", "written, spoken, same", metrics(0.9, 0.8, written=0.85, spoken=0.7,
-        same=0.8), ("written", "spoken", "same"),
+        same=0.8), objectives("written", "spoken", "same"),
     )  # fmt: skip
     summary = run_summary([written, spoken, multi], multi)
     assert summary["test/written/fusion_gain"] == pytest.approx(0.15)
     assert summary["test/spoken/fusion_gain"] == pytest.approx(-0.05)
     assert "test/same/fusion_gain" not in summary and "test/fusion_gain" not in summary
 
-    same = Row("fused (X)", "same", metrics(0.9, 0.8), ("same",))
+    same = Row("fused (X)", "same", metrics(0.9, 0.8), objectives("same"))
     assert not [k for k in run_summary([written, spoken, same], same) if "gain" in k]
+
+
+def test_fusion_gain_of_an_error_metric_is_positive_when_the_fused_error_is_lower():
+    def row(name, mae):
+        return Row(
+            name, "score", metrics(mae, mae, main="mae"), objectives("score", kind="regression")
+        )
+
+    rows = [row("image only", 0.5), row("audio only", 0.4), row("fused (X)", 0.3)]
+    assert run_summary(rows, rows[-1])["test/fusion_gain"] == pytest.approx(0.1)
+    worse = row("fused (X)", 0.45)
+    assert run_summary([*rows[:2], worse], worse)["test/fusion_gain"] == pytest.approx(-0.05)
+    assert results_table(rows).splitlines()[2] == "| image only | score | 0.5000 | 0.5000 |"
+
+
+def test_results_table_names_each_rows_metric_when_they_differ():
+    rows = [
+        Row("image only", "digit", metrics(0.5, 0.25), objectives("digit")),
+        Row(
+            "fused (X)",
+            "score",
+            metrics(0.3, 0.2, main="mae"),
+            objectives("score", kind="regression"),
+        ),
+    ]
+    assert results_table(rows).splitlines() == [
+        "| model | target | metric | val | test |",
+        "|---|---|---|---:|---:|",
+        "| image only | digit | accuracy | 50.00% | 25.00% |",
+        "| fused (X) | score | mae | 0.3000 | 0.2000 |",
+    ]
 
 
 def test_results_table_labels_rows_with_the_datas_tasks():
     rows = [
-        Row("photo only", "species", metrics(0.5, 0.25), ("species",)),
-        Row("fused (ConcatFuser)", "species", metrics(0.75, 1.0), ("species",)),
+        Row("photo only", "species", metrics(0.5, 0.25), objectives("species")),
+        Row("fused (ConcatFuser)", "species", metrics(0.75, 1.0), objectives("species")),
     ]
     assert results_table(rows).splitlines() == [
         "| model | target | val accuracy | test accuracy |",
@@ -161,8 +192,8 @@ def test_a_glob_matching_no_parameter_of_its_stage_is_named_before_training(
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.fuse.monitor=val/acc", "config key 'trainer.fuse.monitor': expected one of ['val/loss', 'val/accuracy'], got 'val/acc'"),
-        ("trainer.pretrain.monitor=val/digit/accuracy", "config key 'trainer.pretrain.monitor': expected one of ['val/loss', 'val/accuracy'], got 'val/digit/accuracy'"),
+        ("trainer.fuse.monitor=val/acc", "config key 'trainer.fuse.monitor': expected one of ['val/loss', 'val/accuracy', 'val/f1_macro'], got 'val/acc'"),
+        ("trainer.pretrain.monitor=val/digit/accuracy", "config key 'trainer.pretrain.monitor': expected one of ['val/loss', 'val/accuracy', 'val/f1_macro'], got 'val/digit/accuracy'"),
     ],
 )  # fmt: skip
 def test_a_monitored_metric_no_epoch_computes_is_named_before_training(tmp_path, override, message):

@@ -6,13 +6,15 @@ import torch
 from torch import nn
 
 from fusion.batch import Batch
+from fusion.data import Task
 from fusion.encoders.base import Encoder
 from fusion.fusers import GatedFuser
 from fusion.heads import ClassificationHead
 from fusion.model import MultimodalModel
+from fusion.tasks import Objective, lower_is_better
 from fusion.training import fit
 from fusion.training.loop import train_epoch
-from fusion.training.monitor import Monitor, check_monitor, lower_is_better
+from fusion.training.monitor import Monitor, check_monitor
 from tests.fusion.test_training import model_with_bn, separable_batches
 
 CPU = torch.device("cpu")
@@ -105,25 +107,32 @@ def test_a_loss_is_kept_at_its_lowest():
 def test_metric_directions_and_improvement_margins():
     assert lower_is_better("val/loss") and lower_is_better("val/same/loss")
     assert not lower_is_better("val/accuracy") and not lower_is_better("val/digit/accuracy")
+    assert lower_is_better("val/mae") and lower_is_better("val/score/rmse")
+    assert not lower_is_better("val/pearson") and not lower_is_better("val/map")
     loss, accuracy = Monitor("val/loss"), Monitor("val/accuracy")
     assert loss.better(0.5, 0.6) and not loss.better(0.6, 0.5) and loss.better(1.0, None)
     assert accuracy.better(0.6, 0.5) and not accuracy.better(0.5, 0.5)
     assert not accuracy.better(0.55, 0.5, margin=0.1) and loss.better(0.3, 0.5, margin=0.1)
 
 
+def classes(*names):
+    return {name: Objective(Task("multiclass", ("a", "b", "c"))) for name in names}
+
+
 @pytest.mark.parametrize(
-    ("metric", "tasks", "message"),
+    ("metric", "objectives", "message"),
     [
-        ("val/acc", [""], "expected one of ['val/loss', 'val/accuracy'], got 'val/acc'; did you mean ['val/accuracy', 'val/loss']?"),
-        ("val/digit/accuracy", ["digit"], "expected one of ['val/loss', 'val/accuracy'], got 'val/digit/accuracy'; did you mean ['val/accuracy']?"),
-        ("val/spoken/accuracy", ["written", "same"], "expected one of ['val/loss', 'val/accuracy', 'val/written/accuracy', 'val/same/accuracy'], got 'val/spoken/accuracy'; did you mean ['val/same/accuracy', 'val/accuracy', 'val/written/accuracy']?"),
+        ("val/acc", classes("digit"), "expected one of ['val/loss', 'val/accuracy', 'val/f1_macro'], got 'val/acc'; did you mean ['val/accuracy', 'val/f1_macro', 'val/loss']?"),
+        ("val/digit/accuracy", classes("digit"), "expected one of ['val/loss', 'val/accuracy', 'val/f1_macro'], got 'val/digit/accuracy'; did you mean ['val/accuracy']?"),
+        ("val/spoken/accuracy", classes("written", "same"), "expected one of ['val/loss', 'val/accuracy', 'val/written/accuracy', 'val/written/f1_macro', 'val/same/accuracy', 'val/same/f1_macro'], got 'val/spoken/accuracy'; did you mean ['val/same/accuracy', 'val/accuracy', 'val/written/accuracy']?"),
+        ("val/accuracy", {"score": Objective(Task("regression"))}, "expected one of ['val/loss', 'val/mae', 'val/rmse', 'val/pearson', 'val/spearman'], got 'val/accuracy'; did you mean ['val/spearman', 'val/mae', 'val/pearson']?"),
     ],
 )  # fmt: skip
-def test_a_metric_no_epoch_computes_is_refused_with_close_matches(metric, tasks, message):
+def test_a_metric_no_epoch_computes_is_refused_with_close_matches(metric, objectives, message):
     with pytest.raises(ValueError) as err:
-        check_monitor(metric, tasks)
+        check_monitor(metric, objectives)
     assert str(err.value) == message
-    check_monitor("val/loss", tasks)
+    check_monitor("val/loss", objectives)
 
 
 def test_bad_settings_are_refused_by_the_loop():
