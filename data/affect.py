@@ -214,6 +214,10 @@ def sentiment_targets(labels: np.ndarray, task: str) -> list[int] | list[float]:
     return [float(v) for v in labels]
 
 
+AFFECT_METRICS = ("mae", "pearson", "acc2", "acc2_f1", "acc7")
+"""Sentiment regression's metrics as MOSI/MOSEI papers report them (MAE first: the main one)."""
+
+
 class Affect(MultimodalDataset):
     """One split of a MultiBench affect pickle: three feature sequences and a label.
 
@@ -333,8 +337,8 @@ class Affect(MultimodalDataset):
 
     @property
     def tasks(self) -> dict[str, Task]:
-        if self.task == "regression":
-            return {self.task: Task("regression", num_targets=1)}
+        if self.task == "regression":  # what MOSI/MOSEI papers report (MulT, MultiBench)
+            return {self.task: Task("regression", metrics=AFFECT_METRICS)}
         if self.task == "seven_class":
             return {self.task: Task("multiclass", classes=SEVEN_CLASSES)}
         classes = BINARY_LABEL_CLASSES if self.binary_labels else SENTIMENT_CLASSES

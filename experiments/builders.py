@@ -34,6 +34,7 @@ from torch import nn
 from experiments.schema import close_matches, flatten, unknown_key_hint, validate
 from fusion.data import Modality, Task, check_dataset, output_sizes
 from fusion.model import MultimodalModel
+from fusion.tasks import objectives_for
 from fusion.training.recipe import ModelSpec
 from fusion.training.settings import ConfigError, TrainerConfig
 
@@ -426,11 +427,21 @@ def task_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     }
 
 
+def check_task_settings(cfg: DictConfig, tasks: Mapping[str, Task]) -> None:
+    """Every `tasks.<name>` setting fits a task of the data (`fusion.tasks.objectives_for`)."""
+    try:
+        objectives_for(tasks, task_settings(cfg))
+    except ValueError as err:
+        key, reason = str(err).split(": ", 1)
+        raise ConfigError(f"config key '{key}': {reason}") from None
+
+
 def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
     """What the config asks of the data and the file system, checked once the datasets are
     built and before the recipe runs: a setting that cannot work fails now, naming its key,
     not after stage 1 has trained or when a file is saved."""
     train = datasets["train"]
+    check_task_settings(cfg, train.tasks)
     check_modality_names("model.modality_dropout", cfg.model.modality_dropout, train.modalities)
     check_conditions(cfg, train)
     check_head_serves_tasks(cfg, train.tasks)

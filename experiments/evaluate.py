@@ -376,7 +376,10 @@ def run(args: argparse.Namespace) -> None:
     try:
         objectives = objectives_for(train.tasks, task_settings(cfg))
     except ValueError as err:
-        raise EvaluateError(f"{args.run_dir / 'config.yaml'}: config key '{err}") from None
+        key, reason = str(err).split(": ", 1)
+        raise EvaluateError(
+            f"{args.run_dir / 'config.yaml'}: config key '{key}': {reason}"
+        ) from None
     evaluator = Evaluator(
         model, loaders, args.split, cfg.seed, args.device, cfg.trainer.precision, objectives
     )

@@ -262,7 +262,7 @@ class Objective:
     def _only(self, setting: str, applies: bool, losses: str) -> None:
         if not applies:
             raise ValueError(
-                f"{setting} applies to {losses} losses; this {self.task.kind} task trains "
+                f"{setting}: applies to {losses} losses; this {self.task.kind} task trains "
                 f"with {self.loss}"
             )
 
@@ -385,7 +385,7 @@ def objectives_for(
 ) -> dict[str, Objective]:
     """One `Objective` per task, from `settings` (`{task name: Objective's keyword
     arguments}`; tasks not named get the defaults). ValueError names an unknown task or
-    setting as `tasks.<name>.<setting>`."""
+    setting as `tasks.<name>.<setting>: <reason>`."""
     settings = dict(settings or {})
     unknown = sorted(set(settings) - set(tasks))
     if unknown:

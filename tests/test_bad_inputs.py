@@ -162,6 +162,17 @@ CASES = [
     ("+data.augmnt=true", "data.augmnt", "['augment']"),
     ("data.augment=maybe", "data.augment", "'maybe'"),
     ("data.task=whic", "data.task", "whic"),
+    # per-task losses and metrics
+    (
+        "data.task=sum +tasks.sum.label_smoothing=0.1",
+        "tasks.sum.label_smoothing",
+        "regression task trains with mse",
+    ),
+    ("+tasks.digt.loss=mse", "tasks.digt", "did you mean ['digit']"),
+    ("+tasks.digit.loss=mse", "tasks.digit.loss", "got 'mse'"),
+    ("+tasks.digit.metrics=[mae]", "tasks.digit.metrics", "got 'mae'"),
+    ("+tasks.digit.class_weights=[1,2]", "tasks.digit.class_weights", "got 2: [1.0, 2.0]"),
+    ("data.task=digits +tasks.digits.pos_weight=-1", "tasks.digits.pos_weight", "got -1"),
     ("data.max_samples=0", "data.max_samples", "0"),
     ("data.max_samples=-5", "data.max_samples", "-5"),
     ("data.fractions=0.5", "data.fractions", "0.5"),

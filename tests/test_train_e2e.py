@@ -198,6 +198,43 @@ def test_tasks_with_branching_and_conditional_heads(stage1_dir, tmp_path):
     ]
 
 
+def epochs_of(run_dir: Path, prefix: str = "fuse/") -> list[dict]:
+    """The run's per-epoch metrics of one stage, from metrics.jsonl."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if f"{prefix}epoch" in m]
+
+
+def test_regression_multilabel_and_mixed_tasks_train_with_their_losses_and_metrics(
+    stage1_dir, tmp_path
+):
+    sum_run, sum_dir = train(
+        tmp_path, "sum", "data.task=sum", "+tasks.sum.loss=huber", "+tasks.sum.huber_delta=2.0",
+        "trainer.fuse.epochs=3", stage1=stage1_dir,
+    )  # fmt: skip
+    assert sum_run.returncode == 0, sum_run.stderr[-3000:]
+    summary = summary_of(sum_dir)
+    assert summary["metric"] == "mae" and summary["tasks"] == ["sum"]
+    assert {"test/fused/mae", "test/fused/rmse", "test/fused/pearson"} <= set(summary)
+    assert "test/fused/accuracy" not in summary and "test/image_only/accuracy" in summary
+    assert f"fused test mae: {summary['test/fused/mae']:.4f}" in sum_run.stdout
+    assert "| fused (GatedFuser) | sum | mae |" in sum_run.stdout  # rows differ: a metric column
+    epochs = epochs_of(sum_dir)
+    best = min(epochs, key=lambda m: m["fuse/val/mae"])  # lower is better: the kept epoch
+    assert summary["val/fused/mae"] == pytest.approx(best["fuse/val/mae"], rel=1e-5)
+
+    mixed, mixed_dir = train(
+        tmp_path, "mixed", "data.task=mixed", "model/head=multitask",
+        "+tasks.digits.pos_weight=4.0", "+tasks.written.label_smoothing=0.1",
+        "trainer.fuse.monitor=val/sum/mae", stage1=stage1_dir,
+    )  # fmt: skip
+    assert mixed.returncode == 0, mixed.stderr[-3000:]
+    summary = summary_of(mixed_dir)
+    assert summary["metric"] == "loss"
+    assert {"test/fused/written/f1_macro", "test/fused/sum/mae", "test/fused/digits/map",
+            "test/fused/digits/f1_micro"} <= set(summary)  # fmt: skip
+    assert "test/fused/accuracy" not in summary  # no mean of an accuracy and an error
+
+
 def test_condition_out_of_range_is_named(stage1_dir, tmp_path):
     result, _ = train(
         tmp_path,

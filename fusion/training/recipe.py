@@ -342,7 +342,8 @@ class Recipe:
         try:
             return objectives_for(tasks, settings)
         except ValueError as err:
-            raise ConfigError(f"config key '{err}") from None
+            key, reason = str(err).split(": ", 1)
+            raise ConfigError(f"config key '{key}': {reason}") from None
 
     def loaders(self, model: MultimodalModel, datasets: Mapping[str, Any]) -> dict[str, DataLoader]:
         return cached_loaders(

@@ -147,15 +147,15 @@ def test_main_metric_of_several_tasks():
 @pytest.mark.parametrize(
     ("task", "settings", "message"),
     [
-        (SCORE, {"label_smoothing": 0.1}, "tasks.t.label_smoothing applies to cross-entropy losses; this regression task trains with mse"),
+        (SCORE, {"label_smoothing": 0.1}, "tasks.t.label_smoothing: applies to cross-entropy losses; this regression task trains with mse"),
         (DIGITS, {"label_smoothing": 1.0}, "tasks.t.label_smoothing: expected a number in [0, 1), got 1.0"),
         (DIGITS, {"class_weights": [1.0, 2.0]}, "tasks.t.class_weights: expected 10 numbers, one per class ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9'], got 2: [1.0, 2.0]"),
         (YES_NO, {"class_weights": [0.0, 0.0]}, "tasks.t.class_weights: every weight is 0, so nothing would be learned"),
         (YES_NO, {"pos_weight": "high"}, "tasks.t.pos_weight: expected a finite number, got 'high'"),
         (LABELS, {"pos_weight": [1.0, -2.0, 1.0]}, "tasks.t.pos_weight[1]: expected a number >= 0.0, got -2.0"),
-        (DIGITS, {"pos_weight": 2.0}, "tasks.t.pos_weight applies to binary and multilabel losses; this multiclass task trains with cross_entropy"),
+        (DIGITS, {"pos_weight": 2.0}, "tasks.t.pos_weight: applies to binary and multilabel losses; this multiclass task trains with cross_entropy"),
         (SCORE, {"loss": "bce"}, "tasks.t.loss: a regression task trains with one of ['mse', 'l1', 'huber'], got 'bce'"),
-        (SCORE, {"huber_delta": 2.0}, "tasks.t.huber_delta applies to the huber losses; this regression task trains with mse"),
+        (SCORE, {"huber_delta": 2.0}, "tasks.t.huber_delta: applies to the huber losses; this regression task trains with mse"),
         (SCORE, {"metrics": ["accuracy"]}, "tasks.t.metrics: a regression task is scored by ['mae', 'rmse', 'pearson', 'spearman', 'acc2', 'acc2_f1', 'acc7'], got 'accuracy'; did you mean ['acc7', 'acc2']?"),
         (LABELS, {"metrics": ["f1_mcro"]}, "tasks.t.metrics: a multilabel task is scored by ['accuracy', 'f1_macro', 'f1_micro', 'map'], got 'f1_mcro'; did you mean ['f1_micro', 'f1_macro']?"),
         (DIGITS, {"weight": 2.0}, "tasks.t.weight: no such setting; expected ('loss', 'label_smoothing', 'class_weights', 'pos_weight', 'huber_delta', 'metrics'); did you mean ['pos_weight', 'class_weights']?"),
