@@ -1,7 +1,7 @@
 """Aggregate finished runs into a Markdown table, plots and a JSON file.
 
     python -m experiments.report outputs/multiruns/<sweep>          # one row per configuration
-    python -m experiments.report outputs/multiruns/<sweep> --metric test/fused/accuracy
+    python -m experiments.report outputs/multiruns/<sweep> --metric test/fused/f1_macro
     python -m experiments.report outputs/multiruns/<sweep> --pivot data.task   # a column per task
     python -m experiments.report outputs/multiruns/<sweep> --plots figures/fusers
 
@@ -18,8 +18,10 @@ The table and its notes go to stdout. The plots directory (default `<root>/repor
 named after the metric (`<metric>-by-<pivot>` with `--pivot`): `<metric>.md` (the table),
 `<metric>.json` (per configuration: mean, std, n, launched, per-seed values, and the mean
 learning curve with how many runs it averages; the incomplete runs) and a bar chart
-`<metric>.png`; and `learning_curves.png` (`fuse/val/accuracy` per `fuse/epoch`, read from
-each run's `metrics.jsonl`). Their paths go to stderr, so stdout stays the table alone.
+`<metric>.png`; and `learning_curves.png` (the matching validation metric, such as
+`fuse/val/accuracy` or `fuse/val/mae`, per `fuse/epoch`, read from each run's
+`metrics.jsonl`). The best mean of each column is bold and the best bar orange: the lowest
+for losses and errors, the highest otherwise (`fusion.tasks.lower_is_better`). Their paths go to stderr, so stdout stays the table alone.
 """
 
 from __future__ import annotations
@@ -44,12 +46,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from experiments.schema import FAILURE, RUN_MECHANICS
+from fusion.tasks import is_fraction as is_fraction_metric
+from fusion.tasks import lower_is_better
 from fusion.training.checkpoint import load_checkpoint
 
 # Launch settings that do not change what a run computes: runs differing only in these are
 # seeds of one configuration (a resumed run is the run it continues).
 NOT_CONFIGURATION = ("seed", "hydra", *RUN_MECHANICS)
-CURVE_X, CURVE_Y = "fuse/epoch", "fuse/val/accuracy"
+CURVE_X = "fuse/epoch"
+DEFAULT_MAIN = "accuracy"  # the main score of runs whose summary.json names none
 LINESTYLES = ("-", "--", ":", "-.")
 FUSE_STATE = Path("checkpoints") / "fuse_state.pt"
 
@@ -165,13 +170,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def number(value: Any, where: str, metric: str | None = None) -> float:
+def number(value: Any, where: str, metric: str | None = None, main: str = DEFAULT_MAIN) -> float:
     """A finite real number from a run's files, or a ReportError saying where and what; for
     a `metric` shown as a percentage, one in its `fraction_range` (93.0 is a percent, which
     averaged with fractions would give nonsense)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ReportError(f"{where}: expected a finite number, found {value!r}")
-    span = fraction_range(metric) if metric is not None else None
+    span = fraction_range(metric, main) if metric is not None else None
     if span is not None and not span[0] <= value <= span[1]:
         low, high = span
         raise ReportError(f"{where}: expected a fraction in [{low:g}, {high:g}], found {value!r}")
@@ -343,7 +348,41 @@ def check_metric(runs: list[Run], metric: str) -> None:
             f"its summary.json has: {', '.join(have)}"
         )
     for run in done:
-        number(run.summary[metric], f"{run.dir / 'summary.json'}: '{metric}'", metric)
+        where = f"{run.dir / 'summary.json'}: '{metric}'"
+        number(run.summary[metric], where, metric, run_main(run))
+
+
+def run_main(run: Run) -> str:
+    """The main score a finished run names in its summary.json (accuracy for older runs)."""
+    main = (run.summary or {}).get("metric", DEFAULT_MAIN)
+    return main if isinstance(main, str) else DEFAULT_MAIN
+
+
+def default_metric(runs: list[Run]) -> str:
+    """`test/fused/<main score>` of the finished runs; a ReportError when their main scores
+    differ (a sweep over tasks of other kinds), which --metric must then choose between."""
+    mains = sorted({run_main(run) for run in finished(runs)} or {DEFAULT_MAIN})
+    if len(mains) > 1:
+        raise ReportError(
+            f"the runs score different main metrics {mains} (tasks of other kinds); choose one "
+            f"with --metric, e.g. --metric test/fused/{mains[0]}"
+        )
+    return f"test/fused/{mains[0]}"
+
+
+def curve_metric(metric: str, runs: list[Run]) -> str:
+    """The validation metric per stage-2 epoch that goes with `metric`: `fuse/val/mae` for
+    `test/fused/mae`, the runs' main score for a gain or another model's metric."""
+    match = re.fullmatch(r"(?:test|val)/fused/(.+)", metric)
+    if match and "gain" not in match[1]:
+        return f"fuse/val/{match[1]}"
+    return f"fuse/val/{shared_main(runs)}"
+
+
+def shared_main(runs: list[Run]) -> str:
+    """The main score every finished run names (accuracy when they differ or none has)."""
+    mains = {run_main(run) for run in finished(runs)}
+    return mains.pop() if len(mains) == 1 else DEFAULT_MAIN
 
 
 def check_pivot(runs: list[Run], pivot: str | None) -> None:
@@ -358,25 +397,35 @@ def config_keys(runs: list[Run]) -> list[str]:
     return sorted({k for run in runs for k in run.config})
 
 
-def fraction_range(metric: str) -> tuple[float, float] | None:
-    """The range of a metric shown as a percentage: an accuracy is a fraction in [0, 1], a
-    gain (fused minus the best unimodal accuracy) one in [-1, 1]; None for losses and other
-    values, shown as numbers."""
-    if "gain" in metric:
-        return (-1.0, 1.0)
-    if "accuracy" in metric:
-        return (0.0, 1.0)
-    return None
+def fraction_range(metric: str, main: str = DEFAULT_MAIN) -> tuple[float, float] | None:
+    """The range of a metric shown as a percentage: an accuracy or F1 is a fraction in
+    [0, 1], a gain of such a main score (fused minus the best unimodal one) one in [-1, 1];
+    None for losses, errors and other values, shown as numbers."""
+    if "gain" in metric.rsplit("/", 1)[-1]:
+        return (-1.0, 1.0) if is_fraction_metric(main) else None
+    return (0.0, 1.0) if is_fraction_metric(metric) else None
 
 
-def is_fraction(metric: str) -> bool:
-    """Accuracies and gains read as percentages; losses and other values as numbers."""
-    return fraction_range(metric) is not None
+def is_fraction(metric: str, main: str = DEFAULT_MAIN) -> bool:
+    """Accuracies, F1 and their gains read as percentages; losses and errors as numbers."""
+    return fraction_range(metric, main) is not None
 
 
-def cell(scores: list[float], launched: int, percent: bool = True, fewer: bool = False) -> str:
+def direction(metric: str) -> str:
+    """'lower' for losses and errors (torchmetrics' direction), else 'higher'."""
+    return "lower" if lower_is_better(metric) else "higher"
+
+
+def cell(
+    scores: list[float],
+    launched: int,
+    percent: bool = True,
+    fewer: bool = False,
+    best: bool = False,
+) -> str:
     """Mean ± std over seeds and the run count (`n=2 of 3` when a launched run has no result;
-    `*` when fewer runs than elsewhere in the table), or `-` when nothing was launched."""
+    `*` when fewer runs than elsewhere in the table), bold when `best`, or `-` when nothing
+    was launched."""
     if not launched:
         return "-"
     fmt = ".2%" if percent else ".4f"
@@ -386,8 +435,19 @@ def cell(scores: list[float], launched: int, percent: bool = True, fewer: bool =
         value = f"{scores[0]:{fmt}}"
     else:
         value = f"{statistics.mean(scores):{fmt}} ± {statistics.stdev(scores):{fmt}}"
+    if best:
+        value = f"**{value}**"
     count = f"n={len(scores)}" + (f" of {launched}" if launched > len(scores) else "")
     return f"{value} ({count})" + ("*" if fewer else "")
+
+
+def best_of(means: dict[Any, float], metric: str) -> Any:
+    """The key of the best mean: the lowest for losses and errors, else the highest; None
+    when there are fewer than two to compare."""
+    if len(means) < 2:
+        return None
+    pick = min if lower_is_better(metric) else max
+    return pick(means, key=means.__getitem__)
 
 
 @dataclass
@@ -429,10 +489,15 @@ def incomplete_lines(runs: list[Run]) -> list[str]:
 
 
 def table(
-    runs: list[Run], metric: str, pivot: str | None = None, unstarted: Sequence[str] = ()
+    runs: list[Run],
+    metric: str,
+    pivot: str | None = None,
+    unstarted: Sequence[str] = (),
+    main: str = DEFAULT_MAIN,
 ) -> str:
     """One row per configuration; with `pivot`, that override's values become the columns.
-    Every cell says how many runs it averages; notes under the table list the runs without a
+    Every cell says how many runs it averages, and the best mean of each column is bold
+    (the lowest for losses and errors); notes under the table list the runs without a
     result, so a crashed or stopped seed is never averaged away without a word."""
     keys = [k for k in config_keys(runs) if k != pivot]
     grid = cells(runs, metric, keys, pivot)
@@ -443,6 +508,14 @@ def table(
         "| " + " | ".join([*keys, *headers]) + " |",
         "|" + "---|" * len(keys) + "---:|" * len(columns),
     ]
+    best = {
+        column: best_of(
+            {v: statistics.mean(r[column].scores) for v, r in grid.items()
+             if column in r and r[column].scores},
+            metric,
+        )
+        for column in columns
+    }  # fmt: skip
     marked = False
     for values, row in grid.items():
         texts = []
@@ -450,8 +523,11 @@ def table(
             entry = row.get(column, Cell([], []))
             fewer = bool(entry.launched) and len(entry.scores) < most
             marked |= fewer
-            texts.append(cell(entry.scores, entry.launched, is_fraction(metric), fewer))
+            percent = is_fraction(metric, main)
+            texts.append(cell(entry.scores, entry.launched, percent, fewer, best[column] == values))
         lines.append("| " + " | ".join([*values, *texts]) + " |")
+    if any(b is not None for b in best.values()):
+        lines += ["", f"Bold: the best mean of its column ({direction(metric)} is better)."]
     if marked:
         lines += ["", f"\\* fewer finished runs than the most in one cell ({most})."]
     if incomplete := incomplete_lines(runs):
@@ -483,25 +559,26 @@ def unstarted_jobs(root: Path) -> list[str]:
     return lines
 
 
-def read_curve(run_dir: Path) -> dict[int, float]:
-    """Validation accuracy per stage-2 epoch; a resumed run logs epochs again, the last counts."""
+def read_curve(run_dir: Path, y: str) -> dict[int, float]:
+    """Validation metric `y` per stage-2 epoch; a resumed run logs epochs again, the last
+    counts."""
     path = run_dir / "metrics.jsonl"
     curve = {}
     for record in read_metrics(path):
-        if CURVE_X in record and CURVE_Y in record:
+        if CURVE_X in record and y in record:
             epoch = number(record[CURVE_X], f"{path}: '{CURVE_X}'")
-            curve[int(epoch)] = number(record[CURVE_Y], f"{path}: '{CURVE_Y}'", CURVE_Y)
+            curve[int(epoch)] = number(record[y], f"{path}: '{y}'", y)
     return curve
 
 
-def run_curve(run: Run) -> dict[int, float]:
+def run_curve(run: Run, y: str) -> dict[int, float]:
     """The run's curve, or none (said on stderr) when it has no metrics.jsonl or no stage 2."""
     if not (run.dir / "metrics.jsonl").is_file():
         note(f"{run.dir} has no metrics.jsonl; no learning curve for it")
         return {}
-    curve = read_curve(run.dir)
+    curve = read_curve(run.dir, y)
     if not curve:
-        note(f"{run.dir}/metrics.jsonl has no '{CURVE_Y}' per '{CURVE_X}'; no learning curve")
+        note(f"{run.dir}/metrics.jsonl has no '{y}' per '{CURVE_X}'; no learning curve")
     return curve
 
 
@@ -511,9 +588,13 @@ def mean_curve(curves: list[dict[int, float]]) -> dict[int, float]:
     return {e: statistics.mean(curve[e] for curve in curves if e in curve) for e in epochs}
 
 
-def aggregate(runs: list[Run], metric: str) -> dict[str, Any]:
+def aggregate(
+    runs: list[Run], metric: str, curve: str = "fuse/val/accuracy", main: str = DEFAULT_MAIN
+) -> dict[str, Any]:
     """The numbers behind the plots, per configuration keyed by the overrides that launch it;
-    `n` runs finished of `launched`, and every run without a result under `incomplete`."""
+    `n` runs finished of `launched`, every run without a result under `incomplete`, the
+    metric's direction and the best configuration by it, and the mean learning curve of
+    `curve` (a validation metric per stage-2 epoch)."""
     keys = config_keys(runs)
     grid = cells(runs, metric, keys, None)
     most = most_runs(grid)
@@ -521,7 +602,7 @@ def aggregate(runs: list[Run], metric: str) -> dict[str, Any]:
     for values, row in grid.items():
         entry = row[metric]
         config = {k: v for k, v in zip(keys, values, strict=True) if v}
-        curves = [c for c in map(run_curve, entry.runs) if c]
+        curves = [c for c in (run_curve(run, curve) for run in entry.runs) if c]
         scores = entry.scores
         configurations[" ".join(f"{k}={v}" for k, v in config.items())] = {
             "config": config,
@@ -542,8 +623,13 @@ def aggregate(runs: list[Run], metric: str) -> dict[str, Any]:
         for run in runs
         if run.summary is None
     ]
+    means = {k: e["mean"] for k, e in configurations.items() if e["mean"] is not None}
     return {
         "metric": metric,
+        "lower_is_better": lower_is_better(metric),
+        "percent": is_fraction(metric, main),
+        "best": best_of(means, metric),
+        "curve": curve,
         "keys": keys,
         "configurations": configurations,
         "incomplete": incomplete,
@@ -569,7 +655,9 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
     ax = figure.add_subplot()
     rows = range(len(entries))
     means = [math.nan if e["mean"] is None else e["mean"] for e in entries]
-    ax.barh(rows, means, color="tab:blue", alpha=0.8)
+    best = report["configurations"].get(report["best"])
+    colors = ["tab:orange" if e is best else "tab:blue" for e in entries]
+    ax.barh(rows, means, color=colors, alpha=0.8)
     spread = [(i, e) for i, e in enumerate(entries) if e["std"] is not None]
     if spread:
         ax.errorbar(
@@ -582,16 +670,17 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
         )
     for i, e in enumerate(entries):
         scores = [r["value"] for r in e["runs"]]
-        text = cell(scores, e["launched"], is_fraction(report["metric"]), e["fewer_runs"])
+        text = cell(scores, e["launched"], report["percent"], e["fewer_runs"], e is best)
         ax.text(1.01, i, text, transform=ax.get_yaxis_transform(), va="center", fontsize=8)
     ax.set_yticks(rows, [label(e["config"], report["keys"]) for e in entries], fontsize=8)
     ax.invert_yaxis()
     ax.set_ylabel(", ".join(report["keys"]))
     ax.set_xlabel(report["metric"])
-    if is_fraction(report["metric"]):
+    if report["percent"]:
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(f"{report['metric']}: mean ± std over seeds")
+    better = "lower" if report["lower_is_better"] else "higher"
+    ax.set_title(f"{report['metric']}: mean ± std over seeds ({better} is better; best in orange)")
     figure.savefig(path, dpi=120)
 
 
@@ -622,11 +711,12 @@ def curves_chart(report: dict[str, Any], path: Path) -> bool:
         ncols=1 if len(entries) <= 16 else 2,
     )
     ax.set_xlabel(CURVE_X)
-    ax.set_ylabel(CURVE_Y)
+    ax.set_ylabel(report["curve"])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if is_fraction_metric(report["curve"]):
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(alpha=0.3)
-    ax.set_title("validation accuracy per stage-2 epoch, mean over seeds")
+    ax.set_title(f"{report['curve']} per stage-2 epoch, mean over seeds")
     figure.savefig(path, dpi=120)
     return True
 
@@ -660,7 +750,7 @@ def write_report(
     if curves_chart(report, curves_path):
         paths.append(curves_path)
     else:
-        note(f"no run has '{CURVE_Y}' per '{CURVE_X}'; {curves_path.name} not written")
+        note(f"no run has '{report['curve']}' per '{CURVE_X}'; {curves_path.name} not written")
     return paths
 
 
@@ -708,7 +798,11 @@ def push_to_wandb(report: dict[str, Any], images: list[Path], mode: str, project
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="a sweep or runs directory")
-    parser.add_argument("--metric", default="test/fused/accuracy")
+    parser.add_argument(
+        "--metric",
+        help="a key of the runs' summary.json (default: test/fused/<their main score>, e.g. "
+        "test/fused/accuracy or test/fused/mae)",
+    )
     parser.add_argument("--pivot", help="an override whose values become columns, e.g. data.task")
     parser.add_argument(
         "--plots",
@@ -730,7 +824,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
         parser.error(f"argument --plots: expected a directory, {args.plots} is a file")
-    planned = report_files(args.plots, args.metric, args.pivot) if args.plots else []
+    try:
+        runs = load_runs(args.root)
+        metric = args.metric or default_metric(runs)
+    except ReportError as error:
+        note(str(error))
+        return 2
+    planned = report_files(args.plots, metric, args.pivot) if args.plots else []
     held = [path.name for path in planned if path.exists()]
     if held and not args.overwrite:
         parser.error(
@@ -744,12 +844,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         parser.error(f"argument --plots: cannot create {args.plots}: {err.strerror}")
     try:
-        runs = load_runs(args.root)
-        check_metric(runs, args.metric)
+        check_metric(runs, metric)
         check_pivot(runs, args.pivot)
         unstarted = unstarted_jobs(args.root)
-        table_text = table(runs, args.metric, args.pivot, unstarted)
-        report = aggregate(runs, args.metric) | {"unstarted": unstarted}
+        main = shared_main(runs)
+        table_text = table(runs, metric, args.pivot, unstarted, main)
+        curve = curve_metric(metric, runs)
+        report = aggregate(runs, metric, curve, main) | {"unstarted": unstarted}
     except ReportError as error:
         note(str(error))
         return 2

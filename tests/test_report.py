@@ -42,9 +42,43 @@ def test_report_groups_runs_over_seeds(tmp_path, capsys):
     assert main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| model/fusion | test/fused/accuracy |"
-    assert lines[2] == "| concat | 85.00% ± 7.07% (n=2) |"
+    assert lines[2] == "| concat | **85.00% ± 7.07%** (n=2) |"
     assert lines[3] == "| gated | 70.00% (n=1)* |"
-    assert lines[4:] == ["", "\\* fewer finished runs than the most in one cell (2)."]
+    assert lines[4:] == [
+        "",
+        "Bold: the best mean of its column (higher is better).",
+        "",
+        "\\* fewer finished runs than the most in one cell (2).",
+    ]
+
+
+def test_an_error_metric_is_best_lowest_and_is_the_default_of_regression_runs(tmp_path, capsys):
+    for name, fuser, mae in (("0", "concat", 0.5), ("1", "gated", 0.3), ("2", "tfn", 0.4)):
+        fake_run(tmp_path, name, [f"model/fusion={fuser}"], 0.0)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        summary.update({"metric": "mae", "test/fused/mae": mae})
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+        metrics = [{"fuse/epoch": e, "fuse/val/mae": v} for e, v in ((1, 0.9), (2, mae))]
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(m) + "\n" for m in metrics)
+        )
+    assert main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| model/fusion | test/fused/mae |"
+    assert lines[2:5] == [
+        "| concat | 0.5000 (n=1) |",
+        "| gated | **0.3000** (n=1) |",
+        "| tfn | 0.4000 (n=1) |",
+    ]
+    assert lines[6] == "Bold: the best mean of its column (lower is better)."
+    report = json.loads((tmp_path / "report" / "test-fused-mae.json").read_text())
+    assert report["best"] == "model/fusion=gated" and report["lower_is_better"]
+    assert report["curve"] == "fuse/val/mae" and not report["percent"]
+    assert (tmp_path / "report" / "learning_curves.png").is_file()
+    summary = json.loads((tmp_path / "0" / "summary.json").read_text())
+    (tmp_path / "0" / "summary.json").write_text(json.dumps({**summary, "metric": "accuracy"}))
+    assert main([str(tmp_path)]) == 2
+    assert "different main metrics ['accuracy', 'mae']" in capsys.readouterr().err
 
 
 def test_report_pivots_an_override_into_columns(tmp_path, capsys):
@@ -55,7 +89,10 @@ def test_report_pivots_an_override_into_columns(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| model/fusion | data.task=digit | data.task=same |"
     # tfn was never launched on digit: nothing is missing there
-    assert lines[2:] == ["| concat | 90.00% (n=1) | 70.00% (n=1) |", "| tfn | - | 75.00% (n=1) |"]
+    assert lines[2:4] == [
+        "| concat | 90.00% (n=1) | 70.00% (n=1) |",  # alone in its column: nothing to beat
+        "| tfn | - | **75.00%** (n=1) |",
+    ]
     # a report without the pivot (or over another metric) sits beside this one
     assert main([str(tmp_path)]) == 0
     assert sorted(p.name for p in (tmp_path / "report").glob("*.md")) == [
@@ -222,9 +259,11 @@ def test_report_counts_and_lists_crashed_and_stopped_runs(tmp_path, capsys):
     assert out.splitlines() == [
         "| model/fusion | test/fused/accuracy |",
         "|---|---:|",
-        "| concat | 85.00% ± 7.07% (n=2 of 3) |",
+        "| concat | **85.00% ± 7.07%** (n=2 of 3) |",
         "| gated | 70.00% (n=1 of 3)* |",
         "| sum | - (n=0 of 1)* |",
+        "",
+        "Bold: the best mean of its column (higher is better).",
         "",
         "\\* fewer finished runs than the most in one cell (2).",
         "",
