@@ -87,6 +87,9 @@ ID_NAMES = ("id", "uid", "uuid", "key", "index", "idx", "unnamed: 0")
 CATEGORICAL_MAX_VALUES = 50  # more distinct strings than this make a text column
 CATEGORICAL_MAX_CHARS = 40  # and so does any value longer than this
 REGRESSION_MIN_VALUES = 20  # a float target with more distinct fractional values is refused
+TARGET_KINDS = ("auto", "multiclass", "binary", "multilabel", "regression")
+CLASSES = ("multiclass", "binary")  # kinds whose target is one class per row
+REGRESSION_STRATA = 10  # a regression target's split is stratified over this many quantiles
 IMAGE_STATS_SAMPLES = 500
 DECODE_THREADS = 8  # files decoded at once by the file check
 LONG_CLIP_RATIO = 4  # a train clip this many times the median one is said
@@ -113,6 +116,8 @@ class ManifestSettings:
     audio_seconds: float | None
     audio_crop: str
     check_files: bool
+    target_kind: str = "auto"
+    label_separator: str = "|"
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class Table:
     source: Path
     row_numbers: np.ndarray  # the data row number of each sample, for messages
     split_of: np.ndarray  # the split name of each sample
-    labels: np.ndarray  # the class index of each sample
+    labels: np.ndarray  # each sample's class index, its 0/1 per label or its number
     task: Task
     modalities: dict[str, Modality]
     cells: dict[str, list[str | None]]  # image/audio: a file path, text: the text
@@ -158,7 +163,8 @@ class ManifestDataset(MultimodalDataset):
         split: which split this object is, one of `SPLITS`.
         path: the manifest, `.csv`, `.tsv`, `.jsonl` (one JSON object per line) or
             `.parquet` (needs `pip install 'fusion[parquet]'`).
-        target: the column to predict; its distinct values are the classes.
+        target: the column to predict; its distinct values are the classes (see
+            `target_kind`).
         columns: `{column: kind}` for columns whose inferred kind is wrong, kinds being
             image, audio, text, numeric, categorical or ignore.
         split_column: the column naming each row's split (train, val or test; valid,
@@ -184,6 +190,12 @@ class ManifestDataset(MultimodalDataset):
             statistics still come from the whole train split).
         check_files: check at construction that every referenced file exists and every image
             and clip reads (see `check_split_files`).
+        target_kind: `auto` (the target's distinct values are the classes: binary for
+            two, else multiclass), `multiclass`, `binary`, `multilabel` (each cell names
+            several labels, joined by `label_separator` or as a list; a sample's label is
+            a 0/1 per label) or `regression` (each cell a number; the split by fractions
+            keeps the target's quantiles in proportion).
+        label_separator: what joins a multilabel cell's label names (`comedy|drama`).
     """
 
     splits = SPLITS
@@ -207,6 +219,8 @@ class ManifestDataset(MultimodalDataset):
         view: int | None = None,
         max_samples: int | None = None,
         check_files: bool = True,
+        target_kind: str = "auto",
+        label_separator: str = "|",
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
@@ -227,6 +241,8 @@ class ManifestDataset(MultimodalDataset):
             else checks.real("audio_seconds", audio_seconds, 0.0, above=True),
             audio_crop=checks.choice("audio_crop", audio_crop, AUDIO_CROPS),
             check_files=checks.flag("check_files", check_files),
+            target_kind=checks.choice("target_kind", target_kind, TARGET_KINDS),
+            label_separator=separator(label_separator),
         )
         transforms = image_transforms(augment)
         self.source = Path(path).expanduser().absolute()
@@ -326,7 +342,7 @@ class ManifestDataset(MultimodalDataset):
         """What a changed cell holds now, said for a person."""
         cells = self.table.cells.get(column)
         if column == self.settings.target:
-            return f"the target is now '{self.table.task.classes[self.table.labels[sample]]}'"
+            return f"the target is now {target_text(self.table, sample)!r}"
         if cells is None:
             return "holds another value"
         value = cells[sample]
@@ -345,7 +361,7 @@ class ManifestDataset(MultimodalDataset):
         columns = [self.settings.target, *table.cells, *table_columns]
         rows = []
         for sample in self.indices.tolist():
-            row = [_digest(table.task.classes[table.labels[sample]])]
+            row = [_digest(target_text(table, sample))]
             for column, cells in table.cells.items():
                 value = cells[sample]
                 if value is None:
@@ -370,7 +386,7 @@ class ManifestDataset(MultimodalDataset):
         item = {name: self._input(name, m, sample) for name, m in self.modalities.items()}
         if self.augment:
             self._augment(item, index)
-        item["label"] = int(self.table.labels[sample])
+        item["label"] = target_value(self.table, sample)
         return item
 
     def _input(self, name: str, modality: Modality, sample: int) -> Any:
@@ -485,15 +501,17 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
         "manifest %s columns: %s", source.name, " | ".join(f"{c}={k}" for c, k in kinds.items())
     )
     check_modality_names(kinds, source)
-    targets = read_targets(frame[settings.target], data_rows, source)
+    targets = target_cells(frame[settings.target], data_rows, settings, source)
     keep = rows_to_keep(frame, kinds, targets, data_rows, source)
     frame = frame[keep].reset_index(drop=True)
     row_numbers = data_rows[keep]
-    task, labels = classify(
-        [t for t, kept in zip(targets, keep, strict=True) if kept], settings, source
+    kept = [t for t, k in zip(targets, keep, strict=True) if k]
+    task, labels = make_task(kept, settings, source)
+    split_of = assign_splits(
+        frame, split_column, strata(task, labels), settings, row_numbers, source
     )
-    split_of = assign_splits(frame, split_column, labels, settings, row_numbers, source)
-    warn_target_copies(frame, kinds, labels, settings.target, source)
+    if task.kind in CLASSES:
+        warn_target_copies(frame, kinds, labels, settings.target, source)
     refuse_untrained_columns(frame, kinds, split_of, source)
     cells, escapes = input_cells(frame, kinds, source.parent)
     tabular = encode_tabular(frame, kinds, split_of, row_numbers, source)
@@ -585,26 +603,15 @@ def warn_uncovered(
     row_numbers: np.ndarray,
     source: Path,
 ) -> None:
-    """Said out loud, since training would run on without them: classes no train row has
-    (the model never learns them) or only one row has (a typo?), files a train row and a
-    val/test row share (leaked metrics), and modalities a whole split lacks (its metrics do
-    not measure them)."""
+    """Said out loud, since training would run on without them: classes (or labels) no
+    train row has (the model never learns them) or only one row has (a typo?), files a train
+    row and a val/test row share (leaked metrics), and modalities a whole split lacks (its
+    metrics do not measure them)."""
     train = split_of == "train"
-    unseen = [k for k in range(len(task.classes)) if not (labels[train] == k).any()]
-    if unseen:
-        rows = row_numbers[np.isin(labels, unseen)][:5].tolist()
-        log.warning(
-            "manifest %s: the classes %s have no train row (data rows %s), so the model "
-            "cannot learn them", source.name, [task.classes[k] for k in unseen], rows,
-        )  # fmt: skip
-    counts = np.bincount(labels, minlength=len(task.classes))
-    single = [k for k in range(len(task.classes)) if counts[k] == 1]
-    if single:
-        rows = [int(row_numbers[np.flatnonzero(labels == k)[0]]) for k in single[:5]]
-        log.warning(
-            "manifest %s: the classes %s have one row each (data rows %s): a typo or an "
-            "outlier in the target?", source.name, [task.classes[k] for k in single[:5]], rows,
-        )  # fmt: skip
+    if task.kind == "multilabel":
+        warn_labels(task, labels, train, source)
+    elif task.kind in CLASSES:
+        warn_classes(task, labels, train, row_numbers, source)
     for column, values in cells.items():
         if kinds[column] not in FILE_KINDS:
             continue
@@ -627,6 +634,39 @@ def warn_uncovered(
                     "manifest %s: modality '%s' is empty in every %s row, so the %s metrics "
                     "do not measure it", source.name, name, split, split,
                 )  # fmt: skip
+
+
+def warn_classes(
+    task: Task, labels: np.ndarray, train: np.ndarray, row_numbers: np.ndarray, source: Path
+) -> None:
+    """Classes no train row has, or only one row has."""
+    unseen = [k for k in range(len(task.classes)) if not (labels[train] == k).any()]
+    if unseen:
+        rows = row_numbers[np.isin(labels, unseen)][:5].tolist()
+        log.warning(
+            "manifest %s: the classes %s have no train row (data rows %s), so the model "
+            "cannot learn them", source.name, [task.classes[k] for k in unseen], rows,
+        )  # fmt: skip
+    counts = np.bincount(labels, minlength=len(task.classes))
+    single = [k for k in range(len(task.classes)) if counts[k] == 1]
+    if single:
+        rows = [int(row_numbers[np.flatnonzero(labels == k)[0]]) for k in single[:5]]
+        log.warning(
+            "manifest %s: the classes %s have one row each (data rows %s): a typo or an "
+            "outlier in the target?", source.name, [task.classes[k] for k in single[:5]], rows,
+        )  # fmt: skip
+
+
+def warn_labels(task: Task, labels: np.ndarray, train: np.ndarray, source: Path) -> None:
+    """Labels of a multilabel target that no train row has on (or every train row has)."""
+    on = labels[train].sum(axis=0)
+    for count, what in ((0, "on in no train row"), (int(train.sum()), "on in every train row")):
+        same = [task.classes[k] for k in np.flatnonzero(on == count)]
+        if same:
+            log.warning(
+                "manifest %s: the labels %s are %s, so the model cannot learn them",
+                source.name, same, what,
+            )  # fmt: skip
 
 
 def classify(
@@ -663,9 +703,17 @@ def classify(
             "its own; if they mean one class, write them alike", settings.target, source.name,
             "; ".join(map(str, alike)),
         )  # fmt: skip
+    kind = settings.target_kind
+    if kind == "binary" and len(classes) != 2:
+        raise ValueError(
+            f"target '{settings.target}' in {source}: target_kind=binary needs two classes, "
+            f"found {len(classes)}: {list(classes)[:10]}"
+        )
+    if kind == "auto":
+        kind = "binary" if len(classes) == 2 else "multiclass"
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[t] for t in targets], dtype=np.int64)
-    return Task("binary" if len(classes) == 2 else "multiclass", classes), labels
+    return Task(kind, classes), labels
 
 
 def input_cells(
@@ -1004,6 +1052,125 @@ def check_modality_names(kinds: Mapping[str, str], source: Path) -> None:
         )
 
 
+def separator(value: Any) -> str:
+    """`label_separator`: a non-empty string that is no whitespace alone."""
+    if not isinstance(value, str) or not value.strip():
+        checks.fail("label_separator", "a non-empty string such as '|' or ';'", value)
+    return value
+
+
+def target_cells(
+    series: pd.Series, data_rows: np.ndarray, settings: ManifestSettings, source: Path
+) -> list[Any]:
+    """Each row's target as `target_kind` reads it, `None` where the cell is empty: a class
+    name, a number (regression) or a tuple of label names (multilabel)."""
+    if settings.target_kind == "regression":
+        return read_numbers(series, data_rows, source)
+    if settings.target_kind == "multilabel":
+        return read_label_sets(series, data_rows, settings.label_separator, source)
+    return read_targets(series, data_rows, source)
+
+
+def read_numbers(series: pd.Series, data_rows: np.ndarray, source: Path) -> list[float | None]:
+    """A regression target: one finite number per filled cell."""
+    out: list[float | None] = []
+    for row, value in zip(data_rows, series, strict=True):
+        if not _is_filled(value):
+            out.append(None)
+            continue
+        number = _as_number(_cell_text(value)) if not isinstance(value, (list, dict)) else None
+        if number is None or not math.isfinite(number):
+            raise ValueError(
+                f"target '{series.name}' in {source}, data row {row}: target_kind=regression "
+                f"takes one finite number per row, found {_cell_text(value)!r}"
+            )
+        out.append(number)
+    return out
+
+
+def read_label_sets(
+    series: pd.Series, data_rows: np.ndarray, sep: str, source: Path
+) -> list[tuple[str, ...] | None]:
+    """A multilabel target: the label names of each filled cell, from a list (JSONL, or a
+    list written as text: `["comedy", "drama"]`) or names joined by `sep` (`comedy|drama`);
+    `[]` is a row with no label on."""
+    out: list[tuple[str, ...] | None] = []
+    for row, value in zip(data_rows, series, strict=True):
+        if isinstance(value, (list, tuple, np.ndarray)):
+            names = list(value)
+        elif not _is_filled(value):
+            out.append(None)
+            continue
+        elif _written_list(value):
+            names = ast.literal_eval(str(value).strip())
+        else:
+            names = [n.strip() for n in _cell_text(value).split(sep)]
+        if any(isinstance(n, (list, dict)) for n in names):
+            raise ValueError(
+                f"target '{series.name}' in {source}, data row {row}: a multilabel target "
+                f"lists label names, found {value!r}"
+            )
+        out.append(tuple(dict.fromkeys(str(n).strip() for n in names if str(n).strip())))
+    return out
+
+
+def make_task(
+    targets: list[Any], settings: ManifestSettings, source: Path
+) -> tuple[Task, np.ndarray]:
+    """The task of the kept rows' targets and each sample's label: class indices, 0/1 per
+    label (multilabel) or numbers (regression)."""
+    target = f"target '{settings.target}' in {source}"
+    if settings.target_kind == "regression":
+        values = np.array(targets, dtype=np.float64)
+        if len(np.unique(values)) < 2:
+            raise ValueError(f"{target} holds one value, {values[0]:g}: nothing to predict")
+        return Task("regression"), values
+    if settings.target_kind == "multilabel":
+        classes = sort_names({name for names in targets for name in names})
+        if len(classes) < 2:
+            raise ValueError(
+                f"{target} names the labels {list(classes)}: a multilabel target needs at "
+                f"least two (separated by {settings.label_separator!r}, or listed)"
+            )
+        index = {name: i for i, name in enumerate(classes)}
+        labels = np.zeros((len(targets), len(classes)), dtype=np.int64)
+        for i, names in enumerate(targets):
+            labels[i, [index[n] for n in names]] = 1
+        return Task("multilabel", classes), labels
+    return classify(targets, settings, source)
+
+
+def strata(task: Task, labels: np.ndarray) -> np.ndarray:
+    """What a split by fractions keeps in proportion: the class, a regression target's
+    quantile, nothing for multilabel targets (an even random split)."""
+    if task.kind in CLASSES:
+        return labels
+    if task.kind == "regression":
+        ranks = np.argsort(np.argsort(labels, kind="stable"), kind="stable")
+        return ranks * REGRESSION_STRATA // len(labels)
+    return np.zeros(len(labels), dtype=np.int64)
+
+
+def target_value(table: Table, sample: int) -> int | float | list[int]:
+    """An item's label: a class index, a number, or a 0/1 per label."""
+    value = table.labels[sample]
+    if table.task.kind == "regression":
+        return float(value)
+    if table.task.kind == "multilabel":
+        return value.tolist()
+    return int(value)
+
+
+def target_text(table: Table, sample: int) -> str:
+    """A sample's target as its cell would say it."""
+    value = table.labels[sample]
+    if table.task.kind == "regression":
+        return f"{float(value):g}"
+    if table.task.kind == "multilabel":
+        return "|".join(table.task.classes[k] for k in np.flatnonzero(value))
+    return table.task.classes[int(value)]
+
+
 def read_targets(series: pd.Series, data_rows: np.ndarray, source: Path) -> list[str | None]:
     """Each row's class name, `None` where the cell is empty; a continuous target (a
     regression, not supported yet) is refused rather than turned into thousands of classes."""
@@ -1020,17 +1187,17 @@ def read_targets(series: pd.Series, data_rows: np.ndarray, source: Path) -> list
         raise ValueError(
             f"target '{series.name}' in {source}: {len(listed)} of its {count} values are "
             f"lists (data row {data_rows[first]}: {_cell_text(series.iloc[first])!r}); "
-            "multi-label targets written as lists are not supported as class names (each "
-            "distinct list would be a class of its own); expected one class name or code "
-            "per row"
+            "each distinct list would be a class of its own: for several labels per row, set "
+            "data.target_kind=multilabel; else give one class name or code per row"
         )
     filled = {v for v in series if _is_filled(v)}
     continuous = pd.api.types.is_float_dtype(series) and len(filled) > REGRESSION_MIN_VALUES
     if continuous and any(not float(v).is_integer() for v in filled):
         raise ValueError(
             f"target '{series.name}' in {source} holds {len(filled)} distinct fractional "
-            "numbers: regression targets are not supported yet (a classification target "
-            "holds class names or integer codes)"
+            "numbers, which would each be a class: to predict the number, set "
+            "data.target_kind=regression (a classification target holds class names or "
+            "integer codes)"
         )
     targets = [_cell_text(v) if _is_filled(v) else None for v in series]
     filled = [t for t in targets if t is not None]

@@ -82,6 +82,55 @@ def test_affect_feature_sequences_train_evaluate_and_report(affect_runs, capsys)
     assert "| gated |" in table and "| late |" in table
 
 
+def test_affect_sentiment_regression_reports_the_fields_metrics(affect_runs):
+    tmp, _ = affect_runs
+    pickle = tmp / "mosi_raw.pkl"
+    result, run_dir = train(tmp / "regression", "mae", "data=affect", f"data.path={pickle}",
+                            "data.task=regression")  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metric"] == "mae"
+    assert {f"test/fused/{m}" for m in ("mae", "pearson", "acc2", "acc2_f1", "acc7")} <= set(
+        summary
+    )
+    assert f"fused test mae: {summary['test/fused/mae']:.4f}" in result.stdout
+    robust, printed = evaluate_robustness(run_dir)
+    assert robust["metric"] == "mae" and robust["lower_is_better"]
+    assert robust["clean"] == summary["test/fused/mae"]
+    assert "(lower is better)" in printed
+
+
+def write_table(path: Path, rows: int = 48) -> Path:
+    """Two numeric inputs, a score made of them and the genres they imply."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 2))
+    genres = [
+        "|".join(g for g, on in (("comedy", a > 0), ("drama", b > 0), ("action", a + b > 1)) if on)
+        or "[]"
+        for a, b in x
+    ]
+    frame = pd.DataFrame({"x1": x[:, 0], "x2": x[:, 1], "score": 2 * x[:, 0] - x[:, 1],
+                          "genres": genres})  # fmt: skip
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_a_manifest_target_can_be_a_number_or_a_set_of_labels(tmp_path):
+    table = write_table(tmp_path / "table.csv")
+    common = ["data=manifest", f"data.path={table}", "trainer.fuse.epochs=2"]
+    _, score_dir = train(tmp_path, "score", *common, "data.target=score",
+                         "data.target_kind=regression", "data.columns={genres: ignore}")  # fmt: skip
+    summary = json.loads((score_dir / "summary.json").read_text())
+    assert summary["metric"] == "mae" and "test/fused/spearman" in summary
+    _, genre_dir = train(tmp_path, "genres", *common, "data.target=genres",
+                         "data.target_kind=multilabel", "data.columns={score: ignore}",
+                         "+tasks.genres.pos_weight=2.0")  # fmt: skip
+    summary = json.loads((genre_dir / "summary.json").read_text())
+    assert summary["metric"] == "f1_micro" and "test/fused/map" in summary
+
+
 @pytest.fixture(scope="module")
 def avmnist_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("avmnist")

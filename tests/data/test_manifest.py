@@ -1,3 +1,4 @@
+import ast
 import logging
 import math
 import os
@@ -481,7 +482,9 @@ def test_targets_that_are_not_classes_are_refused(tmp_path):
         ManifestDataset(path=tmp_path / "one.csv", target="y")
     table["y"] = np.linspace(0.0, 1.0, 30)
     table.to_csv(tmp_path / "float.csv", index=False)
-    with pytest.raises(ValueError, match=r"target 'y' .* regression targets are not supported yet"):
+    with pytest.raises(
+        ValueError, match=r"target 'y' .* to predict the number, set data.target_kind=regression"
+    ):
         ManifestDataset(path=tmp_path / "float.csv", target="y")
 
 
@@ -928,10 +931,52 @@ def test_targets_written_as_lists_are_refused(manifest, frame, targets):
         build(manifest)
     assert str(err.value) == (
         f"target 'label' in {manifest}: 10 of its 10 values are lists (data row 1: "
-        f"{targets[0]!r}); multi-label targets written as lists are not supported as class "
-        "names (each distinct list would be a class of its own); expected one class name or "
-        "code per row"
+        f"{targets[0]!r}); each distinct list would be a class of its own: for several labels "
+        "per row, set data.target_kind=multilabel; else give one class name or code per row"
     )
+    if targets[0] != "[]":  # ["[]", "[1]"] names one label only
+        labels = build(manifest, target_kind="multilabel").tasks["label"]
+        named = {str(n) for t in targets for n in ast.literal_eval(t)}
+        assert labels.kind == "multilabel" and set(labels.classes) == named
+
+
+def test_numbers_and_label_sets_as_targets(manifest, frame):
+    frame["label"] = [f"{0.5 * i - 3:.2f}" for i in range(len(frame))]
+    frame.to_csv(manifest, index=False)
+    train = build(manifest, target_kind="regression")
+    assert train.tasks["label"].kind == "regression"
+    assert [train[i]["label"] for i in range(len(train))] == [
+        float(v) for v in frame["label"][train.indices].tolist()
+    ]
+    frame["label"] = ["cat|dog", "dog", "[]", "bird | cat"] * (len(frame) // 4) + ["cat"] * (
+        len(frame) % 4
+    )
+    frame.to_csv(manifest, index=False)
+    labels = build(manifest, target_kind="multilabel")
+    assert labels.tasks["label"].classes == ("bird", "cat", "dog")
+    first = frame["label"][labels.indices[0]]
+    expected = {"cat|dog": [0, 1, 1], "dog": [0, 0, 1], "[]": [0, 0, 0], "bird | cat": [1, 1, 0],
+                "cat": [0, 1, 0]}[first]  # fmt: skip
+    assert labels[0]["label"] == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "settings", "message"),
+    [
+        (["1.5", "two"], {"target_kind": "regression"}, "data row 2: target_kind=regression takes one finite number per row, found 'two'"),
+        (["1.5", "inf"], {"target_kind": "regression"}, "found 'inf'"),
+        (["cat", "cat|cat"], {"target_kind": "multilabel"}, "names the labels ['cat']: a multilabel target needs at least two (separated by '|', or listed)"),
+        (["cat", "dog", "bird"], {"target_kind": "binary"}, "target_kind=binary needs two classes, found 3: ['bird', 'cat', 'dog']"),
+        (["cat", "dog"], {"target_kind": "ordinal"}, "target_kind: expected one of ['auto', 'multiclass', 'binary', 'multilabel', 'regression'], found 'ordinal'"),
+        (["cat", "dog"], {"target_kind": "multilabel", "label_separator": " "}, "label_separator: expected a non-empty string such as '|' or ';', found ' '"),
+    ],
+)  # fmt: skip
+def test_targets_that_do_not_fit_their_kind_are_named(manifest, frame, values, settings, message):
+    frame["label"] = [values[i % len(values)] for i in range(len(frame))]
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError) as err:
+        build(manifest, **settings)
+    assert message in str(err.value)
 
 
 def test_a_bracketed_class_name_among_plain_ones_is_a_class(manifest, frame):
