@@ -209,7 +209,11 @@ CASES = [
         "data.augment[0]",
         "unexpected keyword argument 'sizee'",
     ),
-    (f"{MANIFEST} data.target=x", "data.target", "to predict the number, set data.target_kind=regression"),
+    (
+        f"{MANIFEST} data.target=x",
+        "data.target",
+        "to predict the number, set data.target_kind=regression",
+    ),
     (
         "data=manifest data.path={bad_test} data.target=label",
         "data",
