@@ -35,6 +35,7 @@ from experiments.schema import close_matches, flatten, unknown_key_hint, validat
 from fusion.data import Modality, Task, check_dataset, output_sizes
 from fusion.model import MultimodalModel
 from fusion.tasks import objectives_for
+from fusion.training.align import check_pairs
 from fusion.training.recipe import ModelSpec
 from fusion.training.settings import ConfigError, TrainerConfig
 
@@ -436,12 +437,24 @@ def check_task_settings(cfg: DictConfig, tasks: Mapping[str, Task]) -> None:
         raise ConfigError(f"config key '{key}': {reason}") from None
 
 
+def check_align_pairs(cfg: DictConfig, modalities: Mapping[str, Modality]) -> None:
+    """`trainer.align.pairs` name pairs of the data's modalities."""
+    if cfg.trainer.get("align") is None:
+        return
+    try:
+        check_pairs(OmegaConf.to_container(cfg.trainer.align.pairs), list(modalities))
+    except ValueError as err:
+        key, reason = str(err).split(": ", 1)
+        raise ConfigError(f"config key 'trainer.align.{key}': {reason}") from None
+
+
 def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
     """What the config asks of the data and the file system, checked once the datasets are
     built and before the recipe runs: a setting that cannot work fails now, naming its key,
     not after stage 1 has trained or when a file is saved."""
     train = datasets["train"]
     check_task_settings(cfg, train.tasks)
+    check_align_pairs(cfg, train.modalities)
     check_modality_names("model.modality_dropout", cfg.model.modality_dropout, train.modalities)
     check_conditions(cfg, train)
     check_head_serves_tasks(cfg, train.tasks)

@@ -162,6 +162,12 @@ CASES = [
     ("+data.augmnt=true", "data.augmnt", "['augment']"),
     ("data.augment=maybe", "data.augment", "'maybe'"),
     ("data.task=whic", "data.task", "whic"),
+    # the alignment stage
+    ("trainer.align={pairs:[[image,text]]}", "trainer.align.pairs[0]", "no modality 'text'"),
+    ("trainer.align={pairs:[[image,image]]}", "trainer.align.pairs[0]", "got [image, image]"),
+    ("trainer.align={pairs:[]}", "trainer.align.pairs", "at least one pair"),
+    ("trainer.align={pairs:[[image,audio]],temperature:0}", "trainer.align.temperature", "got 0.0"),
+    ("trainer.align={pairs:[[image,audio]]} trainer.strategy=ddp", "trainer.align", "one process"),
     # per-task losses and metrics
     (
         "data.task=sum +tasks.sum.label_smoothing=0.1",

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.report import main as report_main
+from fusion.training.checkpoint import load_checkpoint
 from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +235,25 @@ def test_regression_multilabel_and_mixed_tasks_train_with_their_losses_and_metri
     assert {"test/fused/written/f1_macro", "test/fused/sum/mae", "test/fused/digits/map",
             "test/fused/digits/f1_micro"} <= set(summary)  # fmt: skip
     assert "test/fused/accuracy" not in summary  # no mean of an accuracy and an error
+
+
+def test_aligned_encoders_are_probed_then_fused_with_their_retrieval_in_the_summary(tmp_path):
+    result, run_dir = train(
+        tmp_path, "aligned", "trainer.align={pairs: [[image, audio]], epochs: 2}",
+        "trainer.pretrain.epochs=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(run_dir)
+    for split in ("val", "test"):
+        for direction in ("image_to_audio", "audio_to_image"):
+            assert f"{split}/align/{direction}/R@1" in summary
+    assert "test/image_only/accuracy" in summary and "test/fused/accuracy" in summary
+    aligned = load_checkpoint(next((tmp_path / "pretrained").glob("align-*.pt")))["model"]
+    probe = load_checkpoint(next((tmp_path / "pretrained").glob("image-*.pt")))["model"]
+    encoder = {k: v for k, v in aligned.items() if k.startswith("encoders.image.")}
+    assert encoder and all(torch.equal(probe[k], v) for k, v in encoder.items())  # frozen
+    epochs = epochs_of(run_dir, "align/")
+    assert [m["align/epoch"] for m in epochs] == [1, 2]
 
 
 def test_condition_out_of_range_is_named(stage1_dir, tmp_path):

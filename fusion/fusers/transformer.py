@@ -32,7 +32,7 @@ def _learned_token(*shape: int) -> nn.Parameter:
     return nn.Parameter(nn.init.trunc_normal_(torch.empty(*shape), std=0.02))
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `x` [B, T, D] over the tokens where `mask` [B, T] is True; zeros where none are."""
     weights = mask.unsqueeze(-1).to(x.dtype)
     total = torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x)).sum(dim=1)
@@ -206,8 +206,8 @@ class CrossAttentionFuser(Fuser):
             query = block(query, keys, padding)
         return torch.cat(
             [
-                _masked_mean(self.norm(query), real[self.query]),
-                _masked_mean(context, context_real),
+                masked_mean(self.norm(query), real[self.query]),
+                masked_mean(context, context_real),
             ],
             dim=-1,
         )

@@ -33,8 +33,22 @@ from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead, MultiTaskHead
 from fusion.model import FuserFactory, HeadFactory, MultimodalModel
 from fusion.surgery import param_groups
-from fusion.tasks import Objective, format_score, lower_is_better, main_metric, objectives_for
+from fusion.tasks import (
+    CLASSIFICATION,
+    Objective,
+    format_score,
+    lower_is_better,
+    main_metric,
+    objectives_for,
+)
 from fusion.tracking import Tracker
+from fusion.training.align import (
+    AlignmentModel,
+    check_pairs,
+    evaluate_alignment,
+    fit_alignment,
+    pair_name,
+)
 from fusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed
 from fusion.training.feature_cache import data_key
@@ -154,6 +168,7 @@ def pretrain_key(
     target: tuple[str, dict[str, Task]],
     trainer: TrainerConfig,
     seed: int,
+    aligned: str | None = None,
 ) -> str:
     """Everything that shapes a stage-1 encoder: its settings and the files they name, the
     content of the splits it trains and is selected on, its target, the recipe, the seed
@@ -171,7 +186,36 @@ def pretrain_key(
         trainer.batch_size,
         seed,
         trainer.precision,
+        *([] if aligned is None else ["probe of aligned encoder", aligned]),
     )
+
+
+def align_key(
+    encoder_configs: Mapping[str, Any],
+    datasets: Mapping[str, Any],
+    trainer: TrainerConfig,
+    seed: int,
+) -> str:
+    """What the alignment stage's encoders depend on: the aligned encoders' configs (with
+    their files' contents), the train and val data, the stage's settings and the seed."""
+    return fingerprint(
+        "align",
+        {m: with_file_contents(c) for m, c in encoder_configs.items()},
+        data_key(datasets["train"]),
+        data_key(datasets["val"]),
+        dataclasses.asdict(trainer.align),
+        trainer.batch_size,
+        seed,
+        trainer.precision,
+    )
+
+
+def retrieval_labels(tasks: Mapping[str, Task]) -> Callable[[Batch], torch.Tensor | None]:
+    """Retrieval by label (an item of the same class is a hit) when the data has one
+    multiclass or binary task, else by pair."""
+    kinds = [t.kind for t in tasks.values()]
+    by_label = len(kinds) == 1 and kinds[0] in CLASSIFICATION
+    return lambda batch: batch.targets if by_label else None
 
 
 PATTERN_SETTINGS = ("lr_mult", "weight_decay_for")
@@ -331,6 +375,8 @@ class Recipe:
         self.objectives = self.objectives_for(self.tasks)
         self.eval_splits = [s for s in self.datasets if s != "train"]
         self.rows: list[Row] = []  # the results table's lines, once `run` has finished
+        self.aligned: str | None = None  # the alignment stage's key, once it has run
+        self.align_summary: dict[str, float] = {}
         self.precision = resolve_precision(trainer.precision, device)
 
     def objectives_for(self, tasks: Mapping[str, Task]) -> dict[str, Objective]:
@@ -434,6 +480,68 @@ class Recipe:
         check_patterns("pretrain", self.trainer.pretrain, stage1)
         check_patterns("fuse", self.trainer.fuse, [fused])
         self.check_monitors()
+        self.align_pairs()
+
+    def align_pairs(self) -> list[tuple[str, str]]:
+        """`trainer.align.pairs` as modality pairs of the data (none without alignment)."""
+        if self.trainer.align is None:
+            return []
+        try:
+            return check_pairs(self.trainer.align.pairs, list(self.spec.encoders))
+        except ValueError as err:
+            key, reason = str(err).split(": ", 1)
+            raise ConfigError(f"config key 'trainer.align.{key}': {reason}") from None
+
+    def align(self, loaders: dict[str, DataLoader]) -> dict[str, Encoder]:
+        """The alignment stage (`trainer.align`): the pairs' encoders trained together with
+        InfoNCE (or reused from a checkpoint of the same key), and their retrieval metrics
+        on every evaluated split for the summary (`<split>/align/<a>_to_<b>/R@1`, ...)."""
+        settings = self.trainer.align
+        pairs = self.align_pairs()
+        modalities = list(dict.fromkeys(m for pair in pairs for m in pair))
+        configs = {m: self.spec.encoder_configs.get(m) for m in modalities}
+        key = align_key(configs, self.datasets, self.trainer, self.seed)
+        path = self.outputs.pretrained_dir / f"align-{key}.pt"
+        model = AlignmentModel(
+            {m: self.spec.encoders[m]() for m in modalities},
+            pairs,
+            settings.projection_dim,
+            settings.temperature,
+        )
+        labels = retrieval_labels(self.tasks)
+        state = None
+        if self.trainer.pretrain.reuse and path.is_file():
+            try:
+                state = load_checkpoint(path, required=("model", "fingerprint"))
+            except CheckpointError as err:
+                log.warning("align: %s; aligning again", err)
+        if state is not None and state["fingerprint"] == key:
+            model.load_state_dict(state["model"])
+            log.info("align: reusing %s", path)
+        else:
+            reseed(self.seed, loaders, self.distributed)
+            log.info("align: training %s with InfoNCE", ", ".join(map(pair_name, pairs)))
+            tracker = self.tracker
+            result = fit_alignment(
+                model,
+                loaders["train"],
+                loaders["val"],
+                epochs=settings.epochs,
+                lr=settings.lr,
+                weight_decay=settings.weight_decay,
+                device=self.device,
+                labels=labels,
+                on_epoch=lambda _, m: tracker.log({f"align/{k}": v for k, v in m.items()}),
+            )
+            save_checkpoint(path, {"model": model.cpu().state_dict(), "fingerprint": key,
+                                   "best": result.best})  # fmt: skip
+            model.to(self.device)
+        for split in self.eval_splits:
+            self.align_summary.update(
+                evaluate_alignment(model, loaders[split], self.device, labels, f"{split}/align")
+            )
+        self.aligned = key
+        return {m: model.encoders[m] for m in modalities}
 
     def check_monitors(self) -> None:
         """Each stage's `monitor` is a metric that stage computes for every model it trains
@@ -450,14 +558,22 @@ class Recipe:
                     raise ConfigError(f"config key 'trainer.{name}.monitor': {err}") from None
 
     def pretrain(
-        self, modality: str, encoder: Encoder, loaders: dict[str, DataLoader]
+        self,
+        modality: str,
+        encoder: Encoder,
+        loaders: dict[str, DataLoader],
+        aligned: bool = False,
     ) -> tuple[Path, MultimodalModel]:
-        """Stage 1 for one modality; returns the checkpoint and the trained unimodal model."""
+        """Stage 1 for one modality; returns the checkpoint and the trained unimodal model.
+        An `aligned` encoder stays frozen: only its linear probe trains."""
         target = stage1_target(self.train_data, modality)
         key = pretrain_key(
-            self.spec.encoder_configs.get(modality), self.datasets, target, self.trainer, self.seed
-        )
+            self.spec.encoder_configs.get(modality), self.datasets, target, self.trainer,
+            self.seed, self.aligned if aligned else None,
+        )  # fmt: skip
         path = self.outputs.pretrained_dir / f"{modality}-{key}.pt"
+        if aligned:
+            encoder.freeze()
         model = unimodal_model(encoder, modality, target[1])
         model.to(self.device)
         state = None
@@ -527,8 +643,12 @@ class Recipe:
         rows: list[Row] = []
         checkpoints = {}
         self.check_encoders()
+        aligned = self.align(loaders) if self.trainer.align is not None else {}
         for modality, build in self.spec.encoders.items():
-            checkpoints[modality], unimodal = self.pretrain(modality, build(), loaders)
+            encoder = aligned.get(modality) or build()
+            checkpoints[modality], unimodal = self.pretrain(
+                modality, encoder, loaders, aligned=modality in aligned
+            )
             unimodal.encoders[modality].freeze()  # only evaluated from here on: cacheable
             evaluation = self.loaders(unimodal, {s: self.datasets[s] for s in self.eval_splits})
             name, tasks = stage1_target(self.train_data, modality)
@@ -598,6 +718,7 @@ class Recipe:
             tasks=list(self.tasks),
             metric=main_metric(self.objectives),
         )
+        summary.update(self.align_summary)
         summary["checkpoints"] = {m: str(p) for m, p in checkpoints.items()}
         self.tracker.update_summary(summary)
         self.rows = rows

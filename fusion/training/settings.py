@@ -92,6 +92,20 @@ class FuseConfig(StageConfig):
 
 
 @dataclass
+class AlignConfig:
+    """Contrastive alignment before stage 1 (`fusion.training.align`): the encoders of
+    `pairs` are trained together with InfoNCE, then stage 1 trains only a linear probe on
+    each aligned (frozen) encoder."""
+
+    pairs: list[list[str]] = field(default_factory=list)
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    projection_dim: int = 64
+    temperature: float = 0.07
+
+
+@dataclass
 class FeatureCacheConfig:
     enabled: bool = True
     dtype: str = "float32"
@@ -114,6 +128,7 @@ class TrainerConfig:
     persistent_workers: bool = False
     prefetch_factor: int | None = None
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+    align: AlignConfig | None = None
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     resume: str | None = None
@@ -123,6 +138,21 @@ class TrainerConfig:
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DEVICES = "auto, cpu, cuda, cuda:N (N a GPU index) or mps"
+
+
+def check_align(align: AlignConfig, fail: Callable[[str, str], None]) -> None:
+    """The alignment stage's numbers (its pairs are checked against the data's modalities)."""
+    if not align.pairs:
+        fail("align.pairs", "expected at least one pair of modalities, e.g. [[image, audio]]")
+    for key in ("epochs", "projection_dim"):
+        if getattr(align, key) < 1:
+            fail(f"align.{key}", f"expected >= 1, got {getattr(align, key)}")
+    for key, low in (("lr", 0.0), ("temperature", 0.0)):
+        value = getattr(align, key)
+        if not low < value < math.inf:
+            fail(f"align.{key}", f"expected a finite number > 0, got {value}")
+    if not 0 <= align.weight_decay < math.inf:
+        fail("align.weight_decay", f"expected a finite number >= 0, got {align.weight_decay}")
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
@@ -135,6 +165,10 @@ def check_trainer(trainer: TrainerConfig) -> None:
     check_guards(trainer)
     for stage in ("pretrain", "fuse"):
         check_stage(stage, getattr(trainer, stage), fail)
+    if trainer.align is not None:
+        check_align(trainer.align, fail)
+        if trainer.strategy == "ddp":
+            fail("align", "the alignment stage runs in one process; use strategy=single")
     if trainer.fuse.unfreeze is not None:
         for key, value in dataclasses.asdict(trainer.fuse.unfreeze).items():
             if value < 1:
