@@ -105,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
         parser.error(f"--max-samples must be a positive integer, got {args.max_samples}")
+    folder = Path(args.out_dir)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        parser.error(f"argument out_dir: expected a folder, but {blocking} is a file")
     try:
         return export(args.out_dir, args.max_samples, args.seed, args.overwrite)
     except FileExistsError as err:

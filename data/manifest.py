@@ -513,7 +513,7 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
     if task.kind in CLASSES:
         warn_target_copies(frame, kinds, labels, settings.target, source)
     refuse_untrained_columns(frame, kinds, split_of, source)
-    cells, escapes = input_cells(frame, kinds, source.parent)
+    cells, escapes = input_cells(frame, kinds, source, row_numbers)
     tabular = encode_tabular(frame, kinds, split_of, row_numbers, source)
     files = [(c, cells[c]) for c, kind in kinds.items() if kind in FILE_KINDS]
     table = Table(
@@ -717,15 +717,15 @@ def classify(
 
 
 def input_cells(
-    frame: pd.DataFrame, kinds: Mapping[str, str], folder: Path
+    frame: pd.DataFrame, kinds: Mapping[str, str], source: Path, row_numbers: np.ndarray
 ) -> tuple[dict[str, list[str | None]], int]:
     """Each image and audio column's file paths and each text column's texts (`None` for
-    an empty cell), and how many paths leave `folder` through '..'."""
+    an empty cell), and how many paths leave the manifest's folder through '..'."""
     cells: dict[str, list[str | None]] = {}
     escapes = 0
     for column, kind in kinds.items():
         if kind in FILE_KINDS:
-            cells[column], outside = file_cells(frame[column], folder)
+            cells[column], outside = file_cells(frame[column], source, row_numbers)
             escapes += outside
         elif kind == "text":
             cells[column] = [_cell_text(v) if _is_filled(v) else None for v in frame[column]]
@@ -1339,16 +1339,27 @@ def stratified_parts(labels: np.ndarray, fractions: Sequence[float], seed: int) 
 # ----------------------------------------------------------------------------- files
 
 
-def file_cells(series: pd.Series, folder: Path) -> tuple[list[str | None], int]:
-    """Each row's file path (relative ones read from `folder`), and how many leave it
-    through '..' (allowed, but worth a line in the summary)."""
+def file_cells(
+    series: pd.Series, source: Path, row_numbers: np.ndarray
+) -> tuple[list[str | None], int]:
+    """Each row's file path (relative ones read from the manifest's folder), and how many
+    leave it through '..' (allowed, but worth a line in the summary). A path holding a
+    control character (a NUL, a tab) is refused, shown escaped: printed as is, it would
+    look like another file's name."""
     paths: list[str | None] = []
     leaving = 0
-    for value in series:
+    folder = source.parent
+    for value, row in zip(series, row_numbers, strict=True):
         if not _is_filled(value):
             paths.append(None)
             continue
-        path = Path(os.path.expanduser(_cell_text(value)))
+        text = _cell_text(value)
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise ValueError(
+                f"manifest {source}, data row {row}, column '{series.name}': the path {text!r} "
+                "holds a control character; expected a file path"
+            )
+        path = Path(os.path.expanduser(text))
         if not path.is_absolute():
             leaving += Path(os.path.normpath(path)).parts[:1] == ("..",)
             path = folder / path

@@ -162,6 +162,37 @@ CASES = [
     ("+data.augmnt=true", "data.augmnt", "['augment']"),
     ("data.augment=maybe", "data.augment", "'maybe'"),
     ("data.task=whic", "data.task", "whic"),
+    # optimizer and scheduler values torch refuses, and rates a schedule drives below zero
+    (
+        "trainer.fuse.scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true}",
+        "trainer.fuse.scheduler",
+        "missing 1 required positional argument: 'step_size'",
+    ),
+    (
+        "trainer.fuse.scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:abc}",
+        "trainer.fuse.scheduler",
+        "fails stepping after epoch 1",
+    ),
+    (
+        "trainer.fuse.epochs=3 trainer.fuse.scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1,gamma:-2}",
+        "trainer.fuse.scheduler",
+        "gives the learning rate -0.002 at epoch 2 of 3",
+    ),
+    (
+        "trainer.pretrain.optimizer={_target_:torch.optim.Adam,_partial_:true,betas:[0.9]}",
+        "trainer.pretrain.optimizer",
+        "cannot be built",
+    ),
+    (
+        "trainer.fuse.optimizer={_target_:torch.optim.SGD,_partial_:true,momentum:-0.5}",
+        "trainer.fuse.optimizer",
+        "Invalid momentum value: -0.5",
+    ),
+    (
+        "trainer.fuse.optimizer={_target_:torch.optim.Adam,_partial_:true,eps:-1.0}",
+        "trainer.fuse.optimizer",
+        "Invalid epsilon value: -1.0",
+    ),
     # the alignment stage
     ("trainer.align={pairs:[[image,text]]}", "trainer.align.pairs[0]", "no modality 'text'"),
     ("trainer.align={pairs:[[image,image]]}", "trainer.align.pairs[0]", "got [image, image]"),

@@ -181,7 +181,7 @@ def test_the_entry_point_checks_before_the_recipe_runs(monkeypatch, tmp_path):
         (["model/fusion=gatd"], "config group 'model/fusion': no option 'gatd'; did you mean ['gated']?"),
         (["-m", "trainer.fuse.lr=0.1,-1", "seed=1,2"], "config key 'trainer.fuse.lr': expected a finite number > 0, got -1.0 (multirun job trainer.fuse.lr=-1 seed=1)"),
         (["--multirun", "seed=0,-5"], "config key 'seed': expected an integer in [0, 4294967295], got -5 (multirun job seed=-5)"),
-        (["-m", "data.task=digit,whch"], "config key 'data.task' (data.avdigits.AVDigits, split 'train'): data.task: expected one of ['digit', 'same', 'which', 'multitask'], found 'whch' (multirun job data.task=whch)"),
+        (["-m", "data.task=digit,whch"], "config key 'data.task' (data.avdigits.AVDigits, split 'train'): data.task: expected one of ['digit', 'same', 'which', 'multitask', 'sum', 'digits', 'mixed'], found 'whch' (multirun job data.task=whch)"),
         (["-m", "debug=default", "model.modality_dropout={image: 0.3},{imag: 0.3}"], "config key 'model.modality_dropout.imag': the data has no modality 'imag'; did you mean ['image']?; its modalities are ['image', 'audio'] (multirun job model.modality_dropout={imag:0.3})"),
         (["-m", "debug=default", "model/head=moe", "model.head.num_experts=2,0"], "config key 'model.head.num_experts' (fusion.heads.MixtureOfExpertsHead): num_experts must be a positive integer, got 0"),
         (["-m", "debug=default", "model/fusion=film", "model.fusion.conditioner=audio,video"], "config key 'model.fusion.conditioner' (fusion.fusers.FiLMFuser): conditioner must be one of the modalities ['image', 'audio'], got 'video'"),

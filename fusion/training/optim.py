@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -116,3 +116,58 @@ def build_schedule(
         optimizer, start_factor=1 / (warmup_epochs + 1), total_iters=warmup_epochs
     )
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], [warmup_epochs])
+
+
+def check_rates(
+    optimizer_spec: Mapping[str, Any] | None,
+    scheduler_spec: Mapping[str, Any] | None,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    warmup_epochs: int = 0,
+) -> None:
+    """Build the stage's optimizer and schedule on one stand-in parameter and step through
+    its epochs: ValueError naming `optimizer` or `scheduler` when torch refuses a value or
+    misses an argument (`StepLR` without `step_size`, Adam's `betas: [0.9]`), or when an
+    epoch's learning rate is negative or not finite (`gamma: -2` would ascend the loss).
+    Specs are already `resolve`d."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    groups = [{"params": [parameter], "lr": lr, "weight_decay": weight_decay}]
+    optimizer = _built(
+        "optimizer",
+        optimizer_spec,
+        lambda: build_optimizer(optimizer_spec, groups, lr, weight_decay),
+    )
+    schedule = _built(
+        "scheduler",
+        scheduler_spec,
+        lambda: build_schedule(optimizer, scheduler_spec, epochs, warmup_epochs),
+    )
+    for epoch in range(1, epochs + 1):
+        rate = optimizer.param_groups[0]["lr"]
+        if not (rate >= 0 and rate < float("inf")):
+            target = scheduler_spec["_target_"] if scheduler_spec else "the schedule"
+            raise ValueError(
+                f"scheduler: {target} gives the learning rate {rate:g} at epoch {epoch} of "
+                f"{epochs} (from lr {lr:g}); every epoch's rate must be a finite number >= 0"
+            )
+        optimizer.step()
+        try:
+            schedule.step()
+        except (TypeError, ValueError, IndexError, KeyError) as err:
+            target = scheduler_spec["_target_"] if scheduler_spec else "the schedule"
+            raise ValueError(
+                f"scheduler: {target} fails stepping after epoch {epoch} with "
+                f"{dict(scheduler_spec or {})}: {err}"
+            ) from None
+
+
+def _built(kind: str, spec: Mapping[str, Any] | None, build: Callable[[], Any]) -> Any:
+    """`build()`, or ValueError naming `kind` and the spec when torch refuses it."""
+    try:
+        return build()
+    except (TypeError, ValueError, IndexError, KeyError) as err:
+        target = spec["_target_"] if spec else kind
+        raise ValueError(
+            f"{kind}: {target} cannot be built from {dict(spec or {})}: {err}"
+        ) from None

@@ -19,7 +19,7 @@ from fusion.tasks import Objective
 from fusion.training.distributed import BACKENDS
 from fusion.training.loop import NONFINITE
 from fusion.training.monitor import Monitor, default_monitor
-from fusion.training.optim import resolve, takes_weight_decay
+from fusion.training.optim import check_rates, resolve, takes_weight_decay
 from fusion.training.precision import PRECISIONS, Precision
 
 
@@ -255,6 +255,14 @@ def check_stage(name: str, stage: StageConfig, fail: Callable[[str, str], None])
             f"expected 0 to {stage.epochs - 1} (fewer than the stage's epochs), "
             f"got {stage.warmup_epochs}",
         )
+    try:
+        check_rates(
+            stage.optimizer, stage.scheduler, stage.lr, stage.weight_decay, stage.epochs,
+            stage.warmup_epochs,
+        )  # fmt: skip
+    except ValueError as err:
+        key, _, message = str(err).partition(": ")
+        fail(f"{name}.{key}", message)
     if stage.early_stopping is not None:
         if stage.early_stopping.patience < 1:
             fail(

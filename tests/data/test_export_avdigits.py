@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 import torch
 
 from data.avdigits import AVDigits
@@ -49,3 +50,13 @@ def test_an_export_refuses_a_folder_holding_files_it_would_overwrite(tmp_path, c
     assert not (mine / "audio").exists()
     main([str(mine), "--max-samples", "2", "--overwrite"])
     assert (mine / "manifest.csv").read_text().startswith("image,audio,label,split")
+
+
+def test_an_export_into_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.csv").write_text("mine")
+    for out in (tmp_path / "notes.csv", tmp_path / "notes.csv" / "sub"):
+        with pytest.raises(SystemExit):
+            main([str(out), "--max-samples", "2"])
+        err = capsys.readouterr().err
+        assert f"argument out_dir: expected a folder, but {tmp_path / 'notes.csv'} is a file" in err
+    assert (tmp_path / "notes.csv").read_text() == "mine"

@@ -1078,3 +1078,14 @@ def test_a_resume_check_names_only_the_changed_split_and_its_file(manifest, fold
     assert data_changes(state, now) == (
         "split 'test' changed; the train and val splits are unchanged"
     )
+
+
+def test_a_path_with_a_control_character_is_refused_shown_escaped(manifest, frame):
+    frame.loc[2, "photo"] = "img/a.png\x00.jpg"
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError) as err:
+        build(manifest)
+    assert str(err.value) == (
+        f"manifest {manifest}, data row 3, column 'photo': the path 'img/a.png\\x00.jpg' holds "
+        "a control character; expected a file path"
+    )
