@@ -56,6 +56,7 @@ def test_a_stopped_ddp_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert summaries[0] == summaries[1]
 
 
+@pytest.mark.slow  # 25 s: three DDP launches; DDP training itself is in the default suite
 def test_uneven_global_batch_and_missing_strategy_are_named(stage1_dir, tmp_path):
     result = torchrun(tmp_path, "trainer.batch_size=25")
     assert result.returncode != 0

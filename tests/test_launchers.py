@@ -99,6 +99,7 @@ def test_two_jobs_through_the_submitit_local_launcher(stage1_dir, tmp_path):
     assert len(logs) == 2 and all("fused test accuracy" in p.read_text() for p in logs)
 
 
+@pytest.mark.slow  # 24 s; DDP through the plain launcher is in the default suite
 def test_ddp_job_with_two_tasks_through_the_submitit_local_launcher(stage1_dir, tmp_path):
     """What a SLURM job with two tasks per node does: both tasks run the entry point, take
     their ranks from submitit's environment, train together and share the job directory."""

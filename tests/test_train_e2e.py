@@ -72,6 +72,7 @@ def test_same_seed_same_metrics(run_dir, tmp_path):
     assert summary_of(again) == summary_of(run_dir)
 
 
+@pytest.mark.slow  # in-process: tests/fusion/test_feature_cache.py (cached training equals uncached)
 def test_feature_cache_gives_the_uncached_result(stage1_dir, tmp_path):
     def summary(name, *overrides):
         result, run_dir = train(tmp_path, name, "model/fusion=lmf", *overrides, stage1=stage1_dir)
@@ -269,6 +270,7 @@ def test_condition_out_of_range_is_named(stage1_dir, tmp_path):
     assert "condition" in result.stderr and "1 head" in result.stderr
 
 
+@pytest.mark.slow  # in-process: tests/fusion/test_training.py (resumed fit ends where one does)
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(stage1_dir, tmp_path):
     def run(name, *overrides):
         return train(tmp_path, name, "trainer.fuse.epochs=3", *overrides, stage1=stage1_dir)
