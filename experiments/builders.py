@@ -433,8 +433,7 @@ def check_task_settings(cfg: DictConfig, tasks: Mapping[str, Task]) -> None:
     try:
         objectives_for(tasks, task_settings(cfg))
     except ValueError as err:
-        key, reason = str(err).split(": ", 1)
-        raise ConfigError(f"config key '{key}': {reason}") from None
+        raise ConfigError.keyed(err) from None
 
 
 def check_align_pairs(cfg: DictConfig, modalities: Mapping[str, Modality]) -> None:
@@ -444,8 +443,7 @@ def check_align_pairs(cfg: DictConfig, modalities: Mapping[str, Modality]) -> No
     try:
         check_pairs(OmegaConf.to_container(cfg.trainer.align.pairs), list(modalities))
     except ValueError as err:
-        key, reason = str(err).split(": ", 1)
-        raise ConfigError(f"config key 'trainer.align.{key}': {reason}") from None
+        raise ConfigError.keyed(err, "trainer.align.") from None
 
 
 def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:

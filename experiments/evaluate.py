@@ -376,10 +376,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         objectives = objectives_for(train.tasks, task_settings(cfg))
     except ValueError as err:
-        key, reason = str(err).split(": ", 1)
-        raise EvaluateError(
-            f"{args.run_dir / 'config.yaml'}: config key '{key}': {reason}"
-        ) from None
+        raise EvaluateError(f"{args.run_dir / 'config.yaml'}: {ConfigError.keyed(err)}") from None
     evaluator = Evaluator(
         model, loaders, args.split, cfg.seed, args.device, cfg.trainer.precision, objectives
     )

@@ -388,8 +388,7 @@ class Recipe:
         try:
             return objectives_for(tasks, settings)
         except ValueError as err:
-            key, reason = str(err).split(": ", 1)
-            raise ConfigError(f"config key '{key}': {reason}") from None
+            raise ConfigError.keyed(err) from None
 
     def loaders(self, model: MultimodalModel, datasets: Mapping[str, Any]) -> dict[str, DataLoader]:
         return cached_loaders(
@@ -489,8 +488,7 @@ class Recipe:
         try:
             return check_pairs(self.trainer.align.pairs, list(self.spec.encoders))
         except ValueError as err:
-            key, reason = str(err).split(": ", 1)
-            raise ConfigError(f"config key 'trainer.align.{key}': {reason}") from None
+            raise ConfigError.keyed(err, "trainer.align.") from None
 
     def align(self, loaders: dict[str, DataLoader]) -> dict[str, Encoder]:
         """The alignment stage (`trainer.align`): the pairs' encoders trained together with

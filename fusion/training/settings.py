@@ -26,6 +26,12 @@ from fusion.training.precision import PRECISIONS, Precision
 class ConfigError(ValueError):
     """A setting that cannot work; the message names its key (`trainer.batch_size`, ...)."""
 
+    @classmethod
+    def keyed(cls, err: ValueError, prefix: str = "") -> ConfigError:
+        """From a library error worded `<key>: <reason>`: `config key '<prefix><key>': <reason>`."""
+        key, _, reason = str(err).partition(": ")
+        return cls(f"config key '{prefix}{key}': {reason}")
+
 
 @dataclass
 class UnfreezeConfig:
