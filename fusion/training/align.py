@@ -105,7 +105,10 @@ class AlignmentModel(nn.Module):
         return out
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        embedded = self.embed(batch)
+        return self.loss(self.embed(batch))
+
+    def loss(self, embedded: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The mean of the pairs' InfoNCE over `embed`'s output."""
         losses = []
         for a, b in self.pairs:
             (ea, pa), (eb, pb) = embedded[a], embedded[b]
@@ -143,7 +146,7 @@ def evaluate_alignment(
     for batch in batches:
         batch = batch.to(device)
         embedded = model.embed(batch)
-        total += float(model(batch)) * len(batch)
+        total += float(model.loss(embedded)) * len(batch)
         count += len(batch)
         y = labels(batch)
         for a, b in model.pairs:

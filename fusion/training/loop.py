@@ -159,9 +159,10 @@ class _Tally:
         for task, (objective, preds, y) in scored.items():
             if task not in self.metrics:
                 self.objectives[task] = objective
-                self.metrics[task] = objective.build_metrics(sync=self.distributed.enabled)
+                built = objective.build_metrics(sync=self.distributed.enabled)
+                self.metrics[task] = {n: m.to(preds.device) for n, m in built.items()}
             for metric in self.metrics[task].values():
-                metric.to(preds.device).update(preds, y)
+                metric.update(preds, y)
 
     def result(self) -> EpochMetrics:
         """The pass's metrics over the samples of every process (all of them take part)."""
