@@ -89,6 +89,7 @@ CATEGORICAL_MAX_CHARS = 40  # and so does any value longer than this
 REGRESSION_MIN_VALUES = 20  # a float target with more distinct fractional values is refused
 TARGET_KINDS = ("auto", "multiclass", "binary", "multilabel", "regression")
 CLASSES = ("multiclass", "binary")  # kinds whose target is one class per row
+DEFAULT_SEPARATOR = "|"  # joins the labels of a multilabel cell
 REGRESSION_STRATA = 10  # a regression target's split is stratified over this many quantiles
 IMAGE_STATS_SAMPLES = 500
 DECODE_THREADS = 8  # files decoded at once by the file check
@@ -117,7 +118,7 @@ class ManifestSettings:
     audio_crop: str
     check_files: bool
     target_kind: str = "auto"
-    label_separator: str = "|"
+    label_separator: str = DEFAULT_SEPARATOR
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,7 @@ class ManifestDataset(MultimodalDataset):
         max_samples: int | None = None,
         check_files: bool = True,
         target_kind: str = "auto",
-        label_separator: str = "|",
+        label_separator: str = DEFAULT_SEPARATOR,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
@@ -1111,6 +1112,15 @@ def read_label_sets(
                 f"lists label names, found {value!r}"
             )
         out.append(tuple(dict.fromkeys(str(n).strip() for n in names if str(n).strip())))
+    texts = [str(v) for v in series if isinstance(v, str) and not _written_list(v)]
+    other = [t for t in texts if DEFAULT_SEPARATOR in t]
+    if sep != DEFAULT_SEPARATOR and other and not any(sep in t for t in texts):
+        log.warning(
+            "target '%s' in %s: label_separator is %r, which no cell holds, but %d cells hold "
+            "'%s' (%r), so each reads as one label; is the separator '%s'?",
+            series.name, source.name, sep, len(other), DEFAULT_SEPARATOR, other[0],
+            DEFAULT_SEPARATOR,
+        )  # fmt: skip
     return out
 
 
@@ -1180,13 +1190,16 @@ def read_targets(series: pd.Series, data_rows: np.ndarray, source: Path) -> list
                 f"target '{series.name}' in {source}, data row {row}: expected one class name "
                 f"or code, found a {type(value).__name__} {value!r}"
             )
-    listed = [i for i, v in enumerate(series) if _is_filled(v) and _written_list(v)]
+    lists = [i for i, v in enumerate(series) if _is_filled(v) and _written_list(v)]
+    joined = [i for i, v in enumerate(series) if _is_filled(v) and DEFAULT_SEPARATOR in str(v)]
+    listed = sorted(set(lists) | set(joined))
     count = int(series.map(_is_filled).sum())
     if listed and len(listed) > count / 2:
         first = listed[0]
+        what = "lists" if not joined else f"lists or label sets joined by '{DEFAULT_SEPARATOR}'"
         raise ValueError(
             f"target '{series.name}' in {source}: {len(listed)} of its {count} values are "
-            f"lists (data row {data_rows[first]}: {_cell_text(series.iloc[first])!r}); "
+            f"{what} (data row {data_rows[first]}: {_cell_text(series.iloc[first])!r}); "
             "each distinct list would be a class of its own: for several labels per row, set "
             "data.target_kind=multilabel; else give one class name or code per row"
         )

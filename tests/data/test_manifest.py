@@ -1089,3 +1089,22 @@ def test_a_path_with_a_control_character_is_refused_shown_escaped(manifest, fram
         f"manifest {manifest}, data row 3, column 'photo': the path 'img/a.png\\x00.jpg' holds "
         "a control character; expected a file path"
     )
+
+
+def test_label_sets_under_auto_are_refused_and_a_separator_they_do_not_use_is_said(
+    manifest, frame, caplog
+):
+    frame["label"] = ["cat|dog", "[]", "dog", "cat|bird"] * (len(frame) // 4) + ["cat"] * (
+        len(frame) % 4
+    )
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError) as err:
+        build(manifest)
+    assert "values are lists or label sets joined by '|' (data row 1: 'cat|dog')" in str(err.value)
+    assert "set data.target_kind=multilabel" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        build(manifest, target_kind="multilabel", label_separator=";")
+    assert (
+        "label_separator is ';', which no cell holds, but 4 cells hold '|' ('cat|dog'), so each "
+        "reads as one label; is the separator '|'?" in caplog.text
+    )
