@@ -74,11 +74,16 @@ def validate(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         reason = str(err).splitlines()[0]
-        hint = unknown_key_hint(key, cfg) if isinstance(err, ConfigKeyError) else ""
-        owner = getattr(err, "object_type", None)  # the schema class, when the config has none
-        if not hint and isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(owner):
+        owner = getattr(err, "object_type", None)  # the schema class of the key's parent
+        hint = ""
+        if isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(owner):
+            # the settings of the key's own section first (trainer.align.epoch -> epochs)
             settings = [f.name for f in dataclasses.fields(owner)]
-            hint = close_matches(key.rpartition(".")[2], settings) or f"; it takes {settings}"
+            hint = close_matches(key.rpartition(".")[2], settings)
+        if isinstance(err, ConfigKeyError) and not hint:
+            hint = unknown_key_hint(key, cfg)
+        if not hint and isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(owner):
+            hint = f"; it takes {[f.name for f in dataclasses.fields(owner)]}"
         raise ConfigError(f"config key '{key}': {reason}{hint}") from None
     if checked.logger.mode not in ("online", "offline", "disabled"):
         raise ConfigError(
