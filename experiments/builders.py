@@ -32,10 +32,10 @@ from omegaconf.errors import ConfigAttributeError
 from torch import nn
 
 from experiments.schema import close_matches, flatten, unknown_key_hint, validate
+from fusion.contrastive import check_pairs
 from fusion.data import Modality, Task, check_dataset, output_sizes
 from fusion.model import MultimodalModel
 from fusion.tasks import objectives_for
-from fusion.training.align import check_pairs
 from fusion.training.recipe import ModelSpec
 from fusion.training.settings import ConfigError, TrainerConfig
 
@@ -436,14 +436,19 @@ def check_task_settings(cfg: DictConfig, tasks: Mapping[str, Task]) -> None:
         raise ConfigError.keyed(err) from None
 
 
-def check_align_pairs(cfg: DictConfig, modalities: Mapping[str, Modality]) -> None:
-    """`trainer.align.pairs` name pairs of the data's modalities."""
-    if cfg.trainer.get("align") is None:
-        return
-    try:
-        check_pairs(OmegaConf.to_container(cfg.trainer.align.pairs), list(modalities))
-    except ValueError as err:
-        raise ConfigError.keyed(err, "trainer.align.") from None
+def check_pairs_of(cfg: DictConfig, modalities: Mapping[str, Modality]) -> None:
+    """`trainer.align.pairs` and `trainer.fuse.auxiliary.pairs` name pairs of the data's
+    modalities."""
+    for key, settings in (
+        ("trainer.align", cfg.trainer.get("align")),
+        ("trainer.fuse.auxiliary", cfg.trainer.fuse.get("auxiliary")),
+    ):
+        if settings is None or (key.endswith("auxiliary") and not settings.pairs):
+            continue
+        try:
+            check_pairs(OmegaConf.to_container(settings.pairs), list(modalities))
+        except ValueError as err:
+            raise ConfigError.keyed(err, f"{key}.") from None
 
 
 def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
@@ -452,7 +457,7 @@ def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
     not after stage 1 has trained or when a file is saved."""
     train = datasets["train"]
     check_task_settings(cfg, train.tasks)
-    check_align_pairs(cfg, train.modalities)
+    check_pairs_of(cfg, train.modalities)
     check_modality_names("model.modality_dropout", cfg.model.modality_dropout, train.modalities)
     check_conditions(cfg, train)
     check_head_serves_tasks(cfg, train.tasks)

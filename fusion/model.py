@@ -222,11 +222,19 @@ class MultimodalModel(nn.Module):
         encoded: Set[str] = frozenset(),
     ) -> torch.Tensor:
         features = self.encode(inputs, encoded, present)
-        masks = self.output_masks(inputs, present, encoded)
+        return self.from_features(features, self.output_masks(inputs, present, encoded), condition)
+
+    def from_features(
+        self,
+        features: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor],
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The head's outputs from each modality's features and output mask (`encode`,
+        `output_masks`): modality dropout in training, the fuser, the head."""
         if self.training:
             masks = self.modality_dropout(masks, len(next(iter(features.values()))))
-        fused = self.fuser(features, masks)
-        return self.head(fused, condition)
+        return self.head(self.fuser(features, masks), condition)
 
     def example_inputs(self, batch_size: int = 2) -> dict[str, Any]:
         """A batch every encoder accepts, on the model's device, for dry runs."""

@@ -197,9 +197,39 @@ CASES = [
     ("trainer.align={pairs:[[image,text]]}", "trainer.align.pairs[0]", "no modality 'text'"),
     ("trainer.align={pairs:[[image,image]]}", "trainer.align.pairs[0]", "got [image, image]"),
     ("trainer.align={pairs:[]}", "trainer.align.pairs", "at least one pair"),
-    ("trainer.align={pairs:[[image,audio]],epoch:3}", "trainer.align.epoch", "did you mean ['epochs']"),
+    (
+        "trainer.align={pairs:[[image,audio]],epoch:3}",
+        "trainer.align.epoch",
+        "did you mean ['epochs']",
+    ),
     ("trainer.align={pairs:[[image,audio]],temperature:0}", "trainer.align.temperature", "got 0.0"),
-    ("trainer.align={pairs:[[image,audio]]} trainer.strategy=ddp", "trainer.align", "one process"),
+    # auxiliary losses in stage 2
+    ("trainer.fuse.auxiliary={unimodal:0.5}", "trainer.fuse.auxiliary", "unfreeze is null"),
+    (
+        "trainer.fuse.auxiliary={unimodal:-1} trainer.fuse.unfreeze={start_epoch:1}",
+        "trainer.fuse.auxiliary.unimodal",
+        "got -1.0",
+    ),
+    (
+        "trainer.fuse.auxiliary={} trainer.fuse.unfreeze={}",
+        "trainer.fuse.auxiliary",
+        "every weight is 0",
+    ),
+    (
+        "trainer.fuse.auxiliary={contrastive:0.1} trainer.fuse.unfreeze={}",
+        "trainer.fuse.auxiliary.pairs",
+        "expected pairs of modalities",
+    ),
+    (
+        "trainer.fuse.auxiliary={contrastive:0.1,pairs:[[image,text]]} trainer.fuse.unfreeze={}",
+        "trainer.fuse.auxiliary.pairs[0]",
+        "no modality 'text'",
+    ),
+    (
+        "trainer.fuse.auxiliary={unimodal:1,unimodl:2} trainer.fuse.unfreeze={}",
+        "trainer.fuse.auxiliary.unimodl",
+        "did you mean ['unimodal']",
+    ),
     # per-task losses and metrics
     (
         "data.task=sum +tasks.sum.label_smoothing=0.1",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.autonotebook import tqdm  # not tqdm.auto: it calls iter() twice per loop
 
+from fusion.auxiliary import trains_auxiliary
 from fusion.batch import Batch
 from fusion.data import TARGET_KEY, Task
 from fusion.surgery import param_groups
@@ -150,12 +151,21 @@ class _Tally:
     def __init__(self, distributed: Distributed = SINGLE) -> None:
         self.distributed = distributed
         self.loss, self.count = 0.0, 0
+        self.auxiliary: dict[str, float] = {}  # auxiliary losses (fusion.auxiliary), summed
         self.objectives: dict[str, Objective] = {}
         self.metrics: dict[str, dict[str, Any]] = {}
 
-    def add(self, loss: torch.Tensor, scored: Scored, n: int) -> None:
+    def add(
+        self,
+        loss: torch.Tensor,
+        scored: Scored,
+        n: int,
+        auxiliary: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self.loss += loss.item()
         self.count += n
+        for name, value in (auxiliary or {}).items():
+            self.auxiliary[name] = self.auxiliary.get(name, 0.0) + value.item()
         for task, (objective, preds, y) in scored.items():
             if task not in self.metrics:
                 self.objectives[task] = objective
@@ -166,7 +176,9 @@ class _Tally:
 
     def result(self) -> EpochMetrics:
         """The pass's metrics over the samples of every process (all of them take part)."""
-        loss, count = self.distributed.all_sum([self.loss, float(self.count)])
+        loss, count, *auxiliary = self.distributed.all_sum(
+            [self.loss, float(self.count), *self.auxiliary.values()]
+        )
         if count == 0:
             raise ValueError("no batches to compute metrics over")
         scores = {
@@ -174,6 +186,12 @@ class _Tally:
             for task, metrics in self.metrics.items()
             for name, metric in metrics.items()
         }
+        scores.update(
+            {
+                f"aux/{name}": total / count
+                for name, total in zip(self.auxiliary, auxiliary, strict=True)
+            }
+        )
         objectives = self.objectives
         main = main_metric(objectives) if objectives else LOSS_NAME
         if len(objectives) > 1 and main == "accuracy":
@@ -190,10 +208,13 @@ def _value(value: torch.Tensor) -> float:
     return float(value.float().mean())
 
 
-def forward(model: nn.Module, batch: Batch) -> Outputs:
-    if batch.encoded:
-        return model(batch.inputs, batch.present, batch.condition, encoded=batch.encoded)
-    return model(batch.inputs, batch.present, batch.condition)
+def forward(model: nn.Module, batch: Batch, targets: Any = None) -> Any:
+    """The model's outputs for `batch`; given `targets`, a model that trains auxiliary
+    losses (`fusion.auxiliary`) returns `(outputs, losses)`."""
+    kwargs: dict[str, Any] = {"encoded": batch.encoded} if batch.encoded else {}
+    if targets is not None:
+        kwargs["targets"] = targets
+    return model(batch.inputs, batch.present, batch.condition, **kwargs)
 
 
 @torch.no_grad()
@@ -294,7 +315,9 @@ def train_epoch(
     objectives: Mapping[str, Objective] | None = None,
 ) -> EpochMetrics:
     """One pass over `batches`; `scaler` scales fp16 losses (it passes others through).
-    `objectives` as in `evaluate`.
+    `objectives` as in `evaluate`. A model with auxiliary losses (`fusion.auxiliary`)
+    trains on their sum with the task loss; the metrics' `loss` is the task loss, and each
+    auxiliary loss's mean per sample is the score `aux/<name>`.
 
     The optimizer steps once per `accumulate` batches (and once for the batches left at
     the end) on the mean gradient over their samples, as one batch of them all would give
@@ -306,6 +329,7 @@ def train_epoch(
     """
     model.train()
     tally = _Tally(distributed)
+    auxiliary = trains_auxiliary(model)
     scaler = scaler or precision.grad_scaler()
     step = skipped = pending = 0  # pending: samples whose gradients await the next step
     optimizer.zero_grad(set_to_none=True)
@@ -314,9 +338,14 @@ def train_epoch(
     ):
         batch = batch.to(device)
         buffers = [b.clone() for b in model.buffers()] if nonfinite == "skip" else []
+        y = targets(batch)
         with precision.autocast():
-            outputs = forward(model, batch)
-        loss, scored = batch_loss(outputs, targets(batch), objectives, loss_weights)
+            outputs = forward(model, batch, y if auxiliary else None)
+        extra: dict[str, torch.Tensor] = {}
+        if auxiliary:
+            outputs, extra = outputs
+        task_loss, scored = batch_loss(outputs, y, objectives, loss_weights)
+        loss = task_loss + sum(extra.values()) if extra else task_loss
         if not finite_on_every_process(loss, distributed):
             if nonfinite != "skip":
                 raise nonfinite_loss_error(desc, epoch, step, loss, optimizer)
@@ -337,9 +366,9 @@ def train_epoch(
                 model, optimizer, scaler, pending if accumulate > 1 else 1, clip_grad_norm
             )
             pending = 0
-        tally.add(loss.detach(), scored, len(batch))
+        tally.add(task_loss.detach(), scored, len(batch), extra)
         if on_step is not None:
-            on_step(loss.item() / len(batch))
+            on_step(task_loss.item() / len(batch))
     if pending:
         optimizer_step(model, optimizer, scaler, pending, clip_grad_norm)
     if skipped and skipped == step:

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from fusion.auxiliary import AuxiliaryLosses, AuxiliaryTraining
 from fusion.batch import Batch, Collate
+from fusion.contrastive import check_pairs, pair_name
 from fusion.data import Task, file_digest, fingerprint, output_sizes
 from fusion.encoders.base import Encoder
 from fusion.freezing import GradualUnfreezing, set_trainable
@@ -42,13 +44,7 @@ from fusion.tasks import (
     objectives_for,
 )
 from fusion.tracking import Tracker
-from fusion.training.align import (
-    AlignmentModel,
-    check_pairs,
-    evaluate_alignment,
-    fit_alignment,
-    pair_name,
-)
+from fusion.training.align import AlignmentModel, evaluate_alignment, fit_alignment
 from fusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed
 from fusion.training.feature_cache import data_key
@@ -243,8 +239,13 @@ def check_patterns(stage_name: str, stage: StageConfig, models: Sequence[Multimo
                 )
 
 
-def optimizer_groups(model: MultimodalModel, stage: StageConfig) -> list[dict]:
-    """Parameter groups for one stage: lr multipliers, L2 per part, layer-wise decay."""
+def optimizer_groups(model: MultimodalModel | AuxiliaryTraining, stage: StageConfig) -> list[dict]:
+    """Parameter groups for one stage: lr multipliers, L2 per part, layer-wise decay. The
+    globs are on the model's parameter names; auxiliary heads (`fusion.auxiliary`) train at
+    the stage's lr and weight decay."""
+    if isinstance(model, AuxiliaryTraining):
+        extra = param_groups(model.auxiliary, lr=stage.lr, weight_decay=stage.weight_decay)
+        return optimizer_groups(model.model, stage) + extra
     return param_groups(
         model,
         lr=stage.lr,
@@ -404,7 +405,7 @@ class Recipe:
 
     def fit_stage(
         self,
-        model: MultimodalModel,
+        model: MultimodalModel | AuxiliaryTraining,
         loaders,
         stage: StageConfig,
         objectives: Mapping[str, Objective],
@@ -466,6 +467,7 @@ class Recipe:
                 for m, encoder in encoders.items()
             ]
             fused = build_model(self.spec, encoders, self.tasks)
+            self.with_auxiliary(fused)
         for modality, encoder in encoders.items():
             try:
                 encoder.check_input(batch.inputs[modality], modality)
@@ -480,6 +482,27 @@ class Recipe:
         check_patterns("fuse", self.trainer.fuse, [fused])
         self.check_monitors()
         self.align_pairs()
+
+    def with_auxiliary(self, model: MultimodalModel) -> MultimodalModel | AuxiliaryTraining:
+        """`model` with stage 2's auxiliary losses (`trainer.fuse.auxiliary`) for training,
+        or `model` itself without them."""
+        settings = self.trainer.fuse.auxiliary
+        if settings is None:
+            return model
+        try:
+            losses = AuxiliaryLosses(
+                {m: encoder.out_dim for m, encoder in model.encoders.items()},
+                self.objectives,
+                unimodal=settings.unimodal,
+                contrastive=settings.contrastive,
+                pairs=settings.pairs,
+                projection_dim=settings.projection_dim,
+                temperature=settings.temperature,
+                loss_weights=getattr(model.head, "loss_weights", None),
+            )
+        except ValueError as err:
+            raise ConfigError.keyed(err, "trainer.fuse.auxiliary.") from None
+        return AuxiliaryTraining(model, losses).to(self.device)
 
     def align_pairs(self) -> list[tuple[str, str]]:
         """`trainer.align.pairs` as modality pairs of the data (none without alignment)."""
@@ -514,9 +537,13 @@ class Recipe:
             except CheckpointError as err:
                 log.warning("align: %s; aligning again", err)
         if state is not None and state["fingerprint"] == key:
-            model.load_state_dict(state["model"])
-            log.info("align: reusing %s", path)
-        else:
+            try:
+                model.load_state_dict(state["model"])
+                log.info("align: reusing %s", path)
+            except RuntimeError as err:  # written by an older layout of the model
+                log.warning("align: %s does not fit the model (%s); aligning again", path, err)
+                state = None
+        if state is None or state["fingerprint"] != key:
             reseed(self.seed, loaders, self.distributed)
             log.info("align: training %s with InfoNCE", ", ".join(map(pair_name, pairs)))
             tracker = self.tracker
@@ -530,13 +557,18 @@ class Recipe:
                 device=self.device,
                 labels=labels,
                 on_epoch=lambda _, m: tracker.log({f"align/{k}": v for k, v in m.items()}),
+                distributed=self.distributed,
             )
-            save_checkpoint(path, {"model": model.cpu().state_dict(), "fingerprint": key,
-                                   "best": result.best})  # fmt: skip
-            model.to(self.device)
+            if self.distributed.is_main:
+                save_checkpoint(path, {"model": model.cpu().state_dict(), "fingerprint": key,
+                                       "best": result.best})  # fmt: skip
+                model.to(self.device)
+            self.distributed.barrier()
         for split in self.eval_splits:
             self.align_summary.update(
-                evaluate_alignment(model, loaders[split], self.device, labels, f"{split}/align")
+                evaluate_alignment(
+                    model, loaders[split], self.device, labels, f"{split}/align", self.distributed
+                )
             )
         self.aligned = key
         return {m: model.encoders[m] for m in modalities}
@@ -661,8 +693,9 @@ class Recipe:
         fuser_name = type(model.fuser).__name__
         summary_text = model.summary()
         self.tracker.log_text("model_summary", summary_text)
-        log.info("stage 2: training %s with frozen encoders\n%s", fuser_name, summary_text)
         fuse = self.trainer.fuse
+        encoders = "frozen" if fuse.unfreeze is None else "gradually thawed"
+        log.info("stage 2: training %s with %s encoders\n%s", fuser_name, encoders, summary_text)
         fuse_loaders = self.loaders(model, fuse_datasets(self.datasets, fuse.views))
         loss_weights = getattr(model.head, "loss_weights", None)
         self.tracker.watch(model, self.watch)
@@ -673,7 +706,7 @@ class Recipe:
         if resume is not None:
             log.info("stage 2: resuming %s after epoch %d", self.trainer.resume, resume["epoch"])
         result = self.fit_stage(
-            model,
+            self.with_auxiliary(model),
             fuse_loaders,
             fuse,
             self.objectives,

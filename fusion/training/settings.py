@@ -90,11 +90,25 @@ class PretrainConfig(StageConfig):
 
 
 @dataclass
+class AuxiliaryConfig:
+    """Losses beside the task loss in stage 2 (`fusion.auxiliary`), on each modality's
+    features: a unimodal head per modality (weight `unimodal`), and InfoNCE between
+    `pairs` (weight `contrastive`, with its projections and temperature)."""
+
+    unimodal: float = 0.0
+    contrastive: float = 0.0
+    pairs: list[list[str]] = field(default_factory=list)
+    projection_dim: int = 64
+    temperature: float = 0.07
+
+
+@dataclass
 class FuseConfig(StageConfig):
     """Stage 2: encoders frozen (or thawed gradually), fuser and head trained."""
 
     unfreeze: UnfreezeConfig | None = None
     views: int | None = 10
+    auxiliary: AuxiliaryConfig | None = None
 
 
 @dataclass
@@ -161,6 +175,37 @@ def check_align(align: AlignConfig, fail: Callable[[str, str], None]) -> None:
         fail("align.weight_decay", f"expected a finite number >= 0, got {align.weight_decay}")
 
 
+def check_auxiliary(fuse: FuseConfig, fail: Callable[[str, str], None]) -> None:
+    """Stage 2's auxiliary weights and settings (its pairs are checked against the data's
+    modalities). They reach the fused model only through its encoders, so without
+    `unfreeze` (encoders frozen throughout) they would change nothing, and are refused."""
+    aux = fuse.auxiliary
+    for key in ("unimodal", "contrastive"):
+        value = getattr(aux, key)
+        if not 0 <= value < math.inf:
+            fail(f"fuse.auxiliary.{key}", f"expected a finite weight >= 0, got {value}")
+    if not aux.unimodal and not aux.contrastive:
+        fail("fuse.auxiliary", "every weight is 0 (unimodal, contrastive): nothing to add")
+    if aux.contrastive and not aux.pairs:
+        fail(
+            "fuse.auxiliary.pairs",
+            "expected pairs of modalities, e.g. [[image, audio]]",
+        )
+    if aux.pairs and not aux.contrastive:
+        fail("fuse.auxiliary.contrastive", "pairs are set but their weight is 0")
+    if aux.projection_dim < 1:
+        fail("fuse.auxiliary.projection_dim", f"expected >= 1, got {aux.projection_dim}")
+    if not 0 < aux.temperature < math.inf:
+        fail("fuse.auxiliary.temperature", f"expected a finite number > 0, got {aux.temperature}")
+    if fuse.unfreeze is None:
+        fail(
+            "fuse.auxiliary",
+            "the encoders stay frozen in stage 2 (trainer.fuse.unfreeze is null), so losses "
+            "on their features would train only their own heads and change nothing in the "
+            "fused model; thaw the encoders, e.g. trainer.fuse.unfreeze={start_epoch: 1}",
+        )
+
+
 def check_trainer(trainer: TrainerConfig) -> None:
     """Raise `ConfigError` naming the first `trainer.*` setting that cannot work, so that it
     fails before anything is built rather than in stage 2 or when saving."""
@@ -173,8 +218,8 @@ def check_trainer(trainer: TrainerConfig) -> None:
         check_stage(stage, getattr(trainer, stage), fail)
     if trainer.align is not None:
         check_align(trainer.align, fail)
-        if trainer.strategy == "ddp":
-            fail("align", "the alignment stage runs in one process; use strategy=single")
+    if trainer.fuse.auxiliary is not None:
+        check_auxiliary(trainer.fuse, fail)
     if trainer.fuse.unfreeze is not None:
         for key, value in dataclasses.asdict(trainer.fuse.unfreeze).items():
             if value < 1:

@@ -1,11 +1,24 @@
 """The alignment stage: InfoNCE between encoders' projections, masks, retrieval, errors."""
 
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from fusion.batch import Batch
+from fusion.batch import Batch, collate
+from fusion.contrastive import check_pairs
+from fusion.encoders.base import Encoder
 from fusion.encoders.tabular import build_tabular_encoder
-from fusion.training.align import AlignmentModel, check_pairs, evaluate_alignment, fit_alignment
+from fusion.training.align import AlignmentModel, evaluate_alignment, fit_alignment
+from fusion.training.distributed import SINGLE, Distributed
+from fusion.training.sampling import EpochSampler
 
 CPU = torch.device("cpu")
 
@@ -91,3 +104,79 @@ def test_pairs_that_cannot_be_aligned_are_named(pairs, message):
     with pytest.raises(ValueError) as err:
         check_pairs(pairs, ["a", "b"])
     assert str(err.value) == message
+
+
+class PairedViews(Dataset):
+    """`views` as items (float64), with view 'b' missing from about a quarter of them."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        inputs, self.labels = views(n, seed)
+        self.a, self.b = inputs["a"].double(), inputs["b"].double()
+        self.missing = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.25
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"a": self.a[i], "b": None if self.missing[i] else self.b[i],
+                "label": int(self.labels[i])}  # fmt: skip
+
+
+def collate_float64(items: list[dict]) -> Batch:
+    batch = collate(items)  # float32 inputs, as the library's
+    return dataclasses.replace(batch, inputs={m: x.double() for m, x in batch.inputs.items()})
+
+
+def align_with(distributed: Distributed):
+    """Three epochs of alignment on global batches of 16 (each process: its share)."""
+
+    def loader(n: int, seed: int, train: bool) -> DataLoader:
+        sampler = EpochSampler(
+            n, shuffle=train, seed=0, rank=distributed.rank,
+            world_size=distributed.world_size, pad=train,
+        )  # fmt: skip
+        return DataLoader(
+            PairedViews(n, seed), batch_size=16 // distributed.world_size, sampler=sampler,
+            collate_fn=collate_float64,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    encoders = {  # no batch norm: its statistics are per process
+        m: Encoder(nn.Sequential(nn.Linear(4, 16), nn.ReLU()), input_shape=(4,)) for m in ("a", "b")
+    }
+    aligner = AlignmentModel(encoders, [["a", "b"]], projection_dim=8).double()
+    result = fit_alignment(
+        aligner, loader(96, 0, True), loader(40, 1, False), epochs=3, lr=1e-2,
+        weight_decay=0.01, device=CPU, labels=lambda b: b.targets, distributed=distributed,
+    )  # fmt: skip
+    return aligner, result
+
+
+def _align_worker(rank: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        aligner, result = align_with(Distributed(rank, 2))
+        torch.save({"model": aligner.state_dict(), "best": result.best}, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_align_as_one_on_the_same_global_batches(tmp_path):
+    """Under DDP each process holds half of every batch, with a different number of pairs
+    (view 'b' is missing at random); with the negatives gathered, the weights, the kept
+    epoch and the whole-split metrics are those of one process (float64: only the order of
+    the sums differs)."""
+    single, result = align_with(SINGLE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_align_worker, args=(port, tmp_path), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(saved["model"][name], value, rtol=0, atol=1e-10)
+        assert saved["best"].keys() == result.best.keys()
+        for key, value in result.best.items():
+            assert saved["best"][key] == pytest.approx(value, rel=1e-9), key

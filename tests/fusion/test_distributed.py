@@ -11,11 +11,14 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fusion.auxiliary import AuxiliaryLosses, AuxiliaryTraining
 from fusion.batch import collate
+from fusion.data import Task
 from fusion.encoders.base import Encoder
 from fusion.fusers import GatedFuser
 from fusion.heads import ClassificationHead, ConditionalHead
 from fusion.model import MultimodalModel
+from fusion.tasks import Objective
 from fusion.training import fit, load_checkpoint
 from fusion.training.distributed import SINGLE, Distributed, resolve_backend
 from fusion.training.sampling import EpochSampler
@@ -76,8 +79,14 @@ def loaders(distributed):
     return loader("train", SAMPLES, 0), loader("val", 40, 1)
 
 
-def train(distributed, state_path=None, **model_kwargs):
+def train(distributed, state_path=None, auxiliary=False, **model_kwargs):
     model = build(**model_kwargs)
+    if auxiliary:  # unimodal heads, and InfoNCE with pairs only where b is present
+        objectives = {"label": Objective(Task("multiclass", ("0", "1", "2")))}
+        losses = AuxiliaryLosses(
+            {"a": 8, "b": 8}, objectives, unimodal=0.5, contrastive=0.2, pairs=[["a", "b"]]
+        )
+        model = AuxiliaryTraining(model, losses)
     train_batches, val_batches = loaders(distributed)
     torch.manual_seed(1 + distributed.rank)
     result = fit(
@@ -95,6 +104,8 @@ def _worker(rank, world_size, port, out, task):
         distributed = Distributed(rank, world_size)
         if task == "parity":
             model, result = train(distributed, state_path=out / "state.pt")
+        elif task == "auxiliary":
+            model, result = train(distributed, auxiliary=True)
         else:
             model, result = train(
                 distributed, head="conditional", modality_dropout={"b": 0.5}, batch_norm=True
@@ -143,6 +154,21 @@ def test_two_processes_match_one_on_the_same_global_batches(tmp_path):
         assert ranks[0]["best"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     state = load_checkpoint(tmp_path / "state.pt")  # written once, by rank 0
     assert len(state["rank_rng"]) == 2 and state["epoch"] == 3
+
+
+def test_auxiliary_losses_train_under_ddp_as_in_one_process(tmp_path):
+    """Unimodal heads and InfoNCE beside the task loss: each process holds a different
+    number of pairs (b is missing at random); with the negatives gathered, two processes
+    train the weights one process does."""
+    single, single_result = train(SINGLE, auxiliary=True)
+    ranks = run_two_processes(tmp_path, "auxiliary")
+    atol = parity_tolerance(single)
+    for name, value in single.state_dict().items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["model"][name], value, rtol=0, atol=atol, msg=name)
+    for key, value in single_result.best.items():
+        assert ranks[0]["best"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert {"train/aux/unimodal/a", "train/aux/contrastive/a_b"} <= set(single_result.best)
 
 
 def test_modality_dropout_and_a_conditional_head_train_under_ddp(tmp_path):
