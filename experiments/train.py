@@ -371,15 +371,26 @@ def parse_overrides(lines: Sequence[str]) -> list[Override]:
         try:
             parsed += OverridesParser.create().parse_overrides([line])
         except OverrideParseException as err:
-            hint = (
-                "give it a value: key=value"
-                if "=" not in line and not line.startswith("~")
-                else "in a dict, write keys without quotes: 'trainer.fuse.lr_mult={head.*: 0.1}'"
-            )
+            hint = parse_hint(line)
             raise ConfigError(
                 f"override '{line}': Hydra cannot parse it ({str(err).splitlines()[0]}); {hint}"
             ) from None
     return parsed
+
+
+def parse_hint(line: str) -> str:
+    """What to change in an override Hydra cannot parse."""
+    if "=" not in line and not line.startswith("~"):
+        return "give it a value: key=value"
+    key, _, value = line.partition("=")
+    if value.lstrip().startswith(("{", "[")):
+        return "in a dict, write keys without quotes: 'trainer.fuse.lr_mult={head.*: 0.1}'"
+    quoted = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+    shell = f'"{quoted}"' if '"' not in quoted else f"'{quoted}'"
+    return (
+        "quote a value that holds characters of Hydra's syntax (; , = : $ quotes, spaces): "
+        f"{quoted}, in a shell around the whole override: {shell}"
+    )
 
 
 def check_run_directory(parsed: Sequence[Override], multirun: bool) -> None:

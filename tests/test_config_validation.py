@@ -189,6 +189,7 @@ def test_the_entry_point_checks_before_the_recipe_runs(monkeypatch, tmp_path):
         (["~trainer.fuse.lr"], "override '~trainer.fuse.lr': trainer.fuse.lr has a default in the schema (0.001) that would be used without a word"),
         (['trainer.fuse.lr_mult={"head.*": 0.1}'], "override 'trainer.fuse.lr_mult={\"head.*\": 0.1}': Hydra cannot parse it (no viable alternative"),
         (["trainer.fuse.lr"], "override 'trainer.fuse.lr': Hydra cannot parse it (Error parsing override 'trainer.fuse.lr'); give it a value: key=value"),
+        (["data.label_separator=;"], "override 'data.label_separator=;': Hydra cannot parse it (LexerNoViableAltException: data.label_separator=;); quote a value that holds characters of Hydra's syntax (; , = : $ quotes, spaces): data.label_separator=';', in a shell around the whole override: \"data.label_separator=';'\""),
         (["seed=1", "-m", "trainer.fuse.lr=0.1,0.2"], "command line: cannot read ['trainer.fuse.lr=0.1,0.2']; flags (-m, --multirun, --cfg) go before the overrides"),
     ],
 )  # fmt: skip
