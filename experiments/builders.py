@@ -34,6 +34,7 @@ from torch import nn
 from experiments.schema import close_matches, flatten, unknown_key_hint, validate
 from fusion.contrastive import check_pairs
 from fusion.data import Modality, Task, check_dataset, output_sizes
+from fusion.imbalance import OGMGE
 from fusion.model import MultimodalModel
 from fusion.tasks import objectives_for
 from fusion.training.recipe import ModelSpec
@@ -451,6 +452,18 @@ def check_pairs_of(cfg: DictConfig, modalities: Mapping[str, Modality]) -> None:
             raise ConfigError.keyed(err, f"{key}.") from None
 
 
+def check_modulation(cfg: DictConfig, tasks: Mapping[str, Task], modalities: Sequence[str]) -> None:
+    """`trainer.fuse.ogm_ge` fits the data: one classification task, two or more modalities."""
+    settings = cfg.trainer.fuse.get("ogm_ge")
+    if settings is None:
+        return
+    try:
+        OGMGE(list(modalities), objectives_for(tasks, task_settings(cfg)),
+              **OmegaConf.to_container(settings))  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(f"config key 'trainer.fuse.ogm_ge': {err}") from None
+
+
 def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
     """What the config asks of the data and the file system, checked once the datasets are
     built and before the recipe runs: a setting that cannot work fails now, naming its key,
@@ -458,6 +471,7 @@ def check_before_training(cfg: DictConfig, datasets: Mapping[str, Any]) -> None:
     train = datasets["train"]
     check_task_settings(cfg, train.tasks)
     check_pairs_of(cfg, train.modalities)
+    check_modulation(cfg, train.tasks, list(train.modalities))
     check_modality_names("model.modality_dropout", cfg.model.modality_dropout, train.modalities)
     check_conditions(cfg, train)
     check_head_serves_tasks(cfg, train.tasks)

@@ -230,6 +230,34 @@ CASES = [
         "trainer.fuse.auxiliary.unimodl",
         "did you mean ['unimodal']",
     ),
+    # modality imbalance: OGM-GE and Gradient-Blending
+    ("trainer.fuse.ogm_ge={alpha:0.5}", "trainer.fuse.ogm_ge", "unfreeze is null"),
+    (
+        "trainer.fuse.ogm_ge={alpha:0} trainer.fuse.unfreeze={}",
+        "trainer.fuse.ogm_ge.alpha",
+        "got 0.0",
+    ),
+    (
+        "trainer.fuse.ogm_ge={start_epoch:20} trainer.fuse.unfreeze={}",
+        "trainer.fuse.ogm_ge.start_epoch",
+        "expected 1 to 10",
+    ),
+    (
+        "data.task=sum trainer.fuse.ogm_ge={} trainer.fuse.unfreeze={}",
+        "trainer.fuse.ogm_ge",
+        "one classification task (multiclass or binary), got {'sum': 'regression'}",
+    ),
+    ("trainer.fuse.gradient_blending={}", "trainer.fuse.gradient_blending", "unfreeze is null"),
+    (
+        "trainer.fuse.gradient_blending={every:0} trainer.fuse.unfreeze={}",
+        "trainer.fuse.gradient_blending.every",
+        "got 0",
+    ),
+    (
+        "trainer.fuse.gradient_blending={} trainer.fuse.auxiliary={unimodal:0.5} trainer.fuse.unfreeze={}",
+        "trainer.fuse.auxiliary.unimodal",
+        "Gradient-Blending estimates",
+    ),
     # per-task losses and metrics
     (
         "data.task=sum +tasks.sum.label_smoothing=0.1",

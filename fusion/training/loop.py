@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.autonotebook import tqdm  # not tqdm.auto: it calls iter() twice per loop
 
-from fusion.auxiliary import trains_auxiliary
+from fusion.auxiliary import Terms, trains_auxiliary
 from fusion.batch import Batch
 from fusion.data import TARGET_KEY, Task
 from fusion.surgery import param_groups
@@ -152,20 +152,21 @@ class _Tally:
         self.distributed = distributed
         self.loss, self.count = 0.0, 0
         self.auxiliary: dict[str, float] = {}  # auxiliary losses (fusion.auxiliary), summed
+        self.per_step: dict[str, float] = {}  # their weights and diagnostics, summed over steps
+        self.steps = 0
         self.objectives: dict[str, Objective] = {}
         self.metrics: dict[str, dict[str, Any]] = {}
 
-    def add(
-        self,
-        loss: torch.Tensor,
-        scored: Scored,
-        n: int,
-        auxiliary: Mapping[str, torch.Tensor] | None = None,
-    ) -> None:
+    def add(self, loss: torch.Tensor, scored: Scored, n: int, terms: Terms | None = None) -> None:
         self.loss += loss.item()
         self.count += n
-        for name, value in (auxiliary or {}).items():
-            self.auxiliary[name] = self.auxiliary.get(name, 0.0) + value.item()
+        if terms is not None:
+            for name, value in terms.losses.items():
+                self.auxiliary[name] = self.auxiliary.get(name, 0.0) + value.item()
+            steps = {**{f"weight/{k}": v for k, v in terms.weights.items()}, **terms.logs}
+            for name, value in steps.items():
+                self.per_step[name] = self.per_step.get(name, 0.0) + value
+            self.steps += 1
         for task, (objective, preds, y) in scored.items():
             if task not in self.metrics:
                 self.objectives[task] = objective
@@ -176,9 +177,11 @@ class _Tally:
 
     def result(self) -> EpochMetrics:
         """The pass's metrics over the samples of every process (all of them take part)."""
-        loss, count, *auxiliary = self.distributed.all_sum(
-            [self.loss, float(self.count), *self.auxiliary.values()]
-        )
+        loss, count, steps, *sums = self.distributed.all_sum(
+            [self.loss, float(self.count), float(self.steps), *self.auxiliary.values(),
+             *self.per_step.values()]
+        )  # fmt: skip
+        auxiliary, per_step = sums[: len(self.auxiliary)], sums[len(self.auxiliary) :]
         if count == 0:
             raise ValueError("no batches to compute metrics over")
         scores = {
@@ -190,6 +193,12 @@ class _Tally:
             {
                 f"aux/{name}": total / count
                 for name, total in zip(self.auxiliary, auxiliary, strict=True)
+            }
+        )
+        scores.update(
+            {
+                f"aux/{name}": total / steps
+                for name, total in zip(self.per_step, per_step, strict=True)
             }
         )
         objectives = self.objectives
@@ -230,15 +239,22 @@ def evaluate(
 ) -> EpochMetrics:
     """Mean loss and the tasks' metrics of `model` over `batches` (each process's share of
     them; the metrics are computed over all of them). `objectives` (by task name) give each
-    task's loss and metrics; None: every output is a multiclass task."""
+    task's loss and metrics; None: every output is a multiclass task. A model with
+    auxiliary losses (`fusion.auxiliary`) scores each as `aux/<name>` (mean per sample)."""
     model.eval()
     tally = _Tally(distributed)
+    auxiliary = trains_auxiliary(model)
     for batch in batches:
         batch = batch.to(device)
+        y = targets(batch)
         with precision.autocast():
-            outputs = forward(model, batch)
-        loss, scored = batch_loss(outputs, targets(batch), objectives, loss_weights)
-        tally.add(loss, scored, len(batch))
+            outputs = forward(model, batch, y if auxiliary else None)
+        terms = None
+        if auxiliary:
+            outputs, terms = outputs
+            terms.weights, terms.logs = {}, {}  # training's, not scored here
+        loss, scored = batch_loss(outputs, y, objectives, loss_weights)
+        tally.add(loss, scored, len(batch), terms)
     return tally.result()
 
 
@@ -316,8 +332,9 @@ def train_epoch(
 ) -> EpochMetrics:
     """One pass over `batches`; `scaler` scales fp16 losses (it passes others through).
     `objectives` as in `evaluate`. A model with auxiliary losses (`fusion.auxiliary`)
-    trains on their sum with the task loss; the metrics' `loss` is the task loss, and each
-    auxiliary loss's mean per sample is the score `aux/<name>`.
+    trains on their weighted sum with the task loss; the metrics' `loss` is the task loss,
+    each auxiliary loss's mean per sample is the score `aux/<name>`, and each weight and
+    diagnostic's mean over the steps `aux/weight/<name>`, `aux/ogm/...`.
 
     The optimizer steps once per `accumulate` batches (and once for the batches left at
     the end) on the mean gradient over their samples, as one batch of them all would give
@@ -341,11 +358,11 @@ def train_epoch(
         y = targets(batch)
         with precision.autocast():
             outputs = forward(model, batch, y if auxiliary else None)
-        extra: dict[str, torch.Tensor] = {}
+        terms = None
         if auxiliary:
-            outputs, extra = outputs
+            outputs, terms = outputs
         task_loss, scored = batch_loss(outputs, y, objectives, loss_weights)
-        loss = task_loss + sum(extra.values()) if extra else task_loss
+        loss = task_loss if terms is None else terms.total(task_loss)
         if not finite_on_every_process(loss, distributed):
             if nonfinite != "skip":
                 raise nonfinite_loss_error(desc, epoch, step, loss, optimizer)
@@ -366,7 +383,7 @@ def train_epoch(
                 model, optimizer, scaler, pending if accumulate > 1 else 1, clip_grad_norm
             )
             pending = 0
-        tally.add(task_loss.detach(), scored, len(batch), extra)
+        tally.add(task_loss.detach(), scored, len(batch), terms)
         if on_step is not None:
             on_step(task_loss.item() / len(batch))
     if pending:

@@ -33,6 +33,7 @@ from fusion.encoders.base import Encoder
 from fusion.freezing import GradualUnfreezing, set_trainable
 from fusion.fusers import ConcatFuser
 from fusion.heads import ClassificationHead, MultiTaskHead
+from fusion.imbalance import OGMGE, GradientBlending
 from fusion.model import FuserFactory, HeadFactory, MultimodalModel
 from fusion.surgery import param_groups
 from fusion.tasks import (
@@ -52,6 +53,7 @@ from fusion.training.loaders import cached_loaders, fuse_datasets, make_loaders,
 from fusion.training.loop import EpochMetrics, evaluate, fit, predict
 from fusion.training.monitor import check_monitor
 from fusion.training.settings import (
+    AuxiliaryConfig,
     ConfigError,
     StageConfig,
     TrainerConfig,
@@ -286,6 +288,35 @@ def unfreeze_schedule(model: MultimodalModel, unfreeze: Any):
     return step
 
 
+def epoch_start(trained: Any, unfreeze: Callable[[int], None] | None):
+    """Stage 2's `before_epoch` hook: the unfreezing schedule, then the epoch for OGM-GE."""
+    if not isinstance(trained, AuxiliaryTraining):
+        return unfreeze
+
+    def start(epoch: int) -> None:
+        if unfreeze is not None:
+            unfreeze(epoch)
+        trained.start_epoch(epoch)
+
+    return start
+
+
+def epoch_end(trained: Any, log_epoch: Callable[[int, dict[str, float]], None]):
+    """Stage 2's `on_epoch` hook: log the epoch, then re-estimate Gradient-Blending's
+    weights from it (said in the log)."""
+    if not isinstance(trained, AuxiliaryTraining):
+        return log_epoch
+
+    def end(epoch: int, metrics: dict[str, float]) -> None:
+        log_epoch(epoch, metrics)
+        weights = trained.end_epoch(epoch, metrics)
+        if weights is not None:
+            shown = ", ".join(f"{name} {w:.3f}" for name, w in weights.items())
+            log.info("epoch %d: Gradient-Blending weights from now on: %s", epoch, shown)
+
+    return end
+
+
 def step_logger(tracker: Tracker, prefix: str, every: int):
     """An `on_step` hook logging the training loss every `every` steps."""
     step = 0
@@ -484,25 +515,39 @@ class Recipe:
         self.align_pairs()
 
     def with_auxiliary(self, model: MultimodalModel) -> MultimodalModel | AuxiliaryTraining:
-        """`model` with stage 2's auxiliary losses (`trainer.fuse.auxiliary`) for training,
-        or `model` itself without them."""
-        settings = self.trainer.fuse.auxiliary
-        if settings is None:
+        """`model` with stage 2's auxiliary losses, OGM-GE and Gradient-Blending
+        (`trainer.fuse.auxiliary`, `.ogm_ge`, `.gradient_blending`) for training, or
+        `model` itself without them."""
+        fuse = self.trainer.fuse
+        if fuse.auxiliary is None and fuse.ogm_ge is None and fuse.gradient_blending is None:
             return model
+        settings = fuse.auxiliary or AuxiliaryConfig()
+        unimodal = 1.0 if fuse.gradient_blending is not None else settings.unimodal
+        auxiliary = modulation = blending = None
         try:
-            losses = AuxiliaryLosses(
-                {m: encoder.out_dim for m, encoder in model.encoders.items()},
-                self.objectives,
-                unimodal=settings.unimodal,
-                contrastive=settings.contrastive,
-                pairs=settings.pairs,
-                projection_dim=settings.projection_dim,
-                temperature=settings.temperature,
-                loss_weights=getattr(model.head, "loss_weights", None),
-            )
+            if unimodal or settings.contrastive:
+                auxiliary = AuxiliaryLosses(
+                    {m: encoder.out_dim for m, encoder in model.encoders.items()},
+                    self.objectives,
+                    unimodal=unimodal,
+                    contrastive=settings.contrastive,
+                    pairs=settings.pairs,
+                    projection_dim=settings.projection_dim,
+                    temperature=settings.temperature,
+                    loss_weights=getattr(model.head, "loss_weights", None),
+                )
         except ValueError as err:
             raise ConfigError.keyed(err, "trainer.fuse.auxiliary.") from None
-        return AuxiliaryTraining(model, losses).to(self.device)
+        if fuse.ogm_ge is not None:
+            try:
+                modulation = OGMGE(
+                    model.modalities, self.objectives, **dataclasses.asdict(fuse.ogm_ge)
+                )
+            except ValueError as err:
+                raise ConfigError(f"config key 'trainer.fuse.ogm_ge': {err}") from None
+        if fuse.gradient_blending is not None:
+            blending = GradientBlending(model.modalities, fuse.gradient_blending.every)
+        return AuxiliaryTraining(model, auxiliary, modulation, blending).to(self.device)
 
     def align_pairs(self) -> list[tuple[str, str]]:
         """`trainer.align.pairs` as modality pairs of the data (none without alignment)."""
@@ -705,14 +750,17 @@ class Recipe:
         resume = resume_state(self.trainer.resume, fuse.epochs)
         if resume is not None:
             log.info("stage 2: resuming %s after epoch %d", self.trainer.resume, resume["epoch"])
+        trained = self.with_auxiliary(model)
         result = self.fit_stage(
-            self.with_auxiliary(model),
+            trained,
             fuse_loaders,
             fuse,
             self.objectives,
             loss_weights=loss_weights,
-            before_epoch=unfreeze_schedule(model, fuse.unfreeze),
-            on_epoch=lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()}),
+            before_epoch=epoch_start(trained, unfreeze_schedule(model, fuse.unfreeze)),
+            on_epoch=epoch_end(
+                trained, lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()})
+            ),
             on_step=step_logger(tracker, "fuse", self.log_every),
             state_path=run_dir / "checkpoints" / FUSE_STATE,
             state_extra=checkpoint_extra,

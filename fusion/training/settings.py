@@ -103,12 +103,32 @@ class AuxiliaryConfig:
 
 
 @dataclass
+class OGMGEConfig:
+    """OGM-GE gradient modulation in stage 2 (`fusion.imbalance.OGMGE`)."""
+
+    alpha: float = 0.5
+    noise: bool = True
+    start_epoch: int = 1
+    end_epoch: int | None = None
+
+
+@dataclass
+class GradientBlendingConfig:
+    """Gradient-Blending weights of the fused and unimodal losses in stage 2
+    (`fusion.imbalance.GradientBlending`), re-estimated every `every` epochs."""
+
+    every: int = 1
+
+
+@dataclass
 class FuseConfig(StageConfig):
     """Stage 2: encoders frozen (or thawed gradually), fuser and head trained."""
 
     unfreeze: UnfreezeConfig | None = None
     views: int | None = 10
     auxiliary: AuxiliaryConfig | None = None
+    ogm_ge: OGMGEConfig | None = None
+    gradient_blending: GradientBlendingConfig | None = None
 
 
 @dataclass
@@ -176,15 +196,52 @@ def check_align(align: AlignConfig, fail: Callable[[str, str], None]) -> None:
 
 
 def check_auxiliary(fuse: FuseConfig, fail: Callable[[str, str], None]) -> None:
-    """Stage 2's auxiliary weights and settings (its pairs are checked against the data's
-    modalities). They reach the fused model only through its encoders, so without
-    `unfreeze` (encoders frozen throughout) they would change nothing, and are refused."""
+    """Stage 2's auxiliary losses, OGM-GE and Gradient-Blending settings (pairs are checked
+    against the data's modalities, OGM-GE against the tasks). They reach the fused model
+    only through its encoders, so without `unfreeze` (encoders frozen throughout) they
+    would change nothing, and are refused."""
+    for key in ("auxiliary", "ogm_ge", "gradient_blending"):
+        if getattr(fuse, key) is not None and fuse.unfreeze is None:
+            fail(
+                f"fuse.{key}",
+                "the encoders stay frozen in stage 2 (trainer.fuse.unfreeze is null), and "
+                f"{key} acts on the fused model only through them, so it would change "
+                "nothing; thaw the encoders, e.g. trainer.fuse.unfreeze={start_epoch: 1}",
+            )
+    if fuse.ogm_ge is not None:
+        ogm = fuse.ogm_ge
+        if not 0 < ogm.alpha < math.inf:
+            fail("fuse.ogm_ge.alpha", f"expected a finite number > 0, got {ogm.alpha}")
+        if not 1 <= ogm.start_epoch <= fuse.epochs:
+            fail(
+                "fuse.ogm_ge.start_epoch",
+                f"expected 1 to {fuse.epochs} (the stage's epochs), got {ogm.start_epoch}",
+            )
+        if ogm.end_epoch is not None and not ogm.start_epoch <= ogm.end_epoch:
+            fail(
+                "fuse.ogm_ge.end_epoch",
+                f"expected null or >= start_epoch ({ogm.start_epoch}), got {ogm.end_epoch}",
+            )
+    if fuse.gradient_blending is not None:
+        if fuse.gradient_blending.every < 1:
+            fail(
+                "fuse.gradient_blending.every",
+                f"expected >= 1 (epochs), got {fuse.gradient_blending.every}",
+            )
+        if fuse.auxiliary is not None and fuse.auxiliary.unimodal:
+            fail(
+                "fuse.auxiliary.unimodal",
+                "Gradient-Blending estimates the unimodal losses' weights (and the task "
+                "loss's); leave unimodal out (0)",
+            )
     aux = fuse.auxiliary
+    if aux is None:
+        return
     for key in ("unimodal", "contrastive"):
         value = getattr(aux, key)
         if not 0 <= value < math.inf:
             fail(f"fuse.auxiliary.{key}", f"expected a finite weight >= 0, got {value}")
-    if not aux.unimodal and not aux.contrastive:
+    if not aux.unimodal and not aux.contrastive and fuse.gradient_blending is None:
         fail("fuse.auxiliary", "every weight is 0 (unimodal, contrastive): nothing to add")
     if aux.contrastive and not aux.pairs:
         fail(
@@ -197,13 +254,6 @@ def check_auxiliary(fuse: FuseConfig, fail: Callable[[str, str], None]) -> None:
         fail("fuse.auxiliary.projection_dim", f"expected >= 1, got {aux.projection_dim}")
     if not 0 < aux.temperature < math.inf:
         fail("fuse.auxiliary.temperature", f"expected a finite number > 0, got {aux.temperature}")
-    if fuse.unfreeze is None:
-        fail(
-            "fuse.auxiliary",
-            "the encoders stay frozen in stage 2 (trainer.fuse.unfreeze is null), so losses "
-            "on their features would train only their own heads and change nothing in the "
-            "fused model; thaw the encoders, e.g. trainer.fuse.unfreeze={start_epoch: 1}",
-        )
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
@@ -218,8 +268,7 @@ def check_trainer(trainer: TrainerConfig) -> None:
         check_stage(stage, getattr(trainer, stage), fail)
     if trainer.align is not None:
         check_align(trainer.align, fail)
-    if trainer.fuse.auxiliary is not None:
-        check_auxiliary(trainer.fuse, fail)
+    check_auxiliary(trainer.fuse, fail)
     if trainer.fuse.unfreeze is not None:
         for key, value in dataclasses.asdict(trainer.fuse.unfreeze).items():
             if value < 1:

@@ -55,8 +55,9 @@ def test_unimodal_losses_are_each_modalitys_head_on_the_samples_that_have_it():
         audio_head(torch.stack(tokens)), y[[0, 1, 2, 3, 5]], reduction="sum"
     )
     assert set(found) == {"unimodal/image", "unimodal/audio"}
-    torch.testing.assert_close(found["unimodal/image"], 0.5 * image)
-    torch.testing.assert_close(found["unimodal/audio"], 0.5 * audio)
+    torch.testing.assert_close(found["unimodal/image"], image)
+    torch.testing.assert_close(found["unimodal/audio"], audio)
+    assert aux.weights() == {"task": 1.0, "unimodal/image": 0.5, "unimodal/audio": 0.5}
 
 
 def test_the_contrastive_loss_is_infonce_of_the_pairs_times_the_batch():
@@ -70,7 +71,8 @@ def test_the_contrastive_loss_is_infonce_of_the_pairs_times_the_batch():
     )
     expected = InfoNCE()(projections["image"](features["image"][both]), projections["audio"](audio))
     assert set(found) == {"contrastive/image_audio"}
-    torch.testing.assert_close(found["contrastive/image_audio"], 0.2 * 6 * expected)
+    torch.testing.assert_close(found["contrastive/image_audio"], 6 * expected)
+    assert aux.weights() == {"task": 1.0, "contrastive/image_audio": pytest.approx(0.2)}
 
 
 def test_masked_positions_have_no_influence_and_every_parameter_trains():
@@ -114,31 +116,42 @@ def trained(seed: int = 0) -> AuxiliaryTraining:
     return AuxiliaryTraining(fused, aux)
 
 
-def test_a_training_step_follows_the_task_loss_plus_the_auxiliary_losses():
-    """One SGD step of lr 1 moves each parameter by minus the gradient of the mean task
-    loss plus the auxiliary losses over the batch; the metrics' loss is the task's."""
+def test_a_training_step_follows_the_task_loss_plus_the_weighted_auxiliary_losses():
+    """One SGD step of lr 1 moves each parameter by minus the gradient of the mean over the
+    batch of the task loss plus the weighted auxiliary losses; the metrics' loss is the
+    task's, each auxiliary loss is scored per sample and each weight per step."""
     step = trained()
     reference = copy.deepcopy(step)
     data = batch()
     reference.train()
-    outputs, extra = reference(data.inputs, data.present, targets=data.targets)
+    outputs, terms = reference(data.inputs, data.present, targets=data.targets)
     task, _ = batch_loss(outputs, data.targets, DIGITS)
-    ((task + sum(extra.values())) / len(data)).backward()
+    losses = terms.losses
+    hand = task + 0.3 * (losses["unimodal/image"] + losses["unimodal/audio"])
+    hand = hand + 0.1 * losses["contrastive/image_audio"]
+    (hand / len(data)).backward()
     optimizer = torch.optim.SGD(step.parameters(), lr=1.0)
     metrics = train_epoch(step, [data], optimizer, torch.device("cpu"), objectives=DIGITS)
     for (name, after), before in zip(step.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(after, before.detach() - before.grad, msg=name)
     assert metrics.loss == pytest.approx(float(task.detach()) / len(data))
-    for name, value in extra.items():
-        assert metrics.scores[f"aux/{name}"] == pytest.approx(float(value) / len(data))
-    assert set(metrics.scores) == {"accuracy", "f1_macro", *(f"aux/{n}" for n in extra)}
+    for name, value in losses.items():
+        assert metrics.scores[f"aux/{name}"] == pytest.approx(float(value.detach()) / len(data))
+    assert metrics.scores["aux/weight/unimodal/image"] == pytest.approx(0.3)
+    assert metrics.scores["aux/weight/task"] == 1.0
+    assert set(metrics.scores) == {
+        "accuracy", "f1_macro", *(f"aux/{n}" for n in losses),
+        *(f"aux/weight/{n}" for n in ("task", *losses)),
+    }  # fmt: skip
 
 
 def test_evaluation_and_checkpoints_are_the_wrapped_models():
     step = trained().eval()
     data = batch()
-    torch.testing.assert_close(step(data.inputs, data.present, targets=data.targets),
-                               step.model(data.inputs, data.present))  # fmt: skip
+    outputs, terms = step(data.inputs, data.present, targets=data.targets)
+    torch.testing.assert_close(outputs, step.model(data.inputs, data.present))
+    torch.testing.assert_close(step(data.inputs, data.present), outputs)
+    assert set(terms.losses) == {"unimodal/image", "unimodal/audio", "contrastive/image_audio"}
     assert not any(k.startswith("auxiliary") for k in step.model.state_dict())
 
 
