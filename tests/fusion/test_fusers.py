@@ -252,6 +252,29 @@ def expand(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("tokens", [False, True], ids=["vectors", "tokens"])
 @pytest.mark.parametrize("n_modalities", [2, 3])
 @pytest.mark.parametrize("config", FUSION_CONFIGS, ids=lambda p: p.stem)
+def test_every_configured_fuser_gives_out_dim_and_trains_every_parameter(
+    config, n_modalities, tokens
+):
+    """Shapes for 2 and 3 modalities, vectors and tokens, and a nonzero gradient for every
+    parameter and every input (some samples lack a modality, so null tokens train too)."""
+    dims = DIMS[n_modalities]
+    torch.manual_seed(0)
+    fuser = configured_fuser(config, dims).eval()
+    feats, present = masked_inputs(dims, tokens)
+    feats = {m: x.requires_grad_() for m, x in feats.items()}
+    out = fuser(feats, present)
+    assert out.shape == (4, fuser.out_dim)
+    # Not out.pow(2).sum(): an L2-normalized output has a constant norm.
+    (out * torch.randn_like(out)).sum().backward()
+    for name, param in fuser.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    for m, x in feats.items():
+        assert x.grad.abs().sum() > 0, m
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["vectors", "tokens"])
+@pytest.mark.parametrize("n_modalities", [2, 3])
+@pytest.mark.parametrize("config", FUSION_CONFIGS, ids=lambda p: p.stem)
 def test_masked_values_have_no_influence_whatever_they_hold(config, n_modalities, tokens):
     """NaN, +-Inf or 1e30 in an absent sample or a padded token: the same output as zeros
     there, and finite gradients that are exactly zero at the masked positions."""
