@@ -3,6 +3,8 @@
     python -m experiments.evaluate outputs/runs/<run>                       # the test split
     python -m experiments.evaluate outputs/runs/<run> --split val
     python -m experiments.evaluate outputs/runs/<run> --robustness --levels 0 0.5 1 2
+    python -m experiments.evaluate outputs/runs/<run> --emap --contributions
+    python -m experiments.evaluate outputs/runs/<run> --emap --emap-samples 500
     python -m experiments.evaluate outputs/runs/<run> --trust-target mypkg.MyEncoder
 
 The model is rebuilt from the run's resolved `config.yaml` and loaded whole from
@@ -21,6 +23,14 @@ is dropped (its `present` mask cleared) and when Gaussian noise is added to its 
 std = level x that input's std on the split. Noise is drawn from a generator seeded with the
 run's seed, the same draw for every level, so the curves differ only by the level. Writes
 `robustness.json` and `robustness.png` next to the evaluation.
+
+`--emap` (Hessel & Lee, EMNLP 2020) scores the model next to its empirical multimodally-
+additive projection, the best model without cross-modal interactions on the split: a large
+gap says the model uses interactions (`fusion.analysis.interaction`). It runs the fuser and
+head N^M times (N samples, M modalities); `--emap-samples K` projects a random subset of K
+samples, drawn with the run's seed. `--contributions` gives each modality's Shapley value of
+the main score, with only some modalities present (`fusion.analysis.contributions`). They
+write `emap.json` and `emap.png`, `contributions.json` and `contributions.png`.
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ from experiments.builders import (
     unwritable,
 )
 from experiments.schema import RUN_MECHANICS, ConfigError, config_differences, validate
+from fusion.analysis.contributions import contributions, contributions_table, plot_contributions
+from fusion.analysis.interaction import emap, emap_table, plot_emap
 from fusion.analysis.robustness import (
     Evaluator,
     metrics_table,
@@ -282,6 +294,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="noise std as multiples of each input's std (with --robustness; default: "
         f"{' '.join(map(str, DEFAULT_LEVELS))})",
     )
+    parser.add_argument(
+        "--emap",
+        action="store_true",
+        help="score the model's additive projection (EMAP): does it use cross-modal interactions?",
+    )
+    parser.add_argument(
+        "--emap-samples",
+        type=int,
+        metavar="K",
+        help="with --emap: project a random subset of K samples (seeded by the run's seed; "
+        "default: every sample that has all modalities)",
+    )
+    parser.add_argument(
+        "--contributions",
+        action="store_true",
+        help="each modality's Shapley value of the score, from runs with only some present",
+    )
     parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/eval)")
     parser.add_argument("--device", default="auto", help=DEVICES)
     parser.add_argument(
@@ -299,6 +328,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.levels is not None and not args.robustness:
         parser.error("argument --levels: it sets the noise of --robustness, which is not given")
+    if args.emap_samples is not None and not args.emap:
+        parser.error("argument --emap-samples: it sets the samples of --emap, which is not given")
+    if args.emap_samples is not None and args.emap_samples < 2:
+        parser.error(f"argument --emap-samples: expected an integer >= 2, got {args.emap_samples}")
     args.levels = list(DEFAULT_LEVELS) if args.levels is None else args.levels
     if any(not math.isfinite(lv) or lv < 0 for lv in args.levels):
         parser.error(f"argument --levels: expected finite values >= 0, got {args.levels}")
@@ -312,7 +345,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parse_trusted(parser, target)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: expected a directory, {args.out} is a file")
-    held = [p.name for p in output_files(args.out, args.split, args.robustness) if p.exists()]
+    analyses = {
+        "robustness": args.robustness,
+        "emap": args.emap,
+        "contributions": args.contributions,
+    }
+    held = [p.name for p in output_files(args.out, args.split, **analyses) if p.exists()]
     if args.out is not None and held and not args.overwrite:
         parser.error(
             f"argument --out: {args.out} already holds {', '.join(held)}, which this evaluation "
@@ -323,12 +361,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def output_files(out: Path | None, split: str, robustness: bool) -> list[Path]:
+def output_files(
+    out: Path | None,
+    split: str,
+    robustness: bool,
+    emap: bool = False,
+    contributions: bool = False,
+) -> list[Path]:
     """What an evaluation writes into `out` (none without one: the run's own eval/ folder,
     where a new evaluation replaces the last)."""
     if out is None:
         return []
-    names = [f"eval_{split}.json"] + ["robustness.json", "robustness.png"] * robustness
+    names = [f"eval_{split}.json"]
+    for analysis, wanted in (
+        ("robustness", robustness),
+        ("emap", emap),
+        ("contributions", contributions),
+    ):
+        names += [f"{analysis}.json", f"{analysis}.png"] * wanted
     return [out / name for name in names]
 
 
@@ -400,6 +450,22 @@ def run(args: argparse.Namespace) -> None:
         print(robustness_table(report))
         write_json(out / "robustness.json", report)
         plot_robustness(report, out / "robustness.png")
+    if args.emap:
+        try:
+            report = emap(evaluator, args.emap_samples)
+        except ValueError as err:
+            raise EvaluateError(f"--emap: {err}") from None
+        print(f"\n{emap_table(report)}")
+        write_json(out / "emap.json", report)
+        plot_emap(report, out / "emap.png")
+    if args.contributions:
+        try:
+            report = contributions(evaluator)
+        except ValueError as err:
+            raise EvaluateError(f"--contributions: {err}") from None
+        print(f"\n{contributions_table(report)}")
+        write_json(out / "contributions.json", report)
+        plot_contributions(report, out / "contributions.png")
     print(f"written to {out}")
 
 
