@@ -119,6 +119,7 @@ class ManifestSettings:
     check_files: bool
     target_kind: str = "auto"
     label_separator: str = DEFAULT_SEPARATOR
+    standardize_target: bool = True
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,9 @@ class ManifestDataset(MultimodalDataset):
             a 0/1 per label) or `regression` (each cell a number; the split by fractions
             keeps the target's quantiles in proportion).
         label_separator: what joins a multilabel cell's label names (`comedy|drama`).
+        standardize_target: a regression head learns (y - mean) / std with the train
+            split's mean and std (`Task.target_center`, `target_scale`), so targets of
+            any scale train alike; predictions and metrics stay in the target's units.
     """
 
     splits = SPLITS
@@ -222,6 +226,7 @@ class ManifestDataset(MultimodalDataset):
         check_files: bool = True,
         target_kind: str = "auto",
         label_separator: str = DEFAULT_SEPARATOR,
+        standardize_target: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
@@ -244,6 +249,7 @@ class ManifestDataset(MultimodalDataset):
             check_files=checks.flag("check_files", check_files),
             target_kind=checks.choice("target_kind", target_kind, TARGET_KINDS),
             label_separator=separator(label_separator),
+            standardize_target=checks.flag("standardize_target", standardize_target),
         )
         transforms = image_transforms(augment)
         self.source = Path(path).expanduser().absolute()
@@ -511,8 +517,12 @@ def _build_table(source: Path, mtime_ns: int, size: int, settings: ManifestSetti
     split_of = assign_splits(
         frame, split_column, strata(task, labels), settings, row_numbers, source
     )
+    if task.kind == "regression" and settings.standardize_target:
+        task = with_target_scale(task, labels[split_of == "train"])
     if task.kind in CLASSES:
         warn_target_copies(frame, kinds, labels, settings.target, source)
+    elif task.kind == "regression":
+        warn_linear_copies(frame, kinds, labels, settings.target, source)
     refuse_untrained_columns(frame, kinds, split_of, source)
     cells, escapes = input_cells(frame, kinds, source, row_numbers)
     tabular = encode_tabular(frame, kinds, split_of, row_numbers, source)
@@ -591,6 +601,37 @@ def warn_target_copies(
                 "manifest %s, column '%s' has one value per class of the target '%s' in every "
                 "row: the model can read the answer from it (a leak); if it is derived from "
                 "the target, set data.columns={%s: ignore}", source.name, column, target, column,
+            )  # fmt: skip
+
+
+def with_target_scale(task: Task, train_values: np.ndarray) -> Task:
+    """`task` with the train split's mean and standard deviation of its target (1 where the
+    train rows all hold one value)."""
+    std = float(train_values.std())
+    return dataclasses.replace(
+        task, target_center=(float(train_values.mean()),), target_scale=(std if std > 0 else 1.0,)
+    )
+
+
+def warn_linear_copies(
+    frame: pd.DataFrame, kinds: Mapping[str, str], values: np.ndarray, target: str, source: Path
+) -> None:
+    """Say which numeric input column restates a regression target: filled in every row and
+    a linear function of it (|correlation| above 0.999), so the model can read the answer
+    instead of learning it (a leak)."""
+    for column, kind in kinds.items():
+        if kind != "numeric":
+            continue
+        cells = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.isfinite(cells).all() or cells.std() == 0 or values.std() == 0:
+            continue
+        correlation = float(np.corrcoef(cells, values)[0, 1])
+        if abs(correlation) > 0.999:
+            log.warning(
+                "manifest %s, column '%s' is a linear function of the target '%s' (correlation "
+                "%.4f): the model can read the answer from it (a leak); if it is derived from "
+                "the target, set data.columns={%s: ignore}", source.name, column, target,
+                correlation, column,
             )  # fmt: skip
 
 
@@ -1182,8 +1223,10 @@ def target_text(table: Table, sample: int) -> str:
 
 
 def read_targets(series: pd.Series, data_rows: np.ndarray, source: Path) -> list[str | None]:
-    """Each row's class name, `None` where the cell is empty; a continuous target (a
-    regression, not supported yet) is refused rather than turned into thousands of classes."""
+    """Each row's class name, `None` where the cell is empty. Refused rather than turned into
+    classes: a continuous target (set target_kind=regression), and lists or label sets
+    joined by '|' (set target_kind=multilabel) when any cell is a list, a joined cell's
+    names are each a row's whole label elsewhere, or more than half the cells are joined."""
     for row, value in zip(data_rows, series, strict=True):
         if isinstance(value, (list, dict)):
             raise ValueError(
@@ -1194,7 +1237,14 @@ def read_targets(series: pd.Series, data_rows: np.ndarray, source: Path) -> list
     joined = [i for i, v in enumerate(series) if _is_filled(v) and DEFAULT_SEPARATOR in str(v)]
     listed = sorted(set(lists) | set(joined))
     count = int(series.map(_is_filled).sum())
-    if listed and len(listed) > count / 2:
+    single = {
+        _cell_text(v).strip() for i, v in enumerate(series) if _is_filled(v) and i not in listed
+    }
+    label_sets = [  # joined names that are each a row's whole label elsewhere: a label set
+        i for i in joined
+        if all(part.strip() in single for part in str(series.iloc[i]).split(DEFAULT_SEPARATOR))
+    ]  # fmt: skip
+    if lists or label_sets or len(listed) > count / 2:
         first = listed[0]
         what = "lists" if not joined else f"lists or label sets joined by '{DEFAULT_SEPARATOR}'"
         raise ValueError(
@@ -1223,6 +1273,15 @@ def read_targets(series: pd.Series, data_rows: np.ndarray, source: Path) -> list
             targets[spelled[0]],
         )  # fmt: skip
     words = [i for i, t in enumerate(targets) if t is not None and _as_number(t) is None]
+    distinct = set(filled)
+    if not words and len(distinct) > REGRESSION_MIN_VALUES:
+        numbers = sorted(float(_as_number(t)) for t in distinct)
+        log.warning(
+            "target '%s' in %s holds %d distinct whole numbers (%g to %g), each a class of its "
+            "own with about %.1f rows; to predict the number, set data.target_kind=regression",
+            series.name, source.name, len(distinct), numbers[0], numbers[-1],
+            len(filled) / len(distinct),
+        )  # fmt: skip
     odd = [i for i in words if i not in spelled]
     if odd and len(words) <= (1 - MAJORITY) * len(filled):
         log.warning(

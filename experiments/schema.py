@@ -13,6 +13,7 @@ import difflib
 import os
 import socket
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -72,7 +73,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     try:
         checked = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
+        key = getattr(err, "full_key", None)
+        if not key or "." not in str(key):  # an item of a nested list: OmegaConf loses the path
+            key = locate(TrainConfig, cfg) or key or "?"
         reason = str(err).splitlines()[0]
         owner = getattr(err, "object_type", None)  # the schema class of the key's parent
         hint = ""
@@ -109,6 +112,29 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_paths(checked.paths)
     check_trainer(OmegaConf.to_object(checked.trainer))
     return checked
+
+
+def locate(schema: type, cfg: DictConfig, prefix: str = "") -> str | None:
+    """The deepest setting of `cfg` that does not merge onto `schema` on its own
+    (`trainer.align.pairs`), or None: for errors OmegaConf reports without their path (an
+    item of a nested list)."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.name not in cfg:
+            continue
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), {f.name: cfg[f.name]})
+        except OmegaConfBaseException:
+            kinds = typing.get_args(hints[f.name]) or [hints[f.name]]
+            inner = next((t for t in kinds if dataclasses.is_dataclass(t)), None)
+            node = cfg[f.name]
+            deeper = (
+                locate(inner, node, f"{prefix}{f.name}.")
+                if inner and isinstance(node, DictConfig)
+                else None
+            )
+            return deeper or f"{prefix}{f.name}"
+    return None
 
 
 def check_model(model: DictConfig) -> None:

@@ -87,10 +87,20 @@ def _stack_numbers(name: str, values: list) -> torch.Tensor:
     """Labels (class indices, or numbers for a regression) as one tensor; an item whose
     label is no number, not the kind of the others, not finite, or a negative integer (no
     class index) is named."""
-    try:
-        stacked = torch.as_tensor(values)
-    except (TypeError, ValueError, RuntimeError):
-        stacked = None
+    if values and all(isinstance(v, torch.Tensor) for v in values):
+        shapes = [list(v.shape) for v in values]
+        odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+        if odd is not None:
+            raise ValueError(
+                f"item {odd}: '{name}' is a tensor of shape {shapes[odd]}, item 0's of shape "
+                f"{shapes[0]}; every item's '{name}' needs one shape"
+            )
+        stacked = torch.stack(values)
+    else:
+        try:
+            stacked = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError):
+            stacked = None
     if stacked is not None:
         bad = (
             (~torch.isfinite(stacked)).nonzero()

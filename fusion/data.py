@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,14 +99,18 @@ class Task:
 
     Multiclass and binary targets are class indices into `classes`; multilabel targets are
     one 0/1 value per class. A `regression` task has `num_targets` numbers per sample and
-    no classes. `metrics` names the metrics the field reports for this task (see
-    `fusion.tasks.METRICS`; empty: the kind's defaults).
+    no classes; with `target_center` and `target_scale` (one number per target, e.g. the
+    train split's mean and standard deviation) the head learns (y - center) / scale, and
+    predictions and metrics are in the targets' own units. `metrics` names the metrics the
+    field reports for this task (see `fusion.tasks.METRICS`; empty: the kind's defaults).
     """
 
     kind: str = "multiclass"
     classes: tuple[str, ...] = ()
     num_targets: int = 1
     metrics: tuple[str, ...] = ()
+    target_center: tuple[float, ...] = ()
+    target_scale: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -116,6 +121,20 @@ class Task:
             )
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        for name in ("target_center", "target_scale"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if values and (self.kind != "regression" or len(values) != self.num_targets):
+                raise ValueError(
+                    f"{name}: a regression task's one number per target "
+                    f"({self.num_targets}), got {list(values)} for a {self.kind} task"
+                )
+            if not all(math.isfinite(v) for v in values) or (
+                name == "target_scale" and any(v <= 0 for v in values)
+            ):
+                raise ValueError(
+                    f"{name}: expected finite numbers (scales > 0), got {list(values)}"
+                )
+            object.__setattr__(self, name, values)
 
     @property
     def num_outputs(self) -> int:

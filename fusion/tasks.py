@@ -317,7 +317,15 @@ class Objective:
         if kind == "multilabel" and ((targets != 0) & (targets != 1)).any():
             bad = targets[(targets != 0) & (targets != 1)][:4].tolist()
             raise ValueError(f"'{where}': multilabel targets are 0 or 1, found {bad}")
-        return targets.to(outputs.dtype)
+        targets = targets.to(outputs.dtype)
+        if self.task.target_scale:  # the head learns standardized targets
+            center, scale = self._standardization(targets)
+            targets = (targets - center) / scale
+        return targets
+
+    def _standardization(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        center = self.task.target_center or (0.0,) * self.task.num_targets
+        return like.new_tensor(center), like.new_tensor(self.task.target_scale)
 
     def loss_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss summed over the batch (outputs `[B, C or K]`, targets from `targets`)."""
@@ -367,16 +375,25 @@ class Objective:
             return outputs.softmax(dim=1)[:, 1]
         if kind == "multilabel":
             return outputs.sigmoid()
-        if kind == "regression" and outputs.shape[1] == 1:
-            return outputs[:, 0]
+        if kind == "regression":
+            if self.task.target_scale:  # back to the targets' units
+                center, scale = self._standardization(outputs)
+                outputs = outputs * scale + center
+            if outputs.shape[1] == 1:
+                return outputs[:, 0]
         return outputs
 
     def metric_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """The targets the metrics take, from those `targets` made (in the targets' units)."""
         kind = self.task.kind
         if kind == "multilabel":
             return targets.long()
-        if kind == "regression" and targets.shape[1] == 1:
-            return targets[:, 0]
+        if kind == "regression":
+            if self.task.target_scale:
+                center, scale = self._standardization(targets)
+                targets = targets * scale + center
+            if targets.shape[1] == 1:
+                return targets[:, 0]
         return targets
 
 

@@ -197,6 +197,7 @@ CASES = [
     ("trainer.align={pairs:[[image,text]]}", "trainer.align.pairs[0]", "no modality 'text'"),
     ("trainer.align={pairs:[[image,image]]}", "trainer.align.pairs[0]", "got [image, image]"),
     ("trainer.align={pairs:[]}", "trainer.align.pairs", "at least one pair"),
+    ("trainer.align={pairs:[image,audio]}", "trainer.align.pairs", "str is not a ListConfig"),
     (
         "trainer.align={pairs:[[image,audio]],epoch:3}",
         "trainer.align.epoch",

@@ -674,6 +674,7 @@ def fit(
             # DDP syncs the parameters that were trainable when it was built: rebuild it
             # whenever that set changes (gradual unfreezing).
             step_model, trainable = data_parallel(model, device, find_unused_parameters), now
+        lr = max(group["lr"] for group in optimizer.param_groups)  # this epoch's (scheduled)
         train = train_epoch(
             step_model,
             train_batches,
@@ -698,7 +699,7 @@ def fit(
         val = evaluate(
             model, val_batches, device, targets, loss_weights, precision, distributed, objectives
         )
-        metrics = {"epoch": epoch, **train.as_dict("train"), **val.as_dict("val")}
+        metrics = {"epoch": epoch, **train.as_dict("train"), "train/lr": lr, **val.as_dict("val")}
         if nonfinite == "skip":
             metrics["train/skipped_steps"] = train.skipped
         if on_epoch is not None:
@@ -754,4 +755,8 @@ def fit(
             "no model to keep. Check the validation data for NaN/Inf values"
         )
     load_changing_state(model, best_state, constant)
+    log.info(
+        "stage '%s': kept epoch %d of %d (%s %.6g)",
+        desc, best["epoch"], epochs, monitor.metric, best[monitor.metric],
+    )  # fmt: skip
     return FitResult(best, epochs, finished=True)

@@ -1108,3 +1108,51 @@ def test_label_sets_under_auto_are_refused_and_a_separator_they_do_not_use_is_sa
         "label_separator is ';', which no cell holds, but 4 cells hold '|' ('cat|dog'), so each "
         "reads as one label; is the separator '|'?" in caplog.text
     )
+
+
+def test_a_minority_of_label_sets_among_single_labels_is_refused(manifest, frame):
+    """A few rows with several labels, the rest with one: the joined names are each a
+    whole label elsewhere, so these are label sets, not class names."""
+    frame["label"] = ["red", "blue", "green", "red|blue"] * (len(frame) // 4) + ["red"] * (
+        len(frame) % 4
+    )
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError, match=r"2 of its 11 values are lists or label sets joined "
+                       r"by '\|' \(data row 4: 'red\|blue'\).*set data.target_kind=multilabel"):  # fmt: skip
+        build(manifest)
+    frame["label"] = ["A|B", "C", "D", "C"] * (len(frame) // 4) + ["C"] * (len(frame) % 4)
+    frame.to_csv(manifest, index=False)  # 'A|B' names no other row's label: a class name
+    assert "A|B" in build(manifest).tasks["label"].classes
+
+
+def test_many_whole_numbers_as_classes_suggest_a_regression(tmp_path, caplog):
+    rows = [{"x": i % 7, "y": 100 + (i % 25)} for i in range(75)]
+    path = tmp_path / "ages.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    with caplog.at_level("WARNING", logger="fusion"):
+        ManifestDataset("train", path=path, target="y")
+    assert "target 'y' in ages.csv holds 25 distinct whole numbers (100 to 124), each a class " \
+        "of its own with about 3.0 rows; to predict the number, set data.target_kind=regression" \
+        in caplog.text  # fmt: skip
+
+
+def test_a_regression_target_is_standardized_with_the_train_split(tmp_path, caplog):
+    g = np.random.default_rng(0)
+    x = g.normal(size=60)
+    rows = {"x": x, "copy": 3 * (1000 + 400 * x) - 5, "y": 1000 + 400 * x}
+    path = tmp_path / "big.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    with caplog.at_level("WARNING", logger="fusion"):
+        train = ManifestDataset("train", path=path, target="y", target_kind="regression")
+    task = train.tasks["y"]
+    values = np.array([train[i]["label"] for i in range(len(train))])
+    assert task.target_center == pytest.approx((values.mean(),))
+    assert task.target_scale == pytest.approx((values.std(),))
+    assert (
+        "column 'copy' is a linear function of the target 'y' (correlation 1.0000)" in caplog.text
+    )
+    assert "column 'x'" in caplog.text  # y is a linear function of x, too
+    plain = ManifestDataset(
+        "train", path=path, target="y", target_kind="regression", standardize_target=False
+    )
+    assert plain.tasks["y"].target_scale == ()

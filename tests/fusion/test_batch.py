@@ -241,3 +241,12 @@ def test_a_collate_that_knows_the_tasks_names_labels_that_are_no_class_index(lab
     with pytest.raises(ValueError, match=message):
         collate_for(items)
     assert collate_for([{"x": torch.zeros(1), "label": 2}]).targets.tolist() == [2]
+
+
+def test_tensor_labels_of_several_targets_stack_and_mismatched_shapes_are_named():
+    items = [{"x": torch.zeros(3), "label": torch.tensor([1.0, 2.0])},
+             {"x": torch.ones(3), "label": torch.tensor([3.0, 4.0])}]  # fmt: skip
+    torch.testing.assert_close(collate(items).targets, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    items[1]["label"] = torch.tensor([3.0])
+    with pytest.raises(ValueError, match=r"item 1: 'label' is a tensor of shape \[1\], item 0's"):
+        collate(items)

@@ -222,3 +222,35 @@ def test_a_regression_keeps_the_epoch_with_the_lowest_validation_error():
     maes = [m["val/mae"] for m in history]
     assert result.best["val/mae"] == min(maes) and maes[-1] < maes[0] / 2
     assert set(history[0]) >= {"train/mae", "val/rmse", "val/pearson", "val/spearman"}
+
+
+def test_a_standardized_regression_learns_scaled_targets_and_scores_in_their_units():
+    """With a center and scale, the loss is on (y - center) / scale and the metrics on the
+    predictions mapped back: an output of 0 predicts the center."""
+    task = Task("regression", ("y",), target_center=(1000.0,), target_scale=(400.0,))
+    objective = Objective(task)
+    outputs = torch.tensor([[0.0], [1.0], [-0.5]])
+    y = torch.tensor([1000.0, 1800.0, 600.0])
+    scaled = objective.targets(outputs, y, "label")
+    torch.testing.assert_close(scaled, torch.tensor([[0.0], [2.0], [-1.0]]))
+    assert float(objective.loss_sum(outputs, scaled)) == pytest.approx(0 + 1 + 0.25)
+    torch.testing.assert_close(
+        objective.predictions(outputs), torch.tensor([1000.0, 1400.0, 800.0])
+    )
+    torch.testing.assert_close(objective.metric_targets(scaled), y)
+    mae = objective.build_metrics()["mae"]
+    mae.update(objective.predictions(outputs), objective.metric_targets(scaled))
+    assert float(mae.compute()) == pytest.approx((0 + 400 + 200) / 3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"kind": "multiclass", "classes": ("a", "b"), "target_scale": (1.0,)}, "target_scale: a regression task's"),
+        ({"kind": "regression", "target_scale": (0.0,)}, r"target_scale: expected finite numbers \(scales > 0\)"),
+        ({"kind": "regression", "target_center": (1.0, 2.0)}, "one number per target \\(1\\)"),
+    ],
+)  # fmt: skip
+def test_target_scales_that_cannot_work_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        Task(**settings)
