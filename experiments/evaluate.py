@@ -3,6 +3,7 @@
     python -m experiments.evaluate outputs/runs/<run>                       # the test split
     python -m experiments.evaluate outputs/runs/<run> --split val
     python -m experiments.evaluate outputs/runs/<run> --robustness --levels 0 0.5 1 2
+    python -m experiments.evaluate outputs/runs/<run> --robustness --perturbations noise blur
     python -m experiments.evaluate outputs/runs/<run> --emap --contributions
     python -m experiments.evaluate outputs/runs/<run> --emap --emap-samples 500
     python -m experiments.evaluate outputs/runs/<run> --trust-target mypkg.MyEncoder
@@ -19,9 +20,14 @@ config stored in `best.pt` (but for settings that do not change what is scored, 
 `logger.*`): an edited `config.yaml` would score something else than what was trained.
 
 `--robustness` (after MultiBench) takes each modality in turn and measures accuracy when it
-is dropped (its `present` mask cleared) and when Gaussian noise is added to its input, with
-std = level x that input's std on the split. Noise is drawn from a generator seeded with the
-run's seed, the same draw for every level, so the curves differ only by the level. Writes
+is dropped (its `present` mask cleared), when Gaussian noise is added to its input (std =
+level x that input's std on the split), and under each perturbation of its kind at the levels
+in [0, 1] (`fusion.analysis.perturbations`: occlusion, blur, contrast, salt and pepper for
+images; noise at an SNR, time shift, clipping for audio; typos, word dropout for text; column
+dropout for tables); `--perturbations` names the ones to run (default: all that fit). Every
+perturbation draws from a generator seeded with the run's seed, the same draw for every
+level, so the curves differ only by the level. Each curve gets its relative robustness (its
+mean score over the levels in [0, 1]; `fusion.analysis.robustness`). Writes
 `robustness.json` and `robustness.png` next to the evaluation.
 
 `--emap` (Hessel & Lee, EMNLP 2020) scores the model next to its empirical multimodally-
@@ -62,9 +68,12 @@ from experiments.builders import (
 from experiments.schema import RUN_MECHANICS, ConfigError, config_differences, validate
 from fusion.analysis.contributions import contributions, contributions_table, plot_contributions
 from fusion.analysis.interaction import emap, emap_table, plot_emap
+from fusion.analysis.perturbations import NAMES as PERTURBATIONS
 from fusion.analysis.robustness import (
     Evaluator,
+    asked_perturbations,
     metrics_table,
+    modality_kinds,
     plot_robustness,
     robustness,
     robustness_table,
@@ -81,7 +90,7 @@ from fusion.training.recipe import FUSE_STATE, ModelSpec, build_model
 from fusion.training.settings import DEVICE, DEVICES, resolve_device
 from fusion.weights import load_weights
 
-DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0, 2.0)
+DEFAULT_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0, 2.0)
 TRANSFORMS = "torchvision.transforms.v2"
 # Hydra keys that would call a target another way than the project's configs do.
 REFUSED_KEYS = ("_args_", "_recursive_", "_convert_")
@@ -291,8 +300,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--levels",
         type=float,
         nargs="+",
-        help="noise std as multiples of each input's std (with --robustness; default: "
+        help="perturbation levels (with --robustness): noise std as multiples of each input's "
+        "std, the other perturbations' strength in [0, 1] (they skip levels above 1; default: "
         f"{' '.join(map(str, DEFAULT_LEVELS))})",
+    )
+    parser.add_argument(
+        "--perturbations",
+        nargs="+",
+        choices=PERTURBATIONS,
+        metavar="NAME",
+        help="with --robustness: the perturbations to run, each on the modalities whose kind it "
+        f"fits (default: all that fit; {', '.join(PERTURBATIONS)})",
     )
     parser.add_argument(
         "--emap",
@@ -328,6 +346,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.levels is not None and not args.robustness:
         parser.error("argument --levels: it sets the noise of --robustness, which is not given")
+    if args.perturbations is not None and not args.robustness:
+        parser.error(
+            "argument --perturbations: it chooses those of --robustness, which is not given"
+        )
     if args.emap_samples is not None and not args.emap:
         parser.error("argument --emap-samples: it sets the samples of --emap, which is not given")
     if args.emap_samples is not None and args.emap_samples < 2:
@@ -427,6 +449,12 @@ def run(args: argparse.Namespace) -> None:
         objectives = objectives_for(train.tasks, task_settings(cfg))
     except ValueError as err:
         raise EvaluateError(f"{args.run_dir / 'config.yaml'}: {ConfigError.keyed(err)}") from None
+    if args.robustness:
+        kinds = modality_kinds(model.modalities, train.modalities)
+        try:
+            asked_perturbations(args.perturbations, kinds, args.levels)
+        except ValueError as err:
+            raise EvaluateError(f"--perturbations: {err}") from None
     evaluator = Evaluator(
         model, loaders, args.split, cfg.seed, args.device, cfg.trainer.precision, objectives
     )
@@ -446,7 +474,7 @@ def run(args: argparse.Namespace) -> None:
         },
     )
     if args.robustness:
-        report = robustness(evaluator, args.levels, train.modalities)
+        report = robustness(evaluator, args.levels, train.modalities, args.perturbations)
         print(robustness_table(report))
         write_json(out / "robustness.json", report)
         plot_robustness(report, out / "robustness.png")

@@ -75,6 +75,60 @@ def test_robustness_drops_and_noises_every_modality(evaluated):
     assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_robustness_runs_every_perturbation_of_each_kind(evaluated):
+    """AV-Digits: images get noise, occlusion, blur, contrast and salt and pepper, audio
+    noise, noise at an SNR, time shift and clipping, each at the levels 0 and 1, each with
+    its relative robustness (here the mean of its two scores), in the JSON and the table."""
+    out, stdout = evaluated
+    report = json.loads((out / "robustness.json").read_text())
+    assert report["relative_robustness_span"] == [0.0, 1.0]
+    expected = {
+        "image": ["noise", "occlusion", "blur", "contrast", "salt_pepper"],
+        "audio": ["noise", "noise_snr", "time_shift", "clipping"],
+    }
+    for m, names in expected.items():
+        entry = report["modalities"][m]
+        assert entry["kind"] == m and list(entry["perturbations"]) == names
+        assert entry["perturbations"]["noise"]["scores"] == entry["noise"]
+        for name, curve in entry["perturbations"].items():
+            assert curve["levels"] == [0.0, 1.0] and curve["scores"][0] == report["clean"]
+            assert curve["relative_robustness"] == pytest.approx(sum(curve["scores"]) / 2)
+            assert curve["level"] and f"| {m}/{name} | " in stdout
+    assert "relative robustness: the mean accuracy over the levels in [0, 1]" in stdout
+
+
+def test_perturbations_are_chosen_by_name_and_checked_against_the_runs_modalities(
+    run_dir, tmp_path, capsys
+):
+    out = tmp_path / "eval"
+    argv = [str(run_dir), "--robustness", "--levels", "0", "0.5", "2", "--out", str(out)]
+    assert main([*argv, "--perturbations", "blur", "clipping"]) == 0
+    report = json.loads((out / "robustness.json").read_text())
+    image, audio = report["modalities"]["image"], report["modalities"]["audio"]
+    assert list(image["perturbations"]) == ["blur"] and list(audio["perturbations"]) == ["clipping"]
+    assert image["perturbations"]["blur"]["levels"] == [0.0, 0.5]  # 2 is for noise only
+    assert image["noise"] is None and audio["input_std"] is None  # noise not asked
+    capsys.readouterr()
+    for extra, named in [
+        (["--perturbations", "typos"], "evaluate: --perturbations: typos (text) fit(s) none of "
+         "the model's modalities: image (image), audio (audio)\n"),
+        (["--perturbations", "blur", "--levels", "2"], "evaluate: --perturbations: ['blur'] "
+         "take levels in [0, 1] and the levels [2.0] hold none (only noise takes levels above 1)\n"),
+    ]:  # fmt: skip
+        assert main([str(run_dir), "--robustness", *extra, "--out", str(tmp_path / "x")]) == 2
+        assert capsys.readouterr().err == named
+        assert not list((tmp_path / "x").iterdir())  # refused before anything is evaluated
+    for argv, named in [
+        ([str(run_dir), "--robustness", "--perturbations", "blurr"],
+         "argument --perturbations: invalid choice: 'blurr'"),
+        ([str(run_dir), "--perturbations", "blur"],
+         "argument --perturbations: it chooses those of --robustness, which is not given"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert named in capsys.readouterr().err
+
+
 def test_noise_is_seeded_and_skips_text():
     batch = Batch(
         inputs={"image": torch.ones(4, 2), "text": ["a", "b", "c", ""]},
