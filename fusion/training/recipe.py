@@ -246,8 +246,10 @@ def optimizer_groups(model: MultimodalModel | AuxiliaryTraining, stage: StageCon
     globs are on the model's parameter names; auxiliary heads (`fusion.auxiliary`) train at
     the stage's lr and weight decay."""
     if isinstance(model, AuxiliaryTraining):
-        extra = param_groups(model.auxiliary, lr=stage.lr, weight_decay=stage.weight_decay)
-        return optimizer_groups(model.model, stage) + extra
+        groups = optimizer_groups(model.model, stage)
+        if model.auxiliary is not None:
+            groups += param_groups(model.auxiliary, lr=stage.lr, weight_decay=stage.weight_decay)
+        return groups
     return param_groups(
         model,
         lr=stage.lr,

@@ -12,6 +12,7 @@ from fusion.tasks import Objective
 from fusion.training.loop import EpochMetrics
 from fusion.training.recipe import (
     Row,
+    build_model,
     optimizer_groups,
     pretrain_key,
     results_table,
@@ -214,3 +215,25 @@ def test_a_stage1_glob_for_one_modality_applies_to_that_modalitys_model_only(tmp
     audio_lrs = {g["lr"] for g in optimizer_groups(audio, recipe.trainer.pretrain)}
     lr = recipe.trainer.pretrain.lr
     assert image_lrs == {lr * 0.5, lr} and audio_lrs == {lr}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "extra"),
+    [
+        (["trainer.fuse.ogm_ge={alpha: 0.5}"], 0),  # a modulation alone adds no parameters
+        (["trainer.fuse.auxiliary={unimodal: 0.5}", "trainer.fuse.ogm_ge={}"], 4),
+        (["trainer.fuse.gradient_blending={}"], 4),
+    ],
+)
+def test_stage2_trains_the_model_and_whatever_auxiliary_heads_it_has(tmp_path, overrides, extra):
+    """The stage-2 wrapper's optimizer groups: the model's, then the auxiliary heads' (a
+    weight and a bias per modality)."""
+    recipe = recipe_for(tmp_path, "trainer.fuse.unfreeze={start_epoch: 1}", *overrides)
+    recipe.check_encoders()
+    encoders = {m: build() for m, build in recipe.spec.encoders.items()}
+    model = build_model(recipe.spec, encoders, recipe.tasks)
+    trained = recipe.with_auxiliary(model)
+    groups = optimizer_groups(trained, recipe.trainer.fuse)
+    counted = sum(len(g["params"]) for g in groups)
+    assert counted == len(list(model.parameters())) + extra
+    assert (trained.modulation is not None) == any("ogm_ge" in o for o in overrides)
