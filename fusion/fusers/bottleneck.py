@@ -13,12 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from einops import repeat
 from torch import nn
 
 from fusion.checks import positive_int
 from fusion.fusers.base import Fuser
-from fusion.fusers.transformer import _check_attention_args, _learned_token, masked_mean
+from fusion.fusers.transformer import (
+    _check_attention_args,
+    _learned_token,
+    masked_mean,
+    token_count,
+)
 
 
 class BottleneckFuser(Fuser):
@@ -136,34 +140,41 @@ class BottleneckFuser(Fuser):
     ) -> torch.Tensor:
         """`features[m]` [B, D_m] or [B, T_m, D_m], `present[m]` [B] or [B, T_m] bool
         (None: everything present) -> [B, dim]."""
-        xs, masks = self.tokens(features, present)
+        xs, masks = self.maybe_masked_tokens(features, present)
         batch = xs[0].shape[0]
-        always = torch.ones(batch, 1, dtype=torch.bool, device=xs[0].device)
-        streams, keys = {}, {}
-        for i, (m, x, mask) in enumerate(zip(self.modalities, xs, masks, strict=True)):
+        streams, padding, here = {}, dict.fromkeys(self.modalities), None
+        if masks is not None:  # None: every token real, nothing to mask anywhere
+            always = torch.ones(batch, 1, dtype=torch.bool, device=xs[0].device)
+            here = torch.stack([mask.any(dim=1) for mask in masks], dim=1)  # [B, M]
+            padding = {
+                m: ~torch.cat([always, mask], dim=1)
+                for m, mask in zip(self.modalities, masks, strict=True)
+            }
+        for i, (m, x) in enumerate(zip(self.modalities, xs, strict=True)):
             if x.shape[1] > self.max_tokens:
                 raise ValueError(
                     f"modality '{m}' has {x.shape[1]} tokens, more than "
                     f"max_tokens={self.max_tokens}"
                 )
             tokens = self.proj[m](x) + self.position_embedding[i, : x.shape[1]]
-            cls = repeat(self.cls_tokens[i], "d -> b 1 d", b=batch).to(tokens.dtype)
+            cls = self.cls_tokens[i].expand(batch, 1, -1).to(tokens.dtype)
             streams[m] = torch.cat([cls, tokens], dim=1)
-            keys[m] = torch.cat([always, mask], dim=1)
-        here = torch.stack([mask.any(dim=1) for mask in masks], dim=1)  # [B, M]
-        bottleneck = repeat(self.bottleneck, "1 n d -> b n d", b=batch)
-        bottleneck_keys = always.expand(batch, bottleneck.shape[1])
+        bottleneck = self.bottleneck.expand(batch, -1, -1)
         for index in range(self.num_layers):
             if index < self.fusion_layer:
                 for m in self.modalities:
-                    streams[m] = self.layers[m][index](streams[m], src_key_padding_mask=~keys[m])
+                    streams[m] = self.layers[m][index](streams[m], src_key_padding_mask=padding[m])
                 continue
             copies = []
             for m in self.modalities:
                 length = streams[m].shape[1]
                 joint = torch.cat([streams[m], bottleneck.to(streams[m].dtype)], dim=1)
-                padding = ~torch.cat([keys[m], bottleneck_keys], dim=1)
-                out = self.layers[m][index](joint, src_key_padding_mask=padding)
+                keys = None  # the bottleneck tokens are never masked
+                if padding[m] is not None:
+                    keys = torch.cat(
+                        [padding[m], padding[m].new_zeros(batch, self.bottleneck.shape[1])], dim=1
+                    )
+                out = self.layers[m][index](joint, src_key_padding_mask=keys)
                 streams[m] = out[:, :length]
                 copies.append(out[:, length:])
             bottleneck = self.bottleneck_mean(torch.stack(copies, dim=1), here, bottleneck)
@@ -172,12 +183,14 @@ class BottleneckFuser(Fuser):
 
     @staticmethod
     def bottleneck_mean(
-        copies: torch.Tensor, here: torch.Tensor, previous: torch.Tensor
+        copies: torch.Tensor, here: torch.Tensor | None, previous: torch.Tensor
     ) -> torch.Tensor:
         """z_fsn = the mean of the modalities' bottleneck copies `copies` [B, M, n, dim] over
-        the modalities present in each sample (`here` [B, M]); a sample with none keeps
-        `previous` [B, n, dim]."""
+        the modalities present in each sample (`here` [B, M], None: all of them); a sample
+        with none keeps `previous` [B, n, dim]."""
+        if here is None:  # every modality present: the plain mean
+            return copies.sum(dim=1) / token_count(copies)
         chosen = here[:, :, None, None]
-        total = torch.where(chosen, copies, torch.zeros_like(copies)).sum(dim=1)
+        total = torch.where(chosen, copies, 0.0).sum(dim=1)
         mean = total / here.sum(dim=1).clamp(min=1).to(copies.dtype)[:, None, None]
         return torch.where(here.any(dim=1)[:, None, None], mean, previous.to(mean.dtype))

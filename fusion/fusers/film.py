@@ -57,17 +57,18 @@ class FiLMFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)  # None: all present
         by_name = dict(zip(self.modalities, xs, strict=True))
-        has = dict(zip(self.modalities, mask.unbind(dim=1), strict=True))
-        cond, cond_present = by_name[self.conditioner], has[self.conditioner][:, None]
+        cond = by_name[self.conditioner]
+        if masks is not None:
+            has = dict(zip(self.modalities, masks, strict=True))
         out = []
         for m in self.modulated:
             h = self.proj[m](by_name[m])
-            delta_gamma, beta = self.film[m](cond).chunk(2, dim=-1)
-            # Identity modulation where the conditioner is absent.
-            delta_gamma = torch.where(cond_present, delta_gamma, torch.zeros_like(delta_gamma))
-            beta = torch.where(cond_present, beta, torch.zeros_like(beta))
+            modulation = self.film[m](cond)
+            if masks is not None:  # identity modulation where the conditioner is absent
+                modulation = torch.where(has[self.conditioner].unsqueeze(1), modulation, 0.0)
+            delta_gamma, beta = modulation.chunk(2, dim=-1)
             h = (1 + delta_gamma) * h + beta
-            out.append(torch.where(has[m][:, None], h, torch.zeros_like(h)))
+            out.append(h if masks is None else torch.where(has[m].unsqueeze(1), h, 0.0))
         return torch.cat(out, dim=1)

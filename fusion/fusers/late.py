@@ -68,10 +68,19 @@ class LateFusion(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         logits = torch.stack(
             [self.classifiers[m](x) for m, x in zip(self.modalities, xs, strict=True)], dim=1
         )  # [B, M, K]
+        if masks is None and self.combine == "logits":  # every modality weighs 1 / M
+            return (logits * (1.0 / len(self.modalities))).sum(dim=1)
+        if masks is None and self.combine == "learned":
+            weights = torch.softmax(self.modality_scores.expand(len(logits), -1), dim=1)
+            return (weights.to(logits.dtype).unsqueeze(-1) * logits).sum(dim=1)
+        if masks is None:
+            mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        else:
+            mask = torch.stack(masks, dim=1)
         if self.combine != "probs":
             weights = self.modality_weights(mask).to(logits.dtype)
             return (weights.unsqueeze(-1) * logits).sum(dim=1)
@@ -79,4 +88,4 @@ class LateFusion(Fuser):
         log_probs = log_probs.masked_fill(~mask.unsqueeze(-1), torch.finfo(log_probs.dtype).min)
         count = mask.sum(dim=1, keepdim=True)
         mean = torch.logsumexp(log_probs, dim=1) - count.clamp(min=1).to(log_probs.dtype).log()
-        return torch.where(count > 0, mean, torch.zeros_like(mean))
+        return torch.where(count > 0, mean, 0.0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from einops import repeat
 from torch import nn
 
 from fusion.checks import positive_int
@@ -42,12 +41,15 @@ def sinusoidal_positions(
     return table.to(dtype)
 
 
-def last_token(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`x[b, t]` [B, D] at the last t where `mask[b, t]` [B, T] is True; zeros where none is."""
+def last_token(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`x[b, t]` [B, D] at the last t where `mask[b, t]` [B, T] is True; zeros where none is.
+    `mask` None: every token is real, the last one is picked."""
+    if mask is None:
+        return x[:, -1]
     index = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask, index, torch.zeros_like(index)).amax(dim=1)
+    last = torch.where(mask, index, 0).amax(dim=1)
     picked = x[torch.arange(x.shape[0], device=x.device), last]
-    return torch.where(mask.any(dim=1, keepdim=True), picked, torch.zeros_like(picked))
+    return torch.where(mask.any(dim=1, keepdim=True), picked, 0.0)
 
 
 class CrossmodalTransformer(nn.Module):
@@ -63,7 +65,9 @@ class CrossmodalTransformer(nn.Module):
     present the null key is masked, so the block is exactly the paper's attention.
 
     Shapes: `target` [B, T_target, dim], `source` [B, T_source, dim], `source_real`
-    [B, T_source] bool -> [B, T_target, dim].
+    [B, T_source] bool -> [B, T_target, dim]. `source_real` None: every source token is real
+    (the null key is then masked for every sample; it stays in, so that it keeps its zero
+    gradient, which optimizers and DDP expect of a parameter used every step).
     """
 
     def __init__(self, dim: int, heads: int, dropout: float, depth: int) -> None:
@@ -73,12 +77,16 @@ class CrossmodalTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(
-        self, target: torch.Tensor, source: torch.Tensor, source_real: torch.Tensor
+        self, target: torch.Tensor, source: torch.Tensor, source_real: torch.Tensor | None
     ) -> torch.Tensor:
-        null = repeat(self.null, "1 1 d -> b 1 d", b=source.shape[0]).to(source.dtype)
+        null = self.null.expand(source.shape[0], -1, -1).to(source.dtype)
         keys = torch.cat([null, source], dim=1)
-        absent = ~source_real.any(dim=1, keepdim=True)
-        padding = ~torch.cat([absent, source_real], dim=1)
+        if source_real is None:  # only the null key is masked
+            padding = torch.zeros(keys.shape[:2], dtype=torch.bool, device=keys.device)
+            padding[:, 0] = True
+        else:
+            absent = ~source_real.any(dim=1, keepdim=True)
+            padding = ~torch.cat([absent, source_real], dim=1)
         for block in self.blocks:
             target = block(target, keys, padding)
         return self.norm(target)
@@ -201,8 +209,13 @@ class MulTFuser(Fuser):
     ) -> torch.Tensor:
         """`features[m]` [B, D_m] or [B, T_m, D_m], `present[m]` [B] or [B, T_m] bool
         (None: everything present) -> [B, out_dim]."""
-        xs, masks = self.tokens(features, present)
-        embedded, real = {}, dict(zip(self.modalities, masks, strict=True))
+        xs, masks = self.maybe_masked_tokens(features, present)
+        embedded = {}
+        real = (
+            dict.fromkeys(self.modalities)
+            if masks is None
+            else dict(zip(self.modalities, masks, strict=True))
+        )
         for m, x in zip(self.modalities, xs, strict=True):
             z = self.proj[m](x)
             positions = sinusoidal_positions(z.shape[1], self.dim, z.device, z.dtype)
@@ -219,8 +232,8 @@ class MulTFuser(Fuser):
             mask = real[target]
             # An absent target has no real key: its (finite) tokens attend to each other and
             # its readout is dropped below, rather than attention over nothing giving NaN.
-            keys = mask | ~mask.any(dim=1, keepdim=True)
-            hidden = self.self_attention[target](crossed, src_key_padding_mask=~keys)
+            padding = None if mask is None else ~(mask | ~mask.any(dim=1, keepdim=True))
+            hidden = self.self_attention[target](crossed, src_key_padding_mask=padding)
             pooled = (
                 last_token(hidden, mask) if self.readout == "last" else masked_mean(hidden, mask)
             )

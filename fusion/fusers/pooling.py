@@ -39,14 +39,16 @@ from fusion.checks import dropout_rate, positive_int
 from fusion.fusers.base import Fuser
 
 
-def hadamard(factors: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+def hadamard(factors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None) -> torch.Tensor:
     """Elementwise product of one factor per modality ([B, ...] each, in modality order);
-    where `mask[:, i]` is False, modality i's factor is replaced by ones (a select, never a
-    multiplication by the mask, so whatever it holds has no influence)."""
+    where `masks[i]` ([B]) is False, modality i's factor is replaced by ones (a select, never
+    a multiplication by the mask, so whatever it holds has no influence). `masks` None:
+    every modality is present."""
     product = None
     for i, factor in enumerate(factors):
-        present = mask[:, i].reshape(-1, *[1] * (factor.dim() - 1))
-        factor = torch.where(present, factor, torch.ones_like(factor))
+        if masks is not None:
+            present = masks[i].reshape(-1, *[1] * (factor.dim() - 1))
+            factor = torch.where(present, factor, 1.0)
         product = factor if product is None else product * factor
     return product
 
@@ -143,9 +145,9 @@ class MLBFuser(_PoolingFuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         factors = [torch.tanh(self.proj[m](x)) for m, x in zip(self.modalities, xs, strict=True)]
-        joint = self.dropout(hadamard(factors, mask))
+        joint = self.dropout(hadamard(factors, masks))
         return self.out(joint) if self.out is not None else joint
 
 
@@ -201,9 +203,9 @@ class MFBFuser(_PoolingFuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         factors = [self.proj[m](x) for m, x in zip(self.modalities, xs, strict=True)]
-        expanded = self.dropout(hadamard(factors, mask))
+        expanded = self.dropout(hadamard(factors, masks))
         z = power_l2(sum_pool(expanded, self.factor))
         return self.out(z) if self.out is not None else z
 
@@ -265,11 +267,11 @@ class MFHFuser(_PoolingFuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         expanded, pooled = None, []
         for block in self.blocks:
             product = hadamard(
-                [block[m](x) for m, x in zip(self.modalities, xs, strict=True)], mask
+                [block[m](x) for m, x in zip(self.modalities, xs, strict=True)], masks
             )
             expanded = self.dropout(product if expanded is None else expanded * product)
             pooled.append(power_l2(sum_pool(expanded, self.factor)))
@@ -336,12 +338,12 @@ class MutanFuser(_PoolingFuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         factors = [
             self.core[m](self.dropout(torch.tanh(self.proj[m](x)))).unflatten(-1, (self.rank, -1))
             for m, x in zip(self.modalities, xs, strict=True)
         ]  # [B, rank, mm_dim] each
-        return self.out(hadamard(factors, mask).sum(dim=1))
+        return self.out(hadamard(factors, masks).sum(dim=1))
 
 
 class BlockFuser(_PoolingFuser):
@@ -416,7 +418,7 @@ class BlockFuser(_PoolingFuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         pieces = {
             m: self.dropout(self.proj[m](x)).split(self.sizes, dim=-1)
             for m, x in zip(self.modalities, xs, strict=True)
@@ -427,5 +429,5 @@ class BlockFuser(_PoolingFuser):
                 self.cores[m][c](pieces[m][c]).unflatten(-1, (self.rank, -1))
                 for m in self.modalities
             ]  # [B, rank, size] each
-            blocks.append(power_l2(hadamard(factors, mask).sum(dim=1)))
+            blocks.append(power_l2(hadamard(factors, masks).sum(dim=1)))
         return self.out(torch.cat(blocks, dim=-1))

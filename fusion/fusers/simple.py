@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping
 
 import torch
@@ -33,7 +35,7 @@ class ConcatFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, _ = self.vectors(features, present)
+        xs, _ = self.maybe_masked_vectors(features, present)
         return self.proj(torch.cat(xs, dim=1))
 
 
@@ -61,12 +63,15 @@ class GatedFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         hidden = torch.stack(
             [torch.tanh(self.proj[m](x)) for m, x in zip(self.modalities, xs, strict=True)], dim=1
         )  # [B, M, dim]
         logits = self.gate(torch.cat(xs, dim=1)).view(-1, len(self.modalities), self.dim)
-        weights = masked_softmax(logits, mask[:, :, None], dim=1)
+        if masks is None:
+            weights = torch.softmax(logits, dim=1)
+        else:
+            weights = masked_softmax(logits, torch.stack(masks, dim=1)[:, :, None], dim=1)
         return self.dropout((weights * hidden).sum(dim=1))
 
 
@@ -84,16 +89,37 @@ class _ProjectedFuser(Fuser):
 
     def project(
         self, features: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected features [B, M, dim], zero where a modality is absent, and the mask [B, M].
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projected features [B, M, dim], zero where a modality is absent, and the mask [B, M]
+        (None when every modality is present: see `Fuser.maybe_masked_vectors`).
 
         The zeroing is after the projection, so an absent modality does not add its bias.
         """
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         hidden = torch.stack(
             [self.proj[m](x) for m, x in zip(self.modalities, xs, strict=True)], dim=1
         )
-        return torch.where(mask[:, :, None], hidden, torch.zeros_like(hidden)), mask
+        if masks is None:
+            return hidden, None
+        mask = torch.stack(masks, dim=1)
+        return torch.where(mask[:, :, None], hidden, 0.0), mask
+
+    def projected_sum(
+        self, features: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sum over modalities of `project`'s features [B, dim], and the mask (None when
+        every modality is present). Then, in float32 or float64, the projections are added
+        as they come: the same sum as over the stacked tensor, without the stacking. (In a
+        16-bit dtype the stacked sum accumulates in float32 and rounds once, so it stays.)"""
+        xs, masks = self.maybe_masked_vectors(features, present)
+        projected = [self.proj[m](x) for m, x in zip(self.modalities, xs, strict=True)]
+        if masks is None and projected[0].dtype in (torch.float32, torch.float64):
+            return functools.reduce(operator.add, projected), None
+        hidden, mask = torch.stack(projected, dim=1), None
+        if masks is not None:
+            mask = torch.stack(masks, dim=1)
+            hidden = torch.where(mask[:, :, None], hidden, 0.0)
+        return hidden.sum(dim=1), mask
 
 
 class SumFuser(_ProjectedFuser):
@@ -109,8 +135,8 @@ class SumFuser(_ProjectedFuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        hidden, _ = self.project(features, present)
-        return self.dropout(hidden.sum(dim=1))
+        total, _ = self.projected_sum(features, present)
+        return self.dropout(total)
 
 
 class MeanFuser(_ProjectedFuser):
@@ -126,9 +152,11 @@ class MeanFuser(_ProjectedFuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        hidden, mask = self.project(features, present)
-        count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
-        return self.dropout(hidden.sum(dim=1) / count)
+        total, mask = self.projected_sum(features, present)
+        if mask is None:  # every modality counts; an integer count is exact in any dtype
+            return self.dropout(total / len(self.modalities))
+        count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(total.dtype)
+        return self.dropout(total / count)
 
 
 class AttentionFuser(_ProjectedFuser):
@@ -166,6 +194,6 @@ class AttentionFuser(_ProjectedFuser):
     ) -> torch.Tensor:
         hidden, mask = self.project(features, present)
         scores = self.scorer(hidden).squeeze(-1)  # [B, M]
-        weights = masked_softmax(scores, mask, dim=1)
+        weights = torch.softmax(scores, dim=1) if mask is None else masked_softmax(scores, mask, 1)
         self.last_weights = weights.detach()
         return self.dropout((weights[:, :, None] * hidden).sum(dim=1))

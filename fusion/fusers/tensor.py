@@ -10,7 +10,6 @@ import math
 from collections.abc import Mapping
 
 import torch
-from einops import einsum, rearrange
 from torch import nn
 
 from fusion.checks import dropout_rate, positive_int
@@ -19,14 +18,16 @@ from fusion.fusers.base import Fuser
 MAX_TENSOR_SIZE = 2**20
 
 
-def _extend(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """[x, 1] for present samples and [0, ..., 0, 1] for absent ones.
+def _extend(x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    """[x, 1] for present samples and [0, ..., 0, 1] for absent ones (`present` None: all
+    present).
 
     The constant 1 is what lets a product of modalities keep each modality's own (and every
     lower-order) term; zeroing an absent modality's part leaves exactly the interactions of
     the present ones, and its values cannot reach the output.
     """
-    x = torch.where(present[:, None], x, torch.zeros_like(x))
+    if present is not None:
+        x = torch.where(present.unsqueeze(1), x, 0.0)
     return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
 
 
@@ -75,13 +76,13 @@ class TensorFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         if self.proj is not None:
             xs = [self.proj[m](x) for m, x in zip(self.modalities, xs, strict=True)]
-        extended = [_extend(x, mask[:, i]) for i, x in enumerate(xs)]
+        extended = [_extend(x, None if masks is None else masks[i]) for i, x in enumerate(xs)]
         fused = extended[0]
-        for z in extended[1:]:
-            fused = rearrange(einsum(fused, z, "b i, b j -> b i j"), "b i j -> b (i j)")
+        for z in extended[1:]:  # the outer product, flattened: [B, i * j]
+            fused = (fused[:, :, None] * z[:, None, :]).flatten(1)
         fused = self.dropout(fused)
         return self.out(fused) if self.out is not None else fused
 
@@ -131,12 +132,13 @@ class LowRankFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, mask = self.vectors(features, present)
+        xs, masks = self.maybe_masked_vectors(features, present)
         product = None
         for i, (x, factor) in enumerate(zip(xs, self.factors, strict=True)):
-            term = einsum(_extend(x, mask[:, i]), factor, "b i, r i o -> b r o")
+            extended = _extend(x, None if masks is None else masks[i])
+            term = torch.einsum("bi,rio->bro", extended, factor)
             product = term if product is None else product * term
-        return einsum(product, self.fusion_weights, "b r o, r -> b o") + self.bias
+        return torch.einsum("bro,r->bo", product, self.fusion_weights) + self.bias
 
 
 class BilinearFuser(Fuser):
@@ -150,7 +152,9 @@ class BilinearFuser(Fuser):
     LowRankFuser for all interactions).
 
     The full W is [out_dim, d_x, d_y], e.g. 33M parameters for 512-dim inputs and
-    out_dim=128. With `rank`, W_k = sum_r C[r, k] (A[r] outer B[r]) (a CP decomposition, as in
+    out_dim=128. It is contracted with y first, through a view of W as [out_dim * d_x, d_y]
+    (a matrix product that reads W as it is stored, so no step copies it), then with x. With
+    `rank`, W_k = sum_r C[r, k] (A[r] outer B[r]) (a CP decomposition, as in
     the paper's low-rank variant), computed as C^T ((A x) * (B y)) without building W.
 
     Absent modalities are zero (via `vectors`), which removes them from every term: each term
@@ -190,13 +194,13 @@ class BilinearFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, _ = self.vectors(features, present)
+        xs, _ = self.maybe_masked_vectors(features, present)
         x, y = xs[0], torch.cat(xs[1:], dim=1)
         if self.rank is None:
-            bilinear = einsum(x, self.weight, y, "b i, k i j, b j -> b k")
+            out_dim, context_dim, rest_dim = self.weight.shape
+            wy = y @ self.weight.view(out_dim * context_dim, rest_dim).t()  # [B, k * i]
+            bilinear = (wy.view(-1, out_dim, context_dim) @ x.unsqueeze(-1)).squeeze(-1)
         else:
-            hidden = einsum(x, self.context_factor, "b i, r i -> b r") * einsum(
-                y, self.rest_factor, "b j, r j -> b r"
-            )
-            bilinear = einsum(hidden, self.out_factor, "b r, r k -> b k")
+            hidden = (x @ self.context_factor.t()) * (y @ self.rest_factor.t())  # [B, rank]
+            bilinear = hidden @ self.out_factor
         return bilinear + self.context_linear(x) + self.rest_linear(y)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from einops import repeat
 from torch import nn
 
 from fusion.checks import dropout_rate, positive_int
@@ -32,11 +31,21 @@ def _learned_token(*shape: int) -> nn.Parameter:
     return nn.Parameter(nn.init.trunc_normal_(torch.empty(*shape), std=0.02))
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` [B, T, D] over the tokens where `mask` [B, T] is True; zeros where none are."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `x` [B, T, D] over the tokens where `mask` [B, T] is True; zeros where none are.
+    `mask` None: every token is real."""
+    if mask is None:
+        return x.sum(dim=1) / token_count(x)
     weights = mask.unsqueeze(-1).to(x.dtype)
-    total = torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x)).sum(dim=1)
+    total = torch.where(mask.unsqueeze(-1), x, 0.0).sum(dim=1)
     return total / weights.sum(dim=1).clamp(min=1.0)
+
+
+def token_count(x: torch.Tensor) -> float:
+    """T of `x` [B, T, D] as `x`'s dtype holds it (a bfloat16 rounds 257 to 256), the divisor
+    `masked_mean` gets from a sum of T ones in that dtype."""
+    count = float(x.shape[1])
+    return count if x.dtype.itemsize >= 4 else float(torch.tensor(count, dtype=x.dtype))
 
 
 class TransformerFuser(Fuser):
@@ -89,11 +98,10 @@ class TransformerFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, masks = self.tokens(features, present)
+        xs, masks = self.maybe_masked_tokens(features, present)
         batch = xs[0].shape[0]
-        sequence = [repeat(self.fusion_token, "1 1 d -> b 1 d", b=batch)]
-        real = [torch.ones(batch, 1, dtype=torch.bool, device=xs[0].device)]
-        for i, (m, x, mask) in enumerate(zip(self.modalities, xs, masks, strict=True)):
+        sequence = [self.fusion_token.expand(batch, -1, -1)]
+        for i, (m, x) in enumerate(zip(self.modalities, xs, strict=True)):
             count = x.shape[1]
             if count > self.max_tokens:
                 raise ValueError(
@@ -102,10 +110,11 @@ class TransformerFuser(Fuser):
             sequence.append(
                 self.proj[m](x) + self.modality_embedding[i] + self.position_embedding[:count]
             )
-            real.append(mask)
-        hidden = self.encoder(
-            torch.cat(sequence, dim=1), src_key_padding_mask=~torch.cat(real, dim=1)
-        )
+        padding = None  # every token real: nothing to mask
+        if masks is not None:
+            always = torch.ones(batch, 1, dtype=torch.bool, device=xs[0].device)
+            padding = ~torch.cat([always, *masks], dim=1)
+        hidden = self.encoder(torch.cat(sequence, dim=1), src_key_padding_mask=padding)
         return hidden[:, 0]
 
 
@@ -132,8 +141,9 @@ class _CrossAttentionBlock(nn.Module):
         )
 
     def forward(
-        self, query: torch.Tensor, context: torch.Tensor, padding: torch.Tensor
+        self, query: torch.Tensor, context: torch.Tensor, padding: torch.Tensor | None
     ) -> torch.Tensor:
+        """`padding` [B, T_context] is True at the context's masked keys; None: none is."""
         context = self.norm_context(context)
         attended, _ = self.attention(
             self.norm_query(query), context, context, key_padding_mask=padding, need_weights=False
@@ -193,14 +203,18 @@ class CrossAttentionFuser(Fuser):
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        xs, masks = self.tokens(features, present)
+        xs, masks = self.maybe_masked_tokens(features, present)
         tokens = {m: self.proj[m](x) for m, x in zip(self.modalities, xs, strict=True)}
-        real = dict(zip(self.modalities, masks, strict=True))
         context = torch.cat([tokens[m] for m in self.context], dim=1)
-        context_real = torch.cat([real[m] for m in self.context], dim=1)
         batch = context.shape[0]
-        keys = torch.cat([repeat(self.null_context, "1 1 d -> b 1 d", b=batch), context], dim=1)
-        padding = ~torch.cat([torch.ones_like(context_real[:, :1]), context_real], dim=1)
+        keys = torch.cat([self.null_context.expand(batch, -1, -1), context], dim=1)
+        if masks is None:  # every token real: nothing to mask, the null token included
+            real = dict.fromkeys(self.modalities)
+            context_real = padding = None
+        else:
+            real = dict(zip(self.modalities, masks, strict=True))
+            context_real = torch.cat([real[m] for m in self.context], dim=1)
+            padding = ~torch.cat([torch.ones_like(context_real[:, :1]), context_real], dim=1)
         query = tokens[self.query]
         for block in self.blocks:
             query = block(query, keys, padding)
