@@ -85,6 +85,11 @@ def validate(cfg: DictConfig) -> DictConfig:
             hint = close_matches(key.rpartition(".")[2], settings)
         if isinstance(err, ConfigKeyError) and not hint:
             hint = unknown_key_hint(key, cfg)
+        if str(key).endswith("pairs") and "ListConfig" in reason:
+            reason, hint = (
+                reason.rstrip("."),
+                "; write a list of pairs of modalities, e.g. [[image, audio]]",
+            )
         if not hint and isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(owner):
             hint = f"; it takes {[f.name for f in dataclasses.fields(owner)]}"
         raise ConfigError(f"config key '{key}': {reason}{hint}") from None

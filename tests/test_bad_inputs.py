@@ -250,6 +250,21 @@ CASES = [
     ),
     ("trainer.fuse.gradient_blending={}", "trainer.fuse.gradient_blending", "unfreeze is null"),
     (
+        "trainer.fuse.gradient_blending={every:5} trainer.fuse.unfreeze={}",
+        "trainer.fuse.gradient_blending.every",
+        "lower every (at most 4)",
+    ),
+    (
+        "trainer.fuse.ogm_ge={} trainer.fuse.unfreeze={start_epoch:3}",
+        "trainer.fuse.ogm_ge.start_epoch",
+        "trainer.fuse.ogm_ge.start_epoch=3",
+    ),
+    (
+        "trainer.fuse.unfreeze={start_epoch:12}",
+        "trainer.fuse.unfreeze.start_epoch",
+        "the encoders would never thaw, got 12",
+    ),
+    (
         "trainer.fuse.gradient_blending={every:0} trainer.fuse.unfreeze={}",
         "trainer.fuse.gradient_blending.every",
         "got 0",

@@ -208,8 +208,15 @@ def check_auxiliary(fuse: FuseConfig, fail: Callable[[str, str], None]) -> None:
                 f"{key} acts on the fused model only through them, so it would change "
                 "nothing; thaw the encoders, e.g. trainer.fuse.unfreeze={start_epoch: 1}",
             )
+    thaw = fuse.unfreeze.start_epoch if fuse.unfreeze is not None else 1
     if fuse.ogm_ge is not None:
         ogm = fuse.ogm_ge
+        if fuse.unfreeze is not None and ogm.start_epoch < thaw:
+            fail(
+                "fuse.ogm_ge.start_epoch",
+                f"the encoders thaw at epoch {thaw} (trainer.fuse.unfreeze.start_epoch), and "
+                f"OGM-GE acts only on them; start it there: trainer.fuse.ogm_ge.start_epoch={thaw}",
+            )
         if not 0 < ogm.alpha < math.inf:
             fail("fuse.ogm_ge.alpha", f"expected a finite number > 0, got {ogm.alpha}")
         if not 1 <= ogm.start_epoch <= fuse.epochs:
@@ -223,10 +230,16 @@ def check_auxiliary(fuse: FuseConfig, fail: Callable[[str, str], None]) -> None:
                 f"expected null or >= start_epoch ({ogm.start_epoch}), got {ogm.end_epoch}",
             )
     if fuse.gradient_blending is not None:
-        if fuse.gradient_blending.every < 1:
+        every = fuse.gradient_blending.every
+        if every < 1:
+            fail("fuse.gradient_blending.every", f"expected >= 1 (epochs), got {every}")
+        if 2 * every >= fuse.epochs:
             fail(
                 "fuse.gradient_blending.every",
-                f"expected >= 1 (epochs), got {fuse.gradient_blending.every}",
+                f"the first weights are estimated after epoch {2 * every} (losses at epochs "
+                f"{every} and {2 * every}) and used from the next, but the stage has "
+                f"{fuse.epochs} epochs: lower every (at most {max((fuse.epochs - 1) // 2, 0)}) "
+                "or raise trainer.fuse.epochs",
             )
         if fuse.auxiliary is not None and fuse.auxiliary.unimodal:
             fail(
@@ -273,6 +286,12 @@ def check_trainer(trainer: TrainerConfig) -> None:
         for key, value in dataclasses.asdict(trainer.fuse.unfreeze).items():
             if value < 1:
                 fail(f"fuse.unfreeze.{key}", f"expected >= 1, got {value}")
+        if trainer.fuse.unfreeze.start_epoch > trainer.fuse.epochs:
+            fail(
+                "fuse.unfreeze.start_epoch",
+                f"expected 1 to {trainer.fuse.epochs} (the stage's epochs): the encoders would "
+                f"never thaw, got {trainer.fuse.unfreeze.start_epoch}",
+            )
     if not DEVICE.fullmatch(trainer.device):
         gpu = "gpu" in trainer.device
         hint = f"; did you mean '{trainer.device.replace('gpu', 'cuda')}'?" if gpu else ""
