@@ -4,6 +4,7 @@ writing the feature cache is an OSError naming the file and the space needed."""
 
 import errno
 import functools
+import json
 import logging
 import pickle
 import shutil
@@ -184,12 +185,14 @@ def tiny_run_parts(run_dir):
 
 @pytest.mark.parametrize("how", ["truncated", "garbage", "lacking entries"])
 def test_a_damaged_stage1_encoder_is_retrained_with_a_warning(
-    tiny_run_parts, tmp_path, caplog, how
+    tiny_run_parts, run_dir, tmp_path, caplog, how
 ):
     cfg, datasets, trainer, spec = tiny_run_parts
     pretrained = tmp_path / "pretrained"
     shutil.copytree(Path(cfg.paths.pretrained_dir), pretrained)
-    path = next(pretrained.glob("image-*.pt"))
+    # the run's own encoder: other tests add stage-1 encoders of other settings to the folder
+    summary = json.loads((run_dir / "summary.json").read_text())
+    path = pretrained / Path(summary["checkpoints"]["image"]).name
     good = load_checkpoint(path)
     damage(path, how)
     outputs = Outputs(tmp_path / "run", pretrained, tmp_path / "features")
