@@ -1,8 +1,8 @@
 """MBT: fusion through a few shared attention-bottleneck tokens (Nagrani et al., 2021).
 
 Nagrani, Yang, Arnab, Jansen, Schmid and Sun, "Attention Bottlenecks for Multimodal Fusion",
-NeurIPS 2021. Each modality keeps its own transformer stream; from `fusion_layer` on, the
-streams exchange information only through a handful of bottleneck tokens, which forces each
+NeurIPS 2021. Each modality keeps its own transformer stream; in the last `fusion_layers`
+layers, the streams exchange information only through a handful of bottleneck tokens, which forces each
 modality to condense what it shares. Absent modalities and padded tokens are key-padding-masked;
 inputs go through `Fuser.tokens`, which zeroes them first, so whatever they hold cannot reach
 the output.
@@ -34,9 +34,10 @@ class BottleneckFuser(Fuser):
     learned CLS token of its own is prepended: z_m^0 = [cls_m, Linear(X_m) + pos_m]. Every
     modality has its own `num_layers` pre-norm transformer layers (theta_m, not shared):
 
-    - layers l < `fusion_layer` are unimodal: z_m^{l+1} = Transformer(z_m^l; theta_m^l);
-    - from `fusion_layer` on, each modality attends over its own tokens and the `bottlenecks`
-      shared bottleneck tokens z_fsn, and the bottleneck is the mean of the modalities'
+    - the first L_f = num_layers - `fusion_layers` layers are unimodal:
+      z_m^{l+1} = Transformer(z_m^l; theta_m^l);
+    - in the last `fusion_layers` layers, each modality attends over its own tokens and the
+      `bottlenecks` shared bottleneck tokens z_fsn, and the bottleneck is the mean of the modalities'
       updated copies (the paper's eq. 8-9):
       [z_m^{l+1} || zhat_fsn,m^{l+1}] = Transformer([z_m^l || z_fsn^l]; theta_m^l),
       z_fsn^{l+1} = mean_m zhat_fsn,m^{l+1}.
@@ -60,10 +61,9 @@ class BottleneckFuser(Fuser):
         in_dims: modality -> feature size.
         dim: the common token size; divisible by `heads`.
         num_layers: transformer layers per modality.
-        fusion_layer: the index of the first fusion layer (L_f in the paper): the first
-            `fusion_layer` layers are unimodal, the rest fuse. 1 <= fusion_layer < num_layers
-            (the contract of this project's fusers asks every integer setting to be positive,
-            so the paper's L_f = 0, bottleneck fusion from the first layer, is not offered).
+        fusion_layers: how many of the last layers fuse, 1 <= fusion_layers <= num_layers;
+            the paper's L_f is `num_layers - fusion_layers`, so `fusion_layers = num_layers`
+            is its early fusion (L_f = 0: bottlenecks from the first layer) and 1 its latest.
         bottlenecks: the number B of shared bottleneck tokens (the paper uses 4).
         heads: attention heads.
         dropout: in attention, residual and feed-forward paths.
@@ -71,7 +71,7 @@ class BottleneckFuser(Fuser):
 
     Raises:
         ValueError: fewer than 2 modalities; a size or count that is not a positive integer,
-            `fusion_layer >= num_layers`, `dim` not divisible by `heads`, `dropout` outside
+            `fusion_layers > num_layers`, `dim` not divisible by `heads`, `dropout` outside
             [0, 1) (each naming the argument); in forward, a modality with more than
             `max_tokens` tokens, or features and masks that break the fuser contract.
     """
@@ -81,7 +81,7 @@ class BottleneckFuser(Fuser):
         in_dims: Mapping[str, int],
         dim: int = 64,
         num_layers: int = 2,
-        fusion_layer: int = 1,
+        fusion_layers: int = 1,
         bottlenecks: int = 4,
         heads: int = 4,
         dropout: float = 0.1,
@@ -95,20 +95,21 @@ class BottleneckFuser(Fuser):
         for name, value in (
             ("dim", dim),
             ("num_layers", num_layers),
-            ("fusion_layer", fusion_layer),
+            ("fusion_layers", fusion_layers),
             ("bottlenecks", bottlenecks),
             ("heads", heads),
             ("max_tokens", max_tokens),
         ):
             positive_int(name, value)
         _check_attention_args(dim, heads, num_layers, dropout)
-        if fusion_layer >= num_layers:
+        if fusion_layers > num_layers:
             raise ValueError(
-                f"fusion_layer ({fusion_layer}) must be less than num_layers ({num_layers}): "
-                "the layers from fusion_layer on fuse the modalities, and there would be none"
+                f"fusion_layers ({fusion_layers}) must be at most num_layers ({num_layers}): "
+                "it counts the last layers, which fuse the modalities"
             )
         count = len(self.modalities)
-        self.num_layers, self.fusion_layer, self.max_tokens = num_layers, fusion_layer, max_tokens
+        self.num_layers, self.max_tokens = num_layers, max_tokens
+        self.first_fusion_layer = num_layers - fusion_layers  # L_f in the paper
         self.proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in self.in_dims.items()})
         self.cls_tokens = _learned_token(count, dim)
         self.position_embedding = _learned_token(count, max_tokens, dim)
@@ -161,7 +162,7 @@ class BottleneckFuser(Fuser):
             streams[m] = torch.cat([cls, tokens], dim=1)
         bottleneck = self.bottleneck.expand(batch, -1, -1)
         for index in range(self.num_layers):
-            if index < self.fusion_layer:
+            if index < self.first_fusion_layer:
                 for m in self.modalities:
                     streams[m] = self.layers[m][index](streams[m], src_key_padding_mask=padding[m])
                 continue

@@ -24,7 +24,7 @@ SMALL = {"dim": 8, "heads": 2, "dropout": 0.0}
 FUSERS = [
     pytest.param(MulTFuser, {**SMALL, "cross_layers": 2, "self_layers": 1}, id="mult-last"),
     pytest.param(MulTFuser, {**SMALL, "readout": "mean", "out_dim": 7}, id="mult-mean-proj"),
-    pytest.param(BottleneckFuser, {**SMALL, "num_layers": 3, "fusion_layer": 1}, id="mbt"),
+    pytest.param(BottleneckFuser, {**SMALL, "num_layers": 3, "fusion_layers": 2}, id="mbt"),
 ]
 
 
@@ -224,10 +224,10 @@ def mbt_calls(fuser, feats, present=None):
     return out, {key: value[0] for key, value in calls.items()}
 
 
-def test_mbt_modalities_do_not_interact_before_fusion_layer():
+def test_mbt_modalities_do_not_interact_before_the_fusion_layers():
     dims = DIMS[2]
     torch.manual_seed(0)
-    fuser = BottleneckFuser(dims, num_layers=4, fusion_layer=2, **SMALL).eval()
+    fuser = BottleneckFuser(dims, num_layers=4, fusion_layers=2, **SMALL).eval()
     feats = features(dims)
     _, before = mbt_calls(fuser, feats)
     _, after = mbt_calls(fuser, dict(feats, audio=feats["audio"] + 1.0))
@@ -239,12 +239,28 @@ def test_mbt_modalities_do_not_interact_before_fusion_layer():
     assert not torch.allclose(before["image", 3][2], after["image", 3][2])
 
 
+def test_mbt_early_fusion_reads_the_bottleneck_from_the_first_layer():
+    """fusion_layers = num_layers is the paper's L_f = 0: no unimodal layer."""
+    dims = DIMS[2]
+    torch.manual_seed(0)
+    fuser = BottleneckFuser(dims, num_layers=2, fusion_layers=2, bottlenecks=3, **SMALL).eval()
+    feats = features(dims)
+    _, before = mbt_calls(fuser, feats)
+    _, after = mbt_calls(fuser, dict(feats, audio=feats["audio"] + 1.0))
+    for i in (0, 1):
+        (joint,), _, _ = before["image", i]
+        assert joint.shape == (BATCH, 1 + TOKENS["image"] + 3, 8)
+    # layer 0 reads the learned bottleneck; layer 1 reads the mean audio's copy went into
+    assert torch.equal(before["image", 0][2], after["image", 0][2])
+    assert not torch.allclose(before["image", 1][2], after["image", 1][2])
+
+
 def test_mbt_fusion_layers_see_only_their_own_tokens_and_the_bottleneck_mean():
     """Eq. (8)-(9): modality m's layer l >= L_f reads [z_m^l || z_fsn^l] with m's own padding
     mask, and z_fsn^{l+1} is the mean of the modalities' updated copies over the present ones."""
     dims = DIMS[3]
     torch.manual_seed(0)
-    fuser = BottleneckFuser(dims, num_layers=3, fusion_layer=1, bottlenecks=2, **SMALL).eval()
+    fuser = BottleneckFuser(dims, num_layers=3, fusion_layers=2, bottlenecks=2, **SMALL).eval()
     feats = features(dims)
     present = {
         "image": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]).bool(),
@@ -290,7 +306,7 @@ def test_mbt_bottleneck_mean_renormalizes_over_present_modalities():
 
 def test_mbt_readout_is_the_mean_of_present_modalities_cls_outputs():
     dims = DIMS[3]
-    fuser = BottleneckFuser(dims, num_layers=2, fusion_layer=1, **SMALL).eval()
+    fuser = BottleneckFuser(dims, num_layers=2, fusion_layers=1, **SMALL).eval()
     present = {"audio": torch.tensor([True, False, True, False])}
     out, calls = mbt_calls(fuser, features(dims), present)
     assert fuser.out_dim == 8
@@ -303,8 +319,8 @@ def test_mbt_readout_is_the_mean_of_present_modalities_cls_outputs():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_layers": 2, "fusion_layer": 2}, r"fusion_layer \(2\) must be less than num_layers"),
-        ({"fusion_layer": 0}, r"^fusion_layer must be a positive integer, got 0$"),
+        ({"num_layers": 2, "fusion_layers": 3}, r"fusion_layers \(3\) must be at most num_layers"),
+        ({"fusion_layers": 0}, r"^fusion_layers must be a positive integer, got 0$"),
         ({"bottlenecks": 0}, r"^bottlenecks must be a positive integer, got 0$"),
         ({"dim": 10, "heads": 4}, r"dim \(10\) must be divisible by heads \(4\)"),
     ],
