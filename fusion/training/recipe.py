@@ -52,6 +52,7 @@ from fusion.training.feature_cache import data_key
 from fusion.training.loaders import cached_loaders, fuse_datasets, make_loaders, reseed
 from fusion.training.loop import EpochMetrics, evaluate, fit, predict
 from fusion.training.monitor import check_monitor
+from fusion.training.optim import DEFAULT_OPTIMIZER
 from fusion.training.settings import (
     AuxiliaryConfig,
     ConfigError,
@@ -169,8 +170,8 @@ def pretrain_key(
     aligned: str | None = None,
 ) -> str:
     """Everything that shapes a stage-1 encoder: its settings and the files they name, the
-    content of the splits it trains and is selected on, its target, the recipe, the seed
-    and the precision."""
+    content of the splits it trains and is selected on, its target, the recipe (and the
+    default optimizer's kernel), the seed and the precision."""
     recipe = dataclasses.asdict(trainer.pretrain)
     recipe.pop("reuse")
     return fingerprint(
@@ -181,6 +182,7 @@ def pretrain_key(
         target[0],
         {name: dataclasses.asdict(task) for name, task in target[1].items()},
         recipe,
+        DEFAULT_OPTIMIZER,
         trainer.batch_size,
         seed,
         trainer.precision,
@@ -202,6 +204,7 @@ def align_key(
         data_key(datasets["train"]),
         data_key(datasets["val"]),
         dataclasses.asdict(trainer.align),
+        DEFAULT_OPTIMIZER,
         trainer.batch_size,
         seed,
         trainer.precision,

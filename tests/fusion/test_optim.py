@@ -32,6 +32,36 @@ def test_default_is_adamw_with_cosine_decay_over_the_stage():
     assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
 
 
+def test_default_adamw_is_fused_and_steps_as_the_per_tensor_loop_to_rounding():
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(None, param_groups(models[0], 0.01, 0.1), 0.01, 0.1)
+    loop = build_optimizer(
+        {"_target_": "torch.optim.AdamW", "_partial_": True, "foreach": False},
+        param_groups(models[1], 0.01, 0.1),
+        0.01,
+        0.1,
+    )
+    assert fused.param_groups[0]["fused"] is True and loop.param_groups[0]["fused"] is None
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(20):
+        for model, optimizer in zip(models, (fused, loop), strict=True):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    pairs = list(zip(models[0].parameters(), models[1].parameters(), strict=True))
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in pairs)  # the kernels do round differently
+
+
+def test_default_adamw_falls_back_to_the_loop_for_a_parameter_the_kernel_cannot_take():
+    meta = nn.Parameter(torch.zeros(3, device="meta"))
+    optimizer = build_optimizer(None, [{"params": [meta]}], 0.1, 0.0)
+    assert optimizer.param_groups[0]["fused"] is None
+
+
 def test_warmup_then_cosine_over_the_remaining_epochs():
     model = nn.Linear(2, 2)
     optimizer = build_optimizer(SGD, param_groups(model, 0.1, 0.0), 0.1, 0.0)
