@@ -43,6 +43,18 @@ def wandb_tags(tags: Sequence[str]) -> list[str]:
     return out
 
 
+def file_artifact(path: Path, name: str, kind: str) -> Any:
+    """A W&B artifact of one file that W&B neither copies into its staging folder nor into
+    its cache (`policy="immutable"`, `skip_cache`): it is read from `path` when uploaded,
+    live or at `wandb sync`, so nothing is left behind per run. The file must not change
+    until then; the run directory's checkpoints do not."""
+    import wandb
+
+    artifact = wandb.Artifact(name, type=kind)
+    artifact.add_file(str(path), policy="immutable", skip_cache=True)
+    return artifact
+
+
 def resumed_wandb_id(run_dir: Path) -> str | None:
     """The W&B run id stored in a run directory being resumed; None (said in a warning)
     when it has none, e.g. W&B was disabled there. The file is data: only an id is taken."""
@@ -173,13 +185,8 @@ class Tracker:
 
     def log_artifact(self, path: Path, name: str, kind: str = "model") -> None:
         """Attach a file (the best checkpoint) to the W&B run as a versioned artifact."""
-        if self._wandb_run is None:
-            return
-        import wandb
-
-        artifact = wandb.Artifact(name, type=kind)
-        artifact.add_file(str(path))
-        self._wandb_run.log_artifact(artifact)
+        if self._wandb_run is not None:
+            self._wandb_run.log_artifact(file_artifact(path, name, kind))
 
     def watch(self, model: Any, log: str | None, log_freq: int = 100) -> None:
         """W&B gradient (and parameter) histograms: `log` is "gradients", "parameters", "all"."""

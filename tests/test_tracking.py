@@ -19,12 +19,26 @@ def test_metrics_and_summary_land_in_run_dir(tmp_path):
     assert summary == {"test/accuracy": 0.7, "test/loss": "nan"}
 
 
-def test_offline_wandb_writes_a_local_run(tmp_path):
-    tracker = Tracker(tmp_path, mode="offline", project="fusion-test", config={"seed": 0})
+def test_offline_wandb_writes_a_local_run_and_leaves_no_checkpoint_copy(tmp_path, monkeypatch):
+    """W&B stages a mutable file's copy under its data folder and caches it; the checkpoint
+    is read from the run directory instead, so a sweep leaves no copies."""
+    data, cache = tmp_path / "wandb-data", tmp_path / "wandb-cache"
+    monkeypatch.setenv("WANDB_DATA_DIR", str(data))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(cache))
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "best.pt"
+    run_dir.mkdir()
+    checkpoint.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    tracker = Tracker(run_dir, mode="offline", project="fusion-test", config={"seed": 0})
     tracker.log({"loss": 1.0})
     tracker.update_summary({"test/accuracy": 0.9})
+    tracker.log_artifact(checkpoint, "model-run")
     tracker.finish()
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    left = [p for root in (data, cache, run_dir / "wandb") for p in root.rglob("*") if p.is_file()]
+    assert left and all(p.stat().st_size < 2**19 for p in left), [
+        (p, p.stat().st_size) for p in left if p.stat().st_size >= 2**19
+    ]
 
 
 def test_unknown_mode_is_named(tmp_path):
