@@ -38,7 +38,9 @@ inflate; wall time otherwise. A sample times enough steps to last `--min-sample-
 setting gets `--rounds` rounds, fewer (at least 3) when they would take over `--budget-s`.
 
 `--quick` runs every config on tiny sizes with one round, in seconds: a check that the
-script works, not a measurement. `--full` runs a larger grid with more rounds.
+script works, not a measurement. `--full` runs a larger grid with more rounds. Each mode
+writes its own file under `outputs/benchmarks/` (`fusers.json`, `fusers_quick.json`,
+`fusers_full.json`, `fusers_scaling.json`) unless `--out` says otherwise.
 
 **TFN against LMF as the feature size grows** (`--scaling`). Both see the raw features,
 every modality of size d: TFN runs with `dim_per_modality=None`, so its outer product has
@@ -320,7 +322,7 @@ def plain_mbt(f: BottleneckFuser, xs: list[torch.Tensor]) -> torch.Tensor:
         streams[m] = torch.cat([f.cls_tokens[i].expand(batch, 1, -1), tokens], dim=1)
     bottleneck = f.bottleneck.expand(batch, -1, -1)
     for index in range(f.num_layers):
-        if index < f.fusion_layer:
+        if index < f.first_fusion_layer:
             streams = {m: f.layers[m][index](s) for m, s in streams.items()}
             continue
         copies = []
@@ -765,8 +767,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.out is None:
-        name = "fusers_scaling.json" if args.scaling else "fusers.json"
-        args.out = Path("outputs/benchmarks") / name
+        suffix = "" if args.mode == "default" else f"_{args.mode}"
+        args.out = Path("outputs/benchmarks") / f"fusers{suffix}.json"
     return args
 
 
