@@ -15,10 +15,14 @@ seeds of its clean score, relative robustness, normalized relative robustness (1
 robust configuration of that seed, 0 the least) and effective robustness. With `--pivot`,
 configurations are compared within each value of that override (each task on its own).
 
-The table goes to stdout; `robustness[-by-<pivot>].md` and `.json` go to `--out`
-(default `<dir>/report`). A finished run without `eval/robustness.json`, or a seed that lacks
-a configuration, is named; seeds missing a configuration are left out of the comparison and
-said.
+Configurations are named by the overrides that differ between the runs (`late`, or
+`late, 0.3` for two), the table's header names those overrides, and `--reference` takes a
+name as shown or `key=value` settings (`model/fusion=late`).
+
+The table goes to stdout; `robustness[-by-<pivot>].md` and `.json` go to `<dir>/report`
+(rewritten each time), or to `--out DIR`, where files an earlier comparison left are kept
+unless `--overwrite`. A finished run without `eval/robustness.json` is named; seeds missing a
+configuration are left out of the comparison and said.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from experiments.report import (
     finished,
     label,
     load_runs,
-    note,
     read_json,
     slug,
 )
@@ -47,6 +50,53 @@ from fusion.analysis.robustness import compare_robustness, difference
 from fusion.tasks import format_score
 
 REPORT = Path("eval") / "robustness.json"
+
+
+def note(message: str) -> None:
+    """Tell the user about input the comparison works around, apart from the table."""
+    print(f"compare_robustness: {message}", file=sys.stderr)
+
+
+def varying_keys(runs: list[Run], pivot: str | None) -> list[str]:
+    """The overrides that name a configuration: those whose value differs between runs
+    (a setting every run shares says nothing about which is which), the pivot aside."""
+    keys = [key for key in config_keys(runs) if key != pivot]
+    return [key for key in keys if len({run.config.get(key, "-") for run in runs}) > 1]
+
+
+def reference_label(reference: str, keys: list[str], names: set[str]) -> str:
+    """The configuration `reference` names: a label as the table shows it (`late`), or
+    `key=value` settings joined by commas (`model/fusion=late`); a ReportError listing the
+    configurations when it names none."""
+    if reference in names:
+        return reference
+    settings = dict(part.split("=", 1) for part in reference.split(",") if "=" in part)
+    if settings and set(settings) <= set(keys):
+        wanted = label(settings, keys)
+        matches = [
+            name
+            for name in names
+            if all(
+                value == settings[key]
+                for key, value in zip(keys, name.split(", "), strict=True)
+                if key in settings
+            )
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ReportError(
+                f"--reference {reference} matches {len(matches)} configurations "
+                f"({', '.join(sorted(matches))}); give every setting of one ({wanted})"
+            )
+    raise ReportError(
+        f"--reference {reference} is none of the configurations: "
+        + "; ".join(sorted(names))
+        + f" (named by {', '.join(keys) or 'no setting'}; give one as shown, or as "
+        "key=value, e.g. model/fusion=late)"
+    )
+
+
 FIELDS = (
     "clean",
     "relative_robustness",
@@ -69,7 +119,7 @@ def reports_by_group(
             f"{len(lacking)} of {len(done)} finished runs have no {REPORT}; run "
             f"`python -m experiments.evaluate <run> --robustness` on each:{listed}{more}"
         )
-    keys = [key for key in config_keys(done) if key != pivot]
+    keys = varying_keys(done, pivot)
     groups: dict[str, dict[str, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for run in done:
         group = run.config.get(pivot, "-") if pivot else ""
@@ -113,10 +163,16 @@ def compare_group(
     """Compare the configurations seed by seed, then summarize each over the seeds."""
     per_seed = {}
     for seed, reports in by_seed.items():
+        if len(reports) < 2:
+            raise ReportError(
+                f"seed {seed}: comparing robustness takes 2 configurations or more, got "
+                f"{len(reports)} ({', '.join(reports)})"
+            )
         try:
             per_seed[seed] = compare_robustness(reports, reference)
         except ValueError as error:
-            raise ReportError(f"seed {seed}: {error}") from None
+            message = str(error).replace("3 runs or more", "3 configurations or more")
+            raise ReportError(f"seed {seed}: {message}") from None
     first = next(iter(per_seed.values()))
     runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for name, by_modality in first["runs"].items():
@@ -139,9 +195,14 @@ def compare_group(
 
 
 def mean_std(metric: str, summary: dict[str, Any], signed: bool = False) -> str:
-    """`mean ± std` in the metric's units (points for signed differences of fractions)."""
+    """`mean ± std` in the metric's units (points for signed differences of fractions); the
+    value alone for one seed, which has no spread."""
     if summary["mean"] is None:
         return "-"
+    if summary["n"] == 1:
+        return (
+            difference(metric, summary["mean"]) if signed else format_score(metric, summary["mean"])
+        )
     if signed:
         return f"{difference(metric, summary['mean'])} ± {difference(metric, summary['std'])[1:]}"
     return f"{format_score(metric, summary['mean'])} ± {format_score(metric, summary['std'])}"
@@ -152,12 +213,15 @@ def normalized_cell(summary: dict[str, Any], seeds: int) -> str:
     (equal areas have none), with how many those are when not all."""
     if summary["mean"] is None:
         return "-"
+    if summary["n"] == 1:
+        return f"{summary['mean']:.2f}" + (" (n=1)" if seeds > 1 else "")
     count = f" (n={summary['n']})" if summary["n"] < seeds else ""
     return f"{summary['mean']:.2f} ± {summary['std']:.2f}{count}"
 
 
-def group_table(result: dict[str, Any], pivot: str | None, group: str) -> str:
-    """One row per configuration, modality and perturbation."""
+def group_table(result: dict[str, Any], keys: list[str], pivot: str | None, group: str) -> str:
+    """One row per configuration (named by the values of `keys`), modality and
+    perturbation."""
     metric = result["metric"]
     against = (
         f"configuration '{result['reference']}'"
@@ -166,8 +230,8 @@ def group_table(result: dict[str, Any], pivot: str | None, group: str) -> str:
     )
     title = f"**{pivot}={group}**\n\n" if pivot else ""
     lines = [
-        "| configuration | modality/perturbation | clean | relative robustness | "
-        "normalized | effective |",
+        f"| {', '.join(keys) or 'configuration'} | modality/perturbation | clean | "
+        "relative robustness | normalized | effective |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, by_modality in sorted(result["runs"].items()):
@@ -181,9 +245,10 @@ def group_table(result: dict[str, Any], pivot: str | None, group: str) -> str:
                     + f"{mean_std(metric, s['effective_robustness'], signed=True)} |"
                 )
     direction = "lower" if result["lower_is_better"] else "higher"
+    seeds = result["seeds"]
+    over = f"mean ± std over seeds {', '.join(seeds)}" if len(seeds) > 1 else f"seed {seeds[0]}"
     lines.append(
-        f"\n{metric} on {result['split']} ({direction} is better), mean ± std over seeds "
-        f"{', '.join(result['seeds'])}; effective robustness against {against}, positive: "
+        f"\n{metric} on {result['split']} ({direction} is better), {over}; effective robustness against {against}, positive: "
         "more robust than expected"
     )
     return title + "\n".join(lines)
@@ -195,21 +260,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reference",
         help="the configuration effective robustness is measured against, as the table's "
-        "first column names it (e.g. late); default: the least-squares line over them",
+        "first column names it (e.g. late) or as key=value (model/fusion=late); default: the "
+        "least-squares line over them",
     )
     parser.add_argument("--pivot", help="compare within each value of this override")
     parser.add_argument(
-        "--out", type=Path, metavar="DIR", help="where the table and JSON go (<root>/report)"
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where the table and JSON go (default: <root>/report, rewritten each time)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier comparison's files"
+        "--overwrite", action="store_true", help="replace files an earlier one left in --out DIR"
     )
     args = parser.parse_args(argv)
     out = args.out or args.root / "report"
     name = "robustness" + (f"-by-{slug(args.pivot)}" if args.pivot else "")
     paths = [out / f"{name}.md", out / f"{name}.json"]
     held = [path.name for path in paths if path.exists()]
-    if held and not args.overwrite:
+    if args.out is not None and held and not args.overwrite:  # the sweep's own is rewritten
         parser.error(
             f"argument --out: {out} already holds {', '.join(held)}; nothing was written. "
             "Choose another folder, or pass --overwrite to replace them"
@@ -218,14 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.root)
         check_pivot(runs, args.pivot)
         results, tables = {}, []
+        keys = varying_keys(finished(runs), args.pivot)
         for group, by_seed in sorted(reports_by_group(runs, args.pivot).items()):
             names = {n for reports in by_seed.values() for n in reports}
-            if args.reference is not None and args.reference not in names:
-                raise ReportError(
-                    f"--reference {args.reference} is none of the configurations {sorted(names)}"
-                )
-            results[group] = compare_group(complete_seeds(by_seed, group), args.reference)
-            tables.append(group_table(results[group], args.pivot, group))
+            reference = args.reference
+            if reference is not None:
+                reference = reference_label(reference, keys, names)
+            results[group] = compare_group(complete_seeds(by_seed, group), reference)
+            tables.append(group_table(results[group], keys, args.pivot, group))
     except ReportError as error:
         note(str(error))
         return 2

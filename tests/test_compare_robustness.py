@@ -56,13 +56,14 @@ def test_effective_robustness_is_compared_per_seed_then_averaged(sweep, capsys):
     (0.7 - 0.9) - (0.7 - 0.8) = -0.1, seed 1 (0.8 - 0.9) - (0.6 - 0.7) = 0.0."""
     assert main([str(sweep), "--reference", "late"]) == 0
     table = capsys.readouterr().out
+    assert table.startswith("| model/fusion | modality/perturbation | clean |")
     # seed 0's areas are equal, so only seed 1 normalizes (gated 1, late 0)
     assert (
-        "| gated | image/blur | 90.00% ± 0.00% | 75.00% ± 7.07% | 1.00 ± 0.00 (n=1) | "
+        "| gated | image/blur | 90.00% ± 0.00% | 75.00% ± 7.07% | 1.00 (n=1) | "
         "-5.00 pts ± 7.07 pts |" in table
     )
     assert (
-        "| late | image/blur | 75.00% ± 7.07% | 65.00% ± 7.07% | 0.00 ± 0.00 (n=1) | "
+        "| late | image/blur | 75.00% ± 7.07% | 65.00% ± 7.07% | 0.00 (n=1) | "
         "+0.00 pts ± 0.00 pts |" in table
     )
     assert "mean ± std over seeds 0, 1; effective robustness against configuration 'late'" in table
@@ -92,15 +93,40 @@ def test_runs_without_a_robustness_report_are_named_with_the_command(sweep, caps
     assert not (sweep / "report").exists()
 
 
-def test_bad_reference_and_too_few_configurations_for_a_line_are_refused(sweep, capsys):
+def test_bad_reference_and_too_few_configurations_are_refused(sweep, capsys):
     assert main([str(sweep), "--reference", "concat"]) == 2
-    assert "--reference concat is none of the configurations ['gated', 'late']" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert err.startswith("compare_robustness: --reference concat is none of the configurations")
+    assert "gated; late (named by model/fusion; give one as shown, or as key=value" in err
     assert main([str(sweep)]) == 2
-    assert "seed 0: a line of relative robustness on clean score needs 3 runs or more" in (
+    assert "seed 0: a line of relative robustness on clean score needs 3 configurations" in (
         capsys.readouterr().err
     )
+    assert main([str(sweep), "--pivot", "model/fusion"]) == 2
+    assert "comparing robustness takes 2 configurations or more, got 1" in (capsys.readouterr().err)
+
+
+def test_configurations_are_named_by_the_settings_that_differ(tmp_path, capsys):
+    """Settings every run shares (the epochs) do not name configurations; a reference may
+    be given as key=value, and one seed shows values without a spread."""
+    root = tmp_path / "sweep"
+    for i, (fuser, dropout, clean, scores) in enumerate(
+        [
+            ("late", "0.0", 0.8, [0.8, 0.7, 0.6]),
+            ("gated", "0.0", 0.9, [0.9, 0.7, 0.5]),
+            ("gated", "0.3", 0.9, [0.9, 0.8, 0.7]),
+        ]
+    ):
+        overrides = [f"model/fusion={fuser}", f"model.dropout={dropout}", "trainer.fuse.epochs=3"]
+        sweep_run(root, str(i), [*overrides, "seed=0"], clean, scores)
+    assert main([str(root), "--reference", "model/fusion=late"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| model.dropout, model/fusion | modality/perturbation |")
+    # (0.8 - 0.9) - (0.7 - 0.8) = 0 for gated with dropout 0.3
+    assert "| 0.3, gated | image/blur | 90.00% | 80.00% | 1.00 | +0.00 pts |" in table
+    assert "accuracy on test (higher is better), seed 0;" in table
+    assert main([str(root), "--reference", "model/fusion=gated"]) == 2
+    assert "matches 2 configurations (0.0, gated, 0.3, gated)" in capsys.readouterr().err
 
 
 def test_pivot_compares_within_each_value_and_an_earlier_output_is_kept(tmp_path, capsys):
@@ -125,6 +151,12 @@ def test_pivot_compares_within_each_value_and_an_earlier_output_is_kept(tmp_path
         for task in ("digit", "same")
     }
     assert effective == pytest.approx({"digit": 0.0, "same": -0.2})
+    # the sweep's own report folder is rewritten; files in a folder given with --out are kept
+    assert main([str(root), "--pivot", "data.task", "--reference", "late"]) == 0
+    out = ["--out", str(root / "report")]
     with pytest.raises(SystemExit):
-        main([str(root), "--pivot", "data.task", "--reference", "late"])
+        main([str(root), "--pivot", "data.task", "--reference", "late", *out])
     assert "pass --overwrite to replace them" in capsys.readouterr().err
+    assert (
+        main([str(root), "--pivot", "data.task", "--reference", "late", *out, "--overwrite"]) == 0
+    )
