@@ -3,8 +3,8 @@
     python -m experiments.compare_robustness outputs/multiruns/<sweep> --reference late
     python -m experiments.compare_robustness outputs/multiruns/<sweep> --pivot data.task
 
-Reads `eval/robustness.json` of every finished run under the directory (written by
-`python -m experiments.evaluate <run> --robustness`) and groups the runs into configurations
+Reads `eval/robustness_<split>.json` (`--split`, default test) of every finished run under
+the directory (written by `python -m experiments.evaluate <run> --robustness`) and groups the runs into configurations
 as `experiments.report` does (their overrides, seeds aside). For each seed, the
 configurations' curves are compared with `fusion.analysis.robustness.compare_robustness`:
 effective robustness against the configuration named by `--reference` (MultiBench: late
@@ -21,7 +21,7 @@ name as shown or `key=value` settings (`model/fusion=late`).
 
 The table goes to stdout; `robustness[-by-<pivot>].md` and `.json` go to `<dir>/report`
 (rewritten each time), or to `--out DIR`, where files an earlier comparison left are kept
-unless `--overwrite`. A finished run without `eval/robustness.json` is named; seeds missing a
+unless `--overwrite`. A finished run without the report is named; seeds missing a
 configuration are left out of the comparison and said.
 """
 
@@ -48,8 +48,6 @@ from experiments.report import (
 )
 from fusion.analysis.robustness import compare_robustness, difference
 from fusion.tasks import format_score
-
-REPORT = Path("eval") / "robustness.json"
 
 
 def note(message: str) -> None:
@@ -105,25 +103,32 @@ FIELDS = (
 )
 
 
+def report_path(split: str) -> Path:
+    """Where `experiments.evaluate --robustness` writes a run's report on `split`."""
+    return Path("eval") / f"robustness_{split}.json"
+
+
 def reports_by_group(
-    runs: list[Run], pivot: str | None
+    runs: list[Run], pivot: str | None, split: str = "test"
 ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
     """{pivot value: {seed: {configuration label: robustness report}}} of the finished runs;
-    a ReportError naming the runs that have no `eval/robustness.json`."""
+    a ReportError naming the runs that have no report on `split`."""
     done = finished(runs)
-    lacking = [run.dir for run in done if not (run.dir / REPORT).is_file()]
+    path = report_path(split)
+    lacking = [run.dir for run in done if not (run.dir / path).is_file()]
     if lacking:
         listed = "".join(f"\n  {path}" for path in lacking[:10])
         more = f"\n  and {len(lacking) - 10} more" if len(lacking) > 10 else ""
         raise ReportError(
-            f"{len(lacking)} of {len(done)} finished runs have no {REPORT}; run "
-            f"`python -m experiments.evaluate <run> --robustness` on each:{listed}{more}"
+            f"{len(lacking)} of {len(done)} finished runs have no {path}; run "
+            f"`python -m experiments.evaluate <run> --robustness --split {split}` on each:"
+            f"{listed}{more}"
         )
     keys = varying_keys(done, pivot)
     groups: dict[str, dict[str, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for run in done:
         group = run.config.get(pivot, "-") if pivot else ""
-        groups[group][run.seed or "-"][label(run.config, keys)] = read_json(run.dir / REPORT)
+        groups[group][run.seed or "-"][label(run.config, keys)] = read_json(run.dir / path)
     return groups
 
 
@@ -265,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pivot", help="compare within each value of this override")
     parser.add_argument(
+        "--split", default="test", help="the split the runs were evaluated on (default: test)"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
@@ -288,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         check_pivot(runs, args.pivot)
         results, tables = {}, []
         keys = varying_keys(finished(runs), args.pivot)
-        for group, by_seed in sorted(reports_by_group(runs, args.pivot).items()):
+        for group, by_seed in sorted(reports_by_group(runs, args.pivot, args.split).items()):
             names = {n for reports in by_seed.values() for n in reports}
             reference = args.reference
             if reference is not None:

@@ -28,7 +28,7 @@ dropout for tables); `--perturbations` names the ones to run (default: all that 
 perturbation draws from a generator seeded with the run's seed, the same draw for every
 level, so the curves differ only by the level. Each curve gets its relative robustness (its
 mean score over the levels in [0, 1]; `fusion.analysis.robustness`). Writes
-`robustness.json` and `robustness.png` next to the evaluation.
+`robustness_<split>.json` and `robustness_<split>.png` next to the evaluation.
 
 `--emap` (Hessel & Lee, EMNLP 2020) scores the model next to its empirical multimodally-
 additive projection, the best model without cross-modal interactions on the split: a large
@@ -36,7 +36,7 @@ gap says the model uses interactions (`fusion.analysis.interaction`). It runs th
 head N^M times (N samples, M modalities); `--emap-samples K` projects a random subset of K
 samples, drawn with the run's seed. `--contributions` gives each modality's Shapley value of
 the main score, with only some modalities present (`fusion.analysis.contributions`). They
-write `emap.json` and `emap.png`, `contributions.json` and `contributions.png`.
+write `emap_<split>.json` and `.png`, `contributions_<split>.json` and `.png`.
 """
 
 from __future__ import annotations
@@ -400,7 +400,7 @@ def output_files(
         ("emap", emap),
         ("contributions", contributions),
     ):
-        names += [f"{analysis}.json", f"{analysis}.png"] * wanted
+        names += [f"{analysis}_{split}.json", f"{analysis}_{split}.png"] * wanted
     return [out / name for name in names]
 
 
@@ -476,24 +476,24 @@ def run(args: argparse.Namespace) -> None:
     if args.robustness:
         report = robustness(evaluator, args.levels, train.modalities, args.perturbations)
         print(robustness_table(report))
-        write_json(out / "robustness.json", report)
-        plot_robustness(report, out / "robustness.png")
+        write_json(out / f"robustness_{args.split}.json", report)
+        plot_robustness(report, out / f"robustness_{args.split}.png")
     if args.emap:
         try:
             report = emap(evaluator, args.emap_samples)
         except ValueError as err:
             raise EvaluateError(f"--emap: {err}") from None
         print(f"\n{emap_table(report)}")
-        write_json(out / "emap.json", report)
-        plot_emap(report, out / "emap.png")
+        write_json(out / f"emap_{args.split}.json", report)
+        plot_emap(report, out / f"emap_{args.split}.png")
     if args.contributions:
         try:
             report = contributions(evaluator)
         except ValueError as err:
             raise EvaluateError(f"--contributions: {err}") from None
         print(f"\n{contributions_table(report)}")
-        write_json(out / "contributions.json", report)
-        plot_contributions(report, out / "contributions.png")
+        write_json(out / f"contributions_{args.split}.json", report)
+        plot_contributions(report, out / f"contributions_{args.split}.png")
     print(f"written to {out}")
 
 

@@ -31,7 +31,9 @@ def sweep_run(root, name, overrides, clean, scores, evaluated=True):
     (run / "summary.json").write_text(json.dumps({"test/fused/accuracy": clean}))
     if evaluated:
         (run / "eval").mkdir()
-        (run / "eval" / "robustness.json").write_text(json.dumps(robustness_report(clean, scores)))
+        (run / "eval" / "robustness_test.json").write_text(
+            json.dumps(robustness_report(clean, scores))
+        )
 
 
 @pytest.fixture
@@ -87,8 +89,8 @@ def test_runs_without_a_robustness_report_are_named_with_the_command(sweep, caps
     sweep_run(sweep, "4", ["model/fusion=sum", "seed=0"], 0.5, [], evaluated=False)
     assert main([str(sweep), "--reference", "late"]) == 2
     err = capsys.readouterr().err
-    assert "1 of 5 finished runs have no eval/robustness.json" in err
-    assert "python -m experiments.evaluate <run> --robustness" in err
+    assert "1 of 5 finished runs have no eval/robustness_test.json" in err
+    assert "python -m experiments.evaluate <run> --robustness --split test` on each" in err
     assert str(sweep / "4") in err
     assert not (sweep / "report").exists()
 

@@ -63,7 +63,7 @@ def test_a_split_whose_content_changed_since_training_is_said_and_marked(run_dir
 
 def test_robustness_drops_and_noises_every_modality(evaluated):
     out, stdout = evaluated
-    report = json.loads((out / "robustness.json").read_text())
+    report = json.loads((out / "robustness_test.json").read_text())
     assert report["levels"] == [0.0, 1.0]  # sorted
     assert list(report["modalities"]) == ["image", "audio"]
     for m, entry in report["modalities"].items():
@@ -72,7 +72,7 @@ def test_robustness_drops_and_noises_every_modality(evaluated):
         assert 0.0 <= entry["noise"][1] <= 1.0
         assert 0.0 <= entry["dropped"] <= 1.0
         assert stdout.count(f"| {m} |") == 1
-    assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "robustness_test.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_robustness_runs_every_perturbation_of_each_kind(evaluated):
@@ -80,7 +80,7 @@ def test_robustness_runs_every_perturbation_of_each_kind(evaluated):
     noise, noise at an SNR, time shift and clipping, each at the levels 0 and 1, each with
     its relative robustness (here the mean of its two scores), in the JSON and the table."""
     out, stdout = evaluated
-    report = json.loads((out / "robustness.json").read_text())
+    report = json.loads((out / "robustness_test.json").read_text())
     assert report["relative_robustness_span"] == [0.0, 1.0]
     expected = {
         "image": ["noise", "occlusion", "blur", "contrast", "salt_pepper"],
@@ -103,7 +103,7 @@ def test_perturbations_are_chosen_by_name_and_checked_against_the_runs_modalitie
     out = tmp_path / "eval"
     argv = [str(run_dir), "--robustness", "--levels", "0", "0.5", "2", "--out", str(out)]
     assert main([*argv, "--perturbations", "blur", "clipping"]) == 0
-    report = json.loads((out / "robustness.json").read_text())
+    report = json.loads((out / "robustness_test.json").read_text())
     image, audio = report["modalities"]["image"], report["modalities"]["audio"]
     assert list(image["perturbations"]) == ["blur"] and list(audio["perturbations"]) == ["clipping"]
     assert image["perturbations"]["blur"]["levels"] == [0.0, 0.5]  # 2 is for noise only
@@ -359,25 +359,25 @@ def test_a_finished_run_without_its_best_checkpoint_is_named_without_resume_advi
 
 
 def test_an_out_folder_holding_results_it_would_overwrite_is_refused(tmp_path, capsys):
-    """--out is a folder of the user's: an earlier robustness.json there is named before
+    """--out is a folder of the user's: an earlier robustness_test.json there is named before
     anything runs; --overwrite replaces it. The run's own eval/ folder is rewritten."""
     from experiments.evaluate import parse_args
 
     run, out = tmp_path / "run", tmp_path / "mine"
     run.mkdir()
     out.mkdir()
-    (out / "robustness.json").write_text('{"mine": 1}')
+    (out / "robustness_test.json").write_text('{"mine": 1}')
     with pytest.raises(SystemExit) as caught:
         main([str(run), "--robustness", "--out", str(out)])
     assert caught.value.code == 2
     assert (
-        f"argument --out: {out} already holds robustness.json, which this evaluation would "
+        f"argument --out: {out} already holds robustness_test.json, which this evaluation would "
         "overwrite; nothing was written. Choose another folder, or pass --overwrite to replace "
         "them"
     ) in capsys.readouterr().err
-    assert (out / "robustness.json").read_text() == '{"mine": 1}'
+    assert (out / "robustness_test.json").read_text() == '{"mine": 1}'
     assert parse_args([str(run), "--robustness", "--out", str(out), "--overwrite"]).overwrite
     assert parse_args([str(run), "--out", str(out)]).out == out  # eval_test.json only
     (run / "eval").mkdir()
-    (run / "eval" / "robustness.json").write_text("{}")
+    (run / "eval" / "robustness_test.json").write_text("{}")
     assert parse_args([str(run), "--robustness"]).out is None

@@ -28,7 +28,7 @@ def diagnosed(run_dir, tmp_path_factory) -> tuple[Path, str]:
 def test_emap_scores_the_model_as_the_evaluation_does_next_to_its_projection(diagnosed):
     out, stdout = diagnosed
     evaluation = json.loads((out / "eval_test.json").read_text())
-    report = json.loads((out / "emap.json").read_text())
+    report = json.loads((out / "emap_test.json").read_text())
     assert report["modalities"] == ["image", "audio"] and report["split"] == "test"
     assert report["left_out"] == 0 and not report["subsampled"]  # AV-Digits has every modality
     assert report["samples"] == report["split_samples"]
@@ -40,14 +40,14 @@ def test_emap_scores_the_model_as_the_evaluation_does_next_to_its_projection(dia
         assert report["gap"][name] == pytest.approx(better, abs=1e-12), name
     assert report["metric"] == "accuracy" and report["lower_is_better"] is False
     assert "| model |" in stdout and "| EMAP |" in stdout and "| gap |" in stdout
-    assert (out / "emap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "emap_test.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_contributions_add_up_and_repeat_the_evaluation_and_robustness_scores(diagnosed):
     out, stdout = diagnosed
     evaluation = json.loads((out / "eval_test.json").read_text())
-    robustness = json.loads((out / "robustness.json").read_text())
-    report = json.loads((out / "contributions.json").read_text())
+    robustness = json.loads((out / "robustness_test.json").read_text())
+    report = json.loads((out / "contributions_test.json").read_text())
     assert report["all"] == evaluation["test/fused/accuracy"] == robustness["clean"]
     assert report["dropped"] == {m: e["dropped"] for m, e in robustness["modalities"].items()}
     total = sum(report["shapley"].values())
@@ -63,7 +63,7 @@ def test_contributions_add_up_and_repeat_the_evaluation_and_robustness_scores(di
     assert list(classes) == [str(d) for d in range(10)]
     assert sum(e["samples"] for e in classes.values()) == report["samples"]
     assert stdout.count("| image |") == 2  # in the robustness table and this one
-    assert (out / "contributions.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "contributions_test.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_subsample_reaches_emap_and_its_refusal_is_named_with_the_flag(
@@ -82,7 +82,7 @@ def test_the_subsample_reaches_emap_and_its_refusal_is_named_with_the_flag(
         "times, over the limit of 5; project a random subset of at most 2 samples (samples=, "
         "--emap-samples)\n"
     )
-    assert (out / "eval_test.json").is_file() and not (out / "emap.json").exists()
+    assert (out / "eval_test.json").is_file() and not (out / "emap_test.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_bad_diagnostic_arguments_are_named(run_dir, capsys, extra, named):
 
 
 @pytest.mark.parametrize(
-    ("flag", "held"), [("--emap", "emap.png"), ("--contributions", "contributions.json")]
+    ("flag", "held"), [("--emap", "emap_test.png"), ("--contributions", "contributions_test.json")]
 )
 def test_diagnostics_do_not_overwrite_an_out_folders_results(tmp_path, capsys, flag, held):
     run, out = tmp_path / "run", tmp_path / "mine"
@@ -117,3 +117,4 @@ def test_diagnostics_do_not_overwrite_an_out_folders_results(tmp_path, capsys, f
     assert (out / held).read_text() == "mine"
     assert parse_args([str(run), flag, "--out", str(out), "--overwrite"]).overwrite
     assert parse_args([str(run), "--out", str(out)]).out == out  # not asked: not in the way
+    assert parse_args([str(run), flag, "--split", "val", "--out", str(out)]).out == out

@@ -39,7 +39,7 @@ def evaluate_robustness(run_dir: Path) -> tuple[dict, str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert evaluate([str(run_dir), "--robustness", "--levels", "0", "1"]) == 0
-    return json.loads((run_dir / "eval" / "robustness.json").read_text()), out.getvalue()
+    return json.loads((run_dir / "eval" / "robustness_test.json").read_text()), out.getvalue()
 
 
 @pytest.fixture(scope="module")

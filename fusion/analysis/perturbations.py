@@ -290,18 +290,19 @@ def word_dropout(texts: Sequence[str], level: float, generator: torch.Generator)
 
 
 def column_dropout(x: torch.Tensor, level: float, generator: torch.Generator) -> torch.Tensor:
-    """Each column, with probability `level`, set to 0 in every row of the batch (a feature
-    the source stopped giving). 0 is what an empty cell of a manifest table holds: a numeric
-    column's train mean (after standardization), categorical code 0 (empty or unseen).
-    Every batch draws its own columns. Draws `rand(F)`."""
+    """Each cell, with probability `level`, set to 0: every row loses its own columns (the
+    source failed to give those features for that sample), so the share lost does not
+    depend on the batch size, and a level's dropped cells include every lower level's. 0 is
+    what an empty cell of a manifest table holds: a numeric column's train mean (after
+    standardization), categorical code 0 (empty or unseen). Draws `rand(B, F)`."""
     check_level(level)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"expected a table [B, F], got {shape}")
-    dropped = torch.rand(x.shape[1], generator=generator) < level
+    dropped = torch.rand(x.shape, generator=generator) < level
     if level == 0:
         return x.clone()
-    return x.masked_fill(dropped[None, :].to(x.device), 0.0)
+    return x.masked_fill(dropped.to(x.device), 0.0)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -334,7 +335,7 @@ PERTURBATIONS: dict[str, Perturbation] = {
         Perturbation("clipping", "audio", clipping, "1 - cap / the clip's peak"),
         Perturbation("typos", "text", typos, "share of letters mistyped"),
         Perturbation("word_dropout", "text", word_dropout, "share of words removed"),
-        Perturbation("column_dropout", "tabular", column_dropout, "share of columns set to 0"),
+        Perturbation("column_dropout", "tabular", column_dropout, "share of cells set to 0"),
     )
 }
 """Every perturbation by name, beside `NOISE`."""

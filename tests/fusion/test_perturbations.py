@@ -261,10 +261,14 @@ def test_word_dropout_drops_the_expected_words():
 # ----------------------------------------------------------------------------- tabular
 
 
-def test_column_dropout_zeroes_the_expected_columns():
-    """Level 0.3 of 5 columns: those drawing 0.0885 and 0.1320 (columns 2 and 3), in every row."""
+def test_column_dropout_zeroes_each_rows_own_cells():
+    """rand(2, 5) draws [[0.4963, 0.7682, 0.0885, 0.1320, 0.3074], [0.6341, 0.4901, 0.8964,
+    0.4556, 0.6323]]: level 0.3 drops row 0's columns 2 and 3 and nothing of row 1; level 0.5
+    adds row 0's columns 0 and 4 and row 1's columns 1 and 3."""
     x = torch.arange(1.0, 11.0).reshape(2, 5)
-    assert column_dropout(x, 0.3, seeded()).tolist() == [[1, 2, 0, 0, 5], [6, 7, 0, 0, 10]]
+    assert column_dropout(x, 0.3, seeded()).tolist() == [[1, 2, 0, 0, 5], [6, 7, 8, 9, 10]]
+    assert column_dropout(x, 0.5, seeded()).tolist() == [[0, 2, 0, 0, 0], [6, 0, 8, 0, 10]]
+    assert torch.equal(column_dropout(x, 0.0, seeded()), x)
     assert not column_dropout(x, 1.0, seeded()).any()
 
 
