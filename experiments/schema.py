@@ -92,6 +92,13 @@ def validate(cfg: DictConfig) -> DictConfig:
             )
         if not hint and isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(owner):
             hint = f"; it takes {[f.name for f in dataclasses.fields(owner)]}"
+        section = section_type(TrainConfig, str(key))
+        if not hint and section is not None and "is not a subclass of" in reason:
+            settings = ", ".join(f.name for f in dataclasses.fields(section))
+            hint = (
+                f"; it takes a mapping of its settings ({settings}): '{key}={{}}' for the "
+                "defaults, or null for none"
+            )
         raise ConfigError(f"config key '{key}': {reason}{hint}") from None
     if checked.logger.mode not in ("online", "offline", "disabled"):
         raise ConfigError(
@@ -117,6 +124,20 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_paths(checked.paths)
     check_trainer(OmegaConf.to_object(checked.trainer))
     return checked
+
+
+def section_type(schema: type, key: str) -> type | None:
+    """The dataclass a dotted `key` of `schema` holds (`trainer.fuse.ogm_ge` -> OGMGEConfig),
+    or None when it holds something else or there is no such key."""
+    for name in key.split("."):
+        if not dataclasses.is_dataclass(schema):
+            return None
+        hints = typing.get_type_hints(schema)
+        if name not in hints:
+            return None
+        kinds = typing.get_args(hints[name]) or [hints[name]]
+        schema = next((t for t in kinds if dataclasses.is_dataclass(t)), None)
+    return schema
 
 
 def locate(schema: type, cfg: DictConfig, prefix: str = "") -> str | None:

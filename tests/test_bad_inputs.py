@@ -260,6 +260,22 @@ CASES = [
         "trainer.fuse.ogm_ge.start_epoch=3",
     ),
     (
+        "trainer.fuse.ogm_ge=true",
+        "trainer.fuse.ogm_ge",
+        "bool is not a subclass of OGMGEConfig. value: True; it takes a mapping of its settings "
+        "(alpha, noise, start_epoch, end_epoch): 'trainer.fuse.ogm_ge={}' for the defaults",
+    ),
+    (
+        "trainer.fuse.gradient_blending={} trainer.fuse.unfreeze={} trainer.fuse.epochs=2",
+        "trainer.fuse.gradient_blending.every",
+        "the stage has 2 epochs: raise trainer.fuse.epochs to 3 or more (every: 1)",
+    ),
+    (  # the thaw that never comes is named, not OGM-GE starting before it
+        "trainer.fuse.ogm_ge={} trainer.fuse.unfreeze={start_epoch:12}",
+        "trainer.fuse.unfreeze.start_epoch",
+        "the encoders would never thaw, got 12",
+    ),
+    (
         "trainer.fuse.unfreeze={start_epoch:12}",
         "trainer.fuse.unfreeze.start_epoch",
         "the encoders would never thaw, got 12",

@@ -234,12 +234,17 @@ def check_auxiliary(fuse: FuseConfig, fail: Callable[[str, str], None]) -> None:
         if every < 1:
             fail("fuse.gradient_blending.every", f"expected >= 1 (epochs), got {every}")
         if 2 * every >= fuse.epochs:
+            most = (fuse.epochs - 1) // 2
+            fix = (
+                f"lower every (at most {most}) or raise trainer.fuse.epochs"
+                if most >= 1
+                else "raise trainer.fuse.epochs to 3 or more (every: 1)"
+            )
             fail(
                 "fuse.gradient_blending.every",
                 f"the first weights are estimated after epoch {2 * every} (losses at epochs "
                 f"{every} and {2 * every}) and used from the next, but the stage has "
-                f"{fuse.epochs} epochs: lower every (at most {max((fuse.epochs - 1) // 2, 0)}) "
-                "or raise trainer.fuse.epochs",
+                f"{fuse.epochs} epochs: {fix}",
             )
         if fuse.auxiliary is not None and fuse.auxiliary.unimodal:
             fail(
@@ -281,8 +286,7 @@ def check_trainer(trainer: TrainerConfig) -> None:
         check_stage(stage, getattr(trainer, stage), fail)
     if trainer.align is not None:
         check_align(trainer.align, fail)
-    check_auxiliary(trainer.fuse, fail)
-    if trainer.fuse.unfreeze is not None:
+    if trainer.fuse.unfreeze is not None:  # before what depends on when the encoders thaw
         for key, value in dataclasses.asdict(trainer.fuse.unfreeze).items():
             if value < 1:
                 fail(f"fuse.unfreeze.{key}", f"expected >= 1, got {value}")
@@ -292,6 +296,7 @@ def check_trainer(trainer: TrainerConfig) -> None:
                 f"expected 1 to {trainer.fuse.epochs} (the stage's epochs): the encoders would "
                 f"never thaw, got {trainer.fuse.unfreeze.start_epoch}",
             )
+    check_auxiliary(trainer.fuse, fail)
     if not DEVICE.fullmatch(trainer.device):
         gpu = "gpu" in trainer.device
         hint = f"; did you mean '{trainer.device.replace('gpu', 'cuda')}'?" if gpu else ""
