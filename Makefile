@@ -16,10 +16,10 @@ run: $(VENV)/.installed  ## Main job: AV-Digits, pretrain each encoder, then fus
 	$(PY) -m experiments.train $(ARGS)
 
 test: $(VENV)/.installed  ## Default test suite (slow tests excluded)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto $(ARGS)
 
 test-all: $(VENV)/.installed  ## Every test, including the slow ones
-	$(PY) -m pytest -q -m "" $(ARGS)
+	$(PY) -m pytest -q -n auto -m "" $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

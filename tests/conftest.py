@@ -1,3 +1,11 @@
+import os
+
+# Under pytest-xdist (`make test`), every worker process gets one OpenMP thread, so workers
+# and the processes tests start share the cores without spinning on each other; set before
+# torch loads OpenMP. A value in the environment wins.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import subprocess
 import sys
 from pathlib import Path
