@@ -494,33 +494,3 @@ def plot_robustness(report: dict[str, Any], path: Path) -> None:
 def difference(metric: str, value: float) -> str:
     """A signed difference of scores: points of a percentage for fractions."""
     return f"{100 * value:+.2f} pts" if is_fraction(metric) else f"{value:+.4f}"
-
-
-def comparison_table(result: dict[str, Any]) -> str:
-    """One row per run, modality and perturbation of `compare_robustness`'s result."""
-    metric = result["metric"]
-    against = (
-        f"run '{result['reference']}'"
-        if result["reference"]
-        else "the line of relative robustness on clean score over the runs"
-    )
-    lines = [
-        "| run | modality/perturbation | clean | relative robustness | normalized | effective |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for run, by_modality in result["runs"].items():
-        for m, by_name in by_modality.items():
-            for name, s in by_name.items():
-                normalized = s["relative_robustness_normalized"]
-                lines.append(
-                    f"| {run} | {m}/{name} | {format_score(metric, s['clean'])} | "
-                    f"{format_score(metric, s['relative_robustness'])} | "
-                    f"{'-' if normalized is None else f'{normalized:.2f}'} | "
-                    f"{difference(metric, s['effective_robustness'])} |"
-                )
-    direction = "lower" if result["lower_is_better"] else "higher"
-    lines.append(
-        f"\n{metric} on {result['split']} ({direction} is better); effective robustness against "
-        f"{against}, positive: more robust than expected"
-    )
-    return "\n".join(lines)
