@@ -630,7 +630,9 @@ def check_model_parts(
 ) -> None:
     """Build the fuser and head for the data's modalities and tasks, on stand-in encoders:
     a bad setting, or a head that cannot serve the tasks (one output for several tasks),
-    fails now instead of when stage 2 builds the model."""
+    fails now instead of when stage 2 builds the model. They are initialised from a forked
+    random state, so the run draws the same numbers whichever fuser and head it has (stage 1
+    trains the same encoders for every fuser)."""
     sizes = output_sizes(tasks)
     for part, own in (("fusion", "in_dims"), ("head", "in_dim")):
         check_arguments(model[part]._target_, model[part], f"model.{part}")
@@ -651,9 +653,10 @@ def check_model_parts(
         return instantiate(model.head)(**kwargs)
 
     try:
-        MultimodalModel.build(
-            {m: StandIn() for m in modalities}, instantiate(model.fusion), head, sizes
-        )
+        with torch.random.fork_rng(devices=[]):
+            MultimodalModel.build(
+                {m: StandIn() for m in modalities}, instantiate(model.fusion), head, sizes
+            )
     except (TypeError, ValueError) as err:
         part = model[building.removeprefix("model.")]
         raise ConfigError(

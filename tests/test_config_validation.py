@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from experiments.builders import (
@@ -43,6 +44,21 @@ def test_settings_at_the_edges_pass(overrides, tmp_path):
     """Every check has a boundary; the values on the accepted side of it still run."""
     cfg = compose_config(f"paths.output_dir={tmp_path}", "data.max_samples=20", *overrides)
     check_before_training(cfg, build_datasets(cfg.data))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated", "transformer"])
+def test_checks_draw_nothing_from_the_runs_random_state(fusion, tmp_path):
+    """The checks build the fuser and head (initialising their weights) before stage 1
+    trains; from the run's own random state, stage 1 would draw other training samples for
+    every fuser, and a sweep's cached encoders would depend on which job trained them."""
+    cfg = compose_config(
+        f"paths.output_dir={tmp_path}", "data.max_samples=20", f"model/fusion={fusion}"
+    )
+    datasets = build_datasets(cfg.data)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    check_before_training(cfg, datasets)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize(

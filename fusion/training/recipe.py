@@ -65,6 +65,10 @@ from fusion.weights import load_weights
 log = logging.getLogger("fusion")
 
 FUSE_STATE = "fuse_state.pt"
+# Part of every key of trained weights; raised when the same settings come to train other
+# weights. 2: the default AdamW is fused, and the checks before stage 1 draw nothing from the
+# run's random state.
+RECIPE_VERSION = 2
 
 
 @dataclass
@@ -182,6 +186,7 @@ def pretrain_key(
         target[0],
         {name: dataclasses.asdict(task) for name, task in target[1].items()},
         recipe,
+        RECIPE_VERSION,
         DEFAULT_OPTIMIZER,
         trainer.batch_size,
         seed,
@@ -204,6 +209,7 @@ def align_key(
         data_key(datasets["train"]),
         data_key(datasets["val"]),
         dataclasses.asdict(trainer.align),
+        RECIPE_VERSION,
         DEFAULT_OPTIMIZER,
         trainer.batch_size,
         seed,
