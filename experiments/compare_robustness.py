@@ -95,6 +95,7 @@ def reference_label(reference: str, keys: list[str], names: set[str]) -> str:
     )
 
 
+REPORT_KEYS = ("metric", "split", "lower_is_better", "clean", "modalities")
 FIELDS = (
     "clean",
     "relative_robustness",
@@ -128,8 +129,21 @@ def reports_by_group(
     groups: dict[str, dict[str, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for run in done:
         group = run.config.get(pivot, "-") if pivot else ""
-        groups[group][run.seed or "-"][label(run.config, keys)] = read_json(run.dir / path)
+        groups[group][run.seed or "-"][label(run.config, keys)] = read_report(run.dir / path)
     return groups
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A robustness report as `experiments.evaluate --robustness` writes it; a ReportError
+    naming the file and what it lacks otherwise."""
+    report = read_json(path)
+    missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ReportError(
+            f"{path}: expected a robustness report of experiments.evaluate --robustness, "
+            f"found one without {', '.join(missing)}"
+        )
+    return report
 
 
 def complete_seeds(

@@ -162,3 +162,11 @@ def test_pivot_compares_within_each_value_and_an_earlier_output_is_kept(tmp_path
     assert (
         main([str(root), "--pivot", "data.task", "--reference", "late", *out, "--overwrite"]) == 0
     )
+
+
+def test_a_report_that_is_not_a_robustness_report_is_named(sweep, capsys):
+    (sweep / "1" / "eval" / "robustness_test.json").write_text('{"metric": "accuracy"}')
+    assert main([str(sweep), "--reference", "late"]) == 2
+    err = capsys.readouterr().err
+    assert f"{sweep / '1' / 'eval' / 'robustness_test.json'}: expected a robustness report" in err
+    assert "found one without split, lower_is_better, clean, modalities" in err
