@@ -8,8 +8,11 @@
     python -m experiments.evaluate outputs/runs/<run> --emap --emap-samples 500
     python -m experiments.evaluate outputs/runs/<run> --trust-target mypkg.MyEncoder
 
-The model is rebuilt from the run's resolved `config.yaml` and loaded whole from
-`checkpoints/best.pt`: nothing is trained and no stage-1 checkpoint is needed. Writes
+The model is rebuilt from the run's resolved `config.yaml` and loaded from
+`checkpoints/best.pt`, nothing is trained. `best.pt` holds the fuser and head; encoders that
+stayed frozen through stage 2 are read from the stage-1 checkpoints it names (by path, and
+by the digest of their weights, which must match); one moved elsewhere is looked for under
+its name in the run's `paths.pretrained_dir` and in `--pretrained-dir`. Writes
 `eval_<split>.json` under `--out` (default `<run>/eval`), with the keys `summary.json` uses.
 
 A run directory is data, perhaps someone else's: before anything is built, every `_target_`
@@ -86,9 +89,9 @@ from fusion.training.checkpoint import CheckpointError
 from fusion.training.feature_cache import data_key
 from fusion.training.loaders import make_loaders
 from fusion.training.optim import resolve
-from fusion.training.recipe import FUSE_STATE, ModelSpec, build_model
+from fusion.training.recipe import FUSE_STATE, ModelSpec, build_model, stage1_encoders
 from fusion.training.settings import DEVICE, DEVICES, resolve_device
-from fusion.weights import load_weights
+from fusion.weights import load_weights, uninitialized
 
 DEFAULT_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0, 2.0)
 TRANSFORMS = "torchvision.transforms.v2"
@@ -264,11 +267,17 @@ def load_run(run_dir: Path, trusted: Collection[str] = ()) -> tuple[DictConfig, 
     return validate(OmegaConf.create(resolved)), state
 
 
-def rebuild_model(spec: ModelSpec, tasks: Any, state: dict[str, Any]) -> MultimodalModel:
-    """The stage-2 model as the recipe wires it, with every weight from `state`."""
-    encoders = {modality: build() for modality, build in spec.encoders.items()}
-    model = build_model(spec, encoders, tasks)
-    load_weights(model, state)
+def rebuild_model(
+    spec: ModelSpec, tasks: Any, state: dict[str, Any], search: Sequence[Path] = ()
+) -> MultimodalModel:
+    """The stage-2 model as the recipe wires it, with every weight from `best.pt`'s `state`
+    and the stage-1 checkpoints it names (looked for in `search` when moved). Built without
+    initialising weights: the strict load refuses any it does not fill."""
+    weights = {**stage1_encoders(state.get("encoders", {}), search), **state["model"]}
+    with uninitialized():
+        encoders = {modality: build() for modality, build in spec.encoders.items()}
+        model = build_model(spec, encoders, tasks)
+    load_weights(model, weights)
     return model
 
 
@@ -330,6 +339,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="each modality's Shapley value of the score, from runs with only some present",
     )
     parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/eval)")
+    parser.add_argument(
+        "--pretrained-dir",
+        type=Path,
+        help="a folder to look for the run's stage-1 checkpoints in, when they are no longer "
+        "where the run wrote them (by default the run's paths.pretrained_dir is searched too)",
+    )
     parser.add_argument("--device", default="auto", help=DEVICES)
     parser.add_argument(
         "--overwrite",
@@ -442,7 +457,8 @@ def run(args: argparse.Namespace) -> None:
         raise EvaluateError(f"--split {args.split}: the data has the splits {list(datasets)}")
     spec = model_spec(cfg.model, cfg.model.encoders)  # the run's resolved encoder configs
     train = datasets["train"]
-    model = rebuild_model(spec, train.tasks, state["model"])
+    search = [Path(cfg.paths.pretrained_dir), *filter(None, [args.pretrained_dir])]
+    model = rebuild_model(spec, train.tasks, state, search)
     loaders = make_loaders(datasets, trainer_settings(cfg), cfg.seed)
     changed = data_changed(state, args.split, datasets[args.split])
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Set
 from typing import Any
 
@@ -164,8 +165,9 @@ class MultimodalModel(nn.Module):
                     )
 
     def _parameter_dtype_device(self) -> tuple[torch.dtype, torch.device | None]:
-        """The dtype and device inputs must have: those of the model's floating parameters."""
-        for tensor in (*self.parameters(), *self.buffers()):
+        """The dtype and device inputs must have: those of the model's floating parameters.
+        Walked lazily: the first floating tensor answers, so a large model costs nothing."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
             if tensor.is_floating_point():
                 return tensor.dtype, tensor.device
         return torch.get_default_dtype(), None

@@ -43,15 +43,20 @@ def wandb_tags(tags: Sequence[str]) -> list[str]:
     return out
 
 
-def file_artifact(path: Path, name: str, kind: str) -> Any:
+def file_artifact(path: Path, name: str, kind: str, references: Sequence[Path] = ()) -> Any:
     """A W&B artifact of one file that W&B neither copies into its staging folder nor into
     its cache (`policy="immutable"`, `skip_cache`): it is read from `path` when uploaded,
     live or at `wandb sync`, so nothing is left behind per run. The file must not change
-    until then; the run directory's checkpoints do not."""
+    until then; the run directory's checkpoints do not.
+
+    `references` are files the artifact names without uploading them (`file://` references,
+    not read: `checksum=False`), such as the stage-1 checkpoints a `best.pt` is built on."""
     import wandb
 
     artifact = wandb.Artifact(name, type=kind)
     artifact.add_file(str(path), policy="immutable", skip_cache=True)
+    for reference in references:
+        artifact.add_reference(Path(reference).resolve().as_uri(), checksum=False)
     return artifact
 
 
@@ -183,10 +188,13 @@ class Tracker:
             self._wandb_run.log({name: plot})
         return path
 
-    def log_artifact(self, path: Path, name: str, kind: str = "model") -> None:
-        """Attach a file (the best checkpoint) to the W&B run as a versioned artifact."""
+    def log_artifact(
+        self, path: Path, name: str, kind: str = "model", references: Sequence[Path] = ()
+    ) -> None:
+        """Attach a file (the best checkpoint) to the W&B run as a versioned artifact, with
+        the files it needs (`references`: its stage-1 checkpoints) named by path."""
         if self._wandb_run is not None:
-            self._wandb_run.log_artifact(file_artifact(path, name, kind))
+            self._wandb_run.log_artifact(file_artifact(path, name, kind, references))
 
     def watch(self, model: Any, log: str | None, log_freq: int = 100) -> None:
         """W&B gradient (and parameter) histograms: `log` is "gradients", "parameters", "all"."""

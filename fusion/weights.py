@@ -15,7 +15,8 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 import torchaudio.pipelines
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
+from torch.nn import init
 from torchvision.models import WeightsEnum, get_model_weights, get_weight, list_models
 
 from fusion.pickles import plain_pickle, preview
@@ -190,6 +192,33 @@ class _Weights:
     format: str
     entry: str | None = None
     skipped: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def uninitialized() -> Iterator[None]:
+    """Build modules without initialising their weights: for weights about to be loaded
+    (a stage-1 checkpoint), or never used (a dry run that only needs shapes and names).
+
+    Inside, `torch.nn.init`'s in-place initialisers (`kaiming_uniform_`, `zeros_`, ...),
+    which every torch layer's `reset_parameters` and torchvision's models call, leave the
+    tensor as it is. That skips most of a ResNet's construction time (the Kaiming draws)
+    and draws no random numbers. The tensors hold whatever their memory held: load every
+    weight afterwards with a strict load (`load_weights`' default), which refuses a
+    missing one. Not thread-safe (it swaps module attributes for the duration).
+    """
+    names = [name for name in vars(init) if name.endswith("_") and not name.startswith("_")]
+    kept = {name: getattr(init, name) for name in names}
+    try:
+        for name in names:
+            setattr(init, name, _left_as_is)
+        yield
+    finally:
+        for name, function in kept.items():
+            setattr(init, name, function)
+
+
+def _left_as_is(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 def load_weights(

@@ -381,3 +381,63 @@ def test_an_out_folder_holding_results_it_would_overwrite_is_refused(tmp_path, c
     (run / "eval").mkdir()
     (run / "eval" / "robustness_test.json").write_text("{}")
     assert parse_args([str(run), "--robustness"]).out is None
+
+
+def test_best_pt_holds_the_fuser_and_head_and_names_the_stage1_encoders(run_dir):
+    best = run_dir / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not [k for k in state["model"] if k.startswith("encoders.")]
+    assert {m: Path(r["path"]) for m, r in state["encoders"].items()} == {
+        m: Path(p).resolve() for m, p in summary["checkpoints"].items()
+    }
+    stage1 = 0
+    for reference in state["encoders"].values():
+        stored = torch.load(reference["path"], weights_only=True)
+        assert reference["weights"] == stored["weights"]
+        stage1 += Path(reference["path"]).stat().st_size
+    assert best.stat().st_size < stage1 / 5  # the frozen encoders are not copied
+
+
+def moved_run(run_dir: Path, tmp_path: Path, **change: str) -> tuple[Path, dict]:
+    """A copy of the run whose best.pt names its stage-1 checkpoints under new names in a
+    folder of their own (`tmp_path/moved`), which the run's config does not name."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    best = run / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    (tmp_path / "moved").mkdir()
+    for modality, reference in state["encoders"].items():
+        renamed = f"moved-{modality}.pt"
+        shutil.copy(reference["path"], tmp_path / "moved" / renamed)
+        reference["path"] = str(tmp_path / "gone" / renamed)
+        reference.update(change)
+    torch.save(state, best)
+    return run, state
+
+
+def test_stage1_checkpoints_no_longer_where_the_run_wrote_them_are_named(run_dir, tmp_path, capsys):
+    run, state = moved_run(run_dir, tmp_path)
+    assert main([str(run), "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    first = next(iter(state["encoders"]))
+    assert f"evaluate: modality '{first}': the run's stage-1 encoder {tmp_path / 'gone'}" in err
+    assert str(run_dir.parent / "pretrained") in err  # the run's own folder was searched
+    assert "Put the file back, or train the run's config again" in err
+    assert main([str(run), "--out", str(tmp_path / "eval"), "--pretrained-dir",
+                 str(tmp_path / "moved")]) == 0  # fmt: skip
+    result = json.loads((tmp_path / "eval" / "eval_test.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert result["test/fused/accuracy"] == summary["test/fused/accuracy"]
+
+
+def test_a_stage1_checkpoint_trained_again_since_the_run_is_refused(run_dir, tmp_path, capsys):
+    run, state = moved_run(run_dir, tmp_path, weights="0" * 20)
+    argv = [str(run), "--out", str(tmp_path / "eval"), "--pretrained-dir", str(tmp_path / "moved")]
+    assert main(argv) == 2
+    first = next(iter(state["encoders"]))
+    assert (
+        f"evaluate: modality '{first}': {tmp_path / 'moved' / f'moved-{first}.pt'} holds other "
+        "encoder weights than the run used" in capsys.readouterr().err
+    )
+    assert not list((tmp_path / "eval").rglob("*.*"))  # nothing evaluated, nothing written

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from experiments.builders import build_datasets, model_spec, trainer_settings
 from experiments.evaluate import main
 from experiments.schema import validate
+from fusion.data import fingerprint
 from fusion.tracking import NullTracker
 from fusion.training import feature_cache
 from fusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -199,11 +200,40 @@ def test_a_damaged_stage1_encoder_is_retrained_with_a_warning(
     recipe = Recipe(datasets, spec, trainer, cfg.seed, outputs, NullTracker(), torch.device("cpu"))
     loaders = make_loaders(datasets, trainer, cfg.seed)
     with caplog.at_level(logging.WARNING, logger="fusion"):
-        assert recipe.pretrain("image", spec.encoders["image"](), loaders)[0] == path
+        assert recipe.pretrain("image", loaders).path == path
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"stage 1 [image]: checkpoint {path}" in w and "retraining" in w for w in warnings)
     retrained = load_checkpoint(path, required=("model", "fingerprint"))
     assert retrained["fingerprint"] == good["fingerprint"]
+
+
+def stage1_recipe(parts, root: Path) -> tuple[Recipe, dict]:
+    """A recipe of the tiny run's settings writing its stage-1 encoders under `root`."""
+    cfg, datasets, trainer, spec = parts
+    outputs = Outputs(root / "run", root / "pretrained", root / "features")
+    recipe = Recipe(datasets, spec, trainer, cfg.seed, outputs, NullTracker(), torch.device("cpu"))
+    return recipe, make_loaders(datasets, trainer, cfg.seed)
+
+
+def test_a_stage1_encoder_does_not_depend_on_whether_the_one_before_was_reused(
+    tiny_run_parts, tmp_path, caplog
+):
+    """Each stage-1 model is built from the seed alone: the second modality's encoder is
+    the same whether the first was trained just before or read from its checkpoint."""
+    fresh, loaders = stage1_recipe(tiny_run_parts, tmp_path / "fresh")
+    first, second = fresh.spec.encoders
+    trained = {m: fresh.pretrain(m, loaders) for m in (first, second)}
+    again, loaders = stage1_recipe(tiny_run_parts, tmp_path / "again")
+    (tmp_path / "again" / "pretrained").mkdir(parents=True)
+    shutil.copy(trained[first].path, tmp_path / "again" / "pretrained")
+    with caplog.at_level(logging.INFO, logger="fusion"):
+        reused = again.pretrain(first, loaders)
+    assert f"stage 1 [{first}]: reusing {reused.path}" in caplog.text
+    retrained = again.pretrain(second, loaders)
+    assert retrained.path.name == trained[second].path.name
+    assert retrained.weights == trained[second].weights
+    stored = load_checkpoint(retrained.path)
+    assert stored["weights"] == fingerprint(stored["model"])  # the digest is of what it holds
 
 
 def feature_files(root: Path) -> dict[str, Path]:

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from fusion.tracking import Tracker
+from fusion.tracking import Tracker, file_artifact
 
 
 def test_metrics_and_summary_land_in_run_dir(tmp_path):
@@ -127,3 +127,14 @@ def test_online_mode_without_an_account_is_named_before_training(tmp_path, monke
     message = str(caught.value)
     assert message.startswith("config key 'logger.mode': W&B could not start the online run (")
     assert "logger.mode=offline" in message
+
+
+def test_a_checkpoint_artifact_names_the_files_it_needs_without_copying_them(tmp_path):
+    checkpoint = tmp_path / "run" / "best.pt"
+    stage1 = tmp_path / "pretrained" / "image-0123.pt"
+    for path in (checkpoint, stage1):
+        path.parent.mkdir()
+        path.write_bytes(b"weights")
+    artifact = file_artifact(checkpoint, "model-run", "model", references=[stage1])
+    entries = {name: entry.ref for name, entry in artifact.manifest.entries.items()}
+    assert entries == {"best.pt": None, "image-0123.pt": stage1.resolve().as_uri()}

@@ -154,6 +154,7 @@ def cached_loaders(
     encoder_configs: Mapping[str, Any],
     device: torch.device,
     distributed: Distributed = SINGLE,
+    weights: Mapping[str, str] | None = None,
 ) -> dict[str, DataLoader]:
     """Loaders that read frozen encoders' features from the cache where a split allows it.
 
@@ -161,7 +162,9 @@ def cached_loaders(
     model's frozen encoders are then skipped (their features come from disk) and any
     trainable ones still run. Other splits are read and encoded as usual. With several
     processes, rank 0 encodes and the others read what it wrote. `encoder_configs[m]` is
-    part of modality m's cache key (settings no module attribute shows).
+    part of modality m's cache key (settings no module attribute shows). `weights[m]`, when
+    given, is the digest of the weights encoder m holds (a stage-1 checkpoint's), which keys
+    its features instead of hashing its weights again (`encoder_key`).
     """
     settings = trainer.feature_cache
     frozen = [m for m, encoder in model.encoders.items() if is_frozen(encoder)]
@@ -169,7 +172,12 @@ def cached_loaders(
         return make_loaders(datasets, trainer, seed, distributed)
     cache = FeatureCache(cache_dir, dtype=settings.dtype)
     keys = {
-        m: encoder_key(model.encoders[m], encoder_configs.get(m), autocast=trainer.precision)
+        m: encoder_key(
+            model.encoders[m],
+            encoder_configs.get(m),
+            autocast=trainer.precision,
+            weights=(weights or {}).get(m),
+        )
         for m in frozen
     }
     precision = Precision.on(trainer.precision, device)

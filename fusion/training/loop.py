@@ -440,10 +440,13 @@ def nonfinite_entries(state: Mapping[str, torch.Tensor]) -> list[str]:
     ]
 
 
-def check_finite_weights(model: nn.Module, desc: str, epoch: int) -> None:
+def check_finite_weights(
+    model: nn.Module, desc: str, epoch: int, constant: set[str] = frozenset()
+) -> None:
     """Stop when training left NaN or infinite weights (a finite loss with an overflowing
-    gradient does): such a model must not be scored, kept as best or trained on."""
-    bad = nonfinite_entries(model.state_dict())
+    gradient does): such a model must not be scored, kept as best or trained on. The
+    `constant` parameters (never trained) are not looked at."""
+    bad = nonfinite_entries(changing_state(model, constant))
     if bad:
         raise NonFiniteError(
             f"stage '{desc}': after epoch {epoch} the weights {bad[:3]}"
@@ -695,7 +698,7 @@ def fit(
         )
         scheduler.step()
         distributed.broadcast_buffers(model)
-        check_finite_weights(model, desc, epoch)
+        check_finite_weights(model, desc, epoch, constant)
         val = evaluate(
             model, val_batches, device, targets, loss_weights, precision, distributed, objectives
         )

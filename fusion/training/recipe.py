@@ -13,6 +13,7 @@ points in `experiments/` turn configs into those.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -60,15 +61,16 @@ from fusion.training.settings import (
     TrainerConfig,
     resolve_precision,
 )
-from fusion.weights import load_weights
+from fusion.weights import load_weights, uninitialized
 
 log = logging.getLogger("fusion")
 
 FUSE_STATE = "fuse_state.pt"
 # Part of every key of trained weights; raised when the same settings come to train other
 # weights. 2: the default AdamW is fused, and the checks before stage 1 draw nothing from the
-# run's random state.
-RECIPE_VERSION = 2
+# run's random state. 3: each stage-1 model is built after reseeding (not from the state the
+# previous modality left), and its checkpoint records the digest of its weights.
+RECIPE_VERSION = 3
 
 
 @dataclass
@@ -103,6 +105,64 @@ class Row:
     target: str
     metrics: dict[str, EpochMetrics]
     objectives: Mapping[str, Objective]
+
+
+@dataclass
+class Stage1:
+    """A modality's stage-1 result: its checkpoint, the digest of the weights it holds
+    (`fingerprint` of the state, stored in it: it keys the encoder's cached features and
+    `best.pt`'s reference to it without hashing the weights again), and the model."""
+
+    path: Path
+    weights: str
+    model: MultimodalModel
+
+
+def fused_state(model: MultimodalModel, referenced: Mapping[str, Stage1]) -> dict[str, Any]:
+    """What `best.pt` holds of the model: its state without the encoders in `referenced`
+    (frozen through stage 2, so exactly their stage-1 weights), which it names instead,
+    by checkpoint path and weights digest (`"encoders"`; `stage1_encoders` reads them)."""
+    prefixes = tuple(f"encoders.{m}." for m in referenced)
+    return {
+        "model": {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)},
+        "encoders": {
+            m: {"path": str(s.path.resolve()), "weights": s.weights} for m, s in referenced.items()
+        },
+    }
+
+
+def stage1_encoders(
+    references: Mapping[str, Mapping[str, str]], search: Sequence[Path] = ()
+) -> dict[str, torch.Tensor]:
+    """The encoder weights a `best.pt` names (`fused_state`), as entries of the fused
+    model's state (`encoders.<modality>.*`), read from the stage-1 checkpoints.
+
+    A checkpoint no longer at its recorded path is looked for under the same name in each
+    folder of `search`. Raises `CheckpointError` naming the modality and the file when it
+    is nowhere, or when it holds other weights than the run used (retrained since)."""
+    state: dict[str, torch.Tensor] = {}
+    for modality, reference in references.items():
+        recorded = Path(reference["path"])
+        candidates = [recorded, *(Path(folder) / recorded.name for folder in search)]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise CheckpointError(
+                f"modality '{modality}': the run's stage-1 encoder {recorded} is not there "
+                f"(looked in {[str(p.parent) for p in candidates]}); best.pt holds the fuser "
+                "and head only, the frozen encoders stay in their stage-1 checkpoints. Put the "
+                "file back, or train the run's config again to rebuild it"
+            )
+        stored = load_checkpoint(path, required=("model",))
+        weights = stored.get("weights") or fingerprint(stored["model"])
+        if weights != reference["weights"]:
+            raise CheckpointError(
+                f"modality '{modality}': {path} holds other encoder weights than the run used "
+                f"(digest {weights}, the run's {reference['weights']}): it was trained again "
+                "since, so the run's fused model cannot be rebuilt from it"
+            )
+        prefix = f"encoders.{modality}."
+        state.update({k: v for k, v in stored["model"].items() if k.startswith(prefix)})
+    return state
 
 
 def build_model(
@@ -420,6 +480,7 @@ class Recipe:
         self.rows: list[Row] = []  # the results table's lines, once `run` has finished
         self.aligned: str | None = None  # the alignment stage's key, once it has run
         self.align_summary: dict[str, float] = {}
+        self.weights: dict[str, str] = {}  # each stage-1 encoder's weights digest, once known
         self.precision = resolve_precision(trainer.precision, device)
 
     def objectives_for(self, tasks: Mapping[str, Task]) -> dict[str, Objective]:
@@ -443,6 +504,7 @@ class Recipe:
             self.spec.encoder_configs,
             self.device,
             self.distributed,
+            weights=self.weights,
         )
 
     def fit_stage(
@@ -499,10 +561,11 @@ class Recipe:
         glob fails now, not after stage 1.
 
         The models built for the check draw from a forked random state, so the run's
-        numbers are the same with or without it."""
+        numbers are the same with or without it, and their weights are left uninitialised
+        (only shapes and names are looked at)."""
         val = self.datasets["val"]
         batch = Collate.for_dataset(val)([val[i] for i in range(min(2, len(val)))])
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), uninitialized():
             encoders = {m: build() for m, build in self.spec.encoders.items()}
             stage1 = [
                 unimodal_model(encoder, m, stage1_target(self.train_data, m)[1])
@@ -644,24 +707,21 @@ class Recipe:
                     raise ConfigError(f"config key 'trainer.{name}.monitor': {err}") from None
 
     def pretrain(
-        self,
-        modality: str,
-        encoder: Encoder,
-        loaders: dict[str, DataLoader],
-        aligned: bool = False,
-    ) -> tuple[Path, MultimodalModel]:
-        """Stage 1 for one modality; returns the checkpoint and the trained unimodal model.
-        An `aligned` encoder stays frozen: only its linear probe trains."""
+        self, modality: str, loaders: dict[str, DataLoader], aligned: Encoder | None = None
+    ) -> Stage1:
+        """Stage 1 for one modality: its encoder trained with a linear head on its target, or
+        reused from the checkpoint of the same key. An `aligned` encoder (from the alignment
+        stage) stays frozen: only its linear probe trains.
+
+        The stage starts from the seed alone, so an encoder does not depend on what ran
+        before it (another modality trained now or read from its checkpoint). A reused
+        encoder is built without initialising its weights, which the checkpoint replaces."""
         target = stage1_target(self.train_data, modality)
         key = pretrain_key(
             self.spec.encoder_configs.get(modality), self.datasets, target, self.trainer,
-            self.seed, self.aligned if aligned else None,
+            self.seed, self.aligned if aligned is not None else None,
         )  # fmt: skip
         path = self.outputs.pretrained_dir / f"{modality}-{key}.pt"
-        if aligned:
-            encoder.freeze()
-        model = unimodal_model(encoder, modality, target[1])
-        model.to(self.device)
         state = None
         if self.trainer.pretrain.reuse and path.is_file():
             try:
@@ -671,11 +731,18 @@ class Recipe:
             if state is not None and state["fingerprint"] != key:
                 log.info("stage 1 [%s]: %s has another fingerprint, retraining", modality, path)
                 state = None
-        if self.distributed.gather(state is not None)[0]:  # every process follows rank 0
+        reuse = self.distributed.gather(state is not None)[0]  # every process follows rank 0
+        reseed(self.seed, loaders, self.distributed)
+        with uninitialized() if reuse else contextlib.nullcontext():
+            encoder = aligned if aligned is not None else self.spec.encoders[modality]()
+            model = unimodal_model(encoder, modality, target[1])
+        if aligned is not None:
+            encoder.freeze()
+        model.to(self.device)
+        if reuse:
             load_weights(model, state["model"])
             log.info("stage 1 [%s]: reusing %s", modality, path)
-            return path, model
-        reseed(self.seed, loaders, self.distributed)
+            return Stage1(path, state.get("weights") or fingerprint(state["model"]), model)
         summary = model.summary()
         self.tracker.log_text(f"model_summary_{modality}", summary)
         log.info("stage 1 [%s]: training encoder on %s\n%s", modality, target[0], summary)
@@ -693,29 +760,30 @@ class Recipe:
             on_step=step_logger(tracker, f"pretrain/{modality}", self.log_every),
             desc=f"pretrain {modality}",
         ).best
+        weights = model.cpu().state_dict()
+        digest = fingerprint(weights)
         if self.distributed.is_main:
-            state = {"model": model.cpu().state_dict(), "fingerprint": key, "best": best}
-            save_checkpoint(path, state)
-            model.to(self.device)
+            save_checkpoint(
+                path, {"model": weights, "fingerprint": key, "weights": digest, "best": best}
+            )
+        model.to(self.device)
         self.distributed.barrier()  # the checkpoint exists for every process from here on
-        return path, model
+        return Stage1(path, digest, model)
 
-    def fused_model(self, checkpoints: Mapping[str, Path]) -> MultimodalModel:
-        """Stage-2 model: fresh encoders loaded from the stage-1 checkpoints and frozen.
+    def fused_model(self, stage1: Mapping[str, Stage1]) -> MultimodalModel:
+        """Stage-2 model: the stage-1 encoders, frozen, with a new fuser and head.
 
         With `trainer.fuse.unfreeze`, the encoders start frozen parameter by parameter
         instead, so that the schedule can thaw their backbones' stages (frozen batch norms
         keep their statistics until their stage thaws).
         """
         encoders = {}
-        for modality, path in checkpoints.items():
-            encoder = self.spec.encoders[modality]()
-            state = load_checkpoint(path, required=("model",))
-            report = load_weights(encoder, state["model"], prefix=f"encoders.{modality}.")
-            log.info("stage 2 [%s]: %s", modality, report)
+        for modality, trained in stage1.items():
+            encoder = trained.model.encoders[modality]
             if self.trainer.fuse.unfreeze is None:
                 encoder.freeze()
             else:
+                encoder.unfreeze()
                 set_trainable(encoder, False)
             encoders[modality] = encoder
         return build_model(self.spec, encoders, self.tasks).to(self.device)
@@ -727,14 +795,13 @@ class Recipe:
         stores the run's config, which a resumed run is checked against)."""
         loaders = make_loaders(self.datasets, self.trainer, self.seed, self.distributed)
         rows: list[Row] = []
-        checkpoints = {}
+        stage1: dict[str, Stage1] = {}
         self.check_encoders()
         aligned = self.align(loaders) if self.trainer.align is not None else {}
-        for modality, build in self.spec.encoders.items():
-            encoder = aligned.get(modality) or build()
-            checkpoints[modality], unimodal = self.pretrain(
-                modality, encoder, loaders, aligned=modality in aligned
-            )
+        for modality in self.spec.encoders:
+            stage1[modality] = trained = self.pretrain(modality, loaders, aligned.get(modality))
+            self.weights[modality] = trained.weights
+            unimodal = trained.model
             unimodal.encoders[modality].freeze()  # only evaluated from here on: cacheable
             evaluation = self.loaders(unimodal, {s: self.datasets[s] for s in self.eval_splits})
             name, tasks = stage1_target(self.train_data, modality)
@@ -744,8 +811,8 @@ class Recipe:
             )
             rows.append(Row(f"{modality} only", name, metrics, objectives))
 
-        reseed(self.seed, loaders, self.distributed)
-        model = self.fused_model(checkpoints)
+        reseed(self.seed, loaders, self.distributed)  # the fuser and head: from the seed alone
+        model = self.fused_model(stage1)
         fuser_name = type(model.fuser).__name__
         summary_text = model.summary()
         self.tracker.log_text("model_summary", summary_text)
@@ -788,11 +855,14 @@ class Recipe:
                 )
             return None
         if self.distributed.is_main:
+            referenced = stage1 if fuse.unfreeze is None else {}  # thawed encoders changed
             best_path = save_checkpoint(
                 run_dir / "checkpoints" / "best.pt",
-                {"model": model.state_dict(), **dict(checkpoint_extra or {}), **result.best},
+                {**fused_state(model, referenced), **dict(checkpoint_extra or {}), **result.best},
             )
-            self.tracker.log_artifact(best_path, f"model-{run_dir.name}")
+            self.tracker.log_artifact(
+                best_path, f"model-{run_dir.name}", references=[s.path for s in referenced.values()]
+            )
         self.log_confusion(model, fuse_loaders)
         fused = Row(
             f"fused ({fuser_name})",
@@ -809,7 +879,7 @@ class Recipe:
             metric=main_metric(self.objectives),
         )
         summary.update(self.align_summary)
-        summary["checkpoints"] = {m: str(p) for m, p in checkpoints.items()}
+        summary["checkpoints"] = {m: str(s.path) for m, s in stage1.items()}
         self.tracker.update_summary(summary)
         self.rows = rows
         return summary

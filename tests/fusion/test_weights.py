@@ -12,6 +12,7 @@ from fusion.weights import (
     IncompleteLoadError,
     WeightsUnavailableError,
     load_weights,
+    uninitialized,
 )
 
 
@@ -445,3 +446,34 @@ def test_a_lightning_modules_other_attributes_are_ignored_its_models_extra_keys_
         match=r"\(1 key of the source does not fit the module, e\.g\. '1\.weight'",
     ):
         load_weights(nn.Sequential(nn.Linear(3, 4)), checkpoint)
+
+
+def test_uninitialized_draws_nothing_and_a_strict_load_fills_every_weight():
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    before = torch.random.get_rng_state()
+    with uninitialized():
+        built = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+        torchvision.models.resnet18()
+    assert torch.equal(torch.random.get_rng_state(), before)  # no Kaiming draws
+    load_weights(built, reference.state_dict())
+    for (name, value), (_, expected) in zip(
+        built.state_dict().items(), reference.state_dict().items(), strict=True
+    ):
+        assert torch.equal(value, expected), name
+    with uninitialized(), pytest.raises(IncompleteLoadError, match=r"missing"):
+        load_weights(nn.Linear(4, 3), {"weight": torch.ones(3, 4)})  # no bias: refused
+
+
+def test_initialisation_is_back_after_uninitialized_even_when_the_build_fails():
+    with pytest.raises(RuntimeError), uninitialized():
+        raise RuntimeError("a failing build")
+    torch.manual_seed(0)
+    first = nn.Linear(8, 8).weight.clone()
+    torch.manual_seed(0)
+    with uninitialized():
+        nn.Linear(8, 8)
+    second = nn.Linear(8, 8).weight  # drawn from the seed as if nothing had been built
+    assert torch.equal(first, second)
+    torch.manual_seed(0)  # torch's Linear init: Kaiming-uniform, a = sqrt(5): U(+-1/sqrt(8))
+    assert torch.equal(first, torch.empty(8, 8).uniform_(-(8**-0.5), 8**-0.5))
