@@ -48,6 +48,7 @@ from experiments.schema import (
 )
 from fusion.data import DataFileError, reader_message
 from fusion.tasks import format_score
+from fusion.timing import Stopwatch
 from fusion.tracking import NullTracker, Tracker
 from fusion.training import set_seed
 from fusion.training.checkpoint import data_changes, data_record
@@ -86,30 +87,35 @@ def run(
     distributed: Distributed = SINGLE,
 ) -> dict[str, Any] | None:
     """Both stages and the final evaluation; returns the summary written to `summary.json`
-    (None when stage 2 stopped early to be resumed).
+    (None when stage 2 stopped early to be resumed). The wall time of each phase goes to
+    `timings.json` (`fusion.timing`), whether the run finishes or fails.
 
     `group` and `tags` label the W&B run (a multirun's sweep, the values it overrides).
     With `distributed`, every process trains on its share of each batch and rank 0 alone
     writes files, logs and prints.
     """
+    stopwatch = Stopwatch()
     trainer = trainer_settings(cfg)
     device = local_device(resolve_device(trainer.device), distributed)
     set_seed(cfg.seed)
-    datasets = build_datasets(cfg.data)
-    spec, resumed_dir = prepare(cfg, datasets)
+    with stopwatch.phase("data"):
+        datasets = build_datasets(cfg.data)
+    with stopwatch.phase("checks"):
+        spec, resumed_dir = prepare(cfg, datasets)
     tracker = NullTracker()
     if distributed.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        tracker = Tracker(
-            run_dir,
-            mode=cfg.logger.mode,
-            project=cfg.logger.project,
-            group=cfg.logger.group or group,
-            name=run_dir.name,
-            tags=[*cfg.tags, *tags],
-            config=OmegaConf.to_container(cfg, resolve=True),
-            resume_from=resumed_dir,
-        )
+        with stopwatch.phase("tracker"):
+            tracker = Tracker(
+                run_dir,
+                mode=cfg.logger.mode,
+                project=cfg.logger.project,
+                group=cfg.logger.group or group,
+                name=run_dir.name,
+                tags=[*cfg.tags, *tags],
+                config=OmegaConf.to_container(cfg, resolve=True),
+                resume_from=resumed_dir,
+            )
     recipe = Recipe(
         datasets,
         spec,
@@ -122,13 +128,17 @@ def run(
         log_every_n_steps=cfg.logger.log_every_n_steps,
         watch=cfg.logger.watch,
         tasks=task_settings(cfg),
+        stopwatch=stopwatch,
     )
     failed = True
     try:
         summary = recipe.run(checkpoint_extra=checkpoint_record(cfg, datasets))
         failed = False
     finally:
-        wandb_line = tracker.finish(exit_code=int(failed))
+        with stopwatch.phase("tracker"):
+            wandb_line = tracker.finish(exit_code=int(failed))
+        if distributed.is_main:
+            stopwatch.write(run_dir)
     if summary is None or not distributed.is_main:
         return summary
     print(results_table(recipe.rows))

@@ -64,6 +64,16 @@ def test_main_job_end_to_end_and_checkpoint_reuse(run_dir, tmp_path):
     assert sorted((outputs / "pretrained").glob("*.pt")) == checkpoints
 
 
+def test_a_run_says_where_its_time_went(run_dir):
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert list(timings["seconds"]) == [
+        "data", "checks", "tracker", "alignment", "stage 1", "stage 1 evaluation",
+        "stage 2 setup", "stage 2 epochs", "checkpoint", "stage 2 evaluation",
+    ]  # fmt: skip
+    assert timings["total"] == pytest.approx(sum(timings["seconds"].values()))
+    assert "seconds" not in json.loads((run_dir / "summary.json").read_text())
+
+
 def test_same_seed_same_metrics(run_dir, tmp_path):
     """A second run from scratch (its own stage 1) gives the session run's every metric."""
     result, again = train(tmp_path, "again")
@@ -159,6 +169,11 @@ def test_trimodal_experiment_with_gradual_unfreezing(tmp_path):
     assert {"test/text_only/accuracy", "test/fused/accuracy"} <= set(summary)
     assert "epoch 2: text backbone stages trainable" in result.stdout
     assert "text" in (run_dir / "model_summary.txt").read_text()
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert best["encoders"] == {}  # thawed: best.pt keeps the encoders' trained weights
+    assert {k.split(".")[1] for k in best["model"] if k.startswith("encoders.")} == {
+        "image", "audio", "text"
+    }  # fmt: skip
 
 
 @pytest.mark.slow

@@ -16,10 +16,13 @@ Layout: `<root>/<data key>/labels.pt` (sample masks, targets, conditions: small,
 whole), `<root>/<data key>/<modality>-<encoder key>-<dtype>.npy` ([N, *out_shape], float32
 or float16, read through `np.load(mmap_mode="r")`, so data larger than memory works) and
 `<modality>-<encoder key>-mask.pt`, the encoder's output mask ([N], or [N, T'] for tokens)
-and the sha256 digest of the `.npy` file's bytes, taken while it was written. Every read
-checks the file against that digest (1 to 2 ms per MB of features), so a file whose content changed
+and the sha256 digest of the `.npy` file's bytes, taken while it was written. A read checks
+the file against that digest (1 to 2 ms per MB of features), so a file whose content changed
 since (another modality's features copied over it, values edited) is rebuilt with a
 warning naming it, never read; a cache written before digests were kept is rebuilt once.
+Once a file has passed, its size and modification time are kept with the digest, and later
+reads hash it again only when either differs (or when the time is too close to the check's
+to tell a later change: see `StoredMask.unchanged`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import errno
 import hashlib
 import io
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -140,11 +144,11 @@ class FeatureCache:
         shapes = {m: (len(dataset), *model.encoders[m].out_shape) for m in cached}
         labels_path = folder / "labels.pt"
         stored = {m: _read_mask(mask_paths[m], shapes[m]) for m in cached}
-        masks = {m: None if stored[m] is None else stored[m][0] for m in cached}
+        masks = {m: None if stored[m] is None else stored[m].mask for m in cached}
         missing = [
             m
             for m in cached
-            if stored[m] is None or not self._valid(paths[m], shapes[m], *stored[m])
+            if stored[m] is None or not self._valid(paths[m], shapes[m], stored[m])
         ]
         labels = _read_labels(labels_path)
         if missing or labels is None:
@@ -169,33 +173,41 @@ class FeatureCache:
         live = [m for m in model.encoders if m not in features]
         return EncodedDataset(dataset, features, labels, live, collate_fn)
 
-    def _valid(self, path: Path, shape: tuple[int, ...], mask: torch.Tensor, digest: str) -> bool:
-        """Whether `path` holds features of `shape`, whose bytes have the `digest` recorded
-        when they were written, finite wherever `mask` says the encoder output is present;
-        a damaged or changed file is said and rebuilt."""
+    def _valid(self, path: Path, shape: tuple[int, ...], stored: StoredMask) -> bool:
+        """Whether `path` holds features of `shape`, whose bytes have the digest recorded
+        when they were written, finite wherever the stored mask says the encoder output is
+        present; a damaged or changed file is said and rebuilt.
+
+        Reading and hashing the bytes is skipped when the file's size and modification time
+        are those recorded when it last passed this check, and it cannot have changed since
+        within the same tick of the file system's clock (its recorded time is older than
+        the record's own: the rule git uses against "racily clean" files)."""
         if not path.is_file():
             return False
         try:
-            stored = np.load(path, mmap_mode="r")
+            features = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as err:  # cut short or overwritten
             _rebuilding(f"{path} is corrupt or truncated ({err})")
             return False
         expected = (shape, np.dtype(DTYPES[self.dtype]))
-        if (stored.shape, stored.dtype) != expected:
+        if (features.shape, features.dtype) != expected:
             _rebuilding(
                 f"{path}: expected features of shape {list(shape)} and dtype {expected[1]}, "
-                f"found {list(stored.shape)} and {stored.dtype}"
+                f"found {list(features.shape)} and {features.dtype}"
             )
             return False
+        if stored.unchanged(path):
+            return True
         found = file_digest(path)
-        if found != digest:
+        if found != stored.digest:
             _rebuilding(
                 f"{path} does not hold the features written there: its content changed since "
-                f"(copied over from another file, or edited; expected {digest}, found {found})"
+                f"(copied over from another file, or edited; expected {stored.digest}, found "
+                f"{found})"
             )
             return False
-        present = mask.numpy().astype(bool)
-        broken = ~np.isfinite(stored).reshape(*present.shape, -1).all(axis=-1) & present
+        present = stored.mask.numpy().astype(bool)
+        broken = ~np.isfinite(features).reshape(*present.shape, -1).all(axis=-1) & present
         if broken.any():
             rows = np.flatnonzero(broken.reshape(len(broken), -1).any(axis=1))
             _rebuilding(
@@ -203,6 +215,7 @@ class FeatureCache:
                 f"modality (the first: sample {rows[0]}); expected finite features"
             )
             return False
+        stored.record(path)
         return True
 
     @torch.no_grad()
@@ -262,10 +275,38 @@ def _rebuilding(problem: str) -> None:
     log.warning("feature cache: %s; rebuilding it", problem)
 
 
-def _read_mask(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, str] | None:
-    """A cached modality's output mask and the digest of its features file, or None when
-    missing, unreadable, not fitting its features' shape `shape` ([N] for vectors and maps,
-    [N, T'] for tokens) or without a digest (written before digests were kept): to rebuild."""
+@dataclasses.dataclass
+class StoredMask:
+    """What a cached modality's mask file (`path`) holds: the encoder's output mask, the
+    digest of its features file, and that file's size and modification time (ns) when it
+    last passed `FeatureCache._valid` (None before)."""
+
+    path: Path
+    mask: torch.Tensor
+    digest: str
+    checked: tuple[int, int] | None
+
+    def unchanged(self, features: Path) -> bool:
+        """Whether `features` is as it was when checked, by its size and modification
+        time, and was older than this record, so that a change since would show."""
+        found = os.stat(features)
+        if self.checked != (found.st_size, found.st_mtime_ns):
+            return False
+        return found.st_mtime_ns < os.stat(self.path).st_mtime_ns
+
+    def record(self, features: Path) -> None:
+        """Keep `features`' size and time as checked now (rewrites the small mask file)."""
+        found = os.stat(features)
+        self.checked = (found.st_size, found.st_mtime_ns)
+        save_checkpoint(
+            self.path, {"mask": self.mask, "digest": self.digest, "checked": list(self.checked)}
+        )
+
+
+def _read_mask(path: Path, shape: tuple[int, ...]) -> StoredMask | None:
+    """A cached modality's stored mask and digest (`StoredMask`), or None when missing,
+    unreadable, not fitting its features' shape `shape` ([N] for vectors and maps, [N, T']
+    for tokens) or without a digest (written before digests were kept): to rebuild."""
     try:
         stored = load_checkpoint(path, required=("mask",))
     except FileNotFoundError:
@@ -286,7 +327,9 @@ def _read_mask(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor, str] |
             path,
         )
         return None
-    return mask, digest
+    checked = stored.get("checked")
+    valid = isinstance(checked, list) and len(checked) == 2 and all(type(v) is int for v in checked)
+    return StoredMask(path, mask, digest, tuple(checked) if valid else None)
 
 
 def file_digest(path: Path) -> str:

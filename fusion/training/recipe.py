@@ -45,6 +45,7 @@ from fusion.tasks import (
     main_metric,
     objectives_for,
 )
+from fusion.timing import Stopwatch
 from fusion.tracking import Tracker
 from fusion.training.align import AlignmentModel, evaluate_alignment, fit_alignment
 from fusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -467,8 +468,10 @@ class Recipe:
         log_every_n_steps: int = 10,
         watch: str | None = None,
         tasks: Mapping[str, Mapping[str, Any]] | None = None,
+        stopwatch: Stopwatch | None = None,
     ) -> None:
         self.datasets, self.spec, self.trainer, self.seed = dict(datasets), spec, trainer, seed
+        self.stopwatch = stopwatch or Stopwatch()  # wall time per phase (`fusion.timing`)
         self.outputs, self.tracker, self.device = outputs, tracker, device
         self.distributed = distributed
         self.log_every, self.watch = log_every_n_steps, watch
@@ -793,60 +796,96 @@ class Recipe:
         early (`trainer.stop_after_epochs`) and can be resumed. `checkpoint_extra` is stored
         in `best.pt` and the resumable stage-2 state beside the weights (the entry point
         stores the run's config, which a resumed run is checked against)."""
+        time = self.stopwatch.phase
         loaders = make_loaders(self.datasets, self.trainer, self.seed, self.distributed)
-        rows: list[Row] = []
+        with time("checks"):
+            self.check_encoders()
+        with time("alignment"):
+            aligned = self.align(loaders) if self.trainer.align is not None else {}
         stage1: dict[str, Stage1] = {}
-        self.check_encoders()
-        aligned = self.align(loaders) if self.trainer.align is not None else {}
+        rows: list[Row] = []
         for modality in self.spec.encoders:
-            stage1[modality] = trained = self.pretrain(modality, loaders, aligned.get(modality))
-            self.weights[modality] = trained.weights
-            unimodal = trained.model
-            unimodal.encoders[modality].freeze()  # only evaluated from here on: cacheable
-            evaluation = self.loaders(unimodal, {s: self.datasets[s] for s in self.eval_splits})
-            name, tasks = stage1_target(self.train_data, modality)
-            objectives = self.objectives_for(tasks)
-            metrics = self.evaluate(
-                unimodal, evaluation, objectives, targets=stage1_labels(self.train_data, modality)
-            )
-            rows.append(Row(f"{modality} only", name, metrics, objectives))
-
+            with time("stage 1"):
+                stage1[modality] = self.pretrain(modality, loaders, aligned.get(modality))
+            with time("stage 1 evaluation"):
+                rows.append(self.evaluate_unimodal(modality, stage1[modality]))
         reseed(self.seed, loaders, self.distributed)  # the fuser and head: from the seed alone
-        model = self.fused_model(stage1)
-        fuser_name = type(model.fuser).__name__
-        summary_text = model.summary()
-        self.tracker.log_text("model_summary", summary_text)
-        fuse = self.trainer.fuse
-        encoders = "frozen" if fuse.unfreeze is None else "gradually thawed"
-        log.info("stage 2: training %s with %s encoders\n%s", fuser_name, encoders, summary_text)
-        fuse_loaders = self.loaders(model, fuse_datasets(self.datasets, fuse.views))
-        loss_weights = getattr(model.head, "loss_weights", None)
-        self.tracker.watch(model, self.watch)
-        accelerate(model, self.trainer)
-        tracker = self.tracker
-        run_dir = self.outputs.run_dir
-        resume = resume_state(self.trainer.resume, fuse.epochs)
-        if resume is not None:
-            log.info("stage 2: resuming %s after epoch %d", self.trainer.resume, resume["epoch"])
-        trained = self.with_auxiliary(model)
-        result = self.fit_stage(
-            trained,
-            fuse_loaders,
-            fuse,
-            self.objectives,
-            loss_weights=loss_weights,
-            before_epoch=epoch_start(trained, unfreeze_schedule(model, fuse.unfreeze)),
-            on_epoch=epoch_end(
-                trained, lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()})
-            ),
-            on_step=step_logger(tracker, "fuse", self.log_every),
-            state_path=run_dir / "checkpoints" / FUSE_STATE,
-            state_extra=checkpoint_extra,
-            resume=resume,
-            stop_after=self.trainer.stop_after_epochs,
-            generators=[fuse_loaders["train"].generator],
-            desc="fuse",
+        with time("stage 2 setup"):
+            model = self.fused_model(stage1)
+        outcome = self.fuse(model, stage1, checkpoint_extra)
+        if outcome is None:
+            return None
+        fused, details = outcome
+        self.rows = [*rows, fused]
+        summary = {**run_summary(self.rows, fused), **details}
+        summary["checkpoints"] = {m: str(s.path) for m, s in stage1.items()}
+        self.tracker.update_summary(summary)
+        return summary
+
+    def evaluate_unimodal(self, modality: str, trained: Stage1) -> Row:
+        """The results-table line of a stage-1 model: its metrics on every evaluated split
+        (read from the feature cache: the encoder is frozen from here on)."""
+        self.weights[modality] = trained.weights
+        unimodal = trained.model
+        unimodal.encoders[modality].freeze()
+        evaluation = self.loaders(unimodal, {s: self.datasets[s] for s in self.eval_splits})
+        name, tasks = stage1_target(self.train_data, modality)
+        objectives = self.objectives_for(tasks)
+        metrics = self.evaluate(
+            unimodal, evaluation, objectives, targets=stage1_labels(self.train_data, modality)
         )
+        return Row(f"{modality} only", name, metrics, objectives)
+
+    def fuse(
+        self,
+        model: MultimodalModel,
+        stage1: Mapping[str, Stage1],
+        checkpoint_extra: Mapping[str, Any] | None,
+    ) -> tuple[Row, dict[str, Any]] | None:
+        """Stage 2: train `model`'s fuser and head, keep `best.pt`, evaluate. Returns the
+        fused model's line of the results table and what the summary says of it, or None
+        when stopped early to be resumed."""
+        time = self.stopwatch.phase
+        fuse = self.trainer.fuse
+        with time("stage 2 setup"):
+            fuser_name = type(model.fuser).__name__
+            summary_text = model.summary()
+            self.tracker.log_text("model_summary", summary_text)
+            encoders = "frozen" if fuse.unfreeze is None else "gradually thawed"
+            log.info(
+                "stage 2: training %s with %s encoders\n%s", fuser_name, encoders, summary_text
+            )
+            fuse_loaders = self.loaders(model, fuse_datasets(self.datasets, fuse.views))
+            loss_weights = getattr(model.head, "loss_weights", None)
+            self.tracker.watch(model, self.watch)
+            accelerate(model, self.trainer)
+            run_dir = self.outputs.run_dir
+            resume = resume_state(self.trainer.resume, fuse.epochs)
+            if resume is not None:
+                log.info(
+                    "stage 2: resuming %s after epoch %d", self.trainer.resume, resume["epoch"]
+                )
+            trained = self.with_auxiliary(model)
+        tracker = self.tracker
+        with time("stage 2 epochs"):
+            result = self.fit_stage(
+                trained,
+                fuse_loaders,
+                fuse,
+                self.objectives,
+                loss_weights=loss_weights,
+                before_epoch=epoch_start(trained, unfreeze_schedule(model, fuse.unfreeze)),
+                on_epoch=epoch_end(
+                    trained, lambda _, m: tracker.log({f"fuse/{k}": v for k, v in m.items()})
+                ),
+                on_step=step_logger(tracker, "fuse", self.log_every),
+                state_path=run_dir / "checkpoints" / FUSE_STATE,
+                state_extra=checkpoint_extra,
+                resume=resume,
+                stop_after=self.trainer.stop_after_epochs,
+                generators=[fuse_loaders["train"].generator],
+                desc="fuse",
+            )
         if not result.finished:
             if self.distributed.is_main:
                 print(
@@ -854,35 +893,31 @@ class Recipe:
                     f"python -m experiments.train ... trainer.resume={run_dir}"
                 )
             return None
-        if self.distributed.is_main:
-            referenced = stage1 if fuse.unfreeze is None else {}  # thawed encoders changed
-            best_path = save_checkpoint(
-                run_dir / "checkpoints" / "best.pt",
-                {**fused_state(model, referenced), **dict(checkpoint_extra or {}), **result.best},
-            )
-            self.tracker.log_artifact(
-                best_path, f"model-{run_dir.name}", references=[s.path for s in referenced.values()]
-            )
-        self.log_confusion(model, fuse_loaders)
-        fused = Row(
-            f"fused ({fuser_name})",
-            ", ".join(self.tasks),
-            self.evaluate(model, fuse_loaders, self.objectives, loss_weights=loss_weights),
-            self.objectives,
-        )
-        rows.append(fused)
-        summary = run_summary(rows, fused)
-        summary.update(
-            fuser=fuser_name,
-            head=type(model.head).__name__,
-            tasks=list(self.tasks),
-            metric=main_metric(self.objectives),
-        )
-        summary.update(self.align_summary)
-        summary["checkpoints"] = {m: str(s.path) for m, s in stage1.items()}
-        self.tracker.update_summary(summary)
-        self.rows = rows
-        return summary
+        with time("checkpoint"):
+            if self.distributed.is_main:
+                referenced = stage1 if fuse.unfreeze is None else {}  # thawed encoders changed
+                best_path = save_checkpoint(
+                    run_dir / "checkpoints" / "best.pt",
+                    {**fused_state(model, referenced), **dict(checkpoint_extra or {}),
+                     **result.best},
+                )  # fmt: skip
+                self.tracker.log_artifact(
+                    best_path,
+                    f"model-{run_dir.name}",
+                    references=[s.path for s in referenced.values()],
+                )
+        with time("stage 2 evaluation"):
+            self.log_confusion(model, fuse_loaders)
+            metrics = self.evaluate(model, fuse_loaders, self.objectives, loss_weights=loss_weights)
+        fused = Row(f"fused ({fuser_name})", ", ".join(self.tasks), metrics, self.objectives)
+        details = {
+            "fuser": fuser_name,
+            "head": type(model.head).__name__,
+            "tasks": list(self.tasks),
+            "metric": main_metric(self.objectives),
+            **self.align_summary,
+        }
+        return fused, details
 
     def log_confusion(self, model: MultimodalModel, loaders: Mapping[str, DataLoader]) -> None:
         """Confusion matrices on the last evaluated split (test when there is one)."""

@@ -1,4 +1,5 @@
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from fusion.encoders.base import Encoder
 from fusion.fusers import GatedFuser
 from fusion.heads import ClassificationHead
 from fusion.model import MultimodalModel
-from fusion.training import evaluate, fit
+from fusion.training import evaluate, feature_cache, fit
 from fusion.training.checkpoint import load_checkpoint, save_checkpoint
 from fusion.training.feature_cache import (
     EncodedDataset,
@@ -337,3 +338,44 @@ def test_a_cache_written_before_digests_is_rebuilt_once(tmp_path, caplog):
     encoded(cache, model, data)
     assert calls == []  # the digest is recorded now
     hook.remove()
+
+
+def test_a_features_file_is_hashed_again_only_when_its_size_or_time_changed(
+    tmp_path, monkeypatch, caplog
+):
+    cache, model, data = FeatureCache(tmp_path), build_model(), Pairs(30)
+    first = encoded(cache, model, data).features
+    paths = {m: Path(first[m].filename) for m in ("a", "b")}
+    expected = np.array(first["a"])
+    del first
+    masks = {m: Path(str(p).rsplit("-", 1)[0] + "-mask.pt") for m, p in paths.items()}
+    hashed = []
+    monkeypatch.setattr(
+        feature_cache, "file_digest", lambda p: hashed.append(Path(p)) or file_digest(p)
+    )
+
+    def written_a_second_ago(path: Path) -> None:  # clear of the clock tick of any record
+        older = path.stat().st_mtime_ns - 10**9
+        os.utime(path, ns=(older, older))
+
+    for path in paths.values():
+        written_a_second_ago(path)
+    encoded(cache, model, data)
+    assert hashed == [paths["a"], paths["b"]]  # checked once, then recorded
+    assert load_checkpoint(masks["a"])["checked"] == [
+        paths["a"].stat().st_size,
+        paths["a"].stat().st_mtime_ns,
+    ]
+    hashed.clear()
+    encoded(cache, model, data)
+    assert hashed == []  # unchanged since checked: not read
+    checked = paths["b"].stat().st_mtime_ns
+    os.utime(masks["b"], ns=(checked, checked))  # recorded in the file's own tick: racy
+    encoded(cache, model, data)
+    assert hashed == [paths["b"]]
+    hashed.clear()
+    np.save(paths["a"], expected * 1000 + 7)  # same size, a new time
+    with caplog.at_level(logging.WARNING, logger="fusion"):
+        rebuilt = np.array(encoded(cache, model, data).features["a"])
+    assert hashed == [paths["a"]] and "its content changed since" in caplog.text
+    np.testing.assert_array_equal(rebuilt, expected)

@@ -12,7 +12,9 @@ from fusion.tasks import Objective
 from fusion.training.loop import EpochMetrics
 from fusion.training.recipe import (
     Row,
+    Stage1,
     build_model,
+    fused_state,
     optimizer_groups,
     pretrain_key,
     results_table,
@@ -237,3 +239,17 @@ def test_stage2_trains_the_model_and_whatever_auxiliary_heads_it_has(tmp_path, o
     counted = sum(len(g["params"]) for g in groups)
     assert counted == len(list(model.parameters())) + extra
     assert (trained.modulation is not None) == any("ogm_ge" in o for o in overrides)
+
+
+def test_best_pt_state_names_frozen_encoders_and_keeps_everything_else(tmp_path):
+    recipe = recipe_for(tmp_path)
+    encoders = {m: build() for m, build in recipe.spec.encoders.items()}
+    model = build_model(recipe.spec, encoders, recipe.tasks)
+    image = Stage1(tmp_path / "pretrained" / "image-0123.pt", "f" * 20, model)
+    state = fused_state(model, {"image": image})
+    full = model.state_dict()
+    assert sorted(state["model"]) == sorted(k for k in full if not k.startswith("encoders.image."))
+    assert [k for k in state["model"] if k.startswith("encoders.audio.")]  # not referenced: kept
+    assert state["encoders"] == {"image": {"path": str(image.path.resolve()), "weights": "f" * 20}}
+    everything = fused_state(model, {})
+    assert list(everything["model"]) == list(full) and everything["encoders"] == {}
