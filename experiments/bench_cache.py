@@ -7,8 +7,13 @@ Runs the real entry point as one Hydra multirun over the fusers, three times: wi
 `trainer.feature_cache.enabled=false`; with the cache on, starting from an empty cache (the
 sweep pays for encoding every split once: "cold"); and again with the cache that sweep
 filled ("warm": a sweep extended or rerun later). All reuse the same stage-1 encoders,
-trained once beforehand if missing (not timed). The table gives each fuser's test accuracy
-and the wall time of each sweep; the speed-ups are uncached / cached.
+trained once beforehand if missing (not timed). The first table gives each fuser's test
+accuracy and the wall time of each sweep; the speed-ups are uncached / cached.
+
+The second splits the jobs' time by phase, from each job's `timings.json` (`fusion.timing`):
+the median over a sweep's jobs of each phase, the fixed cost of a job (everything but its
+stage-2 epochs) and, per sweep, the time outside the jobs (starting Python, imports, Hydra
+composing and launching, the checks of every job before the first starts).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -25,9 +31,12 @@ from typing import Any
 import torch
 
 from experiments.benchmarking import machine_info, markdown_table, write_json
+from fusion.timing import TIMINGS_FILE
 
 DEFAULT_FUSERS = ("concat", "gated", "attention", "film", "lmf", "transformer")
 ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = ("uncached", "cached_cold", "cached_warm")
+EPOCHS_PHASE = "stage 2 epochs"  # what a job of an ablation is for; the rest is fixed cost
 
 
 def sweep(out: Path, name: str, fusers: list[str], epochs: int, cached: bool, extra: list[str]):
@@ -49,14 +58,28 @@ def sweep(out: Path, name: str, fusers: list[str], epochs: int, cached: bool, ex
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{name} sweep failed:\n{result.stderr[-4000:]}")
-    summaries = {}
+    summaries, timings = {}, []
     for job in sorted(sweep_dir.iterdir()):
         if (job / "summary.json").is_file():
             summary = json.loads((job / "summary.json").read_text())
             summaries[summary["fuser"]] = summary
+            timings.append(json.loads((job / TIMINGS_FILE).read_text()))
     if len(summaries) != len(fusers):
         raise SystemExit(f"{name} sweep: expected {len(fusers)} summaries, found {len(summaries)}")
-    return seconds, summaries
+    return seconds, summaries, timings
+
+
+def phase_medians(seconds: float, timings: list[dict[str, Any]]) -> dict[str, float]:
+    """One sweep's medians over its jobs: each phase, the job's total and its fixed cost
+    (total minus the stage-2 epochs); and the sweep's time outside its jobs."""
+    phases = list(dict.fromkeys(p for t in timings for p in t["seconds"]))
+    medians = {p: statistics.median(t["seconds"].get(p, 0.0) for t in timings) for p in phases}
+    medians["job total"] = statistics.median(t["total"] for t in timings)
+    medians["fixed cost per job"] = statistics.median(
+        t["total"] - t["seconds"].get(EPOCHS_PHASE, 0.0) for t in timings
+    )
+    medians["outside the jobs (sweep)"] = seconds - sum(t["total"] for t in timings)
+    return medians
 
 
 def warm_stage_one(out: Path, extra: list[str]) -> None:
@@ -81,9 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out.resolve()
     shutil.rmtree(out / "features", ignore_errors=True)
     warm_stage_one(out, args.overrides)
-    plain_s, plain = sweep(out, "uncached", args.fusers, args.epochs, False, args.overrides)
-    cold_s, cold = sweep(out, "cached_cold", args.fusers, args.epochs, True, args.overrides)
-    warm_s, warm = sweep(out, "cached_warm", args.fusers, args.epochs, True, args.overrides)
+    runs = {
+        name: sweep(out, name, args.fusers, args.epochs, name != "uncached", args.overrides)
+        for name in SWEEPS
+    }
+    (plain_s, plain, _), (cold_s, cold, _), (warm_s, warm, _) = runs.values()
     metric = "test/fused/accuracy"
     rows = [
         [fuser, f"{plain[fuser][metric]:.2%}", f"{cold[fuser][metric]:.2%}",
@@ -95,7 +120,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(markdown_table(["fuser", "uncached", "cached (cold)", "cached (warm)"], rows))
     difference = max(abs(run[f][metric] - plain[f][metric]) for run in (cold, warm) for f in plain)
     print(f"\n{len(args.fusers)} fusers, {args.epochs} epochs each; largest accuracy "
-          f"difference from uncached: {100 * difference:.2f} points")  # fmt: skip
+          f"difference from uncached: {100 * difference:.2f} points\n")  # fmt: skip
+    phases = {name: phase_medians(seconds, timings) for name, (seconds, _, timings) in runs.items()}
+    names = list(dict.fromkeys(p for medians in phases.values() for p in medians))
+    print(markdown_table(
+        ["seconds (median per job)", "uncached", "cached (cold)", "cached (warm)"],
+        [[p, *(f"{phases[s].get(p, 0.0):.3f}" for s in SWEEPS)] for p in names],
+    ))  # fmt: skip
     report = {
         "machine": machine_info(torch.device("cpu")),
         "fusers": args.fusers,
@@ -103,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "overrides": args.overrides,
         "seconds": {"uncached": plain_s, "cached_cold": cold_s, "cached_warm": warm_s},
         "speedup": {"cached_cold": plain_s / cold_s, "cached_warm": plain_s / warm_s},
+        "phases": phases,
         "accuracy": {
             f: {
                 "uncached": plain[f][metric],
