@@ -521,8 +521,21 @@ def stretch_schedule(
     )  # fmt: skip
 
 
-def frozen_parameters(model: nn.Module) -> set[str]:
-    return {name for name, p in model.named_parameters() if not p.requires_grad}
+def constant_state(model: nn.Module) -> set[str]:
+    """The entries of `model`'s state that training cannot change: frozen parameters, and
+    the buffers of modules that stay in eval mode under `train()` (a frozen encoder's batch
+    norms keep their statistics)."""
+    mode = model.training
+    model.train()
+    try:
+        constant = {name for name, p in model.named_parameters() if not p.requires_grad}
+        for prefix, module in model.named_modules():
+            if not module.training:
+                dot = f"{prefix}." if prefix else ""
+                constant |= {dot + name for name, _ in module.named_buffers(recurse=False)}
+    finally:
+        model.train(mode)
+    return constant
 
 
 def changing_state(model: nn.Module, constant: set[str]) -> dict[str, torch.Tensor]:
@@ -643,10 +656,11 @@ def fit(
     best: dict[str, float] = {}
     best_state = None
     improved_at, reference = 0, None  # the last epoch that improved by more than min_delta
-    # Without a schedule that thaws them, frozen parameters never change: the states below
-    # leave them out (they come from where the model was built from, e.g. stage-1
-    # checkpoints), which keeps a per-epoch state small next to large frozen encoders.
-    constant = set() if before_epoch is not None else frozen_parameters(model)
+    # Without a schedule that thaws them, frozen parameters (and the statistics of frozen
+    # batch norms) never change: the states below leave them out (they come from where the
+    # model was built from, e.g. stage-1 checkpoints), which keeps a per-epoch state small
+    # next to large frozen encoders, and the per-epoch checks short.
+    constant = set() if before_epoch is not None else constant_state(model)
     start = 1
     if resume is not None:
         load_changing_state(model, resume["model"], constant)

@@ -8,6 +8,7 @@ from fusion.fusers import GatedFuser
 from fusion.heads import ClassificationHead
 from fusion.model import MultimodalModel
 from fusion.training import evaluate, fit
+from fusion.training.loop import constant_state
 
 
 def separable_batches(n_batches=6, batch=32):
@@ -143,6 +144,18 @@ def test_fp16_is_refused_off_the_gpu_with_the_alternative():
     assert not Precision("bf16", "cpu").grad_scaler().is_enabled()
 
 
+def test_the_constant_state_is_frozen_parameters_and_the_buffers_of_frozen_modules():
+    assert constant_state(model_with_bn()) == set()
+    model = model_with_bn(freeze_a=True).eval()
+    assert constant_state(model) == {
+        "encoders.a.backbone.0.weight", "encoders.a.backbone.0.bias",
+        "encoders.a.backbone.1.weight", "encoders.a.backbone.1.bias",
+        "encoders.a.backbone.1.running_mean", "encoders.a.backbone.1.running_var",
+        "encoders.a.backbone.1.num_batches_tracked",
+    }  # fmt: skip
+    assert not model.training  # its mode is left as it was
+
+
 def test_frozen_parameters_stay_out_of_the_state_and_resume_still_matches(tmp_path):
     from fusion.training import load_checkpoint
 
@@ -159,8 +172,8 @@ def test_frozen_parameters_stay_out_of_the_state_and_resume_still_matches(tmp_pa
     run(state_path=tmp_path / "state.pt", stop_after=1)
     state = load_checkpoint(tmp_path / "state.pt")
     saved = set(state["model"]) | set(state["best_model"])
-    assert not any(k.startswith("encoders.a.backbone.0.") for k in saved)  # frozen weights
-    assert "encoders.a.backbone.1.running_mean" in saved and "encoders.b.backbone.0.weight" in saved
+    assert not any(k.startswith("encoders.a.") for k in saved)  # frozen weights, fixed statistics
+    assert "encoders.b.backbone.0.weight" in saved
     resumed = run(resume=state)
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
