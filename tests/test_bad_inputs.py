@@ -53,7 +53,7 @@ CASES = [
     ("trainer.strategy=fsdp", "trainer.strategy", "'fsdp'"),
     ("trainer.num_workers=-1", "trainer.num_workers", "-1"),
     ("trainer.prefetch_factor=0", "trainer.prefetch_factor", "0"),
-    ("trainer.persistent_workers=true", "trainer.persistent_workers", "num_workers=0"),
+    ("trainer.persistent_workers=true", "trainer.persistent_workers", "num_workers=null gives"),
     ("trainer.fuse.views=0", "trainer.fuse.views", "0"),
     ("trainer.fuse.accumulate=0", "trainer.fuse.accumulate", "got 0"),
     (

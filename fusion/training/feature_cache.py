@@ -122,12 +122,15 @@ class FeatureCache:
         batch_size: int = 256,
         collate_fn: Callable = collate,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        num_workers: int = 0,
     ) -> EncodedDataset:
         """`dataset` with `modalities` replaced by their cached features, built if missing.
 
         `model.encoders[m]` must be frozen and `dataset` deterministic; `keys[m]` is the
-        encoder's `encoder_key`. Missing features (and labels) are computed in one pass;
-        the model's other modalities are still read from `dataset` and encoded live.
+        encoder's `encoder_key`. Missing features (and labels) are computed in one pass,
+        its items read by `num_workers` worker processes (in order, so the result is the
+        same with any number); the model's other modalities are still read from `dataset`
+        and encoded live.
         """
         cached = list(modalities)
         if not is_deterministic(dataset):
@@ -157,6 +160,8 @@ class FeatureCache:
                 dataset,
                 batch_size=batch_size,
                 collate_fn=collate_fn,
+                num_workers=num_workers,
+                pin_memory=device.type == "cuda",
                 generator=torch.Generator(),  # not the global one: a cache miss draws nothing
             )
             labels, built, digests = self._build(

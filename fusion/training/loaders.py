@@ -27,7 +27,7 @@ from fusion.training.feature_cache import (
 from fusion.training.loop import set_seed
 from fusion.training.precision import Precision
 from fusion.training.sampling import EpochSampler, Views
-from fusion.training.settings import ConfigError, TrainerConfig
+from fusion.training.settings import ConfigError, TrainerConfig, worker_count
 
 log = logging.getLogger("fusion")
 
@@ -59,7 +59,7 @@ def make_loader(
     view when `dataset` is a `Views`); the others are read in order. By default items are
     collated with the placeholders the dataset's modalities declare.
     """
-    workers = trainer.num_workers
+    workers = worker_count(trainer.num_workers)
     pin = trainer.pin_memory if trainer.pin_memory is not None else torch.cuda.is_available()
     sampler = EpochSampler(
         len(dataset),
@@ -197,6 +197,7 @@ def cached_loaders(
                 batch_size=trainer.batch_size,
                 collate_fn=Collate.for_dataset(dataset),
                 autocast=precision.autocast,
+                num_workers=worker_count(trainer.num_workers),
             )
         loaders[split] = make_loader(encoded, split, trainer, seed, keep_batch, distributed)
     return loaders

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False
     batch_size: int = 64
-    num_workers: int = 0
+    num_workers: int | None = None
     pin_memory: bool | None = None
     persistent_workers: bool = False
     prefetch_factor: int | None = None
@@ -177,6 +178,7 @@ class TrainerConfig:
 
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MAX_WORKERS = 8  # data loading workers per training process that `num_workers: null` chooses
 DEVICES = "auto, cpu, cuda, cuda:N (N a GPU index) or mps"
 
 
@@ -316,13 +318,19 @@ def check_trainer(trainer: TrainerConfig) -> None:
         fail("backend", f"expected one of {BACKENDS}, got '{trainer.backend}'")
     if trainer.fuse.views is not None and trainer.fuse.views < 1:
         fail("fuse.views", f"expected null or >= 1, got {trainer.fuse.views}")
-    if trainer.num_workers < 0:
-        fail("num_workers", f"expected >= 0, got {trainer.num_workers}")
+    if trainer.num_workers is not None and trainer.num_workers < 0:
+        fail("num_workers", f"expected null (chosen) or >= 0, got {trainer.num_workers}")
     if trainer.prefetch_factor is not None and trainer.prefetch_factor < 1:
         fail("prefetch_factor", f"expected null or >= 1, got {trainer.prefetch_factor}")
     for key in ("persistent_workers", "prefetch_factor"):
-        if getattr(trainer, key) and trainer.num_workers == 0:
-            fail(key, "needs worker processes, but trainer.num_workers=0")
+        if getattr(trainer, key) and worker_count(trainer.num_workers) == 0:
+            given = (
+                "trainer.num_workers=0"
+                if trainer.num_workers == 0
+                else "trainer.num_workers=null gives none here (no CUDA: data is read in the "
+                "training process); set trainer.num_workers"
+            )
+            fail(key, f"needs worker processes, but {given}")
     if trainer.stop_after_epochs is not None and trainer.stop_after_epochs < 1:
         fail(
             "stop_after_epochs",
@@ -418,6 +426,19 @@ def resolve_device(name: str) -> torch.device:
             f"config key 'trainer.device': '{name}' requested but CUDA is unavailable"
         )
     return torch.device(name)
+
+
+def worker_count(num_workers: int | None) -> int:
+    """`trainer.num_workers`; null chooses: none without CUDA (on CPU the training process
+    uses every core, and a worker would take one from it), else the cores this process may
+    use, shared among the processes of this machine (`LOCAL_WORLD_SIZE`, set by torchrun)
+    and one left to each training process, at most 8 per process."""
+    if num_workers is not None:
+        return num_workers
+    if not torch.cuda.is_available():
+        return 0
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(MAX_WORKERS, len(os.sched_getaffinity(0)) // local - 1))
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:

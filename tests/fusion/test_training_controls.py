@@ -1,6 +1,8 @@
 """How each optimizer step is taken (gradient accumulation, clipping) and which epoch is kept
 (the monitored metric, its direction, early stopping)."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from fusion.tasks import Objective, lower_is_better
 from fusion.training import fit
 from fusion.training.loop import train_epoch
 from fusion.training.monitor import Monitor, check_monitor
+from fusion.training.settings import worker_count
 from tests.fusion.test_training import model_with_bn, separable_batches
 
 CPU = torch.device("cpu")
@@ -141,3 +144,26 @@ def test_bad_settings_are_refused_by_the_loop():
             accumulate=0)  # fmt: skip
     with pytest.raises(ValueError, match=r"^patience must be None or >= 1, got 0$"):
         Monitor(patience=0)
+
+
+@pytest.mark.parametrize(
+    "cuda, cores, local, expected",
+    [
+        (False, 16, None, 0),  # CPU: the training process uses every core
+        (True, 16, None, 8),  # one process: 15 spare cores, at most 8 workers
+        (True, 16, "4", 3),  # torchrun, 4 processes: 4 cores each, one for training
+        (True, 2, None, 1),
+        (True, 1, None, 0),
+    ],
+)
+def test_num_workers_null_chooses_from_the_cores_when_there_is_a_gpu(
+    monkeypatch, cuda, cores, local, expected
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert worker_count(None) == expected
+    assert worker_count(3) == 3  # a number is taken as it is
