@@ -1,14 +1,17 @@
 """A fusion ablation with frozen encoders, with the feature cache and without.
 
     python -m experiments.bench_cache [--fusers concat gated attention film lmf transformer]
-        [--epochs 10] [--out outputs/benchmarks/cache] [-- extra overrides ...]
+        [--epochs 10] [--rounds 1] [--out outputs/benchmarks/cache] [-- extra overrides ...]
 
 Runs the real entry point as one Hydra multirun over the fusers, three times: with
 `trainer.feature_cache.enabled=false`; with the cache on, starting from an empty cache (the
 sweep pays for encoding every split once: "cold"); and again with the cache that sweep
 filled ("warm": a sweep extended or rerun later). All reuse the same stage-1 encoders,
-trained once beforehand if missing (not timed). The first table gives each fuser's test
-accuracy and the wall time of each sweep; the speed-ups are uncached / cached.
+trained once beforehand if missing (not timed). With `--rounds R` the three sweeps run R
+times in turn (each round's cold sweep from an empty cache), so that a machine's drift
+touches them alike. The first table gives each fuser's test accuracy (the same in every
+round, or the benchmark fails), the median wall time of each sweep, and the median over
+rounds of each round's speed-up, uncached / cached.
 
 The second splits the jobs' time by phase, from each job's `timings.json` (`fusion.timing`):
 the median over a sweep's jobs of each phase, the fixed cost of a job (everything but its
@@ -69,16 +72,20 @@ def sweep(out: Path, name: str, fusers: list[str], epochs: int, cached: bool, ex
     return seconds, summaries, timings
 
 
-def phase_medians(seconds: float, timings: list[dict[str, Any]]) -> dict[str, float]:
-    """One sweep's medians over its jobs: each phase, the job's total and its fixed cost
-    (total minus the stage-2 epochs); and the sweep's time outside its jobs."""
+def phase_medians(rounds: list[tuple[float, list[dict[str, Any]]]]) -> dict[str, float]:
+    """One sweep's medians over its jobs in every round (each round: the sweep's wall
+    seconds and its jobs' timings): each phase, the job's total and its fixed cost (total
+    minus the stage-2 epochs); and, median over rounds, the sweep's time outside its jobs."""
+    timings = [t for _, jobs in rounds for t in jobs]
     phases = list(dict.fromkeys(p for t in timings for p in t["seconds"]))
     medians = {p: statistics.median(t["seconds"].get(p, 0.0) for t in timings) for p in phases}
     medians["job total"] = statistics.median(t["total"] for t in timings)
     medians["fixed cost per job"] = statistics.median(
         t["total"] - t["seconds"].get(EPOCHS_PHASE, 0.0) for t in timings
     )
-    medians["outside the jobs (sweep)"] = seconds - sum(t["total"] for t in timings)
+    medians["outside the jobs (sweep)"] = statistics.median(
+        seconds - sum(t["total"] for t in jobs) for seconds, jobs in rounds
+    )
     return medians
 
 
@@ -98,30 +105,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fusers", nargs="+", default=list(DEFAULT_FUSERS))
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="the three sweeps, R times in turn")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/cache"))
     parser.add_argument("overrides", nargs="*", help="more overrides for every run, after --")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"argument --rounds: expected an integer >= 1, got {args.rounds}")
     out = args.out.resolve()
     shutil.rmtree(out / "features", ignore_errors=True)
     warm_stage_one(out, args.overrides)
-    runs = {
-        name: sweep(out, name, args.fusers, args.epochs, name != "uncached", args.overrides)
-        for name in SWEEPS
+    rounds: dict[str, list[tuple[float, list[dict[str, Any]]]]] = {name: [] for name in SWEEPS}
+    summaries: dict[str, dict[str, Any]] = {}
+    for _ in range(args.rounds):
+        shutil.rmtree(out / "features", ignore_errors=True)  # the cold sweep starts empty
+        for name in SWEEPS:
+            seconds, found, timings = sweep(
+                out, name, args.fusers, args.epochs, name != "uncached", args.overrides
+            )
+            if summaries.setdefault(name, found) != found:
+                raise SystemExit(f"{name} sweep: its summaries differ from an earlier round's")
+            rounds[name].append((seconds, timings))
+    walls = {name: [seconds for seconds, _ in rounds[name]] for name in SWEEPS}
+    wall = {name: statistics.median(values) for name, values in walls.items()}
+    speedup = {
+        name: statistics.median(p / c for p, c in zip(walls["uncached"], walls[name], strict=True))
+        for name in SWEEPS[1:]
     }
-    (plain_s, plain, _), (cold_s, cold, _), (warm_s, warm, _) = runs.values()
+    plain, cold, warm = (summaries[name] for name in SWEEPS)
     metric = "test/fused/accuracy"
     rows = [
         [fuser, f"{plain[fuser][metric]:.2%}", f"{cold[fuser][metric]:.2%}",
          f"{warm[fuser][metric]:.2%}"]
         for fuser in plain
     ]  # fmt: skip
-    rows.append(["**sweep wall time**", f"{plain_s:.1f} s", f"{cold_s:.1f} s", f"{warm_s:.1f} s"])
-    rows.append(["**speed-up**", "1.0x", f"{plain_s / cold_s:.1f}x", f"{plain_s / warm_s:.1f}x"])
+    rows.append(["**sweep wall time**", *(f"{wall[name]:.1f} s" for name in SWEEPS)])
+    rows.append(["**speed-up**", "1.0x", *(f"{speedup[name]:.1f}x" for name in SWEEPS[1:])])
     print(markdown_table(["fuser", "uncached", "cached (cold)", "cached (warm)"], rows))
     difference = max(abs(run[f][metric] - plain[f][metric]) for run in (cold, warm) for f in plain)
-    print(f"\n{len(args.fusers)} fusers, {args.epochs} epochs each; largest accuracy "
-          f"difference from uncached: {100 * difference:.2f} points\n")  # fmt: skip
-    phases = {name: phase_medians(seconds, timings) for name, (seconds, _, timings) in runs.items()}
+    print(f"\n{len(args.fusers)} fusers, {args.epochs} epochs each, {args.rounds} round(s); largest "
+          f"accuracy difference from uncached: {100 * difference:.2f} points\n")  # fmt: skip
+    phases = {name: phase_medians(rounds[name]) for name in SWEEPS}
     names = list(dict.fromkeys(p for medians in phases.values() for p in medians))
     print(markdown_table(
         ["seconds (median per job)", "uncached", "cached (cold)", "cached (warm)"],
@@ -131,18 +154,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine_info(torch.device("cpu")),
         "fusers": args.fusers,
         "epochs": args.epochs,
+        "rounds": args.rounds,
         "overrides": args.overrides,
-        "seconds": {"uncached": plain_s, "cached_cold": cold_s, "cached_warm": warm_s},
-        "speedup": {"cached_cold": plain_s / cold_s, "cached_warm": plain_s / warm_s},
+        "seconds": walls,
+        "median_seconds": wall,
+        "speedup": speedup,
         "phases": phases,
-        "accuracy": {
-            f: {
-                "uncached": plain[f][metric],
-                "cached_cold": cold[f][metric],
-                "cached_warm": warm[f][metric],
-            }
-            for f in plain
-        },
+        "accuracy": {f: {name: summaries[name][f][metric] for name in SWEEPS} for f in plain},
         "max_accuracy_difference": difference,
     }
     write_json(out / "cache.json", report)
