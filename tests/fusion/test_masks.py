@@ -314,8 +314,8 @@ def test_a_stored_mask_that_does_not_fit_the_cached_tokens_is_rebuilt(tmp_path):
     save_checkpoint(path, {"mask": torch.ones(4, dtype=torch.bool), "digest": digest})  # [N]
     assert _read_mask(path, (4, 16, 8)) is None  # stale for tokens: the cache encodes it again
     save_checkpoint(path, {"mask": torch.ones(4, 16, dtype=torch.bool), "digest": digest})
-    mask, recorded = _read_mask(path, (4, 16, 8))
-    assert mask.shape == (4, 16) and recorded == digest
+    stored = _read_mask(path, (4, 16, 8))
+    assert stored.mask.shape == (4, 16) and stored.digest == digest and stored.checked is None
     assert _read_mask(tmp_path / "absent.pt", (4, 16, 8)) is None
 
 
