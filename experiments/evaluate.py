@@ -11,8 +11,8 @@
 The model is rebuilt from the run's resolved `config.yaml` and loaded from
 `checkpoints/best.pt`, nothing is trained. `best.pt` holds the fuser and head; encoders that
 stayed frozen through stage 2 are read from the stage-1 checkpoints it names (by path, and
-by the digest of their weights, which must match); one moved elsewhere is looked for under
-its name in the run's `paths.pretrained_dir` and in `--pretrained-dir`. Writes
+by the digest of their weights, which must match), looked for under their file names in
+`--pretrained-dir` first, then at the recorded path, then in the run's `paths.pretrained_dir`. Writes
 `eval_<split>.json` under `--out` (default `<run>/eval`), with the keys `summary.json` uses.
 
 A run directory is data, perhaps someone else's: before anything is built, every `_target_`
@@ -268,12 +268,25 @@ def load_run(run_dir: Path, trusted: Collection[str] = ()) -> tuple[DictConfig, 
 
 
 def rebuild_model(
-    spec: ModelSpec, tasks: Any, state: dict[str, Any], search: Sequence[Path] = ()
+    spec: ModelSpec,
+    tasks: Any,
+    state: dict[str, Any],
+    prefer: Sequence[Path] = (),
+    fallback: Sequence[Path] = (),
 ) -> MultimodalModel:
     """The stage-2 model as the recipe wires it, with every weight from `best.pt`'s `state`
-    and the stage-1 checkpoints it names (looked for in `search` when moved). Built without
-    initialising weights: the strict load refuses any it does not fill."""
-    weights = {**stage1_encoders(state.get("encoders", {}), search), **state["model"]}
+    and the stage-1 checkpoints it names (`stage1_encoders`: looked for in `prefer`, at the
+    recorded path, then in `fallback`). Built without initialising weights: the strict
+    load refuses any it does not fill."""
+    try:
+        stage1 = stage1_encoders(state.get("encoders", {}), prefer, fallback)
+    except CheckpointError as err:
+        raise EvaluateError(
+            f"{err}. Put them back, pass --pretrained-dir DIR (a folder holding them under "
+            "these names), or train the run's config again to rebuild them (on CPU the same "
+            "seed gives the same weights)"
+        ) from None
+    weights = {**stage1, **state["model"]}
     with uninitialized():
         encoders = {modality: build() for modality, build in spec.encoders.items()}
         model = build_model(spec, encoders, tasks)
@@ -342,8 +355,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pretrained-dir",
         type=Path,
-        help="a folder to look for the run's stage-1 checkpoints in, when they are no longer "
-        "where the run wrote them (by default the run's paths.pretrained_dir is searched too)",
+        help="a folder holding the run's stage-1 checkpoints (under their file names), looked "
+        "in first; then the path the run recorded, then the run's paths.pretrained_dir",
     )
     parser.add_argument("--device", default="auto", help=DEVICES)
     parser.add_argument(
@@ -380,6 +393,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
     for target in args.trust_target:
         parse_trusted(parser, target)
+    if args.pretrained_dir is not None and not args.pretrained_dir.is_dir():
+        found = "is a file" if args.pretrained_dir.exists() else "does not exist"
+        parser.error(
+            f"argument --pretrained-dir: expected a folder of stage-1 checkpoints, "
+            f"{args.pretrained_dir} {found}"
+        )
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: expected a directory, {args.out} is a file")
     analyses = {
@@ -457,8 +476,8 @@ def run(args: argparse.Namespace) -> None:
         raise EvaluateError(f"--split {args.split}: the data has the splits {list(datasets)}")
     spec = model_spec(cfg.model, cfg.model.encoders)  # the run's resolved encoder configs
     train = datasets["train"]
-    search = [Path(cfg.paths.pretrained_dir), *filter(None, [args.pretrained_dir])]
-    model = rebuild_model(spec, train.tasks, state, search)
+    prefer = [args.pretrained_dir] if args.pretrained_dir else []
+    model = rebuild_model(spec, train.tasks, state, prefer, [Path(cfg.paths.pretrained_dir)])
     loaders = make_loaders(datasets, trainer_settings(cfg), cfg.seed)
     changed = data_changed(state, args.split, datasets[args.split])
     try:

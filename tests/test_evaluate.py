@@ -420,10 +420,14 @@ def test_stage1_checkpoints_no_longer_where_the_run_wrote_them_are_named(run_dir
     run, state = moved_run(run_dir, tmp_path)
     assert main([str(run), "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
-    first = next(iter(state["encoders"]))
-    assert f"evaluate: modality '{first}': the run's stage-1 encoder {tmp_path / 'gone'}" in err
-    assert str(run_dir.parent / "pretrained") in err  # the run's own folder was searched
-    assert "Put the file back, or train the run's config again" in err
+    assert err.startswith("evaluate: the run's stage-1 encoders were not found")
+    for modality in state["encoders"]:  # every one missing is named, with where it was looked
+        name = f"moved-{modality}.pt"
+        assert (
+            f"modality '{modality}' ({name}): {tmp_path / 'gone' / name}: not there; "
+            f"{(run_dir.parent / 'pretrained').resolve() / name}: not there"
+        ) in err
+    assert "pass --pretrained-dir DIR (a folder holding them under these names)" in err
     assert main([str(run), "--out", str(tmp_path / "eval"), "--pretrained-dir",
                  str(tmp_path / "moved")]) == 0  # fmt: skip
     result = json.loads((tmp_path / "eval" / "eval_test.json").read_text())
@@ -431,13 +435,55 @@ def test_stage1_checkpoints_no_longer_where_the_run_wrote_them_are_named(run_dir
     assert result["test/fused/accuracy"] == summary["test/fused/accuracy"]
 
 
-def test_a_stage1_checkpoint_trained_again_since_the_run_is_refused(run_dir, tmp_path, capsys):
-    run, state = moved_run(run_dir, tmp_path, weights="0" * 20)
+def test_pretrained_dir_is_looked_in_before_a_wrong_file_at_the_recorded_path(run_dir, tmp_path):
+    run, state = moved_run(run_dir, tmp_path)
+    first, second = state["encoders"]
+    (tmp_path / "gone").mkdir()
+    for modality in (first, second):  # each recorded path holds the other modality's encoder
+        other = second if modality == first else first
+        shutil.copy(
+            tmp_path / "moved" / f"moved-{other}.pt", tmp_path / "gone" / f"moved-{modality}.pt"
+        )
+    argv = [str(run), "--out", str(tmp_path / "eval"), "--pretrained-dir", str(tmp_path / "moved")]
+    assert main(argv) == 0
+
+
+def test_a_stage1_checkpoint_that_is_not_the_runs_is_named_for_what_it_is(
+    run_dir, tmp_path, capsys
+):
+    run, state = moved_run(run_dir, tmp_path)
+    first, second = state["encoders"]
+    shutil.copy(tmp_path / "moved" / f"moved-{second}.pt", tmp_path / "moved" / f"moved-{first}.pt")
+    torch.save({"model": {}}, tmp_path / "moved" / f"moved-{second}.pt")
+    argv = [str(run), "--out", str(tmp_path / "eval"), "--pretrained-dir", str(tmp_path / "moved")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"moved-{first}.pt: a stage-1 checkpoint of ['{second}'], not of '{first}'" in err
+    assert f"moved-{second}.pt: a stage-1 checkpoint of no encoder, not of '{second}'" in err
+    assert not list((tmp_path / "eval").rglob("*.*"))  # nothing evaluated, nothing written
+
+
+@pytest.mark.parametrize(
+    "change, found",
+    [
+        ({"key": "0" * 20}, "another stage-1 encoder of '{m}' (key {key}, the run's {zeros}"),
+        ({"weights": "0" * 20}, "the run's encoder trained again, to other weights"),
+    ],
+)
+def test_another_encoder_of_the_modality_is_refused(run_dir, tmp_path, capsys, change, found):
+    run, state = moved_run(run_dir, tmp_path, **change)
     argv = [str(run), "--out", str(tmp_path / "eval"), "--pretrained-dir", str(tmp_path / "moved")]
     assert main(argv) == 2
     first = next(iter(state["encoders"]))
+    key = torch.load(tmp_path / "moved" / f"moved-{first}.pt", weights_only=True)["fingerprint"]
+    expected = found.format(m=first, key=key, zeros="0" * 20)
+    assert f"{tmp_path / 'moved' / f'moved-{first}.pt'}: {expected}" in capsys.readouterr().err
+
+
+def test_a_pretrained_dir_that_is_no_folder_is_refused_at_once(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(run_dir), "--pretrained-dir", str(tmp_path / "nowhere")])
     assert (
-        f"evaluate: modality '{first}': {tmp_path / 'moved' / f'moved-{first}.pt'} holds other "
-        "encoder weights than the run used" in capsys.readouterr().err
-    )
-    assert not list((tmp_path / "eval").rglob("*.*"))  # nothing evaluated, nothing written
+        f"argument --pretrained-dir: expected a folder of stage-1 checkpoints, "
+        f"{tmp_path / 'nowhere'} does not exist"
+    ) in capsys.readouterr().err

@@ -110,11 +110,13 @@ class Row:
 
 @dataclass
 class Stage1:
-    """A modality's stage-1 result: its checkpoint, the digest of the weights it holds
-    (`fingerprint` of the state, stored in it: it keys the encoder's cached features and
-    `best.pt`'s reference to it without hashing the weights again), and the model."""
+    """A modality's stage-1 result: its checkpoint, the key it was trained under
+    (`pretrain_key`), the digest of the weights it holds (`fingerprint` of the state, stored
+    in it: it keys the encoder's cached features and `best.pt`'s reference to it without
+    hashing the weights again), and the model."""
 
     path: Path
+    key: str
     weights: str
     model: MultimodalModel
 
@@ -122,48 +124,85 @@ class Stage1:
 def fused_state(model: MultimodalModel, referenced: Mapping[str, Stage1]) -> dict[str, Any]:
     """What `best.pt` holds of the model: its state without the encoders in `referenced`
     (frozen through stage 2, so exactly their stage-1 weights), which it names instead,
-    by checkpoint path and weights digest (`"encoders"`; `stage1_encoders` reads them)."""
+    by checkpoint path, key and weights digest (`"encoders"`; `stage1_encoders` reads them)."""
     prefixes = tuple(f"encoders.{m}." for m in referenced)
     return {
         "model": {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)},
         "encoders": {
-            m: {"path": str(s.path.resolve()), "weights": s.weights} for m, s in referenced.items()
+            m: {"path": str(s.path.resolve()), "key": s.key, "weights": s.weights}
+            for m, s in referenced.items()
         },
     }
 
 
 def stage1_encoders(
-    references: Mapping[str, Mapping[str, str]], search: Sequence[Path] = ()
+    references: Mapping[str, Mapping[str, str]],
+    prefer: Sequence[Path] = (),
+    fallback: Sequence[Path] = (),
 ) -> dict[str, torch.Tensor]:
     """The encoder weights a `best.pt` names (`fused_state`), as entries of the fused
     model's state (`encoders.<modality>.*`), read from the stage-1 checkpoints.
 
-    A checkpoint no longer at its recorded path is looked for under the same name in each
-    folder of `search`. Raises `CheckpointError` naming the modality and the file when it
-    is nowhere, or when it holds other weights than the run used (retrained since)."""
+    Each checkpoint is looked for under its file name in the folders of `prefer`, then at
+    its recorded path, then in the folders of `fallback`; a file that cannot be read, or
+    holds another encoder than the run's, is passed over. Raises `CheckpointError` naming
+    every modality left without its encoder, with each place looked in and what is there."""
     state: dict[str, torch.Tensor] = {}
+    missing = []
     for modality, reference in references.items():
         recorded = Path(reference["path"])
-        candidates = [recorded, *(Path(folder) / recorded.name for folder in search)]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise CheckpointError(
-                f"modality '{modality}': the run's stage-1 encoder {recorded} is not there "
-                f"(looked in {[str(p.parent) for p in candidates]}); best.pt holds the fuser "
-                "and head only, the frozen encoders stay in their stage-1 checkpoints. Put the "
-                "file back, or train the run's config again to rebuild it"
-            )
-        stored = load_checkpoint(path, required=("model",))
-        weights = stored.get("weights") or fingerprint(stored["model"])
-        if weights != reference["weights"]:
-            raise CheckpointError(
-                f"modality '{modality}': {path} holds other encoder weights than the run used "
-                f"(digest {weights}, the run's {reference['weights']}): it was trained again "
-                "since, so the run's fused model cannot be rebuilt from it"
-            )
-        prefix = f"encoders.{modality}."
-        state.update({k: v for k, v in stored["model"].items() if k.startswith(prefix)})
+        places = [
+            *(Path(folder).resolve() / recorded.name for folder in prefer),
+            recorded,
+            *(Path(folder).resolve() / recorded.name for folder in fallback),
+        ]
+        found = {}
+        for path in dict.fromkeys(places):
+            entries, problem = stage1_entries(path, modality, reference)
+            if entries is not None:
+                state.update(entries)
+                break
+            found[path] = problem
+        else:
+            seen = "; ".join(f"{path}: {problem}" for path, problem in found.items())
+            missing.append(f"modality '{modality}' ({recorded.name}): {seen}")
+    if missing:
+        raise CheckpointError(
+            "the run's stage-1 encoders were not found (best.pt holds the fuser and head, and "
+            "names the checkpoints of the frozen encoders): " + ". ".join(missing)
+        )
     return state
+
+
+def stage1_entries(
+    path: Path, modality: str, reference: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """`modality`'s encoder entries in the checkpoint at `path` when it is the one
+    `reference` names (same key and weights digest), else None and what is there."""
+    if not path.is_file():
+        return None, "a folder" if path.is_dir() else "not there"
+    try:
+        stored = load_checkpoint(path, required=("model",))
+    except CheckpointError as err:
+        return None, str(err).removeprefix(f"checkpoint {path} ")
+    prefix = f"encoders.{modality}."
+    entries = {k: v for k, v in stored["model"].items() if k.startswith(prefix)}
+    if not entries:
+        others = sorted({k.split(".")[1] for k in stored["model"] if k.startswith("encoders.")})
+        return None, f"a stage-1 checkpoint of {others or 'no encoder'}, not of '{modality}'"
+    key, wanted = stored.get("fingerprint"), reference.get("key")
+    if wanted is not None and key != wanted:
+        return None, (
+            f"another stage-1 encoder of '{modality}' (key {key}, the run's {wanted}: other "
+            "encoder settings, data, recipe or seed)"
+        )
+    weights = stored.get("weights") or fingerprint(stored["model"])
+    if weights != reference["weights"]:
+        return None, (
+            f"the run's encoder trained again, to other weights (digest {weights}, the run's "
+            f"{reference['weights']}; training on a GPU is not bit-exact)"
+        )
+    return entries, ""
 
 
 def build_model(
@@ -745,7 +784,7 @@ class Recipe:
         if reuse:
             load_weights(model, state["model"])
             log.info("stage 1 [%s]: reusing %s", modality, path)
-            return Stage1(path, state.get("weights") or fingerprint(state["model"]), model)
+            return Stage1(path, key, state.get("weights") or fingerprint(state["model"]), model)
         summary = model.summary()
         self.tracker.log_text(f"model_summary_{modality}", summary)
         log.info("stage 1 [%s]: training encoder on %s\n%s", modality, target[0], summary)
@@ -771,7 +810,7 @@ class Recipe:
             )
         model.to(self.device)
         self.distributed.barrier()  # the checkpoint exists for every process from here on
-        return Stage1(path, digest, model)
+        return Stage1(path, key, digest, model)
 
     def fused_model(self, stage1: Mapping[str, Stage1]) -> MultimodalModel:
         """Stage-2 model: the stage-1 encoders, frozen, with a new fuser and head.

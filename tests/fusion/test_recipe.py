@@ -245,11 +245,13 @@ def test_best_pt_state_names_frozen_encoders_and_keeps_everything_else(tmp_path)
     recipe = recipe_for(tmp_path)
     encoders = {m: build() for m, build in recipe.spec.encoders.items()}
     model = build_model(recipe.spec, encoders, recipe.tasks)
-    image = Stage1(tmp_path / "pretrained" / "image-0123.pt", "f" * 20, model)
+    image = Stage1(tmp_path / "pretrained" / "image-0123.pt", "0123", "f" * 20, model)
     state = fused_state(model, {"image": image})
     full = model.state_dict()
     assert sorted(state["model"]) == sorted(k for k in full if not k.startswith("encoders.image."))
     assert [k for k in state["model"] if k.startswith("encoders.audio.")]  # not referenced: kept
-    assert state["encoders"] == {"image": {"path": str(image.path.resolve()), "weights": "f" * 20}}
+    assert state["encoders"] == {
+        "image": {"path": str(image.path.resolve()), "key": "0123", "weights": "f" * 20}
+    }
     everything = fused_state(model, {})
     assert list(everything["model"]) == list(full) and everything["encoders"] == {}
