@@ -34,6 +34,8 @@ from typing import Any
 import torch
 
 from experiments.benchmarking import machine_info, markdown_table, write_json
+from experiments.builders import compose_config, unwritable
+from experiments.schema import ConfigError
 from fusion.timing import TIMINGS_FILE
 
 DEFAULT_FUSERS = ("concat", "gated", "attention", "film", "lmf", "transformer")
@@ -101,18 +103,46 @@ def warm_stage_one(out: Path, extra: list[str]) -> None:
         raise SystemExit(f"warm-up run failed:\n{result.stderr[-4000:]}")
 
 
+def check_jobs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Compose every job's config before anything trains, so that a mistyped fuser or a bad
+    override fails in a second, not after the stage-1 warm-up; and probe `--out`."""
+    problem = unwritable(args.out)
+    if problem:
+        parser.error(f"argument --out: expected a folder this user can write to, found {problem}")
+    for fuser in args.fusers:
+        try:
+            compose_config(f"model/fusion={fuser}", f"trainer.fuse.epochs={args.epochs}",
+                           *args.overrides)  # fmt: skip
+        except ConfigError as err:
+            parser.error(f"config error: {err}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fusers", nargs="+", default=list(DEFAULT_FUSERS))
-    parser.add_argument("--epochs", type=int, default=10)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Overrides of experiments.train for every run go after --, e.g. "
+        "-- data.max_samples=256 trainer.pretrain.epochs=2",
+    )
+    parser.add_argument(
+        "--fusers", nargs="+", default=list(DEFAULT_FUSERS), help="model/fusion options to sweep"
+    )
+    parser.add_argument("--epochs", type=int, default=10, help="stage-2 epochs of each job")
     parser.add_argument("--rounds", type=int, default=1, help="the three sweeps, R times in turn")
-    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/cache"))
-    parser.add_argument("overrides", nargs="*", help="more overrides for every run, after --")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/benchmarks/cache"),
+        help="the benchmark's folder: its runs, feature cache and cache.json (replaced each time)",
+    )
+    parser.add_argument("overrides", nargs="*", help="overrides for every run, after --")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"argument --rounds: expected an integer >= 1, got {args.rounds}")
+    check_jobs(parser, args)
     out = args.out.resolve()
-    shutil.rmtree(out / "features", ignore_errors=True)
+    for owned in ("features", "warmup"):  # the benchmark's own, from an earlier run
+        shutil.rmtree(out / owned, ignore_errors=True)
     warm_stage_one(out, args.overrides)
     rounds: dict[str, list[tuple[float, list[dict[str, Any]]]]] = {name: [] for name in SWEEPS}
     summaries: dict[str, dict[str, Any]] = {}
@@ -142,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows.append(["**speed-up**", "1.0x", *(f"{speedup[name]:.1f}x" for name in SWEEPS[1:])])
     print(markdown_table(["fuser", "uncached", "cached (cold)", "cached (warm)"], rows))
     difference = max(abs(run[f][metric] - plain[f][metric]) for run in (cold, warm) for f in plain)
-    print(f"\n{len(args.fusers)} fusers, {args.epochs} epochs each, {args.rounds} round(s); largest "
-          f"accuracy difference from uncached: {100 * difference:.2f} points\n")  # fmt: skip
+    print(f"\n{len(args.fusers)} fusers, {args.epochs} epoch(s) each, {args.rounds} round(s); "
+          f"largest accuracy difference from uncached: {100 * difference:.2f} points\n")  # fmt: skip
     phases = {name: phase_medians(rounds[name]) for name in SWEEPS}
     names = list(dict.fromkeys(p for medians in phases.values() for p in medians))
     print(markdown_table(
@@ -164,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_accuracy_difference": difference,
     }
     write_json(out / "cache.json", report)
+    print(f"\nwritten to {out / 'cache.json'}")
     return report
 
 

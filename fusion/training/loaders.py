@@ -8,6 +8,7 @@ by `trainer.fuse.views` fixed draws (`fixed_view`), so it can be cached too.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -60,7 +61,7 @@ def make_loader(
     collated with the placeholders the dataset's modalities declare.
     """
     workers = worker_count(trainer.num_workers)
-    pin = trainer.pin_memory if trainer.pin_memory is not None else torch.cuda.is_available()
+    pin = trainer.pin_memory is not False and torch.cuda.is_available()  # see loader_warnings
     sampler = EpochSampler(
         len(dataset),
         views=getattr(dataset, "num_views", 1),
@@ -101,6 +102,20 @@ def drops_a_single(samples: int, batch_size: int) -> bool:
         "train on: each epoch leaves one sample out (another each epoch)", samples,
     )  # fmt: skip
     return True
+
+
+def loader_warnings(trainer: TrainerConfig) -> None:
+    """Say the loader settings that cannot do what they ask here: pinned memory without
+    CUDA (ignored), and more worker processes than this process has cores."""
+    if trainer.pin_memory and not torch.cuda.is_available():
+        log.warning("trainer.pin_memory=true: there is no CUDA device to pin memory for; ignored")
+    workers, cores = worker_count(trainer.num_workers), len(os.sched_getaffinity(0))
+    if workers > cores:
+        log.warning(
+            "trainer.num_workers=%d: more loader processes than the %d cores this process may "
+            "use; they share those cores, so beyond that count they mostly cost memory and "
+            "start-up time (every epoch, without trainer.persistent_workers)", workers, cores,
+        )  # fmt: skip
 
 
 def make_loaders(

@@ -51,7 +51,13 @@ from fusion.training.align import AlignmentModel, evaluate_alignment, fit_alignm
 from fusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fusion.training.distributed import SINGLE, Distributed
 from fusion.training.feature_cache import data_key
-from fusion.training.loaders import cached_loaders, fuse_datasets, make_loaders, reseed
+from fusion.training.loaders import (
+    cached_loaders,
+    fuse_datasets,
+    loader_warnings,
+    make_loaders,
+    reseed,
+)
 from fusion.training.loop import EpochMetrics, evaluate, fit, predict
 from fusion.training.monitor import check_monitor
 from fusion.training.optim import DEFAULT_OPTIMIZER
@@ -836,6 +842,7 @@ class Recipe:
         in `best.pt` and the resumable stage-2 state beside the weights (the entry point
         stores the run's config, which a resumed run is checked against)."""
         time = self.stopwatch.phase
+        loader_warnings(self.trainer)
         loaders = make_loaders(self.datasets, self.trainer, self.seed, self.distributed)
         with time("checks"):
             self.check_encoders()

@@ -167,3 +167,22 @@ def test_num_workers_null_chooses_from_the_cores_when_there_is_a_gpu(
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
     assert worker_count(None) == expected
     assert worker_count(3) == 3  # a number is taken as it is
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # torch's own, per loader
+def test_loader_settings_that_cannot_work_here_are_said(monkeypatch, caplog):
+    from fusion.training.loaders import loader_warnings, make_loader
+    from fusion.training.settings import TrainerConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    trainer = TrainerConfig(num_workers=3, pin_memory=True)
+    with caplog.at_level("WARNING", logger="fusion"):
+        loader_warnings(trainer)
+    assert caplog.messages == [
+        "trainer.pin_memory=true: there is no CUDA device to pin memory for; ignored",
+        "trainer.num_workers=3: more loader processes than the 2 cores this process may use; "
+        "they share those cores, so beyond that count they mostly cost memory and start-up "
+        "time (every epoch, without trainer.persistent_workers)",
+    ]
+    assert not make_loader(list(range(4)), "val", trainer, 0, collate_fn=list).pin_memory
