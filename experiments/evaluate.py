@@ -237,9 +237,13 @@ def load_run(run_dir: Path, trusted: Collection[str] = ()) -> tuple[DictConfig, 
     """The run's checked config and its best checkpoint, or a message on how to make them."""
     config = run_dir / "config.yaml"
     if not config.is_file():
+        runs = sorted(p.parent.name for p in run_dir.glob("*/config.yaml"))
+        inside = (
+            f"; the runs inside it: {runs[:5]}{' ...' if len(runs) > 5 else ''}" if runs else ""
+        )
         raise EvaluateError(
             f"{config} not found: `python -m experiments.train` writes it when a run starts; "
-            "pass the directory of a training run"
+            f"pass the directory of a training run{inside}"
         )
     best = run_dir / "checkpoints" / "best.pt"
     if best.is_dir():

@@ -149,11 +149,13 @@ class Tracker:
             self._wandb_run.log(dict(metrics), step=step)
 
     def log_text(self, name: str, text: str) -> Path:
-        """Save `text` as `<name>.txt` in the run directory, and with the W&B run's files."""
+        """Save `text` as `<name>.txt` in the run directory, and in the W&B run's files
+        folder, which W&B uploads with the run (a copy: a text file is small, and
+        `wandb.save` would link it, saying so in a warning every time)."""
         path = self.run_dir / f"{name}.txt"
         path.write_text(text + "\n")
         if self._wandb_run is not None:
-            self._wandb_run.save(str(path), base_path=str(self.run_dir), policy="now")
+            (Path(self._wandb_run.dir) / path.name).write_text(text + "\n")
         return path
 
     def log_confusion_matrix(

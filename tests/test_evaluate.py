@@ -487,3 +487,12 @@ def test_a_pretrained_dir_that_is_no_folder_is_refused_at_once(run_dir, tmp_path
         f"argument --pretrained-dir: expected a folder of stage-1 checkpoints, "
         f"{tmp_path / 'nowhere'} does not exist"
     ) in capsys.readouterr().err
+
+
+def test_the_folder_above_runs_lists_the_runs_inside(run_dir, tmp_path, capsys):
+    assert main([str(run_dir.parent), "--out", str(tmp_path / "eval")]) == 2
+    assert (
+        f"{run_dir.parent / 'config.yaml'} not found: `python -m experiments.train` writes it "
+        f"when a run starts; pass the directory of a training run; the runs inside it: "
+        f"['{run_dir.name}']"
+    ) in capsys.readouterr().err

@@ -335,6 +335,8 @@ def test_offline_wandb_run_with_confusion_matrix_artifact_and_gradients(stage1_d
     assert result.returncode == 0, result.stderr[-3000:]
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))  # what `wandb sync` uploads
+    assert (offline[0] / "files" / "model_summary.txt").is_file()  # uploaded with the run
+    assert "Symlinked" not in result.stderr  # no warning about how it got there
     assert "wandb sync" in result.stdout and "fused test accuracy" in result.stdout
     confusion = json.loads((run_dir / "confusion_test.json").read_text())
     matrix = confusion["matrix"]

@@ -123,6 +123,7 @@ class FeatureCache:
         collate_fn: Callable = collate,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         num_workers: int = 0,
+        split: str | None = None,
     ) -> EncodedDataset:
         """`dataset` with `modalities` replaced by their cached features, built if missing.
 
@@ -130,7 +131,7 @@ class FeatureCache:
         encoder's `encoder_key`. Missing features (and labels) are computed in one pass,
         its items read by `num_workers` worker processes (in order, so the result is the
         same with any number); the model's other modalities are still read from `dataset`
-        and encoded live.
+        and encoded live. `split` names the split in the log.
         """
         cached = list(modalities)
         if not is_deterministic(dataset):
@@ -155,7 +156,7 @@ class FeatureCache:
         ]
         labels = _read_labels(labels_path)
         if missing or labels is None:
-            log.info("feature cache: encoding %s into %s", missing, folder)
+            log.info("feature cache: encoding %s%s into %s", missing, of_split(split), folder)
             loader = DataLoader(
                 dataset,
                 batch_size=batch_size,
@@ -172,7 +173,7 @@ class FeatureCache:
                 masks[m] = mask
             save_checkpoint(labels_path, labels)
         else:
-            log.info("feature cache: reading %s from %s", cached, folder)
+            log.info("feature cache: reading %s%s from %s", cached, of_split(split), folder)
         features = {m: np.load(paths[m], mmap_mode="r") for m in cached}
         labels = {**labels, "present": {**labels["present"], **masks}}
         live = [m for m in model.encoders if m not in features]
@@ -273,6 +274,10 @@ class FeatureCache:
                 file.check_size(npy_size(shapes[m], dtype))
         digests = {m: file.digest() for m, file in files.items()}
         return stack_labels(labels), {m: torch.cat(parts) for m, parts in masks.items()}, digests
+
+
+def of_split(split: str | None) -> str:
+    return "" if split is None else f" of the {split} split"
 
 
 def _rebuilding(problem: str) -> None:

@@ -213,6 +213,7 @@ def cached_loaders(
                 collate_fn=Collate.for_dataset(dataset),
                 autocast=precision.autocast,
                 num_workers=worker_count(trainer.num_workers),
+                split=split,
             )
         loaders[split] = make_loader(encoded, split, trainer, seed, keep_batch, distributed)
     return loaders
